@@ -1,0 +1,62 @@
+"""Thin command line: parse, call the library, turn user errors into one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import RaysoupError
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+    run_demo(out=args.out, quick=args.quick, zoo_dir=args.zoo)
+
+
+def _zoo_build(args: argparse.Namespace) -> None:
+    from .zoo import QUICK_ZOO, ZooConfig, build_zoo, with_overrides
+    base = QUICK_ZOO if args.quick else ZooConfig()
+    if args.ingredients is not None and args.ingredients < 2:
+        raise RaysoupError(f"--ingredients must be at least 2, got {args.ingredients}")
+    build_zoo(args.out, with_overrides(base, ingredients=args.ingredients, seed=args.seed))
+    print(f"[zoo] ready: {args.out}/manifest.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raysoup", description=(
+        "Fuse fine-tuned checkpoints of one model into a robust soup (ManifoldMixMS on Ray)."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run every method on the embedded Fashion-MNIST zoo")
+    demo.add_argument("--out", type=Path, help="run directory (default: a fresh runs/demo-*)")
+    demo.add_argument("--quick", action="store_true", help="smaller zoo and budget (smoke run)")
+    demo.add_argument("--zoo", type=Path, help="zoo directory (default: a cache per zoo config)")
+    demo.set_defaults(func=_demo)
+
+    zoo = sub.add_parser("zoo", help="the Fashion-MNIST testbed").add_subparsers(
+        dest="zoo_command", required=True)
+    build = zoo.add_parser("build", help="build (or finish) a zoo; cached and deterministic")
+    build.add_argument("--out", type=Path, required=True)
+    build.add_argument("--ingredients", type=int)
+    build.add_argument("--seed", type=int)
+    build.add_argument("--quick", action="store_true", help="the smaller zoo used by demo --quick")
+    build.set_defaults(func=_zoo_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except RaysoupError as e:
+        print(f"raysoup: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raysoup: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

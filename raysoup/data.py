@@ -1,0 +1,164 @@
+"""Evaluation data: Fashion-MNIST splits, distribution shifts, and Arrow storage.
+
+Every evaluation set is stored once as an Arrow IPC file (uint8 images + int64 labels),
+so no evaluation ever decodes or re-augments an image.
+"""
+
+from __future__ import annotations
+
+from .errors import RaysoupError
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc
+import torch
+from torchvision.transforms import v2
+
+DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+CLASS_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat",
+               "sandal", "shirt", "sneaker", "bag", "ankle-boot")
+# The validation rows are fixed for every zoo: a permutation of the 60k train rows by
+# this seed; the last `val_size` rows are held out and never trained on.
+SPLIT_SEED = 20230915
+
+
+class DataError(RaysoupError):
+    """Bad or missing data; the message names the offending file."""
+
+
+@dataclass
+class EvalSet:
+    name: str
+    images: np.ndarray  # uint8 (N, C, H, W)
+    labels: np.ndarray  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("RAYSOUP_DATA_DIR", DEFAULT_DATA_DIR))
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read Fashion-MNIST file {path}: {e}") from e
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"truncated idx file {path}: expected {dims}, got {data.size} bytes")
+    return data.reshape(dims)
+
+
+def load_fashion_mnist(root: Path | None = None) -> dict[str, np.ndarray]:
+    root = Path(root) if root else data_dir()
+    missing = [n for n in IDX_FILES.values() if not (root / n).is_file()]
+    if missing:
+        raise DataError(
+            f"Fashion-MNIST not found in {root} (missing {', '.join(missing)}). "
+            "Install it with `apt-get install dataset-fashion-mnist` or set RAYSOUP_DATA_DIR "
+            "to a folder holding the four *-ubyte.gz idx files.")
+    arrays = {k: _read_idx(root / n) for k, n in IDX_FILES.items()}
+    for split in ("train", "test"):
+        arrays[f"{split}_images"] = arrays[f"{split}_images"][:, None]  # (N, 1, 28, 28)
+        arrays[f"{split}_labels"] = arrays[f"{split}_labels"].astype(np.int64)
+    return arrays
+
+
+def train_val_split(n_train: int, val_size: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(SPLIT_SEED).permutation(n_train)
+    return np.sort(order[:-val_size]), np.sort(order[-val_size:])
+
+
+# Test-time shifts. Each is a torchvision v2 pipeline applied per image with a fixed seed.
+# "elastic" never appears in pretraining augmentation (see zoo.PRETRAIN_AUGMENT): a truly
+# unseen shift.
+def _shifts() -> dict[str, v2.Transform]:
+    return {
+        "noise": v2.Compose([v2.ToDtype(torch.float32, scale=True),
+                             v2.GaussianNoise(sigma=0.2, clip=True),
+                             v2.ToDtype(torch.uint8, scale=True)]),
+        "blur": v2.GaussianBlur(kernel_size=5, sigma=(1.2, 1.6)),
+        "contrast": v2.ColorJitter(contrast=(0.25, 0.35)),
+        "rotate": v2.RandomAffine(degrees=(-40, 40), scale=(0.8, 1.0)),
+        "elastic": v2.ElasticTransform(alpha=40.0, sigma=4.0),
+        "invert": v2.RandomInvert(p=1.0),
+    }
+
+
+SHIFT_NAMES = tuple(_shifts())
+
+
+def make_shift(images: np.ndarray, shift: str, seed: int) -> np.ndarray:
+    transform = _shifts()[shift]
+    torch.manual_seed(seed)
+    src = torch.tensor(images)  # a copy: the input may be a read-only buffer
+    out = torch.empty_like(src)
+    for i in range(len(src)):
+        out[i] = transform(src[i])
+    return out.numpy()
+
+
+def build_eval_sets(arrays: dict[str, np.ndarray], val_idx: np.ndarray,
+                    test_size: int | None = None) -> list[EvalSet]:
+    """val (held-out train rows), id (official test), and one shifted copy per shift."""
+    test_x, test_y = arrays["test_images"], arrays["test_labels"]
+    if test_size is not None and test_size < len(test_y):
+        keep = np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(test_y))[:test_size])
+        test_x, test_y = test_x[keep], test_y[keep]
+    sets = [EvalSet("val", arrays["train_images"][val_idx], arrays["train_labels"][val_idx]),
+            EvalSet("id", test_x, test_y)]
+    for i, shift in enumerate(SHIFT_NAMES):
+        sets.append(EvalSet(shift, make_shift(test_x, shift, seed=1000 + i), test_y))
+    return sets
+
+
+def write_eval_set(eval_set: EvalSet, path: Path) -> None:
+    n, *shape = eval_set.images.shape
+    flat = pa.array(eval_set.images.reshape(-1), type=pa.uint8())
+    images = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(shape)))
+    table = pa.table({"image": images, "label": pa.array(eval_set.labels, type=pa.int64())})
+    table = table.replace_schema_metadata({"name": eval_set.name,
+                                           "shape": ",".join(map(str, shape))})
+    tmp = path.with_suffix(".tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    tmp.replace(path)
+
+
+def read_eval_set(path: Path, num_classes: int | None = None) -> EvalSet:
+    path = Path(path)
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            table = pa.ipc.open_file(source).read_all()
+    except (OSError, pa.ArrowInvalid) as e:
+        raise DataError(f"cannot read evaluation set {path}: {e}") from e
+    meta = table.schema.metadata or {}
+    if b"shape" not in meta or set(table.column_names) != {"image", "label"}:
+        raise DataError(f"{path} is not a raysoup evaluation set (need columns image, label "
+                        "and 'shape' metadata)")
+    if table.num_rows == 0:
+        raise DataError(f"evaluation set {path} is empty")
+    shape = tuple(int(s) for s in meta[b"shape"].decode().split(","))
+    images = table.column("image").combine_chunks().flatten().to_numpy()
+    labels = table.column("label").to_numpy()
+    if num_classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)][0]
+        raise DataError(f"evaluation set {path}: label {bad} out of range [0, {num_classes})")
+    name = meta.get(b"name", path.stem.encode()).decode()
+    return EvalSet(name, images.reshape((table.num_rows, *shape)), labels)

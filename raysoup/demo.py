@@ -1,0 +1,96 @@
+"""`raysoup demo`: build (or reuse) the zoo, run every method, report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+
+from .evaluate import VAL, Evaluator, load_eval_sets
+from .errors import RaysoupError
+from .methods import METHODS, SoupContext, ValidationJudge
+from .pool import IngredientPool, load_state_dict
+from .report import format_table, write_report
+from .zoo import QUICK_ZOO, ZooConfig, build_zoo, eval_set_files, read_manifest
+
+DEMO_METHODS = ("best_individual", "uniform_soup", "greedy_soup")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RAYSOUP_CACHE", Path.home() / ".cache" / "raysoup"))
+
+
+def default_zoo_dir(config: ZooConfig) -> Path:
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
+    return cache_dir() / f"zoo-{digest[:12]}"
+
+
+def fresh_run_dir(out: Path | None) -> Path:
+    if out is None:
+        out = Path("runs") / datetime.now().strftime("demo-%Y%m%d-%H%M%S")
+    out = Path(out)
+    if (out / "report.json").exists():
+        raise RaysoupError(f"{out} already holds a report; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run_demo(out: Path | None = None, quick: bool = False, zoo_dir: Path | None = None,
+             log=print) -> dict:
+    config = QUICK_ZOO if quick else ZooConfig()
+    zoo_dir = Path(zoo_dir) if zoo_dir else default_zoo_dir(config)
+    if (zoo_dir / "manifest.json").is_file():
+        log(f"[demo] using zoo {zoo_dir}")
+    else:
+        log(f"[demo] building zoo in {zoo_dir} (cached for later runs)")
+        build_zoo(zoo_dir, config, log=log)
+    return run_methods(zoo_dir, fresh_run_dir(out), DEMO_METHODS, {"quick": quick}, log)
+
+
+def run_methods(zoo_dir: Path, run_dir: Path, methods: tuple[str, ...], config: dict,
+                log=print) -> dict:
+    """Validate everything, then run each method and write the report into run_dir."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise RaysoupError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+    manifest = read_manifest(zoo_dir)
+    pool = IngredientPool.from_zoo(zoo_dir)
+    pool.validate()
+    evaluator = Evaluator(pool.spec, load_eval_sets(eval_set_files(zoo_dir),
+                                                    pool.spec.num_classes))
+    if VAL not in evaluator.set_names:
+        raise RaysoupError(f"zoo {zoo_dir} has no '{VAL}' evaluation set")
+
+    judge = ValidationJudge(lambda sd: evaluator.accuracy(sd, VAL))
+    t0 = time.perf_counter()
+    ctx = SoupContext.rank(pool, judge)
+    ranking_s = time.perf_counter() - t0
+    log("[demo] ranking on val: " + ", ".join(f"{n} {100 * a:.2f}" for n, a in ctx.ranking))
+
+    ingredients = {n: {**evaluator.report(pool.load(n)), "ingredients": [n]} for n in pool.names}
+    references = {"pretrained": evaluator.report(load_state_dict(
+        Path(zoo_dir) / manifest["pretrained"]["file"]))}
+    rows = {}
+    for name in methods:
+        t0 = time.perf_counter()
+        result = METHODS[name](ctx)
+        wall = time.perf_counter() - t0
+        if result.ranked:
+            wall += ranking_s
+        rows[name] = {**evaluator.report(result.state_dict), "ingredients": result.ingredients,
+                      "evaluations": result.evaluations + (len(pool) if result.ranked else 0),
+                      "wall_s": round(wall, 2), **result.details}
+        log(f"[demo] {name}: val {100 * rows[name]['val']:.2f}, "
+            f"{len(result.ingredients)} ingredient(s)")
+
+    report = {"methods": rows, "ingredients": ingredients, "references": references,
+              "zoo": {"dir": str(zoo_dir), "config": manifest["config"],
+                      "build_seconds": manifest.get("build_seconds")},
+              "config": config}
+    write_report(run_dir, report)
+    log(format_table(rows))
+    log(f"[demo] wrote {run_dir}/report.json, results.parquet, scatter.png")
+    return report

@@ -1,0 +1,137 @@
+"""The models to merge: a pool of ingredient checkpoints of one architecture.
+
+Ingredients stay on disk and are loaded one at a time, so memory does not grow with the
+pool. Loading never executes code: safetensors, or torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+from .errors import RaysoupError
+
+import hashlib
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .model import ModelSpec, state_dict_template
+
+StateDict = dict[str, torch.Tensor]
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+class CheckpointError(RaysoupError):
+    """A checkpoint that cannot be used; the message names the file and key."""
+
+
+def save_state_dict(state_dict: StateDict, path: Path, metadata: dict | None = None) -> None:
+    """Atomic safetensors write (write then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    tmp.replace(path)
+
+
+def load_state_dict(path: Path) -> StateDict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds objects other than tensors, and loading it "
+            f"would execute code from the file (torch.load weights_only=True said: "
+            f"{str(e).splitlines()[0]})") from e
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"checkpoint {path} is not a state dict of tensors")
+    return obj
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_state_dict(state_dict: StateDict, template: StateDict, source: str) -> None:
+    """Same keys, shapes and dtypes as the architecture, and finite weights."""
+    missing = sorted(set(template) - set(state_dict))
+    extra = sorted(set(state_dict) - set(template))
+    if missing or extra:
+        raise CheckpointError(f"{source}: keys do not match the model "
+                              f"(missing {missing[:5]}, unexpected {extra[:5]})")
+    for key, ref in template.items():
+        t = state_dict[key]
+        if t.shape != ref.shape:
+            raise CheckpointError(f"{source}: key {key} has shape {tuple(t.shape)}, "
+                                  f"expected {tuple(ref.shape)}")
+        if t.dtype != ref.dtype:
+            raise CheckpointError(f"{source}: key {key} has dtype {t.dtype}, expected {ref.dtype}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{source}: key {key} holds NaN or Inf values")
+
+
+@dataclass(frozen=True)
+class Ingredient:
+    name: str
+    path: Path
+
+
+class IngredientPool:
+    """Named ingredient checkpoints of one architecture, loaded lazily from disk."""
+
+    def __init__(self, spec: ModelSpec, ingredients: list[Ingredient]):
+        if len(ingredients) < 2:
+            raise CheckpointError(f"need at least 2 ingredients to make a soup, got "
+                                  f"{len(ingredients)}")
+        names = [i.name for i in ingredients]
+        if len(set(names)) != len(names):
+            raise CheckpointError(f"duplicate ingredient names in {names}")
+        self.spec = spec
+        self.ingredients = {i.name: i for i in ingredients}
+
+    @classmethod
+    def from_zoo(cls, zoo_dir: Path) -> "IngredientPool":
+        zoo_dir = Path(zoo_dir)
+        manifest_path = zoo_dir / "manifest.json"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"cannot read zoo manifest {manifest_path}: {e}") from e
+        spec = ModelSpec.from_dict(manifest["model"])
+        return cls(spec, [Ingredient(i["name"], zoo_dir / i["file"])
+                          for i in manifest["ingredients"]])
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.ingredients)
+
+    def __len__(self) -> int:
+        return len(self.ingredients)
+
+    def load(self, name: str) -> StateDict:
+        return load_state_dict(self.ingredients[name].path)
+
+    def validate(self) -> None:
+        """Check every ingredient before any evaluation; one resident at a time."""
+        template = state_dict_template(self.spec)
+        for ingredient in self.ingredients.values():
+            check_state_dict(self.load(ingredient.name), template, str(ingredient.path))

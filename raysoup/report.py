@@ -1,0 +1,82 @@
+"""The run report: a printed table, report.json, results.parquet and scatter.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """Method x (val, id, each OOD set, OOD avg, ingredients, evaluations, wall seconds)."""
+    shifts = list(next(iter(rows.values()))["ood"])
+    header = ["method", "val", "id", *shifts, "ood_avg", "ingr", "evals", "wall_s"]
+    lines = []
+    for name, r in rows.items():
+        lines.append([name, *(f"{100 * r[k]:.2f}" for k in ("val", "id")),
+                      *(f"{100 * r['ood'][s]:.2f}" for s in shifts), f"{100 * r['ood_avg']:.2f}",
+                      str(len(r["ingredients"])), str(r["evaluations"]), f"{r['wall_s']:.1f}"])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)]
+                     ) + "\n(accuracies in %; only val decides, id and ood only report)"
+
+
+def results_table(rows: dict[str, dict], kind: str) -> pa.Table:
+    return pa.Table.from_pylist([
+        {"name": name, "kind": kind, "val": r["val"], "id": r["id"], "ood_avg": r["ood_avg"],
+         **{f"ood_{s}": a for s, a in r["ood"].items()},
+         "ingredients": list(r.get("ingredients", [name])),
+         "evaluations": r.get("evaluations"), "wall_s": r.get("wall_s")}
+        for name, r in rows.items()])
+
+
+def scatter_plot(methods: dict[str, dict], ingredients: dict[str, dict], path: Path,
+                 references: dict[str, dict] | None = None) -> None:
+    """ID accuracy vs OOD average, one point per ingredient and per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    ax.scatter([100 * r["id"] for r in ingredients.values()],
+               [100 * r["ood_avg"] for r in ingredients.values()],
+               c="0.6", s=22, label="ingredients (fine-tunes)")
+    for name, r in (references or {}).items():
+        ax.scatter(100 * r["id"], 100 * r["ood_avg"], marker="x", c="k", s=50, label=name)
+    markers = iter("o^sDPv*")
+    for name, r in methods.items():
+        ax.scatter(100 * r["id"], 100 * r["ood_avg"], marker=next(markers, "o"), s=70,
+                   label=name, edgecolors="k", zorder=3)
+    ax.set_xlabel("ID test accuracy (%)")
+    ax.set_ylabel("OOD accuracy, mean over shifts (%)")
+    ax.set_title("Soups vs ingredients")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(run_dir: Path, report: dict) -> None:
+    """Outputs land under temporary names and are renamed at the end, report.json last, so a
+    run that fails part-way never leaves a report that looks complete."""
+    run_dir = Path(run_dir)
+    tables = [results_table(report["methods"], "method"),
+              results_table(report.get("ingredients", {}), "ingredient")]
+    parquet_tmp = run_dir / "results.parquet.tmp"
+    pq.write_table(pa.concat_tables(tables, promote_options="default"), parquet_tmp)
+    png_tmp = run_dir / "scatter.tmp.png"
+    scatter_plot(report["methods"], report.get("ingredients", {}), png_tmp,
+                 report.get("references"))
+    json_tmp = run_dir / "report.json.tmp"
+    json_tmp.write_text(json.dumps(report, indent=2))
+    parquet_tmp.replace(run_dir / "results.parquet")
+    png_tmp.replace(run_dir / "scatter.png")
+    json_tmp.replace(run_dir / "report.json")

@@ -1,0 +1,224 @@
+"""The embedded testbed: a miniature of the model soups setting on Fashion-MNIST.
+
+One shared "pretrained" model is trained with broad augmentation (the analog of CLIP's
+broad pretraining); each ingredient fine-tunes it on the clean training split with
+hyperparameters drawn at random, as in the model soups paper. Validation rows are held out
+of all training; the official test set and its shifted copies only report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from . import data
+from .evaluate import Evaluator, VAL
+from .model import ModelSpec, build_classifier
+from .pool import file_sha256, load_state_dict, save_state_dict
+
+ZOO_FORMAT = 1
+AUGMENT_CHUNK = 8  # images per augmentation draw: per-chunk randomness at batch speed
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    ingredients: int = 12
+    seed: int = 0
+    val_size: int = 6000
+    train_size: int | None = None  # a subset of the training rows (small test zoos)
+    test_size: int | None = None   # a subset of the official test set
+    batch_size: int = 128
+    pretrain_epochs: float = 8.0
+    pretrain_lr: float = 2e-3
+    # Fine-tuning hyperparameters are drawn per ingredient from these ranges.
+    finetune_epochs: tuple[float, float] = (1.0, 2.0)
+    finetune_lr: tuple[float, float] = (1e-4, 4e-4)     # log-uniform
+    finetune_weight_decay: tuple[float, float] = (0.0, 0.1)
+    finetune_label_smoothing: tuple[float, float] = (0.0, 0.1)
+    finetune_augment: tuple[float, float] = (0.0, 0.5)  # strength of the light augmentation
+    model: ModelSpec = field(default_factory=ModelSpec)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ZooConfig":
+        d = dict(d)
+        d["model"] = ModelSpec.from_dict(d["model"])
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+QUICK_ZOO = ZooConfig(ingredients=6, val_size=2000, train_size=20000, test_size=2000,
+                      pretrain_epochs=4.0, finetune_epochs=(1.0, 1.5))
+
+
+def pretrain_augment() -> v2.Transform:
+    """Broad augmentation; deliberately without elastic warps (the unseen test shift)."""
+    return v2.Compose([
+        v2.RandomAffine(degrees=35, translate=(0.12, 0.12), scale=(0.7, 1.1), shear=10),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))], p=0.3),
+        v2.RandomApply([v2.ColorJitter(brightness=0.5, contrast=0.7)], p=0.5),
+        v2.RandomApply([v2.GaussianNoise(sigma=0.15)], p=0.3),
+        v2.RandomInvert(p=0.2),
+    ])
+
+
+def finetune_augment(strength: float) -> v2.Transform:
+    """Light, in-distribution augmentation whose strength is a drawn hyperparameter."""
+    return v2.Compose([
+        v2.RandomAffine(degrees=10 * strength, translate=(0.08 * strength, 0.08 * strength)),
+        v2.RandomHorizontalFlip(p=0.5 * strength),
+    ])
+
+
+def _augment_batch(images: torch.Tensor, transform: v2.Transform | None) -> torch.Tensor:
+    x = images.float().div_(255.0)
+    if transform is None:
+        return x
+    chunks = [transform(c) for c in x.split(AUGMENT_CHUNK)]
+    return torch.cat(chunks).clamp_(0.0, 1.0)
+
+
+def train(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, *, epochs: float,
+          lr: float, weight_decay: float, label_smoothing: float, batch_size: int,
+          transform: v2.Transform | None, seed: int, desc: str) -> None:
+    """AdamW with linear warm-up and cosine decay to zero."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.from_numpy(images), torch.from_numpy(labels)
+    steps = max(1, int(math.ceil(epochs * len(y) / batch_size)))
+    warmup = max(1, steps // 20)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
+    model.train()
+    order = torch.empty(0, dtype=torch.long)
+    for _ in tqdm(range(steps), desc=desc, unit="step", leave=False, mininterval=2.0):
+        if len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(len(y), generator=gen)])
+        idx, order = order[:batch_size], order[batch_size:]
+        loss = F.cross_entropy(model(_augment_batch(x[idx], transform)), y[idx],
+                               label_smoothing=label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+
+
+def draw_hyperparameters(config: ZooConfig, index: int) -> dict:
+    rng = np.random.default_rng([config.seed, index])
+    lo, hi = config.finetune_lr
+    return {
+        "lr": float(math.exp(rng.uniform(math.log(lo), math.log(hi)))),
+        "weight_decay": float(rng.uniform(*config.finetune_weight_decay)),
+        "label_smoothing": float(rng.uniform(*config.finetune_label_smoothing)),
+        "epochs": float(rng.uniform(*config.finetune_epochs)),
+        "augment": float(rng.uniform(*config.finetune_augment)),
+        "seed": int(rng.integers(2**31)),
+    }
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def _cached(path: Path, sidecar: Path) -> dict | None:
+    if path.is_file() and sidecar.is_file():
+        info = json.loads(sidecar.read_text())
+        if info.get("sha256") == file_sha256(path):
+            return info
+    return None
+
+
+def build_zoo(out: Path, config: ZooConfig, log=print) -> Path:
+    """Build (or finish building) a zoo in `out`; deterministic for a config and seed."""
+    out = Path(out)
+    manifest_path = out / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("config") != json.loads(json.dumps(config.to_dict())):
+            raise ValueError(f"{out} holds a zoo built with a different config; choose "
+                             "another --out or delete it")
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ingredients").mkdir(exist_ok=True)
+    (out / "data").mkdir(exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    t0 = time.time()
+
+    arrays = data.load_fashion_mnist()
+    train_idx, val_idx = data.train_val_split(len(arrays["train_labels"]), config.val_size)
+    if config.train_size is not None:
+        train_idx = np.sort(np.random.default_rng(config.seed).choice(
+            train_idx, config.train_size, replace=False))
+    train_x, train_y = arrays["train_images"][train_idx], arrays["train_labels"][train_idx]
+
+    eval_files = {}
+    for s in data.build_eval_sets(arrays, val_idx, config.test_size):
+        path = out / "data" / f"{s.name}.arrow"
+        data.write_eval_set(s, path)
+        eval_files[s.name] = {"file": str(path.relative_to(out)), "rows": len(s)}
+    val_set = data.read_eval_set(out / eval_files[VAL]["file"])
+    evaluator = Evaluator(config.model, [val_set], device="cpu")
+
+    def trained(name: str, base: Path | None, hp: dict, transform, desc: str) -> dict:
+        path, sidecar = out / name, out / (name + ".json")
+        cached = _cached(path, sidecar)
+        if cached:
+            log(f"[zoo] {desc}: cached (val {cached['val_acc']:.4f})")
+            return cached
+        model = build_classifier(config.model)
+        if base is not None:
+            model.load_state_dict(load_state_dict(base))
+        train(model, train_x, train_y, epochs=hp["epochs"], lr=hp["lr"],
+              weight_decay=hp["weight_decay"], label_smoothing=hp["label_smoothing"],
+              batch_size=config.batch_size, transform=transform, seed=hp["seed"], desc=desc)
+        sd = model.state_dict()
+        save_state_dict(sd, path)
+        info = {"file": name, "hyperparameters": hp, "val_acc": evaluator.accuracy(sd, VAL),
+                "sha256": file_sha256(path)}
+        _write_json(sidecar, info)
+        log(f"[zoo] {desc}: val {info['val_acc']:.4f} ({time.time() - t0:.0f}s)")
+        return info
+
+    pre_hp = {"lr": config.pretrain_lr, "weight_decay": 0.05, "label_smoothing": 0.0,
+              "epochs": config.pretrain_epochs, "seed": config.seed}
+    pretrained = trained("pretrained.safetensors", None, pre_hp, pretrain_augment(), "pretrain")
+    ingredients = []
+    for i in range(config.ingredients):
+        hp = draw_hyperparameters(config, i)
+        info = trained(f"ingredients/ft-{i:02d}.safetensors", out / "pretrained.safetensors", hp,
+                       finetune_augment(hp["augment"]), f"fine-tune {i + 1}/{config.ingredients}")
+        ingredients.append({"name": f"ft-{i:02d}", **info})
+
+    manifest = {"format": ZOO_FORMAT, "config": config.to_dict(), "model": config.model.to_dict(),
+                "pretrained": pretrained, "ingredients": ingredients, "eval_sets": eval_files,
+                "build_seconds": round(time.time() - t0, 1)}
+    _write_json(manifest_path, manifest)
+    return out
+
+
+def read_manifest(zoo_dir: Path) -> dict:
+    return json.loads((Path(zoo_dir) / "manifest.json").read_text())
+
+
+def eval_set_files(zoo_dir: Path) -> dict[str, Path]:
+    manifest = read_manifest(zoo_dir)
+    return {name: Path(zoo_dir) / e["file"] for name, e in manifest["eval_sets"].items()}
+
+
+def with_overrides(config: ZooConfig, **overrides) -> ZooConfig:
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})

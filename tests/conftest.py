@@ -1,0 +1,25 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from raysoup.model import ModelSpec  # noqa: E402
+from raysoup.zoo import ZooConfig, build_zoo  # noqa: E402
+
+# A zoo small enough to build once per test run in seconds, on real Fashion-MNIST.
+TINY_SPEC = ModelSpec(width=32, layers=2, heads=2, embed_dim=32)
+TINY_ZOO = ZooConfig(ingredients=4, val_size=500, train_size=3000, test_size=500,
+                     pretrain_epochs=4.0, pretrain_lr=3e-3, finetune_epochs=(1.0, 1.0),
+                     finetune_lr=(3e-4, 1e-3), model=TINY_SPEC)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    return build_zoo(tmp_path_factory.mktemp("zoo"), TINY_ZOO, log=lambda *_: None)

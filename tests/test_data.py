@@ -1,0 +1,71 @@
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc
+import pytest
+
+from raysoup.data import (SHIFT_NAMES, DataError, EvalSet, load_fashion_mnist, make_shift,
+                          read_eval_set, train_val_split, write_eval_set)
+
+
+def test_fashion_mnist_shapes():
+    arrays = load_fashion_mnist()
+    assert arrays["train_images"].shape == (60000, 1, 28, 28)
+    assert arrays["test_labels"].shape == (10000,)
+    assert set(np.unique(arrays["train_labels"])) == set(range(10))
+
+
+def test_missing_data_dir_names_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYSOUP_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataError, match=str(tmp_path)):
+        load_fashion_mnist()
+
+
+def test_validation_rows_are_disjoint_from_training_rows():
+    train, val = train_val_split(60000, 6000)
+    assert len(val) == 6000 and len(np.intersect1d(train, val)) == 0
+    assert np.array_equal(val, train_val_split(60000, 6000)[1])  # fixed for every zoo
+
+
+def test_at_least_five_real_shifts_reproducible():
+    images = load_fashion_mnist()["test_images"][:64]
+    assert len(SHIFT_NAMES) >= 5
+    for i, shift in enumerate(SHIFT_NAMES):
+        a, b = make_shift(images, shift, seed=i), make_shift(images, shift, seed=i)
+        assert a.dtype == np.uint8 and a.shape == images.shape
+        assert np.array_equal(a, b), shift
+        assert not np.array_equal(a, images), shift
+
+
+def test_arrow_round_trip(tmp_path):
+    s = EvalSet("val", np.arange(2 * 4 * 3, dtype=np.uint8).reshape(2, 1, 4, 3),
+                np.array([3, 1]))
+    write_eval_set(s, tmp_path / "val.arrow")
+    back = read_eval_set(tmp_path / "val.arrow", num_classes=10)
+    assert back.name == "val"
+    np.testing.assert_array_equal(back.images, s.images)
+    np.testing.assert_array_equal(back.labels, s.labels)
+
+
+def test_labels_out_of_range_are_named(tmp_path):
+    write_eval_set(EvalSet("id", np.zeros((2, 1, 2, 2), np.uint8), np.array([0, 12])),
+                   tmp_path / "id.arrow")
+    with pytest.raises(DataError, match="label 12"):
+        read_eval_set(tmp_path / "id.arrow", num_classes=10)
+
+
+def test_empty_and_missing_eval_sets(tmp_path):
+    write_eval_set(EvalSet("e", np.zeros((0, 1, 2, 2), np.uint8), np.zeros(0, np.int64)),
+                   tmp_path / "e.arrow")
+    with pytest.raises(DataError, match="empty"):
+        read_eval_set(tmp_path / "e.arrow")
+    with pytest.raises(DataError, match="nothing.arrow"):
+        read_eval_set(tmp_path / "nothing.arrow")
+
+
+def test_foreign_arrow_file_is_rejected(tmp_path):
+    table = pa.table({"x": [1, 2]})
+    with pa.OSFile(str(tmp_path / "f.arrow"), "wb") as sink, \
+            pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    with pytest.raises(DataError, match="not a raysoup evaluation set"):
+        read_eval_set(tmp_path / "f.arrow")

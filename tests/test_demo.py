@@ -1,0 +1,62 @@
+"""The CLI end to end on the tiny zoo: outputs, determinism, and bad input."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from safetensors.torch import load_file, save_file
+
+from raysoup.cli import main
+from raysoup.zoo import build_zoo
+
+from .conftest import TINY_ZOO
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_writes_report_parquet_and_scatter(tiny_zoo, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["demo", "--zoo", str(tiny_zoo), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["methods"]) == {"best_individual", "uniform_soup", "greedy_soup"}
+    for row in report["methods"].values():
+        assert {"val", "id", "ood", "ood_avg", "ingredients", "evaluations", "wall_s"} <= set(row)
+        assert all(0 <= v <= 1 for v in [row["val"], row["id"], *row["ood"].values()])
+    assert report["methods"]["uniform_soup"]["ingredients"] == ["ft-00", "ft-01", "ft-02",
+                                                                 "ft-03"]
+    table = pq.read_table(out / "results.parquet").to_pylist()
+    assert {r["name"] for r in table if r["kind"] == "method"} == set(report["methods"])
+    assert len([r for r in table if r["kind"] == "ingredient"]) == 4
+    assert (out / "scatter.png").read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert "greedy_soup" in printed and "ood_avg" in printed
+    # A second run into the same folder is refused rather than overwriting results.
+    assert main(["demo", "--zoo", str(tiny_zoo), "--out", str(out)]) == 2
+
+
+def test_zoo_build_is_deterministic(tiny_zoo, tmp_path):
+    again = build_zoo(tmp_path / "again", TINY_ZOO, log=lambda *_: None)
+    first = json.loads((tiny_zoo / "manifest.json").read_text())
+    second = json.loads((again / "manifest.json").read_text())
+    assert [i["sha256"] for i in first["ingredients"]] == [i["sha256"] for i in
+                                                           second["ingredients"]]
+
+
+def test_corrupt_ingredient_fails_before_any_output(tiny_zoo, tmp_path, capsys):
+    zoo = tmp_path / "zoo"
+    import shutil
+    shutil.copytree(tiny_zoo, zoo)
+    path = zoo / "ingredients" / "ft-02.safetensors"
+    sd = load_file(str(path))
+    sd["classification_head.weight"][0, 0] = float("nan")
+    save_file(sd, str(path))
+    out = tmp_path / "run"
+    assert main(["demo", "--zoo", str(zoo), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "ft-02.safetensors" in err and "classification_head.weight" in err
+    assert not (out / "report.json").exists() and not (out / "results.parquet").exists()
+
+
+def test_zoo_build_rejects_too_few_ingredients(tmp_path, capsys):
+    assert main(["zoo", "build", "--out", str(tmp_path / "z"), "--ingredients", "1"]) == 2
+    assert "at least 2" in capsys.readouterr().err

@@ -1,0 +1,99 @@
+"""Evaluator and baselines on a real tiny zoo."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from raysoup.evaluate import VAL, Evaluator, load_eval_sets
+from raysoup.methods import METHODS, SoupContext, ValidationJudge
+from raysoup.mixing import average
+from raysoup.pool import Ingredient, IngredientPool
+from raysoup.zoo import eval_set_files
+
+
+@pytest.fixture(scope="module")
+def evaluator(tiny_zoo):
+    pool = IngredientPool.from_zoo(tiny_zoo)
+    return Evaluator(pool.spec, load_eval_sets(eval_set_files(tiny_zoo), pool.spec.num_classes),
+                     batch_size=128)
+
+
+@pytest.fixture(scope="module")
+def ctx(tiny_zoo, evaluator):
+    pool = IngredientPool.from_zoo(tiny_zoo)
+    return SoupContext.rank(pool, ValidationJudge(lambda sd: evaluator.accuracy(sd, VAL)))
+
+
+def test_evaluator_matches_a_plain_forward_pass_and_reuses_its_model(tiny_zoo, evaluator):
+    pool = IngredientPool.from_zoo(tiny_zoo)
+    sd = pool.load(pool.names[0])
+    model = evaluator.model
+    acc = evaluator.accuracy(sd, "id")
+    assert evaluator.model is model
+    images, labels = evaluator.sets["id"]
+    with torch.no_grad():
+        manual = (model(images).argmax(1) == labels).float().mean().item()
+    assert acc == pytest.approx(manual)
+    other = pool.load(pool.names[1])
+    evaluator.accuracy(other, "id")
+    assert torch.equal(model.classification_head.weight, other["classification_head.weight"])
+    assert evaluator.accuracy(sd, "id") == acc  # deterministic
+
+
+def test_report_has_every_set(tiny_zoo, evaluator):
+    pool = IngredientPool.from_zoo(tiny_zoo)
+    row = evaluator.report(pool.load(pool.names[0]))
+    assert set(row) == {"val", "id", "ood", "ood_avg"}
+    assert len(row["ood"]) >= 5
+    assert row["ood_avg"] == pytest.approx(sum(row["ood"].values()) / len(row["ood"]))
+
+
+def test_zoo_manifest_records_what_it_built(tiny_zoo):
+    manifest = json.loads((tiny_zoo / "manifest.json").read_text())
+    assert len(manifest["ingredients"]) == 4
+    for ing in manifest["ingredients"]:
+        assert (tiny_zoo / ing["file"]).suffix == ".safetensors"
+        assert len(ing["sha256"]) == 64 and 0 <= ing["val_acc"] <= 1
+        assert {"lr", "weight_decay", "label_smoothing", "epochs", "augment", "seed"} <= set(
+            ing["hyperparameters"])
+    lrs = {ing["hyperparameters"]["lr"] for ing in manifest["ingredients"]}
+    assert len(lrs) == 4  # drawn at random per ingredient
+
+
+def test_ranking_is_sorted_by_val(ctx):
+    accs = [a for _, a in ctx.ranking]
+    assert accs == sorted(accs, reverse=True)
+
+
+def test_best_individual_is_the_top_of_the_ranking(ctx):
+    result = METHODS["best_individual"](ctx)
+    assert result.ingredients == [ctx.ranking[0][0]]
+
+
+def test_uniform_soup_is_the_plain_average(ctx):
+    result = METHODS["uniform_soup"](ctx)
+    expected = average(ctx.pool.load(n) for n in ctx.pool.names)
+    assert all(torch.equal(result.state_dict[k], expected[k]) for k in expected)
+    assert result.ingredients == ctx.pool.names and not result.ranked
+
+
+def test_greedy_soup_accepts_only_what_does_not_hurt_val(ctx, evaluator):
+    result = METHODS["greedy_soup"](ctx)
+    assert result.ingredients[0] == ctx.ranking[0][0]
+    assert result.evaluations == len(ctx.ranking) - 1
+    assert evaluator.accuracy(result.state_dict, VAL) >= ctx.ranking[0][1]
+
+
+def test_greedy_tie_rule(tiny_zoo, tmp_path, evaluator):
+    """A copy of the best ingredient ties on val: >= (paper) adds it, > (code) does not."""
+    pool = IngredientPool.from_zoo(tiny_zoo)
+    judge = ValidationJudge(lambda sd: evaluator.accuracy(sd, VAL))
+    best = SoupContext.rank(pool, judge).ranking[0][0]
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(pool.ingredients[best].path, copy)
+    twins = IngredientPool(pool.spec, [pool.ingredients[best], Ingredient("copy", copy)])
+    ctx = SoupContext.rank(twins, judge)
+    assert METHODS["greedy_soup"](ctx).ingredients == [best, "copy"]
+    assert METHODS["greedy_soup"](ctx, strict=True).ingredients == [best]
