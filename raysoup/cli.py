@@ -14,6 +14,12 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(out=args.out, quick=args.quick, zoo_dir=args.zoo)
 
 
+def _run(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .run import execute
+    execute(load_config(args.config), resume=args.resume, address=args.address)
+
+
 def _zoo_build(args: argparse.Namespace) -> None:
     from .zoo import QUICK_ZOO, ZooConfig, build_zoo, with_overrides
     base = QUICK_ZOO if args.quick else ZooConfig()
@@ -33,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="smaller zoo and budget (smoke run)")
     demo.add_argument("--zoo", type=Path, help="zoo directory (default: a cache per zoo config)")
     demo.set_defaults(func=_demo)
+
+    run = sub.add_parser("run", help="run ManifoldMix from a TOML config on a Ray cluster")
+    run.add_argument("config", type=Path, help="TOML file (see examples/run.toml)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run from its last completed step")
+    run.add_argument("--address", help="an existing Ray cluster (auto, HOST:PORT or "
+                     "ray://HOST:PORT); default: start a local one")
+    run.set_defaults(func=_run)
 
     zoo = sub.add_parser("zoo", help="the Fashion-MNIST testbed").add_subparsers(
         dest="zoo_command", required=True)

@@ -14,9 +14,15 @@ from .errors import RaysoupError
 from .methods import METHODS, SoupContext, ValidationJudge
 from .pool import IngredientPool, load_state_dict
 from .report import format_table, write_report
+from .config import PoolConfig, RunConfig
+from .methods.manifold_mix import ManifoldMixConfig
+from .run import connect, manifold_mix_row, prepare, run_manifold_mix
 from .zoo import QUICK_ZOO, ZooConfig, build_zoo, eval_set_files, read_manifest
 
-DEMO_METHODS = ("best_individual", "uniform_soup", "greedy_soup")
+DEMO_METHODS = ("best_individual", "uniform_soup", "greedy_soup", "manifold_mix")
+# The demo's reduced ManifoldMix budget (the reference spends 30 per component per pass).
+DEMO_EVALS_PER_COMPONENT = 10
+QUICK_EVALS_PER_COMPONENT = 4
 
 
 def cache_dir() -> Path:
@@ -47,18 +53,27 @@ def run_demo(out: Path | None = None, quick: bool = False, zoo_dir: Path | None 
     else:
         log(f"[demo] building zoo in {zoo_dir} (cached for later runs)")
         build_zoo(zoo_dir, config, log=log)
-    return run_methods(zoo_dir, fresh_run_dir(out), DEMO_METHODS, {"quick": quick}, log)
+    budget = QUICK_EVALS_PER_COMPONENT if quick else DEMO_EVALS_PER_COMPONENT
+    return run_methods(zoo_dir, fresh_run_dir(out), DEMO_METHODS, {"quick": quick}, log,
+                       ManifoldMixConfig(evals_per_component=budget))
 
 
 def run_methods(zoo_dir: Path, run_dir: Path, methods: tuple[str, ...], config: dict,
-                log=print) -> dict:
-    """Validate everything, then run each method and write the report into run_dir."""
+                log=print, mix_config: ManifoldMixConfig = ManifoldMixConfig()) -> dict:
+    """Validate everything, then run each method and write the report into run_dir.
+
+    The baselines run in this process; manifold_mix runs on Ray (a local cluster unless
+    one is already connected), like `raysoup run`.
+    """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise RaysoupError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
     manifest = read_manifest(zoo_dir)
     pool = IngredientPool.from_zoo(zoo_dir)
     pool.validate()
+    mix_run = None
+    if "manifold_mix" in methods:
+        mix_run = prepare(RunConfig(PoolConfig(Path(zoo_dir)), run_dir, mix_config), resume=False)
     evaluator = Evaluator(pool.spec, load_eval_sets(eval_set_files(zoo_dir),
                                                     pool.spec.num_classes))
     if VAL not in evaluator.set_names:
@@ -76,6 +91,12 @@ def run_methods(zoo_dir: Path, run_dir: Path, methods: tuple[str, ...], config: 
     rows = {}
     for name in methods:
         t0 = time.perf_counter()
+        if name == "manifold_mix":
+            connect(None)
+            result = run_manifold_mix(mix_run, ranking=ctx.ranking, log=log)
+            rows[name] = manifold_mix_row(mix_run, result, evaluator,
+                                          time.perf_counter() - t0 + ranking_s, ranked_here=True)
+            continue
         result = METHODS[name](ctx)
         wall = time.perf_counter() - t0
         if result.ranked:
@@ -89,8 +110,9 @@ def run_methods(zoo_dir: Path, run_dir: Path, methods: tuple[str, ...], config: 
     report = {"methods": rows, "ingredients": ingredients, "references": references,
               "zoo": {"dir": str(zoo_dir), "config": manifest["config"],
                       "build_seconds": manifest.get("build_seconds")},
-              "config": config}
+              "config": {**config, "manifold_mix": mix_config.to_dict()}}
     write_report(run_dir, report)
     log(format_table(rows))
-    log(f"[demo] wrote {run_dir}/report.json, results.parquet, scatter.png")
+    log(f"[demo] wrote {run_dir}/report.json, results.parquet, scatter.png" +
+        (", beta.parquet, beta.png, history.json, fused.safetensors" if mix_run else ""))
     return report

@@ -109,3 +109,20 @@ def weighted_sum(load: Callable[[int], Mapping[str, torch.Tensor]], betas: np.nd
                 term = v.double() * float(betas[j, i])
                 total[k] = term if j == 0 else total[k] + term
     return {k: v.to(dtypes[k]) if k in dtypes else v for k, v in total.items()}
+
+
+def to_numpy(state_dict: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Numpy copy for the Ray object store (which stores numpy zero-copy)."""
+    return {k: v.detach().cpu().numpy() for k, v in state_dict.items()}
+
+
+def from_numpy(arrays: Mapping[str, np.ndarray]) -> StateDict:
+    """Tensors that share memory with `arrays`, which may be read-only object-store buffers.
+
+    torch warns that it cannot mark such tensors read-only; every function in this module
+    returns fresh tensors, so nothing ever writes into them.
+    """
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {k: torch.from_numpy(v) for k, v in arrays.items()}

@@ -4,6 +4,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+import ray
 from safetensors.torch import load_file, save_file
 
 from raysoup.cli import main
@@ -14,11 +15,18 @@ from .conftest import TINY_ZOO
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _ray_stops_after():
+    yield
+    ray.shutdown()  # the demo starts a local Ray for manifold_mix
+
+
 def test_demo_writes_report_parquet_and_scatter(tiny_zoo, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["demo", "--zoo", str(tiny_zoo), "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert set(report["methods"]) == {"best_individual", "uniform_soup", "greedy_soup"}
+    assert set(report["methods"]) == {"best_individual", "uniform_soup", "greedy_soup",
+                                      "manifold_mix"}
     for row in report["methods"].values():
         assert {"val", "id", "ood", "ood_avg", "ingredients", "evaluations", "wall_s"} <= set(row)
         assert all(0 <= v <= 1 for v in [row["val"], row["id"], *row["ood"].values()])
@@ -28,6 +36,11 @@ def test_demo_writes_report_parquet_and_scatter(tiny_zoo, tmp_path, capsys):
     assert {r["name"] for r in table if r["kind"] == "method"} == set(report["methods"])
     assert len([r for r in table if r["kind"] == "ingredient"]) == 4
     assert (out / "scatter.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "beta.png").read_bytes()[:4] == b"\x89PNG"
+    mm = report["methods"]["manifold_mix"]
+    betas = pq.read_table(out / "beta.parquet").to_pylist()
+    assert [b["ingredient"] for b in betas] == mm["ingredients"]
+    assert len(mm["history"]) == 3 and all("promise_accuracy" in s for s in mm["history"])
     printed = capsys.readouterr().out
     assert "greedy_soup" in printed and "ood_avg" in printed
     # A second run into the same folder is refused rather than overwriting results.

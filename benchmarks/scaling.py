@@ -1,0 +1,101 @@
+"""How raysoup's evaluation scales with GPUs, on fake GPUs and a fixed synthetic cost.
+
+Evaluator actors here cost a fixed time per validation row (a sleep), so the
+measurement isolates raysoup's fan-out from model speed:
+- sharded: one trial's evaluation split over N evaluators (one fake GPU each);
+  speed-up of a single evaluation vs N = 1 (target >= 0.8 N).
+- parallel: k trials in flight (TwoPointsDE, num_workers = k), each whole on one of
+  k evaluators, through the real Tune path; throughput vs k = 1 (target >= 0.8 k).
+
+    python benchmarks/scaling.py [--eval-s 0.4] [--sizes 1 4 8]
+Appends rows to benchmarks/results/scaling.parquet and prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from common import append_result, machine
+from raysoup.distributed import EvaluatorSpec, TuneSearch
+from raysoup.workers import evaluate_point
+
+ROWS = 6000  # validation rows of the demo zoo
+
+
+@ray.remote(num_cpus=0.01, num_gpus=1)
+class SyntheticEvaluator:
+    """Costs `eval_s` for the whole validation set, proportionally less for a shard."""
+
+    def __init__(self, rows: int, eval_s: float):
+        self.rows, self.eval_s = rows, eval_s
+
+    def ready(self) -> bool:
+        return True
+
+    def correct(self, refs, x) -> tuple[int, int]:
+        time.sleep(self.eval_s * self.rows / ROWS)
+        return int(self.rows * 0.5), self.rows
+
+
+def sharded(n: int, eval_s: float, repeats: int) -> float:
+    actors = [SyntheticEvaluator.remote(ROWS // n, eval_s) for _ in range(n)]
+    ray.get([a.ready.remote() for a in actors])
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        evaluate_point(actors, "sharded", [], np.zeros(3), 0, 60)
+    seconds = (time.perf_counter() - t0) / repeats
+    for a in actors:
+        ray.kill(a)
+    return seconds
+
+
+def parallel(k: int, eval_s: float, trials: int) -> float:
+    actors = [SyntheticEvaluator.remote(ROWS, eval_s) for _ in range(k)]
+    ray.get([a.ready.remote() for a in actors])
+    spec = EvaluatorSpec(count=k, mode="whole", cpus=0.01, gpus=1.0)
+    search = TuneSearch(actors, spec, k, Path("/tmp/raysoup-bench-scaling") / str(time.time()),
+                        log=lambda _: None)
+    search.refs = []
+    t0 = time.perf_counter()
+    result = search.optimise(np.full(3, 0.5), 0.25, 0.75, trials, 0, "TwoPointsDE")
+    seconds = time.perf_counter() - t0
+    assert result.evaluations == trials
+    for a in actors:
+        ray.kill(a)
+    return trials / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--eval-s", type=float, default=0.4,
+                        help="synthetic cost of one whole validation pass (s)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--trials-per-worker", type=int, default=8)
+    args = parser.parse_args()
+    ray.init(num_cpus=2, num_gpus=max(args.sizes), include_dashboard=False,
+             log_to_driver=False)
+    base = {**machine(), "eval_s": args.eval_s, "fake_gpus": True}
+
+    one_eval = sharded(1, args.eval_s, 10)
+    one_rate = parallel(1, args.eval_s, args.trials_per_worker * 2)
+    for n in args.sizes:
+        seconds = sharded(n, args.eval_s, 10)
+        rate = parallel(n, args.eval_s, args.trials_per_worker * n)
+        rows = [{**base, "mode": "sharded", "n": n, "seconds_per_eval": seconds,
+                 "speedup": one_eval / seconds, "efficiency": one_eval / seconds / n},
+                {**base, "mode": "parallel", "n": n, "trials_per_s": rate,
+                 "speedup": rate / one_rate, "efficiency": rate / one_rate / n}]
+        for row in rows:
+            append_result("scaling", row)
+            print(f"{row['mode']:8s} N={n}: speed-up {row['speedup']:.2f} "
+                  f"({100 * row['efficiency']:.0f} % of linear)")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The driver's step checkpoints: accumulator weights (safetensors) plus state (JSON).
+
+The JSON names the weights file it belongs to and is renamed into place last, so a run
+killed at any instant resumes from a consistent last completed step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import RaysoupError
+from .methods.manifold_mix import MixState
+from .pool import load_state_dict, save_state_dict
+
+STATE_FILE = "state.json"
+
+
+def save_state(directory: Path, state: MixState, fingerprint: dict, ranking: list) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = f"accumulator-{state.next_candidate:04d}.safetensors"
+    save_state_dict(state.accumulator, directory / weights)
+    tmp = directory / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "ranking": ranking,
+                               "weights": weights, "state": state.summary()}, indent=1))
+    tmp.replace(directory / STATE_FILE)
+    for old in directory.glob("accumulator-*.safetensors"):
+        if old.name != weights:
+            old.unlink()
+
+
+def load_state(directory: Path, fingerprint: dict) -> tuple[MixState, list] | None:
+    """The last completed step, or None when the run has not completed one yet."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved["fingerprint"] != fingerprint:
+        changed = sorted(k for k in set(fingerprint) | set(saved["fingerprint"])
+                         if fingerprint.get(k) != saved["fingerprint"].get(k))
+        raise RaysoupError(f"cannot resume {directory}: it was started with a different "
+                           f"config (differs in: {', '.join(changed)})")
+    state = MixState(accumulator=load_state_dict(Path(directory) / saved["weights"]),
+                     **saved["state"])
+    return state, [tuple(r) for r in saved["ranking"]]

@@ -1,0 +1,103 @@
+"""`raysoup run` configuration: a TOML file read into typed sections.
+
+Unknown sections or keys (typos) are errors that name the file and the key, raised before
+any cluster work starts. Relative paths are relative to the config file.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .errors import RaysoupError
+from .methods.manifold_mix import ManifoldMixConfig
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    zoo: Path                     # a raysoup zoo: its manifest names model, ingredients, data
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    evaluators: int = 0           # 0: one per GPU, or one per CPU on a CPU-only cluster
+    evaluation: str = "auto"      # auto | sharded | whole
+    cpus_per_evaluator: float = 1.0
+    gpus_per_evaluator: float = -1.0  # -1: 1 when the cluster has GPUs, else 0
+    bf16: bool = False            # bf16 autocast on GPU evaluators
+    eval_timeout_s: float = 600.0
+    max_failures: int = 2         # retries of a failed trial before it is scored 0
+    wait_for_autoscaler: bool = False  # evaluators may wait for nodes the cluster adds
+    start_timeout_s: float = 600.0     # evaluators not up by then: fail loudly
+
+    def __post_init__(self):
+        if self.evaluation not in ("auto", "sharded", "whole"):
+            raise RaysoupError(f"resources.evaluation must be auto, sharded or whole, got "
+                               f"{self.evaluation!r}")
+        if self.evaluators < 0:
+            raise RaysoupError(f"resources.evaluators must be >= 0, got {self.evaluators}")
+        if self.cpus_per_evaluator <= 0:
+            raise RaysoupError("resources.cpus_per_evaluator must be > 0")
+        if self.eval_timeout_s <= 0 or self.max_failures < 0:
+            raise RaysoupError("resources.eval_timeout_s must be > 0 and max_failures >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    pool: PoolConfig
+    out: Path
+    method: ManifoldMixConfig = field(default_factory=ManifoldMixConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    source: Path | None = None    # the TOML file it came from
+
+    def fingerprint(self) -> dict:
+        """What must not change between a run and its --resume."""
+        # Through JSON, so it compares equal to the copy saved in a checkpoint.
+        return json.loads(json.dumps({"pool": str(self.pool.zoo.resolve()),
+                                      "method": self.method.to_dict()}))
+
+
+def _section(cls, table: dict, name: str, where: str, base: Path):
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise RaysoupError(f"{where}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}"
+                           f"; known keys of [{name}]: {', '.join(sorted(known))}")
+    values = {}
+    for key, value in table.items():
+        if known[key].type in ("Path", "Path | None"):
+            value = base / Path(value).expanduser()
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[key] = value
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise RaysoupError(f"{where}: bad [{name}] section: {e}") from e
+
+
+def load_config(path: Path) -> RunConfig:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise RaysoupError(f"cannot read config {path}: {e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise RaysoupError(f"{path} is not valid TOML: {e}") from e
+    sections = {"pool": PoolConfig, "method": ManifoldMixConfig, "resources": ResourcesConfig}
+    unknown = sorted(set(raw) - set(sections) - {"out"})
+    if unknown:
+        raise RaysoupError(f"{path}: unknown key(s) or section(s) {unknown}; known: "
+                           f"{sorted([*sections, 'out'])}")
+    if "pool" not in raw or "out" not in raw:
+        raise RaysoupError(f"{path}: needs `out = \"DIR\"` and a [pool] section with `zoo`")
+    base = path.parent
+    return RunConfig(
+        pool=_section(PoolConfig, raw["pool"], "pool", str(path), base),
+        out=base / Path(raw["out"]).expanduser(),
+        method=_section(ManifoldMixConfig, raw.get("method", {}), "method", str(path), base),
+        resources=_section(ResourcesConfig, raw.get("resources", {}), "resources", str(path),
+                           base),
+        source=path)

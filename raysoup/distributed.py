@@ -1,0 +1,152 @@
+"""The Ray layer: evaluator actors, the Tune-backed Search, and the SoupDriver actor.
+
+It wraps the plain core (raysoup.search, raysoup.methods.manifold_mix) and adds only
+placement: weights go into the object store once per step as numpy (zero-copy, read-only
+on a node), evaluator actors keep the model and their rows of the validation set
+resident, and every optimiser pass is one Tune run whose trials are mixing points.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+from ray import tune
+from ray.tune.search.nevergrad import NevergradSearch
+
+from .components import Components
+from .errors import RaysoupError
+from .mixing import StateDict, to_numpy
+from .model import ModelSpec
+from .search import Mixer, PassResult, best_index, chosen_name, make_optimizer
+from .workers import METRIC, EvaluatorActor, evaluate_point, mixing_trial
+
+# Tune's per-trial loggers (CSV, JSON, TensorBoard) cost tens of ms per trial; our history
+# and report carry everything they would write.
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+# Tune's own output stays quiet (the driver prints one line per candidate step); its
+# "could not fetch metrics" warnings only say that the per-trial loggers above are off.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+for _name in ("ray.tune", "ray.train", "ray.air"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+PENALTY = 0.0  # accuracy told to the optimiser for a trial that failed for good
+
+
+@dataclass(frozen=True)
+class EvaluatorSpec:
+    """Where evaluator actors run and what they hold."""
+    count: int
+    mode: str                 # "sharded": every trial uses all; "whole": one per trial
+    cpus: float = 1.0
+    gpus: float = 0.0
+    autocast_bf16: bool = False
+    timeout_s: float = 600.0  # one evaluation; past it the trial fails loudly and is retried
+
+
+def start_evaluators(spec: ModelSpec, val_file: Path, components: Components,
+                     evaluators: EvaluatorSpec, start_timeout_s: float = 600.0) -> list:
+    shards = evaluators.count if evaluators.mode == "sharded" else 1
+    actors = [EvaluatorActor.options(num_cpus=evaluators.cpus, num_gpus=evaluators.gpus).remote(
+        spec, str(val_file), i % shards, shards, components, int(max(1, evaluators.cpus)),
+        evaluators.autocast_bf16) for i in range(evaluators.count)]
+    ready, pending = ray.wait([a.ready.remote() for a in actors], num_returns=len(actors),
+                              timeout=start_timeout_s)
+    if pending:
+        for actor in actors:
+            ray.kill(actor)
+        raise RaysoupError(f"only {len(ready)} of {len(actors)} evaluator actors started "
+                           f"within {start_timeout_s:g} s (each asks for {evaluators.cpus:g} "
+                           f"CPU, {evaluators.gpus:g} GPU); check the cluster's resources")
+    ray.get(ready)  # surfaces a failed start (e.g. an unreadable validation file)
+    return actors
+
+
+class PenalizingNevergradSearch(NevergradSearch):
+    """NevergradSearch that always tells the optimiser something.
+
+    Sequential nevergrad optimisers (Cobyla, and NGOpt when it picks Cobyla) block the
+    next ask() until the previous point is told; a trial that failed for good would leave
+    them waiting forever. It is told the worst accuracy instead.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.told: list[tuple[np.ndarray, float]] = []  # (x, accuracy) in tell order
+        self.penalized = 0
+        self.suggested = 0
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        if config is not None:
+            # Which evaluator a "whole" trial uses: round robin over the trials in flight.
+            config["slot"] = self.suggested
+            self.suggested += 1
+        return config
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        if error or not result or METRIC not in result:
+            self.penalized += 1
+            result = {METRIC: PENALTY}
+        self.told.append((self._live_trial_mapping[trial_id].kwargs["x"], result[METRIC]))
+        super().on_trial_complete(trial_id, result, error=False)
+
+
+class TuneSearch:
+    """The Search of raysoup.search on Ray: one Tune run per optimiser pass."""
+
+    def __init__(self, actors: list, evaluators: EvaluatorSpec, num_workers: int,
+                 storage_path: Path, max_failures: int = 2, log=print):
+        self.actors = actors
+        self.evaluators = evaluators
+        self.num_workers = num_workers
+        self.storage_path = Path(storage_path).resolve()
+        self.storage_path.mkdir(parents=True, exist_ok=True)
+        self.max_failures = max_failures
+        self.log = log
+        self.refs: list[ray.ObjectRef] = []  # the resident models, then the mixer
+        # Continue numbering after earlier (or pre-resume) passes: names never collide.
+        self.passes = len([p for p in self.storage_path.iterdir() if p.is_dir()])
+
+    def set_models(self, models: Sequence[StateDict], mixer: Mixer) -> None:
+        # Once per step into the object store, shared by every trial and evaluator.
+        self.refs = [*(ray.put(to_numpy(m)) for m in models), ray.put(mixer)]
+
+    def accuracy(self, x: np.ndarray) -> float:
+        return evaluate_point(self.actors, self.evaluators.mode, self.refs, np.asarray(x), 0,
+                              self.evaluators.timeout_s)
+
+    def optimise(self, start: np.ndarray, lower: float, upper: float, budget: int,
+                 seed: int, name: str) -> PassResult:
+        optimizer = make_optimizer(name, start, lower, upper, budget, self.num_workers, seed)
+        searcher = PenalizingNevergradSearch(optimizer=optimizer, space=None, metric=METRIC,
+                                             mode="max")
+        trainable = tune.with_parameters(
+            mixing_trial, actors=self.actors, mode=self.evaluators.mode, models=self.refs,
+            timeout_s=self.evaluators.timeout_s)
+        self.passes += 1
+        tuner = tune.Tuner(
+            # Trials only dispatch to the evaluators: no CPU, a token bundle so Tune can place them.
+            tune.with_resources(trainable, {"cpu": 0, "memory": 1}),
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=budget,
+                                        max_concurrent_trials=self.num_workers,
+                                        reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=f"pass-{self.passes:04d}", storage_path=str(self.storage_path),
+                verbose=0, failure_config=tune.FailureConfig(max_failures=self.max_failures),
+                checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)))
+        tuner.fit()
+        if searcher.penalized:
+            self.log(f"[tune] {searcher.penalized} trial(s) failed after retries and were "
+                     f"scored {PENALTY}")
+        accuracies = [float(acc) for _, acc in searcher.told]
+        best = best_index(accuracies)
+        points = [np.asarray(x) for x, _ in searcher.told]
+        return PassResult(points[best], accuracies[best], len(accuracies),
+                          chosen_name(optimizer), accuracies, points)

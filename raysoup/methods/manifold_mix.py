@@ -1,0 +1,213 @@
+"""ManifoldMixMS (arXiv 2309.08610), read top to bottom like the paper's algorithm box.
+
+Input: ingredients ranked by validation accuracy (best first), a partition of the weights
+into m components, and a Search that evaluates and optimises mixing points (in-process or
+on a Ray cluster: the algorithm does not know which).
+
+Phase 1
+  A <- best ingredient, K <- 1
+  for each candidate C, in ranking order:
+      promise test: acc(K/(K+1) A + 1/(K+1) C) >= tau * acc(A), else skip C
+      pass 1: optimise lambda in R^m from lambda0 = K/(K+1), bounds lambda0 +- delta (1 - lambda0),
+              maximising acc(lambda A + (1 - lambda) C) per component
+      if best acc >= acc(A):                               (accept; strict > as an option)
+          pass 2 from the found lambda, bounds [0.3, 1]
+          pass 3 likewise, if pass 2 gained a factor >= 1 + 0.3 (1 - tau)
+          A <- lambda A + (1 - lambda) C, K <- K + 1, keep the lambda row
+  unroll the lambda rows into beta (ingredients x components)
+Phase 2 (optional): scale beta by mu in [0.7, 1.4] per cell, renormalise per component,
+  optimise mu; keep it if it is at least as good on val.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..components import Components
+from ..errors import RaysoupError
+from ..mixing import StateDict, lambdas_to_betas, mix, weighted_sum
+from ..search import ScaledBetaMixer, Search, check_optimizer, lerp_mixer
+from .base import MethodResult, SoupContext, register
+
+
+@dataclass(frozen=True)
+class ManifoldMixConfig:
+    """Every knob of the method; defaults are the reference's published run."""
+    components: str = "granularity-1"  # a preset of raysoup.components
+    drop_unused: bool = False          # leave out weights the classifier never uses
+    optimizer: str = "NGOpt"           # any name in nevergrad.optimizers.registry
+    evals_per_component: int = 30      # budget per pass = components x this
+    num_workers: int = 1               # trials in flight at once (1: sequential optimisers)
+    tau: float = 0.998                 # promise test threshold
+    bounds_delta: float = 0.5          # pass 1 bounds: lambda0 +- delta (1 - lambda0)
+    later_pass_bounds: tuple[float, float] = (0.3, 1.0)
+    later_passes: bool = True          # passes 2 and 3 after an acceptance
+    third_pass_gain: float = 0.3       # pass 3 if pass 2 gained >= 1 + this (1 - tau)
+    strict: bool = False               # accept on > instead of >=
+    seed: int = 0                      # optimiser seed (the same for every pass)
+    phase2: bool = False
+    mu_bounds: tuple[float, float] = (0.7, 1.4)
+    phase2_evals_per_weight: int = 50  # phase 2 budget = ingredients x components x this
+
+    def __post_init__(self):
+        check_optimizer(self.optimizer, self.num_workers)
+        if self.evals_per_component < 1:
+            raise RaysoupError(f"evals_per_component (the budget) must be >= 1, got "
+                               f"{self.evals_per_component}")
+        if self.phase2_evals_per_weight < 1:
+            raise RaysoupError(f"phase2_evals_per_weight must be >= 1, got "
+                               f"{self.phase2_evals_per_weight}")
+        if not 0.0 < self.tau <= 1.0:
+            raise RaysoupError(f"tau must be in (0, 1], got {self.tau}")
+        if not 0.0 <= self.bounds_delta <= 1.0:
+            raise RaysoupError(f"bounds_delta must be in [0, 1], got {self.bounds_delta}")
+        lo, hi = self.later_pass_bounds
+        if not 0.0 <= lo < hi <= 1.0:
+            raise RaysoupError(f"later_pass_bounds must satisfy 0 <= lower < upper <= 1, got "
+                               f"{list(self.later_pass_bounds)}")
+        lo, hi = self.mu_bounds
+        if not 0.0 < lo < hi:
+            raise RaysoupError(f"mu_bounds must satisfy 0 < lower < upper, got "
+                               f"{list(self.mu_bounds)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class MixState:
+    """The sequential fused-model state: what a driver checkpoints after every step."""
+    accumulator: StateDict
+    accepted: list[str]
+    accuracy: float
+    lambda_rows: list[list[float]] = field(default_factory=list)
+    next_candidate: int = 1        # position in the ranking of the next candidate to try
+    history: list[dict] = field(default_factory=list)
+    evaluations: int = 0
+
+    def summary(self) -> dict:
+        """Everything but the weights (JSON-friendly)."""
+        return {k: v for k, v in asdict(self).items() if k != "accumulator"}
+
+
+def run_pass(search: Search, config: ManifoldMixConfig, start: np.ndarray, lower: float,
+             upper: float, budget: int) -> dict:
+    result = search.optimise(start, lower, upper, budget, config.seed, config.optimizer)
+    return {"bounds": [lower, upper], "optimizer": result.optimizer,
+            "evaluations": result.evaluations, "accuracy": result.accuracy,
+            "x": [float(v) for v in result.x]}
+
+
+def try_candidate(state: MixState, name: str, candidate: StateDict, search: Search,
+                  components: Components, config: ManifoldMixConfig) -> tuple[dict, StateDict | None]:
+    """One step of phase 1. Returns the history row and the new accumulator if accepted."""
+    m = len(components)
+    K = len(state.accepted)
+    lambda0 = K / (K + 1)
+    search.set_models([state.accumulator, candidate], lerp_mixer)
+
+    promise = search.accuracy(np.full(m, lambda0))
+    step = {"candidate": name, "promise_accuracy": promise, "passes": [], "evaluations": 1,
+            "accuracy_before": state.accuracy, "accepted": False}
+    if promise < config.tau * state.accuracy:
+        return step, None
+
+    budget = m * config.evals_per_component
+    delta = config.bounds_delta * (1.0 - lambda0)
+    best = run_pass(search, config, np.full(m, lambda0), lambda0 - delta, lambda0 + delta, budget)
+    step["passes"].append(best)
+    accepted = best["accuracy"] > state.accuracy or (
+        best["accuracy"] == state.accuracy and not config.strict)
+    if accepted and config.later_passes:
+        lo, hi = config.later_pass_bounds
+        second = run_pass(search, config, np.array(best["x"]), lo, hi, budget)
+        step["passes"].append(second)
+        if second["accuracy"] >= (1.0 + config.third_pass_gain * (1.0 - config.tau)) * best["accuracy"]:
+            step["passes"].append(run_pass(search, config, np.array(second["x"]), lo, hi, budget))
+        # A later pass starts at the earlier optimum, so keeping the best loses nothing.
+        best = max(step["passes"], key=lambda p: p["accuracy"])
+    step["evaluations"] += sum(p["evaluations"] for p in step["passes"])
+    step["accuracy"] = best["accuracy"]
+    if not accepted:
+        return step, None
+    step.update(accepted=True, lambdas=best["x"])
+    return step, mix(state.accumulator, candidate, best["x"], components)
+
+
+def phase1(ranking: list[tuple[str, float]], load: Callable[[str], StateDict],
+           components: Components, search: Search, config: ManifoldMixConfig,
+           state: MixState | None = None, on_step: Callable[[MixState], None] | None = None,
+           log: Callable[[str], None] = print) -> MixState:
+    if state is None:
+        best, accuracy = ranking[0]
+        state = MixState(load(best), [best], accuracy)
+    for position in range(state.next_candidate, len(ranking)):
+        name = ranking[position][0]
+        step, accumulator = try_candidate(state, name, load(name), search, components, config)
+        if accumulator is not None:
+            state.accumulator, state.accuracy = accumulator, step["accuracy"]
+            state.accepted.append(name)
+            state.lambda_rows.append(step["lambdas"])
+        state.history.append(step)
+        state.evaluations += step["evaluations"]
+        state.next_candidate = position + 1
+        log(progress_line(position, len(ranking), step, state))
+        if on_step is not None:
+            on_step(state)
+    return state
+
+
+def progress_line(position: int, total: int, step: dict, state: MixState) -> str:
+    passes = " ".join(f"pass{i + 1} {100 * p['accuracy']:.2f}" for i, p in enumerate(step["passes"]))
+    verdict = "accepted" if step["accepted"] else ("rejected" if step["passes"] else "skipped (promise)")
+    return (f"[manifold_mix] {position}/{total - 1} {step['candidate']}: promise "
+            f"{100 * step['promise_accuracy']:.2f}" + (f", {passes}" if passes else "") +
+            f" -> {verdict}; best {100 * state.accuracy:.2f} with {len(state.accepted)} "
+            f"ingredient(s), {state.evaluations} evals")
+
+
+def betas_of(state: MixState, m: int) -> np.ndarray:
+    """Ingredients x components weights of the accepted ingredients (columns sum to 1)."""
+    if not state.lambda_rows:
+        return np.ones((1, m))
+    return lambdas_to_betas(np.array(state.lambda_rows))
+
+
+def phase2(state: MixState, betas: np.ndarray, load: Callable[[str], StateDict],
+           components: Components, search: Search, config: ManifoldMixConfig,
+           log: Callable[[str], None] = print) -> tuple[np.ndarray, dict]:
+    """Refine beta by per-cell scales mu; keeps every accepted ingredient resident."""
+    models = [load(n) for n in state.accepted]
+    mixer = ScaledBetaMixer(betas)
+    search.set_models(models, mixer)
+    budget = betas.size * config.phase2_evals_per_weight
+    result = run_pass(search, config, np.ones(betas.size), *config.mu_bounds, budget)
+    improved = result["accuracy"] >= state.accuracy
+    log(f"[manifold_mix] phase 2: {100 * result['accuracy']:.2f} vs {100 * state.accuracy:.2f} "
+        f"-> {'kept' if improved else 'discarded'}")
+    if improved:
+        betas, state.accuracy = mixer.weights(np.array(result["x"])), result["accuracy"]
+    return betas, {**result, "kept": improved}
+
+
+@register("manifold_mix")
+def manifold_mix(ctx: SoupContext, components: Components, search: Search,
+                 config: ManifoldMixConfig = ManifoldMixConfig(), state: MixState | None = None,
+                 on_step: Callable[[MixState], None] | None = None,
+                 log: Callable[[str], None] = print) -> MethodResult:
+    state = phase1(ctx.ranking, ctx.pool.load, components, search, config, state, on_step, log)
+    betas = betas_of(state, len(components))
+    fused, details = state.accumulator, {"phase2": None}
+    if config.phase2 and len(state.accepted) > 1:
+        betas, details["phase2"] = phase2(state, betas, ctx.pool.load, components, search,
+                                          config, log)
+        state.evaluations += details["phase2"]["evaluations"]
+        if details["phase2"]["kept"]:
+            fused = weighted_sum(lambda j: ctx.pool.load(state.accepted[j]), betas, components)
+    details.update(betas=betas.tolist(), components=list(components.names),
+                   history=state.history, lambda_rows=state.lambda_rows,
+                   val_accuracy=state.accuracy)
+    return MethodResult(fused, list(state.accepted), state.evaluations, details=details)

@@ -1,0 +1,233 @@
+"""`raysoup run`: validate everything, start Ray, let a SoupDriver actor run ManifoldMix,
+then judge the fused model and write the run directory.
+
+Data flow: checkpoints (disk) -> SoupDriver actor (sequential state, a step checkpoint
+after every candidate) -> one Tune run per optimiser pass (trials = mixing points) ->
+evaluator actors (model + validation shard resident; weights from the object store) ->
+fused model -> report (val decides; id and ood only report).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from .checkpoint import load_state, save_state
+from .components import Components, partition
+from .config import RunConfig
+from .distributed import EvaluatorSpec, TuneSearch, start_evaluators
+from .errors import RaysoupError
+from .evaluate import VAL, Evaluator, load_eval_sets
+from .methods import SoupContext, ValidationJudge
+from .methods.manifold_mix import MixState, manifold_mix
+from .mixing import from_numpy
+from .pool import IngredientPool, save_state_dict
+from .search import first_model
+from .zoo import eval_set_files
+
+
+@dataclass
+class Prepared:
+    """Everything checked before any cluster work."""
+    config: RunConfig
+    pool: IngredientPool
+    components: Components
+    eval_files: dict[str, Path]
+
+
+def prepare(config: RunConfig, resume: bool) -> Prepared:
+    if not (config.pool.zoo / "manifest.json").is_file():
+        raise RaysoupError(f"pool.zoo = {config.pool.zoo}: no manifest.json there (build one "
+                           f"with `raysoup zoo build --out DIR`)")
+    pool = IngredientPool.from_zoo(config.pool.zoo)
+    pool.validate()
+    keys = list(pool.load(pool.names[0]))
+    unused = []
+    if config.method.drop_unused:
+        from .components import unused_keys
+        from .model import build_classifier
+        import torch
+        unused = unused_keys(build_classifier(pool.spec),
+                             torch.zeros(2, pool.spec.in_channels, pool.spec.image_size,
+                                         pool.spec.image_size, dtype=torch.uint8))
+    components = partition(keys, config.method.components, unused)
+    eval_files = eval_set_files(config.pool.zoo)
+    if VAL not in eval_files:
+        raise RaysoupError(f"zoo {config.pool.zoo} has no '{VAL}' evaluation set")
+    out = config.out
+    if (out / "report.json").exists() and not resume:
+        raise RaysoupError(f"{out} already holds a finished run; choose another `out`")
+    if (out / "driver" / "state.json").exists() and not resume:
+        raise RaysoupError(f"{out} holds an unfinished run; continue it with --resume or "
+                           f"choose another `out`")
+    if resume:
+        load_state(out / "driver", config.fingerprint())  # refuses a different config
+    return Prepared(config, pool, components, eval_files)
+
+
+def evaluator_spec(config: RunConfig) -> EvaluatorSpec:
+    """One evaluator per GPU, else per CPU slot; sharded for one trial at a time."""
+    r = config.resources
+    total = ray.cluster_resources()
+    has_gpus = total.get("GPU", 0) >= 1
+    gpus = r.gpus_per_evaluator if r.gpus_per_evaluator >= 0 else (1.0 if has_gpus else 0.0)
+    count = r.evaluators or max(1, int(total.get("GPU", 0) // gpus if gpus > 0
+                                       else total.get("CPU", 1) // r.cpus_per_evaluator))
+    need = {"CPU": count * r.cpus_per_evaluator, "GPU": count * gpus}
+    short = {k: v for k, v in need.items() if v > total.get(k, 0) + 1e-9}
+    if short and not r.wait_for_autoscaler:
+        raise RaysoupError(
+            f"{count} evaluator(s) need {need['CPU']:g} CPU and {need['GPU']:g} GPU, but the "
+            f"cluster has {total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU; lower "
+            f"resources.evaluators / cpus_per_evaluator / gpus_per_evaluator, or set "
+            f"resources.wait_for_autoscaler = true on an autoscaling cluster")
+    mode = r.evaluation
+    if mode == "auto":
+        mode = "sharded" if config.method.num_workers == 1 else "whole"
+    return EvaluatorSpec(count=count, mode=mode, cpus=r.cpus_per_evaluator, gpus=gpus,
+                         autocast_bf16=r.bf16, timeout_s=r.eval_timeout_s)
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class SoupDriver:
+    """Owns the sequential fused-model state and checkpoints it after every step."""
+
+    def __init__(self, prepared: Prepared, evaluators: EvaluatorSpec, actors: list):
+        self.prepared = prepared
+        config = prepared.config
+        self.search = TuneSearch(actors, evaluators, config.method.num_workers,
+                                 config.out / "tune", config.resources.max_failures,
+                                 log=self.log)
+        self.state_dir = config.out / "driver"
+
+    @staticmethod
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    def rank(self) -> list[tuple[str, float]]:
+        pool = self.prepared.pool
+        scores = []
+        for name in pool.names:
+            self.search.set_models([pool.load(name)], first_model)
+            scores.append((name, self.search.accuracy(np.zeros(0))))
+        return sorted(scores, key=lambda s: -s[1])
+
+    def run(self, ranking: list[tuple[str, float]] | None = None) -> dict:
+        config, pool = self.prepared.config, self.prepared.pool
+        fingerprint = config.fingerprint()
+        saved = load_state(self.state_dir, fingerprint)
+        state: MixState | None = None
+        if saved is not None:
+            state, ranking = saved
+            self.log(f"[driver] resuming after step {state.next_candidate - 1}: "
+                     f"{len(state.accepted)} ingredient(s), val {100 * state.accuracy:.2f}")
+        elif ranking is None:
+            ranking = self.rank()
+        self.log("[driver] ranking on val: " + ", ".join(f"{n} {100 * a:.2f}"
+                                                         for n, a in ranking))
+        ctx = SoupContext(pool, ValidationJudge(lambda sd: float("nan")), ranking)
+        result = manifold_mix(
+            ctx, self.prepared.components, self.search, config.method, state=state,
+            on_step=lambda s: save_state(self.state_dir, s, fingerprint, ranking),
+            log=self.log)
+        return {"state_dict": {k: v.numpy() for k, v in result.state_dict.items()},
+                "ingredients": result.ingredients, "evaluations": result.evaluations,
+                "details": result.details, "ranking": ranking}
+
+
+def connect(address: str | None) -> None:
+    """Join a cluster, or start a private local one (services on 127.0.0.1 only)."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
+
+
+def run_manifold_mix(prepared: Prepared, ranking: list | None = None, log=print) -> dict:
+    """The Ray part: returns the fused model and the method's details."""
+    evaluators = evaluator_spec(prepared.config)
+    log(f"[run] {evaluators.count} evaluator(s), {evaluators.mode} evaluation, "
+        f"{len(prepared.components)} components, optimizer {prepared.config.method.optimizer}")
+    actors = start_evaluators(prepared.pool.spec, prepared.eval_files[VAL],
+                              prepared.components, evaluators,
+                              prepared.config.resources.start_timeout_s)
+    driver = SoupDriver.remote(prepared, evaluators, actors)
+    try:
+        return ray.get(driver.run.remote(ranking))
+    finally:
+        for actor in [driver, *actors]:
+            ray.kill(actor)
+
+
+def write_betas(out: Path, betas: np.ndarray, ingredients: list[str], components: list[str]) -> None:
+    """beta.parquet (ingredient x component weights) and its heatmap beta.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = pa.table({"ingredient": ingredients,
+                      **{c: betas[:, i].tolist() for i, c in enumerate(components)}})
+    pq.write_table(table, out / "beta.parquet.tmp")
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(components), 1.0 + 0.45 * len(ingredients)))
+    im = ax.imshow(betas, cmap="viridis", vmin=0, vmax=max(1e-9, float(betas.max())),
+                   aspect="auto")
+    ax.set_xticks(range(len(components)), components, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(ingredients)), ingredients, fontsize=8)
+    for (i, j), v in np.ndenumerate(betas):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
+    fig.colorbar(im, ax=ax, label="beta")
+    ax.set_title("ManifoldMix weights (ingredient x component)")
+    fig.tight_layout()
+    fig.savefig(out / "beta.tmp.png", dpi=110)
+    plt.close(fig)
+    (out / "beta.parquet.tmp").replace(out / "beta.parquet")
+    (out / "beta.tmp.png").replace(out / "beta.png")
+
+
+def manifold_mix_row(prepared: Prepared, result: dict, evaluator: Evaluator, wall_s: float,
+                     ranked_here: bool) -> dict:
+    """The report row, plus the fused model, beta and history written into `out`."""
+    out = prepared.config.out
+    fused = from_numpy(result["state_dict"])
+    save_state_dict(fused, out / "fused.safetensors")
+    details = result["details"]
+    write_betas(out, np.array(details["betas"]), result["ingredients"], details["components"])
+    (out / "history.json").write_text(json.dumps(details["history"], indent=1))
+    return {**evaluator.report(fused), "ingredients": result["ingredients"],
+            "evaluations": result["evaluations"] + (len(prepared.pool) if ranked_here else 0),
+            "wall_s": round(wall_s, 2), "components": details["components"],
+            "betas": details["betas"], "history": details["history"],
+            "phase2": details["phase2"], "config": prepared.config.method.to_dict()}
+
+
+def execute(config: RunConfig, resume: bool = False, address: str | None = None,
+            log=print) -> dict:
+    from .report import format_table
+    prepared = prepare(config, resume)
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+    connect(address)
+    t0 = time.perf_counter()
+    result = run_manifold_mix(prepared, log=log)
+    wall = time.perf_counter() - t0
+    evaluator = Evaluator(prepared.pool.spec, load_eval_sets(prepared.eval_files,
+                                                             prepared.pool.spec.num_classes))
+    row = manifold_mix_row(prepared, result, evaluator, wall, ranked_here=True)
+    report = {"methods": {"manifold_mix": row}, "ranking": result["ranking"],
+              "config": {"source": str(config.source), "resumed": resume,
+                         "pool": str(config.pool.zoo), "method": config.method.to_dict()}}
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(out / "report.json")
+    log(format_table(report["methods"]))
+    log(f"[run] wrote {out}/report.json, fused.safetensors, beta.parquet, beta.png, history.json")
+    return report

@@ -1,0 +1,87 @@
+"""What runs in the cluster's worker processes: the Tune trial and the evaluator actor.
+
+Kept apart, with light imports, on purpose: each Tune run starts a fresh trial actor,
+and unpickling a trial's actor handles imports the module that defines the actor class.
+Here that costs ray and numpy only; importing torch and open_clip as well would add 5 to
+20 s to every optimiser pass on 2 cores. The evaluator imports its heavy parts lazily.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import ray
+from ray import tune
+
+METRIC = "accuracy"
+VAL = "val"  # the evaluation set every decision uses (raysoup.evaluate.VAL)
+
+
+def shard_rows(n: int, shard: int, shards: int) -> slice:
+    return slice(n * shard // shards, n * (shard + 1) // shards)
+
+
+@ray.remote(max_restarts=3)
+class EvaluatorActor:
+    """Holds the model and a shard of the validation set; mixes and scores points.
+
+    The resident models and the mixer arrive as object refs with each call and are
+    fetched once per step; a restarted actor simply fetches them again, so it keeps no
+    state that a crash would lose.
+    """
+
+    def __init__(self, spec, val_file: str, shard: int, shards: int, components,
+                 threads: int, autocast_bf16: bool):
+        import torch
+
+        from .data import EvalSet, read_eval_set
+        from .evaluate import Evaluator
+        torch.set_num_threads(max(1, threads))
+        full = read_eval_set(Path(val_file), spec.num_classes)
+        rows = shard_rows(len(full), shard, shards)
+        part = EvalSet(VAL, full.images[rows], full.labels[rows])
+        self.evaluator = Evaluator(spec, [part], autocast_bf16=autocast_bf16)
+        self.components = components
+        self.model_ids: tuple = ()
+        self.models: list = []
+        self.mixer = None
+
+    def ready(self) -> bool:
+        return True
+
+    def _resident(self, refs: Sequence[ray.ObjectRef]) -> None:
+        ids = tuple(r.hex() for r in refs)
+        if ids != self.model_ids:
+            from .mixing import from_numpy
+            *model_refs, mixer_ref = refs
+            device = self.evaluator.device
+            # CPU: zero-copy views of the read-only object-store buffers, never written.
+            self.models = [{k: v.to(device) for k, v in from_numpy(ray.get(r)).items()}
+                           for r in model_refs]
+            self.mixer = ray.get(mixer_ref)
+            self.model_ids = ids
+
+    def correct(self, refs: Sequence[ray.ObjectRef], x: np.ndarray) -> tuple[int, int]:
+        self._resident(refs)
+        self.evaluator.load(self.mixer(self.models, np.asarray(x), self.components))
+        return self.evaluator.correct(VAL)
+
+
+def evaluate_point(actors: list, mode: str, models: list, x: np.ndarray, slot: int,
+                   timeout_s: float) -> float:
+    """Validation accuracy at x: summed over every evaluator's shard ("sharded"), or on
+    the whole validation set of one evaluator chosen by slot ("whole").
+
+    `models` are object refs (the resident models and the mixer), passed through
+    untouched: only the evaluators fetch them.
+    """
+    chosen = actors if mode == "sharded" else [actors[slot % len(actors)]]
+    counts = ray.get([a.correct.remote(models, x) for a in chosen], timeout=timeout_s)
+    return sum(c for c, _ in counts) / sum(t for _, t in counts)
+
+
+def mixing_trial(config: dict, actors: list, mode: str, models: list, timeout_s: float) -> None:
+    tune.report({METRIC: evaluate_point(actors, mode, models, np.asarray(config["x"]),
+                                        config["slot"], timeout_s)})

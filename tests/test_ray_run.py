@@ -1,0 +1,195 @@
+"""ManifoldMix on a real local Ray (2 CPUs, 4 fake GPUs) with the tiny zoo."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+
+from raysoup.components import partition
+from raysoup.config import load_config
+from raysoup.distributed import EvaluatorSpec, TuneSearch, start_evaluators
+from raysoup.evaluate import VAL, Evaluator, load_eval_sets
+from raysoup.methods import METHODS, SoupContext, ValidationJudge
+from raysoup.methods.manifold_mix import ManifoldMixConfig
+from raysoup.mixing import to_numpy
+from raysoup.pool import IngredientPool
+from raysoup.run import execute
+from raysoup.search import LocalSearch, lerp_mixer
+from raysoup.zoo import eval_set_files
+
+from . import failing_mixer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False)
+    # The test helper module travels by value: workers need not import tests/.
+    ray.cloudpickle.register_pickle_by_value(failing_mixer)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def soup_zoo(tiny_zoo, tmp_path_factory):
+    """The tiny zoo plus an exact copy of its best ingredient, which ManifoldMix must
+    accept (a tie is accepted), so runs have a real accepted step to checkpoint."""
+    zoo = tmp_path_factory.mktemp("soupzoo") / "zoo"
+    shutil.copytree(tiny_zoo, zoo)
+    pool = IngredientPool.from_zoo(zoo)
+    evaluator = Evaluator(pool.spec, load_eval_sets({VAL: eval_set_files(zoo)[VAL]}, 10))
+    best = SoupContext.rank(pool, ValidationJudge(evaluator.accuracy)).ranking[0][0]
+    manifest = json.loads((zoo / "manifest.json").read_text())
+    shutil.copy(zoo / f"ingredients/{best}.safetensors", zoo / "ingredients/twin.safetensors")
+    manifest["ingredients"].append({"name": "twin", "file": "ingredients/twin.safetensors"})
+    (zoo / "manifest.json").write_text(json.dumps(manifest))
+    return zoo
+
+
+def write_config(path: Path, zoo: Path, out: str, **method) -> Path:
+    lines = [f'out = "{out}"', "[pool]", f'zoo = "{zoo}"', "[method]",
+             "evals_per_component = 3", "tau = 0.9",
+             *(f"{k} = {json.dumps(v)}" for k, v in method.items()),
+             "[resources]", "evaluators = 2", "cpus_per_evaluator = 0.5",
+             "gpus_per_evaluator = 0"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(soup_zoo, tmp_path_factory):
+    config = load_config(write_config(tmp_path_factory.mktemp("runA") / "run.toml",
+                                      soup_zoo, "out"))
+    report = execute(config, log=lambda _: None)
+    return config, report
+
+
+@pytest.mark.slow
+def test_run_writes_fused_model_beta_history_and_tune_folders(uninterrupted):
+    config, report = uninterrupted
+    out = config.out
+    row = report["methods"]["manifold_mix"]
+    assert "twin" in row["ingredients"] and len(row["ingredients"]) >= 2
+    assert {"val", "id", "ood", "ood_avg", "evaluations", "wall_s", "history"} <= set(row)
+    assert (out / "beta.png").read_bytes()[:4] == b"\x89PNG"
+    import pyarrow.parquet as pq
+    betas = pq.read_table(out / "beta.parquet").to_pylist()
+    assert [b["ingredient"] for b in betas] == row["ingredients"]
+    history = json.loads((out / "history.json").read_text())
+    assert [s["candidate"] for s in history] == [n for n, _ in report["ranking"][1:]]
+    # One Tune experiment folder per optimiser pass, under the run directory.
+    passes = sum(len(s["passes"]) for s in history)
+    assert passes >= 1 and len(list((out / "tune").glob("pass-*"))) == passes
+    fused = load_file(out / "fused.safetensors")
+    pool = IngredientPool.from_zoo(config.pool.zoo)
+    evaluator = Evaluator(pool.spec, load_eval_sets({VAL: eval_set_files(config.pool.zoo)[VAL]},
+                                                    10))
+    assert evaluator.accuracy(fused) == pytest.approx(row["val"])
+
+
+@pytest.mark.slow
+def test_tune_path_makes_the_same_decisions_as_the_plain_loop(uninterrupted):
+    config, report = uninterrupted
+    pool = IngredientPool.from_zoo(config.pool.zoo)
+    evaluator = Evaluator(pool.spec, load_eval_sets({VAL: eval_set_files(config.pool.zoo)[VAL]},
+                                                    10))
+    judge = ValidationJudge(evaluator.accuracy)
+    components = partition(list(pool.load(pool.names[0])), config.method.components)
+    ranking = [tuple(r) for r in report["ranking"]]
+    local = METHODS["manifold_mix"](SoupContext(pool, judge, ranking), components,
+                                    LocalSearch(judge, components), config.method,
+                                    log=lambda _: None)
+    tuned = report["methods"]["manifold_mix"]
+    assert local.ingredients == tuned["ingredients"]
+    assert json.loads(json.dumps(local.details["history"])) == tuned["history"]
+
+
+@pytest.mark.slow
+def test_resume_after_killing_the_run_gives_the_identical_result(uninterrupted, soup_zoo,
+                                                                   tmp_path):
+    config_a, report_a = uninterrupted
+    path = write_config(tmp_path / "run.toml", soup_zoo, "out")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "raysoup.cli", "run", str(path)],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = tmp_path / "out" / "driver" / "state.json"
+    deadline = time.time() + 300
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: driver and its Ray
+    proc.wait()
+    assert state.exists(), "the run never checkpointed a step"
+    assert not (tmp_path / "out" / "report.json").exists()
+    report_b = execute(load_config(path), resume=True, log=lambda _: None)
+    a, b = report_a["methods"]["manifold_mix"], report_b["methods"]["manifold_mix"]
+    assert a["ingredients"] == b["ingredients"] and a["history"] == b["history"]
+    fused_a = load_file(config_a.out / "fused.safetensors")
+    fused_b = load_file(tmp_path / "out" / "fused.safetensors")
+    for k in fused_a:
+        assert torch.equal(fused_a[k], fused_b[k]), k
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_zoo):
+    pool = IngredientPool.from_zoo(tiny_zoo)
+    a, c = pool.load(pool.names[0]), pool.load(pool.names[1])
+    return pool, a, c, partition(list(a), "granularity-1")
+
+
+def tune_search(pool, zoo, components, tmp_path, mode="sharded", count=2, gpus=0.0,
+                num_workers=1):
+    spec = EvaluatorSpec(count=count, mode=mode, cpus=0.25, gpus=gpus, timeout_s=120)
+    actors = start_evaluators(pool.spec, eval_set_files(zoo)[VAL], components, spec)
+    return TuneSearch(actors, spec, num_workers, tmp_path / "tune", log=lambda _: None)
+
+
+def test_a_failing_trial_does_not_hang_a_cobyla_search(pair, tiny_zoo, tmp_path):
+    pool, a, c, components = pair
+    search = tune_search(pool, tiny_zoo, components, tmp_path)
+    search.max_failures = 0
+    search.set_models([a, c], failing_mixer.FailAboveHalf())
+    signal.alarm(240)  # a deadlock fails the test loudly instead of hanging CI
+    try:
+        result = search.optimise(np.full(len(components), 0.5), 0.25, 0.75, 10, 0, "Cobyla")
+    finally:
+        signal.alarm(0)
+    assert result.evaluations == 10
+    assert 0.0 in result.trace and max(result.trace) > 0.0  # penalised, and real scores
+    assert result.accuracy == max(result.trace) and np.all(result.x[0] <= 0.5)
+
+
+def test_object_store_buffers_are_never_written(pair, tiny_zoo, tmp_path):
+    pool, a, c, components = pair
+    search = tune_search(pool, tiny_zoo, components, tmp_path)
+    search.set_models([a, c], lerp_mixer)
+    before = [to_numpy(a), to_numpy(c)]
+    search.optimise(np.full(len(components), 0.5), 0.25, 0.75, 6, 0, "NGOpt")
+    for ref, original in zip(search.refs[:2], before):
+        stored = ray.get(ref)
+        for k, v in stored.items():
+            assert not v.flags.writeable  # zero-copy view: writing would corrupt the store
+            np.testing.assert_array_equal(v, original[k])
+
+
+def test_parallel_optimizer_runs_k_trials_on_fake_gpus(pair, tiny_zoo, tmp_path):
+    pool, a, c, components = pair
+    search = tune_search(pool, tiny_zoo, components, tmp_path, mode="whole", count=4, gpus=1.0,
+                         num_workers=4)
+    search.set_models([a, c], lerp_mixer)
+    local = LocalSearch(ValidationJudge(Evaluator(pool.spec, load_eval_sets(
+        {VAL: eval_set_files(tiny_zoo)[VAL]}, 10)).accuracy), components)
+    local.set_models([a, c], lerp_mixer)
+    result = search.optimise(np.full(len(components), 0.5), 0.25, 0.75, 12, 0, "TwoPointsDE")
+    assert result.evaluations == 12 and result.optimizer == "TwoPointsDE"
+    assert result.accuracy == pytest.approx(local.accuracy(result.x))
+    assert ray.available_resources().get("GPU", 0) == 0  # four evaluators, one fake GPU each

@@ -1,0 +1,83 @@
+"""`raysoup run` refuses bad input with a clear message, before any cluster work."""
+
+import json
+import shutil
+
+import pytest
+import ray
+
+from raysoup.cli import main
+from raysoup.config import load_config
+from raysoup.errors import RaysoupError
+from raysoup.run import prepare
+
+
+def config_text(zoo, out="out", method="", resources="", extra=""):
+    return (f'out = "{out}"\n{extra}\n[pool]\nzoo = "{zoo}"\n[method]\n{method}\n'
+            f"[resources]\n{resources}\n")
+
+
+@pytest.mark.parametrize("method, resources, extra, message", [
+    ("optimizer = 'NGOptt'", "", "", "unknown nevergrad optimizer 'NGOptt'"),
+    ("evals_per_component = 0", "", "", "budget"),
+    ("tau = 1.5", "", "", r"tau must be in \(0, 1\]"),
+    ("later_pass_bounds = [0.3, 1.5]", "", "", "later_pass_bounds"),
+    ("components = 'granularity-9'", "", "", "unknown components preset 'granularity-9'"),
+    ("optimiser = 'NGOpt'", "", "", "unknown key.*method.optimiser"),
+    ("", "evaluation = 'sometimes'", "", "resources.evaluation"),
+    ("", "", "seed = 3", r"unknown key\(s\) or section\(s\) \['seed'\]"),
+])
+def test_bad_config_names_the_key_or_value(tiny_zoo, tmp_path, method, resources, extra,
+                                           message):
+    path = tmp_path / "run.toml"
+    path.write_text(config_text(tiny_zoo, method=method, resources=resources, extra=extra))
+    with pytest.raises(RaysoupError, match=message):
+        prepare(load_config(path), resume=False)
+    assert not ray.is_initialized()
+
+
+def test_cli_turns_bad_input_into_one_line_and_exit_2(tiny_zoo, tmp_path, capsys):
+    path = tmp_path / "run.toml"
+    path.write_text(config_text(tiny_zoo, method="tau = 0"))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raysoup: error:") and "tau" in err and "Traceback" not in err
+    assert not ray.is_initialized()
+
+
+def test_fewer_than_two_ingredients_is_refused(tiny_zoo, tmp_path):
+    zoo = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo, zoo)
+    manifest = json.loads((zoo / "manifest.json").read_text())
+    manifest["ingredients"] = manifest["ingredients"][:1]
+    (zoo / "manifest.json").write_text(json.dumps(manifest))
+    path = tmp_path / "run.toml"
+    path.write_text(config_text(zoo))
+    with pytest.raises(RaysoupError, match="at least 2 ingredients"):
+        prepare(load_config(path), resume=False)
+
+
+def test_resume_from_a_run_with_another_config_is_refused(tiny_zoo, tmp_path):
+    from raysoup.checkpoint import save_state
+    from raysoup.methods.manifold_mix import MixState
+    from raysoup.pool import IngredientPool
+    path = tmp_path / "run.toml"
+    path.write_text(config_text(tiny_zoo, method="tau = 0.99"))
+    config = load_config(path)
+    pool = IngredientPool.from_zoo(tiny_zoo)
+    save_state(config.out / "driver", MixState(pool.load("ft-00"), ["ft-00"], 0.5),
+               config.fingerprint(), [("ft-00", 0.5)])
+    with pytest.raises(RaysoupError, match="unfinished run; continue it with --resume"):
+        prepare(config, resume=False)
+    prepare(config, resume=True)  # same config: fine
+    path.write_text(config_text(tiny_zoo, method="tau = 0.95"))
+    with pytest.raises(RaysoupError, match="different config.*method"):
+        prepare(load_config(path), resume=True)
+
+
+def test_missing_or_broken_config_file(tmp_path):
+    with pytest.raises(RaysoupError, match="cannot read config"):
+        load_config(tmp_path / "nope.toml")
+    (tmp_path / "bad.toml").write_text("out = [unclosed")
+    with pytest.raises(RaysoupError, match="not valid TOML"):
+        load_config(tmp_path / "bad.toml")
