@@ -20,7 +20,6 @@ from raysoup.config import load_config
 from raysoup.distributed import EvaluatorSpec, TuneSearch, start_evaluators
 from raysoup.evaluate import VAL, Evaluator, load_eval_sets
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
-from raysoup.methods.manifold_mix import ManifoldMixConfig
 from raysoup.mixing import to_numpy
 from raysoup.pool import IngredientPool
 from raysoup.run import execute
