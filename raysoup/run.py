@@ -111,13 +111,10 @@ class SoupDriver:
     def log(line: str) -> None:
         print(line, flush=True)
 
-    def rank(self) -> list[tuple[str, float]]:
-        pool = self.prepared.pool
-        scores = []
-        for name in pool.names:
-            self.search.set_models([pool.load(name)], first_model)
-            scores.append((name, self.search.accuracy(np.zeros(0))))
-        return sorted(scores, key=lambda s: -s[1])
+    def val_accuracy(self, state_dict) -> float:
+        """One model scored by the evaluator actors (no mixing)."""
+        self.search.set_models([state_dict], first_model)
+        return self.search.accuracy(np.zeros(0))
 
     def run(self, ranking: list[tuple[str, float]] | None = None) -> dict:
         config, pool = self.prepared.config, self.prepared.pool
@@ -128,11 +125,12 @@ class SoupDriver:
             state, ranking = saved
             self.log(f"[driver] resuming after step {state.next_candidate - 1}: "
                      f"{len(state.accepted)} ingredient(s), val {100 * state.accuracy:.2f}")
-        elif ranking is None:
-            ranking = self.rank()
+        judge = ValidationJudge(self.val_accuracy)
+        if ranking is None:
+            ranking = SoupContext.rank(pool, judge).ranking
         self.log("[driver] ranking on val: " + ", ".join(f"{n} {100 * a:.2f}"
                                                          for n, a in ranking))
-        ctx = SoupContext(pool, ValidationJudge(lambda sd: float("nan")), ranking)
+        ctx = SoupContext(pool, judge, ranking)
         result = manifold_mix(
             ctx, self.prepared.components, self.search, config.method, state=state,
             on_step=lambda s: save_state(self.state_dir, s, fingerprint, ranking),
