@@ -86,7 +86,10 @@ class MixState:
     lambda_rows: list[list[float]] = field(default_factory=list)
     next_candidate: int = 1        # position in the ranking of the next candidate to try
     history: list[dict] = field(default_factory=list)
-    evaluations: int = 0
+
+    @property
+    def evaluations(self) -> int:
+        return sum(step["evaluations"] for step in self.history)
 
     def summary(self) -> dict:
         """Everything but the weights (JSON-friendly)."""
@@ -152,7 +155,6 @@ def phase1(ranking: list[tuple[str, float]], load: Callable[[str], StateDict],
             state.accepted.append(name)
             state.lambda_rows.append(step["lambdas"])
         state.history.append(step)
-        state.evaluations += step["evaluations"]
         state.next_candidate = position + 1
         log(progress_line(position, len(ranking), step, state))
         if on_step is not None:
@@ -200,14 +202,14 @@ def manifold_mix(ctx: SoupContext, components: Components, search: Search,
                  log: Callable[[str], None] = print) -> MethodResult:
     state = phase1(ctx.ranking, ctx.pool.load, components, search, config, state, on_step, log)
     betas = betas_of(state, len(components))
-    fused, details = state.accumulator, {"phase2": None}
+    fused, details, evaluations = state.accumulator, {"phase2": None}, state.evaluations
     if config.phase2 and len(state.accepted) > 1:
         betas, details["phase2"] = phase2(state, betas, ctx.pool.load, components, search,
                                           config, log)
-        state.evaluations += details["phase2"]["evaluations"]
+        evaluations += details["phase2"]["evaluations"]
         if details["phase2"]["kept"]:
             fused = weighted_sum(lambda j: ctx.pool.load(state.accepted[j]), betas, components)
     details.update(betas=betas.tolist(), components=list(components.names),
                    history=state.history, lambda_rows=state.lambda_rows,
                    val_accuracy=state.accuracy)
-    return MethodResult(fused, list(state.accepted), state.evaluations, details=details)
+    return MethodResult(fused, list(state.accepted), evaluations, details=details)
