@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import RaysoupError
 from .methods.manifold_mix import MixState
-from .pool import load_state_dict, save_state_dict
+from .pool import load_state_dict, save_state_dict, write_json
 
 STATE_FILE = "state.json"
 
@@ -21,10 +21,8 @@ def save_state(directory: Path, state: MixState, fingerprint: dict, ranking: lis
     directory.mkdir(parents=True, exist_ok=True)
     weights = f"accumulator-{state.next_candidate:04d}.safetensors"
     save_state_dict(state.accumulator, directory / weights)
-    tmp = directory / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, "ranking": ranking,
-                               "weights": weights, "state": state.summary()}, indent=1))
-    tmp.replace(directory / STATE_FILE)
+    write_json(directory / STATE_FILE, {"fingerprint": fingerprint, "ranking": ranking,
+                                        "weights": weights, "state": state.summary()}, indent=1)
     for old in directory.glob("accumulator-*.safetensors"):
         if old.name != weights:
             old.unlink()

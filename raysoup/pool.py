@@ -38,6 +38,14 @@ def save_state_dict(state_dict: StateDict, path: Path, metadata: dict | None = N
     tmp.replace(path)
 
 
+def write_json(path: Path, obj, indent: int = 2) -> None:
+    """Atomic JSON write (write then rename): readers never see a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=indent))
+    tmp.replace(path)
+
+
 def load_state_dict(path: Path) -> StateDict:
     path = Path(path)
     if not path.is_file():

@@ -9,7 +9,6 @@ fused model -> report (val decides; id and ood only report).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from .evaluate import VAL, Evaluator, load_eval_sets
 from .methods import SoupContext, ValidationJudge
 from .methods.manifold_mix import MixState, manifold_mix
 from .mixing import from_numpy
-from .pool import IngredientPool, save_state_dict
+from .pool import IngredientPool, save_state_dict, write_json
 from .search import first_model
 from .zoo import eval_set_files
 
@@ -199,7 +198,7 @@ def manifold_mix_row(prepared: Prepared, result: dict, evaluator: Evaluator, wal
     save_state_dict(fused, out / "fused.safetensors")
     details = result["details"]
     write_betas(out, np.array(details["betas"]), result["ingredients"], details["components"])
-    (out / "history.json").write_text(json.dumps(details["history"], indent=1))
+    write_json(out / "history.json", details["history"], indent=1)
     return {**evaluator.report(fused), "ingredients": result["ingredients"],
             "evaluations": result["evaluations"] + (len(prepared.pool) if ranked_here else 0),
             "wall_s": round(wall_s, 2), "components": details["components"],
@@ -223,9 +222,7 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
     report = {"methods": {"manifold_mix": row}, "ranking": result["ranking"],
               "config": {"source": str(config.source), "resumed": resume,
                          "pool": str(config.pool.zoo), "method": config.method.to_dict()}}
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out / "report.json")
+    write_json(out / "report.json", report, indent=1)
     log(format_table(report["methods"]))
     log(f"[run] wrote {out}/report.json, fused.safetensors, beta.parquet, beta.png, history.json")
     return report

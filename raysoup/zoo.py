@@ -24,7 +24,7 @@ from .errors import RaysoupError
 from . import data
 from .evaluate import Evaluator, VAL
 from .model import ModelSpec, build_classifier
-from .pool import file_sha256, load_state_dict, save_state_dict
+from .pool import file_sha256, load_state_dict, save_state_dict, write_json
 
 ZOO_FORMAT = 1
 AUGMENT_CHUNK = 8  # images per augmentation draw: per-chunk randomness at batch speed
@@ -132,12 +132,6 @@ def draw_hyperparameters(config: ZooConfig, index: int) -> dict:
     }
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
-
-
 def _cached(path: Path, sidecar: Path) -> dict | None:
     if path.is_file() and sidecar.is_file():
         info = json.loads(sidecar.read_text())
@@ -193,7 +187,7 @@ def build_zoo(out: Path, config: ZooConfig, log=print) -> Path:
         save_state_dict(sd, path)
         info = {"file": name, "hyperparameters": hp, "val_acc": evaluator.accuracy(sd, VAL),
                 "sha256": file_sha256(path)}
-        _write_json(sidecar, info)
+        write_json(sidecar, info)
         log(f"[zoo] {desc}: val {info['val_acc']:.4f} ({time.time() - t0:.0f}s)")
         return info
 
@@ -210,7 +204,7 @@ def build_zoo(out: Path, config: ZooConfig, log=print) -> Path:
     manifest = {"format": ZOO_FORMAT, "config": config.to_dict(), "model": config.model.to_dict(),
                 "pretrained": pretrained, "ingredients": ingredients, "eval_sets": eval_files,
                 "build_seconds": round(time.time() - t0, 1)}
-    _write_json(manifest_path, manifest)
+    write_json(manifest_path, manifest)
     return out
 
 
