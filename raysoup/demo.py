@@ -69,11 +69,13 @@ def run_methods(zoo_dir: Path, run_dir: Path, methods: tuple[str, ...], config: 
     if unknown:
         raise RaysoupError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
     manifest = read_manifest(zoo_dir)
-    pool = IngredientPool.from_zoo(zoo_dir)
-    pool.validate()
     mix_run = None
-    if "manifold_mix" in methods:
+    if "manifold_mix" in methods:  # its preparation validates the pool too
         mix_run = prepare(RunConfig(PoolConfig(Path(zoo_dir)), run_dir, mix_config), resume=False)
+        pool = mix_run.pool
+    else:
+        pool = IngredientPool.from_zoo(zoo_dir)
+        pool.validate()
     evaluator = Evaluator(pool.spec, load_eval_sets(eval_set_files(zoo_dir),
                                                     pool.spec.num_classes))
     if VAL not in evaluator.set_names:
