@@ -1,9 +1,11 @@
-"""The Ray layer: evaluator actors, the Tune-backed Search, and the SoupDriver actor.
+"""The Ray layer: starting the evaluator actors, and the Tune-backed Search.
 
 It wraps the plain core (raysoup.search, raysoup.methods.manifold_mix) and adds only
 placement: weights go into the object store once per step as numpy (zero-copy, read-only
 on a node), evaluator actors keep the model and their rows of the validation set
 resident, and every optimiser pass is one Tune run whose trials are mixing points.
+The actor and trial code themselves live in raysoup.workers (light imports); the
+SoupDriver actor that runs the algorithm lives in raysoup.run.
 """
 
 from __future__ import annotations
