@@ -38,6 +38,12 @@ def local_ray():
     ray.shutdown()
 
 
+def val_evaluator(zoo: Path) -> Evaluator:
+    pool = IngredientPool.from_zoo(zoo)
+    return Evaluator(pool.spec, load_eval_sets({VAL: eval_set_files(zoo)[VAL]},
+                                               pool.spec.num_classes))
+
+
 @pytest.fixture(scope="module")
 def soup_zoo(tiny_zoo, tmp_path_factory):
     """The tiny zoo plus an exact copy of its best ingredient, which ManifoldMix must
@@ -45,7 +51,7 @@ def soup_zoo(tiny_zoo, tmp_path_factory):
     zoo = tmp_path_factory.mktemp("soupzoo") / "zoo"
     shutil.copytree(tiny_zoo, zoo)
     pool = IngredientPool.from_zoo(zoo)
-    evaluator = Evaluator(pool.spec, load_eval_sets({VAL: eval_set_files(zoo)[VAL]}, 10))
+    evaluator = val_evaluator(zoo)
     best = SoupContext.rank(pool, ValidationJudge(evaluator.accuracy)).ranking[0][0]
     manifest = json.loads((zoo / "manifest.json").read_text())
     shutil.copy(zoo / f"ingredients/{best}.safetensors", zoo / "ingredients/twin.safetensors")
@@ -89,9 +95,7 @@ def test_run_writes_fused_model_beta_history_and_tune_folders(uninterrupted):
     passes = sum(len(s["passes"]) for s in history)
     assert passes >= 1 and len(list((out / "tune").glob("pass-*"))) == passes
     fused = load_file(out / "fused.safetensors")
-    pool = IngredientPool.from_zoo(config.pool.zoo)
-    evaluator = Evaluator(pool.spec, load_eval_sets({VAL: eval_set_files(config.pool.zoo)[VAL]},
-                                                    10))
+    evaluator = val_evaluator(config.pool.zoo)
     assert evaluator.accuracy(fused) == pytest.approx(row["val"])
 
 
@@ -99,8 +103,7 @@ def test_run_writes_fused_model_beta_history_and_tune_folders(uninterrupted):
 def test_tune_path_makes_the_same_decisions_as_the_plain_loop(uninterrupted):
     config, report = uninterrupted
     pool = IngredientPool.from_zoo(config.pool.zoo)
-    evaluator = Evaluator(pool.spec, load_eval_sets({VAL: eval_set_files(config.pool.zoo)[VAL]},
-                                                    10))
+    evaluator = val_evaluator(config.pool.zoo)
     judge = ValidationJudge(evaluator.accuracy)
     components = partition(list(pool.load(pool.names[0])), config.method.components)
     ranking = [tuple(r) for r in report["ranking"]]
@@ -185,8 +188,7 @@ def test_parallel_optimizer_runs_k_trials_on_fake_gpus(pair, tiny_zoo, tmp_path)
     search = tune_search(pool, tiny_zoo, components, tmp_path, mode="whole", count=4, gpus=1.0,
                          num_workers=4)
     search.set_models([a, c], lerp_mixer)
-    local = LocalSearch(ValidationJudge(Evaluator(pool.spec, load_eval_sets(
-        {VAL: eval_set_files(tiny_zoo)[VAL]}, 10)).accuracy), components)
+    local = LocalSearch(ValidationJudge(val_evaluator(tiny_zoo).accuracy), components)
     local.set_models([a, c], lerp_mixer)
     result = search.optimise(np.full(len(components), 0.5), 0.25, 0.75, 12, 0, "TwoPointsDE")
     assert result.evaluations == 12 and result.optimizer == "TwoPointsDE"
