@@ -11,13 +11,16 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from . import storage
 from .errors import RaysoupError
 from .methods.manifold_mix import ManifoldMixConfig
+
+Location = str  # a path (shared by every node) or a URI that pyarrow.fs reads (s3://, gs://)
 
 
 @dataclass(frozen=True)
 class PoolConfig:
-    zoo: Path                     # a raysoup zoo: its manifest names model, ingredients, data
+    zoo: Location                 # a raysoup zoo: its manifest names model, ingredients, data
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class RunConfig:
     def fingerprint(self) -> dict:
         """What must not change between a run and its --resume."""
         # Through JSON, so it compares equal to the copy saved in a checkpoint.
-        return json.loads(json.dumps({"pool": str(self.pool.zoo.resolve()),
+        return json.loads(json.dumps({"pool": storage.resolve(self.pool.zoo),
                                       "method": self.method.to_dict()}))
 
 
@@ -67,7 +70,9 @@ def _section(cls, table: dict, name: str, where: str, base: Path):
                            f"; known keys of [{name}]: {', '.join(sorted(known))}")
     values = {}
     for key, value in table.items():
-        if known[key].type in ("Path", "Path | None"):
+        if known[key].type == "Location":
+            value = storage.resolve(value, base)
+        elif known[key].type in ("Path", "Path | None"):
             value = base / Path(value).expanduser()
         elif isinstance(value, list):
             value = tuple(value)

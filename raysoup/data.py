@@ -6,8 +6,6 @@ so no evaluation ever decodes or re-augments an image.
 
 from __future__ import annotations
 
-from .errors import RaysoupError
-
 import gzip
 import os
 from dataclasses import dataclass
@@ -18,6 +16,9 @@ import pyarrow as pa
 import pyarrow.ipc
 import torch
 from torchvision.transforms import v2
+
+from . import storage
+from .errors import RaysoupError
 
 DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = {
@@ -141,12 +142,13 @@ def write_eval_set(eval_set: EvalSet, path: Path) -> None:
     tmp.replace(path)
 
 
-def read_eval_set(path: Path, num_classes: int | None = None) -> EvalSet:
-    path = Path(path)
+def read_eval_set(path: str | Path, num_classes: int | None = None) -> EvalSet:
+    """From a local path (memory-mapped) or a URI (pyarrow.fs)."""
+    path = str(path)
     try:
-        with pa.memory_map(str(path), "r") as source:
+        with storage.open_random_access(path) as source:
             table = pa.ipc.open_file(source).read_all()
-    except (OSError, pa.ArrowInvalid) as e:
+    except (OSError, pa.ArrowInvalid, RaysoupError) as e:
         raise DataError(f"cannot read evaluation set {path}: {e}") from e
     meta = table.schema.metadata or {}
     if b"shape" not in meta or set(table.column_names) != {"image", "label"}:
@@ -160,5 +162,5 @@ def read_eval_set(path: Path, num_classes: int | None = None) -> EvalSet:
     if num_classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
         bad = labels[(labels < 0) | (labels >= num_classes)][0]
         raise DataError(f"evaluation set {path}: label {bad} out of range [0, {num_classes})")
-    name = meta.get(b"name", path.stem.encode()).decode()
+    name = meta.get(b"name", Path(path).stem.encode()).decode()
     return EvalSet(name, images.reshape((table.num_rows, *shape)), labels)

@@ -12,12 +12,13 @@ from pathlib import Path
 from .evaluate import VAL, Evaluator, load_eval_sets
 from .errors import RaysoupError
 from .methods import METHODS, SoupContext, ValidationJudge
-from .pool import IngredientPool, load_state_dict
+from . import storage
+from .pool import IngredientPool, load_state_dict, read_manifest
 from .report import format_table, write_report
 from .config import PoolConfig, RunConfig
 from .methods.manifold_mix import ManifoldMixConfig
 from .run import connect, manifold_mix_row, prepare, run_manifold_mix
-from .zoo import QUICK_ZOO, ZooConfig, build_zoo, eval_set_files, read_manifest
+from .zoo import QUICK_ZOO, ZooConfig, build_zoo, eval_set_files
 
 DEMO_METHODS = ("best_individual", "uniform_soup", "greedy_soup", "manifold_mix")
 # The demo's reduced ManifoldMix budget (the reference spends 30 per component per pass).
@@ -71,7 +72,7 @@ def run_methods(zoo_dir: Path, run_dir: Path, methods: tuple[str, ...], config: 
     manifest = read_manifest(zoo_dir)
     mix_run = None
     if "manifold_mix" in methods:  # its preparation validates the pool too
-        mix_run = prepare(RunConfig(PoolConfig(Path(zoo_dir)), run_dir, mix_config), resume=False)
+        mix_run = prepare(RunConfig(PoolConfig(str(zoo_dir)), run_dir, mix_config), resume=False)
         pool = mix_run.pool
     else:
         pool = IngredientPool.from_zoo(zoo_dir)
@@ -89,7 +90,7 @@ def run_methods(zoo_dir: Path, run_dir: Path, methods: tuple[str, ...], config: 
 
     ingredients = {n: {**evaluator.report(pool.load(n)), "ingredients": [n]} for n in pool.names}
     references = {"pretrained": evaluator.report(load_state_dict(
-        Path(zoo_dir) / manifest["pretrained"]["file"]))}
+        storage.within(storage.resolve(zoo_dir), manifest["pretrained"]["file"], "pretrained")))}
     rows = {}
     for name in methods:
         t0 = time.perf_counter()

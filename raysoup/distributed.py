@@ -51,7 +51,7 @@ class EvaluatorSpec:
     timeout_s: float = 600.0  # one evaluation; past it the trial fails loudly and is retried
 
 
-def start_evaluators(spec: ModelSpec, val_file: Path, components: Components,
+def start_evaluators(spec: ModelSpec, val_file: str, components: Components,
                      evaluators: EvaluatorSpec, start_timeout_s: float = 600.0) -> list:
     shards = evaluators.count if evaluators.mode == "sharded" else 1
     actors = [EvaluatorActor.options(num_cpus=evaluators.cpus, num_gpus=evaluators.gpus).remote(
@@ -100,6 +100,16 @@ class PenalizingNevergradSearch(NevergradSearch):
         super().on_trial_complete(trial_id, result, error=False)
 
 
+class RetryCounter(tune.Callback):
+    """Counts trials Tune retried after an error (a crashed evaluator, a lost node)."""
+
+    def __init__(self):
+        self.retried = 0
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.retried += 1
+
+
 class TuneSearch:
     """The Search of raysoup.search on Ray: one Tune run per optimiser pass."""
 
@@ -133,6 +143,7 @@ class TuneSearch:
             mixing_trial, actors=self.actors, mode=self.evaluators.mode, models=self.refs,
             timeout_s=self.evaluators.timeout_s)
         self.passes += 1
+        retries = RetryCounter()
         tuner = tune.Tuner(
             # Trials only dispatch to the evaluators: no CPU, a token bundle so Tune can place them.
             tune.with_resources(trainable, {"cpu": 0, "memory": 1}),
@@ -142,11 +153,21 @@ class TuneSearch:
             run_config=tune.RunConfig(
                 name=f"pass-{self.passes:04d}", storage_path=str(self.storage_path),
                 verbose=0, failure_config=tune.FailureConfig(max_failures=self.max_failures),
-                checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)))
-        tuner.fit()
+                checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
+                callbacks=[retries]))
+        results = tuner.fit()
+        if retries.retried:
+            self.log(f"[tune] pass {self.passes}: {retries.retried} trial(s) failed and were "
+                     f"retried")
+        if searcher.penalized and searcher.penalized == len(searcher.told):
+            # Nothing was measured: a result built on penalties alone would be meaningless.
+            first = str(results.errors[0]).strip().splitlines()[-1] if results.errors else "?"
+            raise RaysoupError(f"every trial of optimiser pass {self.passes} failed "
+                               f"({searcher.penalized}, each retried {self.max_failures} "
+                               f"time(s)); last line of the first error: {first}")
         if searcher.penalized:
-            self.log(f"[tune] {searcher.penalized} trial(s) failed after retries and were "
-                     f"scored {PENALTY}")
+            self.log(f"[tune] pass {self.passes}: {searcher.penalized} trial(s) failed after "
+                     f"retries and were scored {PENALTY}")
         accuracies = [float(acc) for _, acc in searcher.told]
         best = best_index(accuracies)
         points = [np.asarray(x) for x, _ in searcher.told]

@@ -68,7 +68,7 @@ class Evaluator:
                 "ood_avg": float(np.mean(list(ood.values()))) if ood else None}
 
 
-def load_eval_sets(files: Mapping[str, Path], num_classes: int) -> list[EvalSet]:
+def load_eval_sets(files: Mapping[str, str | Path], num_classes: int) -> list[EvalSet]:
     sets = []
     for name, path in files.items():
         s = read_eval_set(path, num_classes)

@@ -6,9 +6,8 @@ pool. Loading never executes code: safetensors, or torch.load(weights_only=True)
 
 from __future__ import annotations
 
-from .errors import RaysoupError
-
 import hashlib
+import io
 import json
 import pickle
 from dataclasses import dataclass
@@ -16,8 +15,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save_file
 
+from . import storage
+from .errors import RaysoupError
 from .model import ModelSpec, state_dict_template
 
 StateDict = dict[str, torch.Tensor]
@@ -46,17 +48,20 @@ def write_json(path: Path, obj, indent: int = 2) -> None:
     tmp.replace(path)
 
 
-def load_state_dict(path: Path) -> StateDict:
-    path = Path(path)
-    if not path.is_file():
+def load_state_dict(path: str | Path) -> StateDict:
+    """A local path (memory-mapped) or a URI (read through pyarrow.fs)."""
+    path = str(path)
+    if not storage.is_file(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
+    remote = storage.is_uri(path)
+    if path.endswith(".safetensors"):
         try:
-            return load_file(str(path))
+            return load_safetensors_bytes(storage.read_bytes(path)) if remote else load_file(path)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        source = io.BytesIO(storage.read_bytes(path)) if remote else path
+        obj = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refusing to load {path}: it holds objects other than tensors, and loading it "
@@ -97,10 +102,26 @@ def check_state_dict(state_dict: StateDict, template: StateDict, source: str) ->
             raise CheckpointError(f"{source}: key {key} holds NaN or Inf values")
 
 
+def read_manifest(zoo: str | Path) -> dict:
+    """A zoo's manifest.json: model spec, ingredient files, evaluation set files."""
+    location = storage.within(storage.resolve(zoo), "manifest.json", "manifest")
+    if not storage.is_file(location):
+        raise CheckpointError(f"{zoo}: no manifest.json there (build a zoo with "
+                              f"`raysoup zoo build --out DIR`)")
+    try:
+        manifest = json.loads(storage.read_bytes(location))
+    except (RaysoupError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read zoo manifest {location}: {e}") from e
+    missing = [k for k in ("model", "ingredients", "eval_sets") if k not in manifest]
+    if missing:
+        raise CheckpointError(f"zoo manifest {location} lacks key(s) {missing}")
+    return manifest
+
+
 @dataclass(frozen=True)
 class Ingredient:
     name: str
-    path: Path
+    path: str  # a local/shared path or a URI
 
 
 class IngredientPool:
@@ -117,16 +138,13 @@ class IngredientPool:
         self.ingredients = {i.name: i for i in ingredients}
 
     @classmethod
-    def from_zoo(cls, zoo_dir: Path) -> "IngredientPool":
-        zoo_dir = Path(zoo_dir)
-        manifest_path = zoo_dir / "manifest.json"
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"cannot read zoo manifest {manifest_path}: {e}") from e
+    def from_zoo(cls, zoo: str | Path) -> "IngredientPool":
+        zoo = storage.resolve(zoo)
+        manifest = read_manifest(zoo)
         spec = ModelSpec.from_dict(manifest["model"])
-        return cls(spec, [Ingredient(i["name"], zoo_dir / i["file"])
-                          for i in manifest["ingredients"]])
+        return cls(spec, [Ingredient(i["name"], storage.within(
+            zoo, i["file"], f"manifest.json ingredient {i['name']!r} file"))
+            for i in manifest["ingredients"]])
 
     @property
     def names(self) -> list[str]:

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .checkpoint import load_state, save_state
 from .components import Components, partition
@@ -38,13 +39,10 @@ class Prepared:
     config: RunConfig
     pool: IngredientPool
     components: Components
-    eval_files: dict[str, Path]
+    eval_files: dict[str, str]  # paths or URIs
 
 
 def prepare(config: RunConfig, resume: bool) -> Prepared:
-    if not (config.pool.zoo / "manifest.json").is_file():
-        raise RaysoupError(f"pool.zoo = {config.pool.zoo}: no manifest.json there (build one "
-                           f"with `raysoup zoo build --out DIR`)")
     pool = IngredientPool.from_zoo(config.pool.zoo)
     pool.validate()
     keys = list(pool.load(pool.names[0]))
@@ -140,13 +138,25 @@ class SoupDriver:
 
 
 def connect(address: str | None) -> None:
-    """Join a cluster, or start a private local one (services on 127.0.0.1 only)."""
+    """Join a cluster, or start a private local one whose services bind 127.0.0.1 only.
+
+    Token authentication stays as Ray sets it: on by default for a local Ray.
+    """
     if ray.is_initialized():
         return
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
+        return
+    from ray._private import ray_constants
+    # Ray turns a node address of 127.0.0.1 into the machine's network address, so its
+    # gRPC servers listen on every interface, unless multi-node support is off (as Ray
+    # does on macOS and Windows); with it off, every service binds loopback only.
+    multi_node = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(include_dashboard=False)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = multi_node
 
 
 def run_manifold_mix(prepared: Prepared, ranking: list | None = None, log=print) -> dict:
@@ -157,7 +167,10 @@ def run_manifold_mix(prepared: Prepared, ranking: list | None = None, log=print)
     actors = start_evaluators(prepared.pool.spec, prepared.eval_files[VAL],
                               prepared.components, evaluators,
                               prepared.config.resources.start_timeout_s)
-    driver = SoupDriver.remote(prepared, evaluators, actors)
+    # On this node: the driver writes its step checkpoints and Tune folders under `out`,
+    # which must be where this process (and a later --resume) can read them.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    driver = SoupDriver.options(scheduling_strategy=here).remote(prepared, evaluators, actors)
     try:
         return ray.get(driver.run.remote(ranking))
     finally:

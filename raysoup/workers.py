@@ -9,7 +9,6 @@ Here that costs ray and numpy only; importing torch and open_clip as well would 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -39,7 +38,7 @@ class EvaluatorActor:
         from .data import EvalSet, read_eval_set
         from .evaluate import Evaluator
         torch.set_num_threads(max(1, threads))
-        full = read_eval_set(Path(val_file), spec.num_classes)
+        full = read_eval_set(val_file, spec.num_classes)
         rows = shard_rows(len(full), shard, shards)
         part = EvalSet(VAL, full.images[rows], full.labels[rows])
         self.evaluator = Evaluator(spec, [part], autocast_bf16=autocast_bf16)

@@ -24,7 +24,8 @@ from .errors import RaysoupError
 from . import data
 from .evaluate import Evaluator, VAL
 from .model import ModelSpec, build_classifier
-from .pool import file_sha256, load_state_dict, save_state_dict, write_json
+from . import storage
+from .pool import file_sha256, load_state_dict, read_manifest, save_state_dict, write_json
 
 ZOO_FORMAT = 1
 AUGMENT_CHUNK = 8  # images per augmentation draw: per-chunk randomness at batch speed
@@ -208,13 +209,11 @@ def build_zoo(out: Path, config: ZooConfig, log=print) -> Path:
     return out
 
 
-def read_manifest(zoo_dir: Path) -> dict:
-    return json.loads((Path(zoo_dir) / "manifest.json").read_text())
-
-
-def eval_set_files(zoo_dir: Path) -> dict[str, Path]:
-    manifest = read_manifest(zoo_dir)
-    return {name: Path(zoo_dir) / e["file"] for name, e in manifest["eval_sets"].items()}
+def eval_set_files(zoo: str | Path) -> dict[str, str]:
+    """Evaluation set locations (paths or URIs), each inside the zoo."""
+    root = storage.resolve(zoo)
+    return {name: storage.within(root, e["file"], f"manifest.json eval set {name!r} file")
+            for name, e in read_manifest(root)["eval_sets"].items()}
 
 
 def with_overrides(config: ZooConfig, **overrides) -> ZooConfig:

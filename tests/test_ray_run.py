@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from raysoup.components import partition
 from raysoup.config import load_config
 from raysoup.distributed import EvaluatorSpec, TuneSearch, start_evaluators
+from raysoup.errors import RaysoupError
 from raysoup.evaluate import VAL, Evaluator, load_eval_sets
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
 from raysoup.mixing import to_numpy
@@ -148,16 +149,26 @@ def pair(tiny_zoo):
     return pool, a, c, partition(list(a), "granularity-1")
 
 
-def tune_search(pool, zoo, components, tmp_path, mode="sharded", count=2, gpus=0.0,
-                num_workers=1):
-    spec = EvaluatorSpec(count=count, mode=mode, cpus=0.25, gpus=gpus, timeout_s=120)
-    actors = start_evaluators(pool.spec, eval_set_files(zoo)[VAL], components, spec)
-    return TuneSearch(actors, spec, num_workers, tmp_path / "tune", log=lambda _: None)
+@pytest.fixture
+def tune_search(pair, tiny_zoo, tmp_path):
+    """Builds TuneSearches on fresh evaluator actors, killed after the test."""
+    pool, _, _, components = pair
+    started = []
+
+    def make(mode="sharded", count=2, gpus=0.0, num_workers=1):
+        spec = EvaluatorSpec(count=count, mode=mode, cpus=0.25, gpus=gpus, timeout_s=120)
+        actors = start_evaluators(pool.spec, eval_set_files(tiny_zoo)[VAL], components, spec)
+        started.extend(actors)
+        return TuneSearch(actors, spec, num_workers, tmp_path / "tune", log=lambda _: None)
+
+    yield make
+    for actor in started:
+        ray.kill(actor)
 
 
-def test_a_failing_trial_does_not_hang_a_cobyla_search(pair, tiny_zoo, tmp_path):
+def test_a_failing_trial_does_not_hang_a_cobyla_search(pair, tune_search):
     pool, a, c, components = pair
-    search = tune_search(pool, tiny_zoo, components, tmp_path)
+    search = tune_search()
     search.max_failures = 0
     search.set_models([a, c], failing_mixer.FailAboveHalf())
     signal.alarm(240)  # a deadlock fails the test loudly instead of hanging CI
@@ -170,9 +181,40 @@ def test_a_failing_trial_does_not_hang_a_cobyla_search(pair, tiny_zoo, tmp_path)
     assert result.accuracy == max(result.trace) and np.all(result.x[0] <= 0.5)
 
 
-def test_object_store_buffers_are_never_written(pair, tiny_zoo, tmp_path):
+def test_a_pass_whose_every_trial_fails_is_an_error_not_a_result(pair, tune_search):
     pool, a, c, components = pair
-    search = tune_search(pool, tiny_zoo, components, tmp_path)
+    search = tune_search()
+    search.max_failures = 0
+    search.set_models([a, c], failing_mixer.FailAboveHalf())
+    with pytest.raises(RaysoupError, match="every trial of optimiser pass 1 failed"):
+        search.optimise(np.full(len(components), 0.7), 0.6, 0.9, 3, 0, "RandomSearch")
+
+
+def test_a_crashed_evaluator_is_restarted_and_its_trial_retried(pair, tmp_path, tune_search):
+    pool, a, c, components = pair
+    search = tune_search()
+    start = np.full(len(components), 0.5)
+    search.set_models([a, c], lerp_mixer)
+    fault_free = search.optimise(start, 0.25, 0.75, 6, 0, "Cobyla")
+
+    marker = tmp_path / "crash-once"
+    marker.touch()
+    search.set_models([a, c], failing_mixer.CrashOnce(str(marker)))
+    lines = []
+    search.log = lines.append
+    signal.alarm(240)
+    try:
+        crashed = search.optimise(start, 0.25, 0.75, 6, 0, "Cobyla")
+    finally:
+        signal.alarm(0)
+    assert not marker.exists()  # an evaluator process did die mid-search
+    assert any("trial(s) failed and were retried" in line for line in lines), lines
+    assert crashed.trace == fault_free.trace and np.array_equal(crashed.x, fault_free.x)
+
+
+def test_object_store_buffers_are_never_written(pair, tune_search):
+    pool, a, c, components = pair
+    search = tune_search()
     search.set_models([a, c], lerp_mixer)
     before = [to_numpy(a), to_numpy(c)]
     search.optimise(np.full(len(components), 0.5), 0.25, 0.75, 6, 0, "NGOpt")
@@ -183,10 +225,9 @@ def test_object_store_buffers_are_never_written(pair, tiny_zoo, tmp_path):
             np.testing.assert_array_equal(v, original[k])
 
 
-def test_parallel_optimizer_runs_k_trials_on_fake_gpus(pair, tiny_zoo, tmp_path):
+def test_parallel_optimizer_runs_k_trials_on_fake_gpus(pair, tiny_zoo, tune_search):
     pool, a, c, components = pair
-    search = tune_search(pool, tiny_zoo, components, tmp_path, mode="whole", count=4, gpus=1.0,
-                         num_workers=4)
+    search = tune_search(mode="whole", count=4, gpus=1.0, num_workers=4)
     search.set_models([a, c], lerp_mixer)
     local = LocalSearch(ValidationJudge(val_evaluator(tiny_zoo).accuracy), components)
     local.set_models([a, c], lerp_mixer)

@@ -1,0 +1,70 @@
+"""Where a run's inputs live: a local or shared path, or a cloud URI, read via pyarrow.fs.
+
+Every node of a cluster reads the zoo (manifest, ingredient checkpoints, evaluation sets)
+itself, so it must sit on a filesystem all nodes mount at the same path, or behind a URI
+that pyarrow.fs understands (s3://, gs://, hdfs://, file://). No node needs a local copy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+import pyarrow.fs as pafs
+
+from .errors import RaysoupError
+
+
+def is_uri(location: str) -> bool:
+    return "://" in str(location)
+
+
+def resolve(location: str | Path, base: Path | None = None) -> str:
+    """A URI stays as it is; a path becomes absolute (relative to `base` when given)."""
+    if is_uri(str(location)):
+        return str(location)
+    path = Path(location).expanduser()
+    return str(((base or Path.cwd()) / path).resolve())
+
+
+def within(root: str, relative: str, what: str) -> str:
+    """`root`/`relative`, refusing a `relative` that is absolute or climbs out of `root`."""
+    rel = PurePosixPath(str(relative))
+    if rel.is_absolute() or is_uri(str(relative)) or ".." in rel.parts or not rel.parts:
+        raise RaysoupError(f"{what} = {relative!r}: must be a path inside {root} "
+                           f"(no absolute paths, URIs or '..')")
+    return f"{root.rstrip('/')}/{rel}"
+
+
+def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        if is_uri(location):
+            return pafs.FileSystem.from_uri(location)
+        return pafs.LocalFileSystem(), str(Path(location).resolve())
+    except Exception as e:  # pyarrow raises several types for unknown schemes and credentials
+        raise RaysoupError(f"cannot open {location}: {e}") from e
+
+
+def is_file(location: str) -> bool:
+    fs, path = filesystem(location)
+    try:
+        return fs.get_file_info(path).type == pafs.FileType.File
+    except OSError:
+        return False
+
+
+def read_bytes(location: str) -> bytes:
+    fs, path = filesystem(location)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except OSError as e:
+        raise RaysoupError(f"cannot read {location}: {e}") from e
+
+
+def open_random_access(location: str):
+    """A seekable file: memory-mapped when local, a pyarrow input file otherwise."""
+    import pyarrow as pa
+    if not is_uri(location):
+        return pa.memory_map(str(location), "r")
+    fs, path = filesystem(location)
+    return fs.open_input_file(path)

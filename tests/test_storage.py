@@ -1,0 +1,60 @@
+"""Inputs on a shared path or behind a URI (pyarrow.fs), and no path escapes from a zoo."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from raysoup.config import load_config
+from raysoup.errors import RaysoupError
+from raysoup.evaluate import load_eval_sets
+from raysoup.pool import IngredientPool
+from raysoup.run import prepare
+from raysoup.zoo import eval_set_files
+
+
+def test_a_zoo_behind_a_uri_reads_the_same_as_its_path(tiny_zoo):
+    by_path = IngredientPool.from_zoo(tiny_zoo)
+    by_uri = IngredientPool.from_zoo(f"file://{tiny_zoo}")
+    assert all(i.path.startswith("file://") for i in by_uri.ingredients.values())
+    for name in by_path.names:
+        a, b = by_path.load(name), by_uri.load(name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    files = eval_set_files(f"file://{tiny_zoo}")
+    assert all(f.startswith("file://") for f in files.values())
+    for a, b in zip(load_eval_sets(eval_set_files(tiny_zoo), 10), load_eval_sets(files, 10)):
+        assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+
+
+def test_config_keeps_a_uri_and_resolves_a_path_against_the_config_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for zoo, expected in [("s3://bucket/zoo", "s3://bucket/zoo"),
+                          ("../zoo", str(tmp_path / "zoo"))]:
+        path = tmp_path / "sub" / "run.toml"
+        path.write_text(f'out = "out"\n[pool]\nzoo = "{zoo}"\n')
+        assert load_config(path).pool.zoo == expected
+
+
+@pytest.mark.parametrize("section, bad", [
+    ("ingredients", "../../outside.safetensors"),
+    ("ingredients", "/etc/passwd"),
+    ("eval_sets", "../val.arrow"),
+])
+def test_manifest_paths_cannot_leave_the_zoo(tiny_zoo, tmp_path, section, bad):
+    zoo = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo, zoo)
+    manifest = json.loads((zoo / "manifest.json").read_text())
+    entry = manifest[section][0] if section == "ingredients" else manifest[section]["val"]
+    entry["file"] = bad
+    (zoo / "manifest.json").write_text(json.dumps(manifest))
+    config = tmp_path / "run.toml"
+    config.write_text(f'out = "out"\n[pool]\nzoo = "{zoo}"\n')
+    with pytest.raises(RaysoupError, match=f"{bad!r}: must be a path inside"):
+        prepare(load_config(config), resume=False)
+
+
+def test_an_unknown_uri_scheme_is_a_clear_error():
+    with pytest.raises(RaysoupError, match="cannot open nosuch://bucket/zoo"):
+        IngredientPool.from_zoo("nosuch://bucket/zoo")
