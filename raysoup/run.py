@@ -9,7 +9,9 @@ fused model -> report (val decides; id and ood only report).
 
 from __future__ import annotations
 
+import os
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,26 +139,42 @@ class SoupDriver:
                 "details": result.details, "ranking": ranking}
 
 
-def connect(address: str | None) -> None:
-    """Join a cluster, or start a private local one whose services bind 127.0.0.1 only.
-
-    Token authentication stays as Ray sets it: on by default for a local Ray.
+@contextmanager
+def loopback_kept():
+    """Ray turns a node address of 127.0.0.1 into the machine's network address (so its
+    gRPC servers would listen on every interface) unless multi-node support is off, as Ray
+    does on macOS and Windows. Off while ray.init runs: services and drivers keep 127.0.0.1.
     """
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
     from ray._private import ray_constants
-    # Ray turns a node address of 127.0.0.1 into the machine's network address, so its
-    # gRPC servers listen on every interface, unless multi-node support is off (as Ray
-    # does on macOS and Windows); with it off, every service binds loopback only.
     multi_node = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(include_dashboard=False)
+        yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = multi_node
+
+
+def is_loopback(address: str) -> bool:
+    host = address.split("://")[-1].rsplit(":", 1)[0]
+    return host in ("127.0.0.1", "localhost")
+
+
+def connect(address: str | None) -> None:
+    """Join a cluster, or start a private local one whose services bind 127.0.0.1 only.
+
+    Token authentication stays as Ray sets it: on by default for a local Ray, and taken
+    from RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token for a cluster.
+    """
+    if ray.is_initialized():
+        return
+    if not address:
+        with loopback_kept():
+            ray.init(include_dashboard=False)
+        return
+    target = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
+    # A loopback cluster (cluster/local.py) is reachable only under its own address.
+    with loopback_kept() if is_loopback(target) else nullcontext():
+        ray.init(address=address, log_to_driver=True)
 
 
 def run_manifold_mix(prepared: Prepared, ranking: list | None = None, log=print) -> dict:

@@ -1,12 +1,18 @@
+import json
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from raysoup.methods import SoupContext, ValidationJudge  # noqa: E402
 from raysoup.model import ModelSpec  # noqa: E402
+from raysoup.pool import IngredientPool  # noqa: E402
 from raysoup.zoo import ZooConfig, build_zoo  # noqa: E402
+
+from .helpers import val_evaluator  # noqa: E402
 
 # A zoo small enough to build once per test run in seconds, on real Fashion-MNIST.
 TINY_SPEC = ModelSpec(width=32, layers=2, heads=2, embed_dim=32)
@@ -23,3 +29,19 @@ def _threads():
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory):
     return build_zoo(tmp_path_factory.mktemp("zoo"), TINY_ZOO, log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def soup_zoo(tiny_zoo, tmp_path_factory):
+    """The tiny zoo plus an exact copy of its best ingredient, which ManifoldMix must
+    accept (a tie is accepted), so runs have a real accepted step to checkpoint."""
+    zoo = tmp_path_factory.mktemp("soupzoo") / "zoo"
+    shutil.copytree(tiny_zoo, zoo)
+    pool = IngredientPool.from_zoo(zoo)
+    evaluator = val_evaluator(zoo)
+    best = SoupContext.rank(pool, ValidationJudge(evaluator.accuracy)).ranking[0][0]
+    manifest = json.loads((zoo / "manifest.json").read_text())
+    shutil.copy(zoo / f"ingredients/{best}.safetensors", zoo / "ingredients/twin.safetensors")
+    manifest["ingredients"].append({"name": "twin", "file": "ingredients/twin.safetensors"})
+    (zoo / "manifest.json").write_text(json.dumps(manifest))
+    return zoo

@@ -2,12 +2,10 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ from raysoup.components import partition
 from raysoup.config import load_config
 from raysoup.distributed import EvaluatorSpec, TuneSearch, start_evaluators
 from raysoup.errors import RaysoupError
-from raysoup.evaluate import VAL, Evaluator, load_eval_sets
+from raysoup.evaluate import VAL
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
 from raysoup.mixing import to_numpy
 from raysoup.pool import IngredientPool
@@ -28,6 +26,7 @@ from raysoup.search import LocalSearch, lerp_mixer
 from raysoup.zoo import eval_set_files
 
 from . import failing_mixer
+from .helpers import val_evaluator, write_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,38 +36,6 @@ def local_ray():
     ray.cloudpickle.register_pickle_by_value(failing_mixer)
     yield
     ray.shutdown()
-
-
-def val_evaluator(zoo: Path) -> Evaluator:
-    pool = IngredientPool.from_zoo(zoo)
-    return Evaluator(pool.spec, load_eval_sets({VAL: eval_set_files(zoo)[VAL]},
-                                               pool.spec.num_classes))
-
-
-@pytest.fixture(scope="module")
-def soup_zoo(tiny_zoo, tmp_path_factory):
-    """The tiny zoo plus an exact copy of its best ingredient, which ManifoldMix must
-    accept (a tie is accepted), so runs have a real accepted step to checkpoint."""
-    zoo = tmp_path_factory.mktemp("soupzoo") / "zoo"
-    shutil.copytree(tiny_zoo, zoo)
-    pool = IngredientPool.from_zoo(zoo)
-    evaluator = val_evaluator(zoo)
-    best = SoupContext.rank(pool, ValidationJudge(evaluator.accuracy)).ranking[0][0]
-    manifest = json.loads((zoo / "manifest.json").read_text())
-    shutil.copy(zoo / f"ingredients/{best}.safetensors", zoo / "ingredients/twin.safetensors")
-    manifest["ingredients"].append({"name": "twin", "file": "ingredients/twin.safetensors"})
-    (zoo / "manifest.json").write_text(json.dumps(manifest))
-    return zoo
-
-
-def write_config(path: Path, zoo: Path, out: str, **method) -> Path:
-    lines = [f'out = "{out}"', "[pool]", f'zoo = "{zoo}"', "[method]",
-             "evals_per_component = 3", "tau = 0.9",
-             *(f"{k} = {json.dumps(v)}" for k, v in method.items()),
-             "[resources]", "evaluators = 2", "cpus_per_evaluator = 0.5",
-             "gpus_per_evaluator = 0"]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

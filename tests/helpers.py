@@ -1,0 +1,38 @@
+"""Shared test helpers: a validation evaluator, small run configs, cluster/local.py."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from raysoup.evaluate import VAL, Evaluator, load_eval_sets
+from raysoup.pool import IngredientPool
+from raysoup.zoo import eval_set_files
+
+
+def val_evaluator(zoo: Path) -> Evaluator:
+    pool = IngredientPool.from_zoo(zoo)
+    return Evaluator(pool.spec, load_eval_sets({VAL: eval_set_files(zoo)[VAL]},
+                                               pool.spec.num_classes))
+
+
+def write_config(path: Path, zoo: Path | str, out: str, resources: dict | None = None,
+                 **method) -> Path:
+    """A small `raysoup run` config: 2 CPU evaluators, 3 evaluations per component."""
+    resources = {"evaluators": 2, "cpus_per_evaluator": 0.5, "gpus_per_evaluator": 0,
+                 **(resources or {})}
+    lines = [f'out = "{out}"', "[pool]", f'zoo = "{zoo}"', "[method]",
+             "evals_per_component = 3", "tau = 0.9",
+             *(f"{k} = {json.dumps(v)}" for k, v in method.items()),
+             "[resources]", *(f"{k} = {json.dumps(v)}" for k, v in resources.items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def load_local_cluster():
+    """cluster/local.py (a script, not part of the package) as a module."""
+    spec = importlib.util.spec_from_file_location(
+        "local_cluster", Path(__file__).parents[1] / "cluster" / "local.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses need it
+    spec.loader.exec_module(module)
+    return module
