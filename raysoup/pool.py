@@ -56,7 +56,11 @@ def load_state_dict(path: str | Path) -> StateDict:
     remote = storage.is_uri(path)
     if path.endswith(".safetensors"):
         try:
-            return load_safetensors_bytes(storage.read_bytes(path)) if remote else load_file(path)
+            if not remote:
+                return load_file(path)
+            # Sorted like load_file: from bytes, safetensors yields a hash order that
+            # changes per process, and the component order (so a search's meaning) with it.
+            return dict(sorted(load_safetensors_bytes(storage.read_bytes(path)).items()))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
     try:
