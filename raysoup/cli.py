@@ -20,6 +20,24 @@ def _run(args: argparse.Namespace) -> None:
     execute(load_config(args.config), resume=args.resume, address=args.address)
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from .bench import QUICK_GRID, load_grid, run_bench
+    from .bench_plots import write_all
+    from .demo import default_zoo_dir
+    from .zoo import QUICK_ZOO, ZooConfig, build_zoo
+    grid = load_grid(args.config, args.quick)
+    zoo = args.zoo
+    if zoo is None:  # the demo's zoo (built and cached on first use)
+        zoo = default_zoo_dir(QUICK_ZOO if args.quick else ZooConfig())
+        if not (zoo / "manifest.json").is_file():
+            print(f"[bench] building zoo in {zoo} (cached for later runs)")
+            build_zoo(zoo, QUICK_ZOO if args.quick else ZooConfig())
+    out = args.out or Path("runs") / ("bench-quick" if grid == QUICK_GRID else "bench")
+    table = run_bench(zoo, out, grid, address=args.address)
+    for path in write_all(table, out):
+        print(f"[bench] wrote {path}")
+
+
 def _zoo_build(args: argparse.Namespace) -> None:
     from .zoo import QUICK_ZOO, ZooConfig, build_zoo, with_overrides
     base = QUICK_ZOO if args.quick else ZooConfig()
@@ -47,6 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="an existing Ray cluster (auto, HOST:PORT or "
                      "ray://HOST:PORT); default: start a local one")
     run.set_defaults(func=_run)
+
+    bench = sub.add_parser("bench", help="benchmark optimisers, budgets, parallel trials and "
+                           "component granularity on a zoo (resumable)")
+    bench.add_argument("--quick", action="store_true", help="a tiny grid (CI smoke run)")
+    bench.add_argument("--config", type=Path, help="TOML with a [grid] section (see "
+                       "benchmarks/optimizer_budget.toml); default: the full grid")
+    bench.add_argument("--zoo", help="zoo directory or URI (default: the demo's zoo)")
+    bench.add_argument("--out", type=Path, help="results folder: bench.parquet, figures, "
+                       "summary.md (default: runs/bench or runs/bench-quick)")
+    bench.add_argument("--address", help="an existing Ray cluster (default: a local one)")
+    bench.set_defaults(func=_bench)
 
     zoo = sub.add_parser("zoo", help="the Fashion-MNIST testbed").add_subparsers(
         dest="zoo_command", required=True)

@@ -62,7 +62,8 @@ class RunConfig:
                                       "method": self.method.to_dict()}))
 
 
-def _section(cls, table: dict, name: str, where: str, base: Path):
+def section(cls, table: dict, name: str, where: str, base: Path):
+    """One TOML table into the dataclass `cls`; unknown keys name the file and the key."""
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(table) - set(known))
     if unknown:
@@ -100,9 +101,9 @@ def load_config(path: Path) -> RunConfig:
         raise RaysoupError(f"{path}: needs `out = \"DIR\"` and a [pool] section with `zoo`")
     base = path.parent
     return RunConfig(
-        pool=_section(PoolConfig, raw["pool"], "pool", str(path), base),
+        pool=section(PoolConfig, raw["pool"], "pool", str(path), base),
         out=base / Path(raw["out"]).expanduser(),
-        method=_section(ManifoldMixConfig, raw.get("method", {}), "method", str(path), base),
-        resources=_section(ResourcesConfig, raw.get("resources", {}), "resources", str(path),
+        method=section(ManifoldMixConfig, raw.get("method", {}), "method", str(path), base),
+        resources=section(ResourcesConfig, raw.get("resources", {}), "resources", str(path),
                            base),
         source=path)

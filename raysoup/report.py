@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
@@ -80,3 +84,31 @@ def write_report(run_dir: Path, report: dict) -> None:
     parquet_tmp.replace(run_dir / "results.parquet")
     png_tmp.replace(run_dir / "scatter.png")
     json_tmp.replace(run_dir / "report.json")
+
+
+def machine() -> dict:
+    """Where and with what a result was measured: time, git commit, hardware, versions."""
+    import ray
+    import torch
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit, "cpus": os.cpu_count(), "cpu": platform.processor() or
+            platform.machine(), "gpu": torch.cuda.get_device_name(0)
+            if torch.cuda.is_available() else "none", "torch": torch.__version__,
+            "ray": ray.__version__, "python": platform.python_version()}
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append rows to a Parquet table (columns may grow); written whole, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows)
+    if path.exists():
+        table = pa.concat_tables([pq.read_table(path), table], promote_options="default")
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)

@@ -159,7 +159,7 @@ def is_loopback(address: str) -> bool:
     return host in ("127.0.0.1", "localhost")
 
 
-def connect(address: str | None) -> None:
+def connect(address: str | None, log_to_driver: bool = True) -> None:
     """Join a cluster, or start a private local one whose services bind 127.0.0.1 only.
 
     Token authentication stays as Ray sets it: on by default for a local Ray, and taken
@@ -169,12 +169,12 @@ def connect(address: str | None) -> None:
         return
     if not address:
         with loopback_kept():
-            ray.init(include_dashboard=False)
+            ray.init(include_dashboard=False, log_to_driver=log_to_driver)
         return
     target = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
     # A loopback cluster (cluster/local.py) is reachable only under its own address.
     with loopback_kept() if is_loopback(target) else nullcontext():
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
 
 
 def run_manifold_mix(prepared: Prepared, ranking: list | None = None, log=print) -> dict:

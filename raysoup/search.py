@@ -74,7 +74,9 @@ def check_optimizer(name: str, num_workers: int) -> None:
     """Fail early, before any cluster work, on a name nevergrad does not know or a
     strictly sequential optimiser asked to run trials in parallel."""
     if name not in ng.optimizers.registry:
-        close = [n for n in ng.optimizers.registry if n.lower() == name.lower()]
+        import difflib
+        close = [n for n in ng.optimizers.registry if n.lower() == name.lower()] or \
+            difflib.get_close_matches(name, list(ng.optimizers.registry), n=1, cutoff=0.8)
         hint = f"; did you mean {close[0]!r}?" if close else \
             " (see nevergrad.optimizers.registry for the names)"
         raise RaysoupError(f"unknown nevergrad optimizer {name!r}{hint}")

@@ -101,7 +101,8 @@ def run_pass(search: Search, config: ManifoldMixConfig, start: np.ndarray, lower
     result = search.optimise(start, lower, upper, budget, config.seed, config.optimizer)
     return {"bounds": [lower, upper], "optimizer": result.optimizer,
             "evaluations": result.evaluations, "accuracy": result.accuracy,
-            "x": [float(v) for v in result.x]}
+            "x": [float(v) for v in result.x],
+            "trace": [float(a) for a in result.trace]}  # accuracy per evaluation
 
 
 def try_candidate(state: MixState, name: str, candidate: StateDict, search: Search,

@@ -1,0 +1,171 @@
+"""`raysoup bench`: which optimiser, budget, parallelism and components buy what accuracy
+at what cost.
+
+A grid of ManifoldMix runs on one zoo (every cell a full run on Ray, ranked once up front),
+the component-granularity ablation at a fixed optimiser and budget, and the uniform and
+greedy soups as references. One Parquet row per cell (with the machine and git commit);
+a cell already in the table is skipped, so an interrupted benchmark resumes. Plots are
+drawn from the table (raysoup.bench_plots).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from .config import PoolConfig, ResourcesConfig, RunConfig, section
+from .errors import RaysoupError
+from .evaluate import VAL, Evaluator, load_eval_sets
+from .methods import METHODS, SoupContext, ValidationJudge
+from .methods.manifold_mix import ManifoldMixConfig
+from .pool import IngredientPool
+from .report import append_rows, machine
+from .search import check_optimizer
+from .zoo import eval_set_files
+
+REFERENCE_METHODS = ("uniform_soup", "greedy_soup")
+
+
+@dataclass(frozen=True)
+class BenchGrid:
+    optimizers: tuple[str, ...] = ("NGOpt", "Cobyla", "CMA", "TwoPointsDE", "OnePlusOne",
+                                   "RandomSearch")
+    budgets: tuple[int, ...] = (5, 10, 20, 30)   # evaluations per component per pass
+    parallel: tuple[int, ...] = (1, 2, 4)        # trials in flight (where the optimiser allows)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    components: str = "granularity-1"            # the grid's components (the reference's)
+    # The ablation: each partition at one optimiser and budget, plus unused weights left out.
+    granularities: tuple[str, ...] = ("whole-model", "granularity-0", "granularity-1",
+                                      "granularity-2", "granularity-3", "per-block")
+    ablation_optimizer: str = "NGOpt"
+    ablation_budget: int = 10
+
+    def __post_init__(self):
+        for name in self.optimizers + (self.ablation_optimizer,):
+            check_optimizer(name, 1)
+        if min(self.budgets + (self.ablation_budget,)) < 1 or min(self.parallel) < 1:
+            raise RaysoupError("grid budgets and parallel trials must be >= 1")
+
+    def cells(self) -> list[dict]:
+        """Every cell's settings, each with a stable `cell` key (the resume key)."""
+        cells = []
+        for opt in self.optimizers:
+            for k in self.parallel:
+                try:
+                    check_optimizer(opt, k)
+                except RaysoupError:
+                    continue  # strictly sequential: only k = 1
+                for budget in self.budgets:
+                    for seed in self.seeds:
+                        cells.append(dict(kind="grid", optimizer=opt, budget=budget, parallel=k,
+                                          seed=seed, components=self.components,
+                                          drop_unused=False))
+        ablation = [(g, False) for g in self.granularities] + [(self.components, True)]
+        for components, drop_unused in ablation:
+            cells.append(dict(kind="ablation", optimizer=self.ablation_optimizer,
+                              budget=self.ablation_budget, parallel=1, seed=self.seeds[0],
+                              components=components, drop_unused=drop_unused))
+        for cell in cells:
+            cell["cell"] = (f"{cell['kind']}/{cell['optimizer']}/b{cell['budget']}/"
+                            f"p{cell['parallel']}/s{cell['seed']}/{cell['components']}"
+                            + ("/drop-unused" if cell["drop_unused"] else ""))
+        return cells
+
+
+# Small enough for CI on 2 cores: still a grid (two optimisers, a parallel cell, ablation).
+QUICK_GRID = BenchGrid(optimizers=("NGOpt", "TwoPointsDE"), budgets=(2,), parallel=(1, 2),
+                       seeds=(0,), granularities=("whole-model",), ablation_budget=2)
+
+
+def load_grid(path: Path | None, quick: bool) -> BenchGrid:
+    base = QUICK_GRID if quick else BenchGrid()
+    if path is None:
+        return base
+    import tomllib
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise RaysoupError(f"cannot read bench config {path}: {e}") from e
+    grid = section(BenchGrid, raw.pop("grid", {}), "grid", str(path), Path(path).parent)
+    if raw:
+        raise RaysoupError(f"{path}: unknown section(s) {sorted(raw)}; known: ['grid']")
+    overrides = {k: getattr(grid, k) for k in BenchGrid.__dataclass_fields__
+                 if getattr(grid, k) != getattr(BenchGrid(), k)}
+    return replace(base, **overrides)
+
+
+def best_so_far(start: float, history: list[dict]) -> list[float]:
+    """Best validation accuracy seen after each evaluation (promise tests included)."""
+    best, curve = start, []
+    for step in history:
+        for acc in [step["promise_accuracy"], *(a for p in step["passes"] for a in p["trace"])]:
+            best = max(best, acc)
+            curve.append(best)
+    return curve
+
+
+def run_cell(cell: dict, zoo: str, out: Path, ranking: list, evaluator: Evaluator) -> dict:
+    from .run import prepare, run_manifold_mix
+    cell_dir = out / "cells" / cell["cell"].replace("/", "_")
+    shutil.rmtree(cell_dir, ignore_errors=True)  # an interrupted cell starts over
+    method = ManifoldMixConfig(optimizer=cell["optimizer"], evals_per_component=cell["budget"],
+                               num_workers=cell["parallel"], seed=cell["seed"],
+                               components=cell["components"], drop_unused=cell["drop_unused"])
+    prepared = prepare(RunConfig(PoolConfig(zoo), cell_dir, method, ResourcesConfig()),
+                       resume=False)
+    t0 = time.perf_counter()
+    result = run_manifold_mix(prepared, ranking=ranking, log=lambda _: None)
+    wall = time.perf_counter() - t0
+    from .mixing import from_numpy
+    scores = evaluator.report(from_numpy(result["state_dict"]))
+    details = result["details"]
+    return {**cell, "val": scores["val"], "id": scores["id"], "ood_avg": scores["ood_avg"],
+            "ood": json.dumps(scores["ood"]), "evaluations": result["evaluations"],
+            "wall_s": round(wall, 2), "accepted": len(result["ingredients"]),
+            "ingredients": result["ingredients"], "n_components": len(details["components"]),
+            "component_names": details["components"], "betas": details["betas"],
+            "best_so_far": best_so_far(ranking[0][1], details["history"])}
+
+
+def run_bench(zoo: Path | str, out: Path, grid: BenchGrid, address: str | None = None,
+              log=print) -> Path:
+    """Run every cell not yet in OUT/bench.parquet; returns the table's path."""
+    from .run import connect
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table_path = out / "bench.parquet"
+    done = set(pq.read_table(table_path, columns=["cell"]).column("cell").to_pylist()) \
+        if table_path.exists() else set()
+    pool = IngredientPool.from_zoo(zoo)
+    pool.validate()
+    evaluator = Evaluator(pool.spec, load_eval_sets(eval_set_files(zoo), pool.spec.num_classes))
+    ctx = SoupContext.rank(pool, ValidationJudge(lambda sd: evaluator.accuracy(sd, VAL)))
+    about = {**machine(), "zoo": str(zoo)}
+    todo = [c for c in [{"kind": "reference", "cell": f"reference/{m}", "optimizer": m}
+                        for m in REFERENCE_METHODS] + grid.cells() if c["cell"] not in done]
+    log(f"[bench] {len(done)} cell(s) already in {table_path}, {len(todo)} to run")
+    if todo:
+        connect(address, log_to_driver=False)
+    for cell in tqdm(todo, desc="bench", unit="cell"):
+        t0 = time.perf_counter()
+        if cell["kind"] == "reference":
+            result = METHODS[cell["optimizer"]](ctx)
+            scores = evaluator.report(result.state_dict)
+            row = {**cell, "val": scores["val"], "id": scores["id"],
+                   "ood_avg": scores["ood_avg"], "ood": json.dumps(scores["ood"]),
+                   "evaluations": result.evaluations, "accepted": len(result.ingredients),
+                   "ingredients": result.ingredients,
+                   "wall_s": round(time.perf_counter() - t0, 2)}
+        else:
+            row = run_cell(cell, str(zoo), out, ctx.ranking, evaluator)
+        append_rows(table_path, [{**row, **about}])
+        tqdm.write(f"[bench] {cell['cell']}: val {100 * row['val']:.2f}, "
+                   f"ood {100 * row['ood_avg']:.2f}, {row['evaluations']} evals, "
+                   f"{row['wall_s']:.0f} s")
+    return table_path
