@@ -42,14 +42,15 @@ class Evaluator:
     def correct(self, set_name: str) -> tuple[int, int]:
         """(correct, total) of the loaded weights on one set."""
         images, labels = self.sets[set_name]
-        correct = 0
+        # Counted on the device and read once: a per-batch int() would stall a GPU each batch.
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
         for start in range(0, len(labels), self.batch_size):
             batch = images[start:start + self.batch_size]
             with torch.autocast(self.device.type, dtype=torch.bfloat16,
                                 enabled=self.autocast_bf16):
                 logits = self.model(batch)
-            correct += int((logits.argmax(dim=1) == labels[start:start + self.batch_size]).sum())
-        return correct, len(labels)
+            correct += (logits.argmax(dim=1) == labels[start:start + self.batch_size]).sum()
+        return int(correct), len(labels)
 
     def accuracy(self, state_dict: Mapping[str, torch.Tensor], set_name: str = VAL) -> float:
         self.load(state_dict)
