@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -159,11 +160,13 @@ class LocalCluster:
         # Short, so that Ray's unix socket paths stay under 107 bytes.
         self.root = Path(self.temp_dir or tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
         self.root.mkdir(parents=True, exist_ok=True)
-        token_file = self.root / "auth_token"
-        # Without a token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token (made if none).
-        token_file.write_text(self.token or self.ray_cli("get-auth-token", "--generate").strip())
-        token_file.chmod(0o600)
         try:
+            # Its own token (not ~/.ray/auth_token, which may guard real clusters), created
+            # owner-only from the start.
+            (self.root / "auth_token").unlink(missing_ok=True)
+            fd = os.open(self.root / "auth_token", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(self.token or secrets.token_hex(32))
             gcs_port, dashboard_port = free_ports(2)
             self.address = f"{HOST}:{gcs_port}"
             if self.dashboard:
@@ -185,10 +188,6 @@ class LocalCluster:
         finally:
             self.starting = False
         return self
-
-    def ray_cli(self, *args: str) -> str:
-        return subprocess.run([sys.executable, "-c", RAY_CLI, *args], capture_output=True,
-                              text=True, check=True, timeout=60).stdout
 
     def _start_node(self, name: str, spec: NodeSpec, args: list[str], worker_port: int):
         node_dir = self.root / name

@@ -92,12 +92,11 @@ def load_grid(path: Path | None, quick: bool) -> BenchGrid:
         raw = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise RaysoupError(f"cannot read bench config {path}: {e}") from e
-    grid = section(BenchGrid, raw.pop("grid", {}), "grid", str(path), Path(path).parent)
+    table = raw.pop("grid", {})
     if raw:
         raise RaysoupError(f"{path}: unknown section(s) {sorted(raw)}; known: ['grid']")
-    overrides = {k: getattr(grid, k) for k in BenchGrid.__dataclass_fields__
-                 if getattr(grid, k) != getattr(BenchGrid(), k)}
-    return replace(base, **overrides)
+    grid = section(BenchGrid, table, "grid", str(path), Path(path).parent)
+    return replace(base, **{k: getattr(grid, k) for k in table})  # the keys the file sets
 
 
 def best_so_far(start: float, history: list[dict]) -> list[float]:
@@ -140,8 +139,14 @@ def run_bench(zoo: Path | str, out: Path, grid: BenchGrid, address: str | None =
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table_path = out / "bench.parquet"
-    done = set(pq.read_table(table_path, columns=["cell"]).column("cell").to_pylist()) \
-        if table_path.exists() else set()
+    done = set()
+    if table_path.exists():
+        earlier = pq.read_table(table_path, columns=["cell", "zoo"])
+        zoos = set(earlier.column("zoo").to_pylist())
+        if zoos != {str(zoo)}:
+            raise RaysoupError(f"{table_path} holds cells of zoo {sorted(zoos)}, not {zoo}: "
+                               f"choose another --out")
+        done = set(earlier.column("cell").to_pylist())
     pool = IngredientPool.from_zoo(zoo)
     pool.validate()
     evaluator = Evaluator(pool.spec, load_eval_sets(eval_set_files(zoo), pool.spec.num_classes))

@@ -177,8 +177,12 @@ def write_all(table: Path, out_dir: Path) -> list[Path]:
     for name, draw in [("accuracy_vs_budget", accuracy_vs_budget), ("best_so_far", best_so_far),
                        ("cost_quality", cost_quality), ("betas", betas),
                        ("granularity", granularity)]:
-        needs = "ablation" if name == "granularity" else "grid"
-        if any(r["kind"] == needs for r in rows):
+        # Curves over budgets and best-so-far need one-trial-at-a-time cells (k = 1).
+        needs = {"granularity": lambda r: r["kind"] == "ablation",
+                 "accuracy_vs_budget": lambda r: r["kind"] == "grid" and r["parallel"] == 1,
+                 "best_so_far": lambda r: r["kind"] == "grid" and r["parallel"] == 1
+                 }.get(name, lambda r: r["kind"] == "grid")
+        if any(needs(r) for r in rows):
             draw(rows, out_dir / f"{name}.png")
             paths.append(out_dir / f"{name}.png")
     (out_dir / "summary.md").write_text(summary_table(rows) + "\n")

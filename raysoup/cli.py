@@ -21,7 +21,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from .bench import QUICK_GRID, load_grid, run_bench
+    from .bench import load_grid, run_bench
     from .bench_plots import write_all
     from .demo import default_zoo_dir
     from .zoo import QUICK_ZOO, ZooConfig, build_zoo
@@ -32,7 +32,7 @@ def _bench(args: argparse.Namespace) -> None:
         if not (zoo / "manifest.json").is_file():
             print(f"[bench] building zoo in {zoo} (cached for later runs)")
             build_zoo(zoo, QUICK_ZOO if args.quick else ZooConfig())
-    out = args.out or Path("runs") / ("bench-quick" if grid == QUICK_GRID else "bench")
+    out = args.out or Path("runs") / ("bench-quick" if args.quick else "bench")
     table = run_bench(zoo, out, grid, address=args.address)
     for path in write_all(table, out):
         print(f"[bench] wrote {path}")

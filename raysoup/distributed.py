@@ -101,7 +101,7 @@ class PenalizingNevergradSearch(NevergradSearch):
 
 
 class RetryCounter(tune.Callback):
-    """Counts trials Tune retried after an error (a crashed evaluator, a lost node)."""
+    """Counts Tune's retries of failed trials (a trial actor on a lost node, a timeout)."""
 
     def __init__(self):
         self.retried = 0
@@ -157,14 +157,14 @@ class TuneSearch:
                 callbacks=[retries]))
         results = tuner.fit()
         if retries.retried:
-            self.log(f"[tune] pass {self.passes}: {retries.retried} trial(s) failed and were "
-                     f"retried")
+            self.log(f"[tune] pass {self.passes}: {retries.retried} retry(ies) of failed "
+                     f"trials")
         if searcher.penalized and searcher.penalized == len(searcher.told):
             # Nothing was measured: a result built on penalties alone would be meaningless.
             first = str(results.errors[0]).strip().splitlines()[-1] if results.errors else "?"
             raise RaysoupError(f"every trial of optimiser pass {self.passes} failed "
-                               f"({searcher.penalized}, each retried {self.max_failures} "
-                               f"time(s)); last line of the first error: {first}")
+                               f"({searcher.penalized} trial(s), max_failures = "
+                               f"{self.max_failures}); last line of the first error: {first}")
         if searcher.penalized:
             self.log(f"[tune] pass {self.passes}: {searcher.penalized} trial(s) failed after "
                      f"retries and were scored {PENALTY}")

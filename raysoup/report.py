@@ -91,8 +91,9 @@ def machine() -> dict:
     import ray
     import torch
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip()
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"],  # -dirty: edits
+                                capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         commit = ""
     return {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),

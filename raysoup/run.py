@@ -168,13 +168,20 @@ def connect(address: str | None, log_to_driver: bool = True) -> None:
     if ray.is_initialized():
         return
     if not address:
-        with loopback_kept():
-            ray.init(include_dashboard=False, log_to_driver=log_to_driver)
+        with loopback_kept():  # "local": a new Ray even when RAY_ADDRESS names a cluster
+            ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver)
         return
     target = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
     # A loopback cluster (cluster/local.py) is reachable only under its own address.
-    with loopback_kept() if is_loopback(target) else nullcontext():
-        ray.init(address=address, log_to_driver=log_to_driver)
+    try:
+        with loopback_kept() if is_loopback(target) else nullcontext():
+            ray.init(address=address, log_to_driver=log_to_driver)
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as e:
+        raise RaysoupError(
+            f"cannot connect to the Ray cluster at {address!r}: {str(e).splitlines()[0]} "
+            f"(is it running? `--address HOST:PORT` works from a cluster node, ray://HOST:PORT "
+            f"from elsewhere; a token-auth cluster needs RAY_AUTH_MODE=token and its token "
+            f"in ~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)") from None
 
 
 def run_manifold_mix(prepared: Prepared, ranking: list | None = None, log=print) -> dict:
@@ -191,6 +198,10 @@ def run_manifold_mix(prepared: Prepared, ranking: list | None = None, log=print)
     driver = SoupDriver.options(scheduling_strategy=here).remote(prepared, evaluators, actors)
     try:
         return ray.get(driver.run.remote(ranking))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, RaysoupError):  # one clear line, not the remote traceback
+            raise e.cause from None
+        raise
     finally:
         for actor in [driver, *actors]:
             ray.kill(actor)

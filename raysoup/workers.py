@@ -22,13 +22,14 @@ def shard_rows(n: int, shard: int, shards: int) -> slice:
     return slice(n * shard // shards, n * (shard + 1) // shards)
 
 
-@ray.remote(max_restarts=3)
+@ray.remote(max_restarts=3, max_task_retries=3)
 class EvaluatorActor:
     """Holds the model and a shard of the validation set; mixes and scores points.
 
     The resident models and the mixer arrive as object refs with each call and are
     fetched once per step; a restarted actor simply fetches them again, so it keeps no
-    state that a crash would lose.
+    state that a crash would lose, and a call lost with it is safely run again (Ray
+    retries it): promise tests and rankings survive a crash as Tune trials do.
     """
 
     def __init__(self, spec, val_file: str, shard: int, shards: int, components,

@@ -29,6 +29,8 @@ def test_a_grid_config_overrides_the_defaults_and_names_unknown_keys(tmp_path):
     path.write_text('[grid]\noptimizers = ["CMA"]\nbudgets = [3]\n')
     grid = load_grid(path, quick=False)
     assert grid.optimizers == ("CMA",) and grid.budgets == (3,) and grid.seeds == (0, 1, 2)
+    path.write_text('[grid]\nseeds = [0, 1, 2]\n')  # a default value still overrides --quick
+    assert load_grid(path, quick=True).seeds == (0, 1, 2)
     path.write_text('[grid]\nbudget = [3]\n')
     with pytest.raises(RaysoupError, match="grid.budget"):
         load_grid(path, quick=False)
@@ -60,7 +62,7 @@ def test_bench_quick_writes_table_figures_and_resumes(soup_zoo, tmp_path):
         if r["kind"] != "reference":
             curve = r["best_so_far"]
             assert len(curve) == r["evaluations"] and curve == sorted(curve)
-            assert max(curve) == pytest.approx(r["val"])  # the fused model is the best seen
+            assert max(curve) >= r["val"] - 1e-9  # the fused model was among those seen
     for name in ("accuracy_vs_budget", "best_so_far", "cost_quality", "betas", "granularity"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     assert "| TwoPointsDE | 2 | 2 |" in (out / "summary.md").read_text()

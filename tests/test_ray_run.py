@@ -157,7 +157,8 @@ def test_a_pass_whose_every_trial_fails_is_an_error_not_a_result(pair, tune_sear
         search.optimise(np.full(len(components), 0.7), 0.6, 0.9, 3, 0, "RandomSearch")
 
 
-def test_a_crashed_evaluator_is_restarted_and_its_trial_retried(pair, tmp_path, tune_search):
+def test_a_crashed_evaluator_is_restarted_and_the_search_unchanged(pair, tmp_path,
+                                                                   tune_search):
     pool, a, c, components = pair
     search = tune_search()
     start = np.full(len(components), 0.5)
@@ -167,15 +168,15 @@ def test_a_crashed_evaluator_is_restarted_and_its_trial_retried(pair, tmp_path, 
     marker = tmp_path / "crash-once"
     marker.touch()
     search.set_models([a, c], failing_mixer.CrashOnce(str(marker)))
-    lines = []
-    search.log = lines.append
     signal.alarm(240)
     try:
+        # The lost call is run again on the restarted actor, also outside Tune (a promise test).
+        assert search.accuracy(start) == fault_free.trace[0]
+        marker.touch()
         crashed = search.optimise(start, 0.25, 0.75, 6, 0, "Cobyla")
     finally:
         signal.alarm(0)
     assert not marker.exists()  # an evaluator process did die mid-search
-    assert any("trial(s) failed and were retried" in line for line in lines), lines
     assert crashed.trace == fault_free.trace and np.array_equal(crashed.x, fault_free.x)
 
 

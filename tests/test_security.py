@@ -8,9 +8,17 @@ import sys
 import pytest
 
 PROBE = """
-import json, psutil, ray
+import json, time, psutil, ray
 from raysoup.run import connect
 connect(None)
+
+@ray.remote
+class Worker:
+    def ping(self):
+        return 1
+
+ray.get(Worker.remote().ping.remote())  # worker processes and agents are listening now
+time.sleep(2)
 me = psutil.Process()
 listening = sorted({c.laddr.ip for p in [me, *me.children(recursive=True)]
                     for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN})
