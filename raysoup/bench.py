@@ -66,7 +66,8 @@ class BenchGrid:
                         cells.append(dict(kind="grid", optimizer=opt, budget=budget, parallel=k,
                                           seed=seed, components=self.components,
                                           drop_unused=False))
-        ablation = [(g, False) for g in self.granularities] + [(self.components, True)]
+        ablation = [(g, False) for g in self.granularities] + \
+            [(self.components, True)] * bool(self.granularities)  # none: no ablation
         for components, drop_unused in ablation:
             cells.append(dict(kind="ablation", optimizer=self.ablation_optimizer,
                               budget=self.ablation_budget, parallel=1, seed=self.seeds[0],

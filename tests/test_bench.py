@@ -22,6 +22,7 @@ def test_the_full_grid_skips_parallel_cells_for_sequential_optimisers():
     ablation = [c for c in cells if c["kind"] == "ablation"]
     assert len(ablation) == len(BenchGrid().granularities) + 1
     assert [c for c in ablation if c["drop_unused"]]
+    assert not [c for c in BenchGrid(granularities=()).cells() if c["kind"] == "ablation"]
 
 
 def test_a_grid_config_overrides_the_defaults_and_names_unknown_keys(tmp_path):
