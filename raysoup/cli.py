@@ -23,15 +23,9 @@ def _run(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from .bench import load_grid, run_bench
     from .bench_plots import write_all
-    from .demo import default_zoo_dir
-    from .zoo import QUICK_ZOO, ZooConfig, build_zoo
+    from .demo import demo_zoo
     grid = load_grid(args.config, args.quick)
-    zoo = args.zoo
-    if zoo is None:  # the demo's zoo (built and cached on first use)
-        zoo = default_zoo_dir(QUICK_ZOO if args.quick else ZooConfig())
-        if not (zoo / "manifest.json").is_file():
-            print(f"[bench] building zoo in {zoo} (cached for later runs)")
-            build_zoo(zoo, QUICK_ZOO if args.quick else ZooConfig())
+    zoo = args.zoo or demo_zoo(args.quick)
     out = args.out or Path("runs") / ("bench-quick" if args.quick else "bench")
     table = run_bench(zoo, out, grid, address=args.address)
     for path in write_all(table, out):

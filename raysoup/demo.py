@@ -45,15 +45,21 @@ def fresh_run_dir(out: Path | None) -> Path:
     return out
 
 
-def run_demo(out: Path | None = None, quick: bool = False, zoo_dir: Path | None = None,
-             log=print) -> dict:
+def demo_zoo(quick: bool = False, zoo_dir: Path | None = None, log=print) -> Path:
+    """The demo's zoo (the quick one with `quick`), built on first use and cached."""
     config = QUICK_ZOO if quick else ZooConfig()
     zoo_dir = Path(zoo_dir) if zoo_dir else default_zoo_dir(config)
     if (zoo_dir / "manifest.json").is_file():
-        log(f"[demo] using zoo {zoo_dir}")
+        log(f"[zoo] using {zoo_dir}")
     else:
-        log(f"[demo] building zoo in {zoo_dir} (cached for later runs)")
+        log(f"[zoo] building in {zoo_dir} (cached for later runs)")
         build_zoo(zoo_dir, config, log=log)
+    return zoo_dir
+
+
+def run_demo(out: Path | None = None, quick: bool = False, zoo_dir: Path | None = None,
+             log=print) -> dict:
+    zoo_dir = demo_zoo(quick, zoo_dir, log)
     budget = QUICK_EVALS_PER_COMPONENT if quick else DEMO_EVALS_PER_COMPONENT
     return run_methods(zoo_dir, fresh_run_dir(out), DEMO_METHODS, {"quick": quick}, log,
                        ManifoldMixConfig(evals_per_component=budget))
