@@ -110,7 +110,15 @@ def best_so_far(start: float, history: list[dict]) -> list[float]:
     return curve
 
 
-def run_cell(cell: dict, zoo: str, out: Path, ranking: list, evaluator: Evaluator) -> dict:
+def scored(evaluator: Evaluator, state_dict) -> dict:
+    """The fused model's columns: val decides, id and ood only report."""
+    scores = evaluator.report(state_dict)
+    return {"val": scores["val"], "id": scores["id"], "ood_avg": scores["ood_avg"],
+            "ood": json.dumps(scores["ood"])}
+
+
+def run_cell(cell: dict, pool: IngredientPool, zoo: str, out: Path, ranking: list,
+             evaluator: Evaluator) -> dict:
     from .run import prepare, run_manifold_mix
     cell_dir = out / "cells" / cell["cell"].replace("/", "_")
     shutil.rmtree(cell_dir, ignore_errors=True)  # an interrupted cell starts over
@@ -118,15 +126,14 @@ def run_cell(cell: dict, zoo: str, out: Path, ranking: list, evaluator: Evaluato
                                num_workers=cell["parallel"], seed=cell["seed"],
                                components=cell["components"], drop_unused=cell["drop_unused"])
     prepared = prepare(RunConfig(PoolConfig(zoo), cell_dir, method, ResourcesConfig()),
-                       resume=False)
+                       resume=False, pool=pool)
     t0 = time.perf_counter()
     result = run_manifold_mix(prepared, ranking=ranking, log=lambda _: None)
     wall = time.perf_counter() - t0
     from .mixing import from_numpy
-    scores = evaluator.report(from_numpy(result["state_dict"]))
     details = result["details"]
-    return {**cell, "val": scores["val"], "id": scores["id"], "ood_avg": scores["ood_avg"],
-            "ood": json.dumps(scores["ood"]), "evaluations": result["evaluations"],
+    return {**cell, **scored(evaluator, from_numpy(result["state_dict"])),
+            "evaluations": result["evaluations"],
             "wall_s": round(wall, 2), "accepted": len(result["ingredients"]),
             "ingredients": result["ingredients"], "n_components": len(details["components"]),
             "component_names": details["components"], "betas": details["betas"],
@@ -162,14 +169,12 @@ def run_bench(zoo: Path | str, out: Path, grid: BenchGrid, address: str | None =
         t0 = time.perf_counter()
         if cell["kind"] == "reference":
             result = METHODS[cell["optimizer"]](ctx)
-            scores = evaluator.report(result.state_dict)
-            row = {**cell, "val": scores["val"], "id": scores["id"],
-                   "ood_avg": scores["ood_avg"], "ood": json.dumps(scores["ood"]),
+            row = {**cell, **scored(evaluator, result.state_dict),
                    "evaluations": result.evaluations, "accepted": len(result.ingredients),
                    "ingredients": result.ingredients,
                    "wall_s": round(time.perf_counter() - t0, 2)}
         else:
-            row = run_cell(cell, str(zoo), out, ctx.ranking, evaluator)
+            row = run_cell(cell, pool, str(zoo), out, ctx.ranking, evaluator)
         append_rows(table_path, [{**row, **about}])
         tqdm.write(f"[bench] {cell['cell']}: val {100 * row['val']:.2f}, "
                    f"ood {100 * row['ood_avg']:.2f}, {row['evaluations']} evals, "

@@ -44,9 +44,11 @@ class Prepared:
     eval_files: dict[str, str]  # paths or URIs
 
 
-def prepare(config: RunConfig, resume: bool) -> Prepared:
-    pool = IngredientPool.from_zoo(config.pool.zoo)
-    pool.validate()
+def prepare(config: RunConfig, resume: bool, pool: IngredientPool | None = None) -> Prepared:
+    """`pool`: the config's pool, already loaded and validated (bench: once for all cells)."""
+    if pool is None:
+        pool = IngredientPool.from_zoo(config.pool.zoo)
+        pool.validate()
     keys = list(pool.load(pool.names[0]))
     unused = []
     if config.method.drop_unused:
