@@ -28,7 +28,7 @@ from raysoup.evaluate import VAL, Evaluator, load_eval_sets
 from raysoup.methods import SoupContext, ValidationJudge
 from raysoup.pool import IngredientPool
 from raysoup.search import LocalSearch, lerp_mixer
-from raysoup.zoo import eval_set_files
+from raysoup.tasks import eval_set_sources
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     zoo = args.zoo or default_zoo()
 
     pool = IngredientPool.from_zoo(zoo)
-    val_file = eval_set_files(zoo)[VAL]
+    val_file = eval_set_sources(zoo)[VAL]
     torch.set_num_threads(args.cpus)
     evaluator = Evaluator(pool.spec, load_eval_sets({VAL: val_file}, pool.spec.num_classes))
     judge = ValidationJudge(evaluator.accuracy)

@@ -27,7 +27,7 @@ from .methods.manifold_mix import ManifoldMixConfig
 from .pool import IngredientPool
 from .report import append_rows, machine
 from .search import check_optimizer
-from .zoo import eval_set_files
+from .tasks import eval_set_sources
 
 REFERENCE_METHODS = ("uniform_soup", "greedy_soup")
 
@@ -157,7 +157,7 @@ def run_bench(zoo: Path | str, out: Path, grid: BenchGrid, address: str | None =
         done = set(earlier.column("cell").to_pylist())
     pool = IngredientPool.from_zoo(zoo)
     pool.validate()
-    evaluator = Evaluator(pool.spec, load_eval_sets(eval_set_files(zoo), pool.spec.num_classes))
+    evaluator = Evaluator(pool.spec, load_eval_sets(eval_set_sources(zoo), pool.spec.num_classes))
     ctx = SoupContext.rank(pool, ValidationJudge(lambda sd: evaluator.accuracy(sd, VAL)))
     about = {**machine(), "zoo": str(zoo)}
     todo = [c for c in [{"kind": "reference", "cell": f"reference/{m}", "optimizer": m}

@@ -32,6 +32,27 @@ def _bench(args: argparse.Namespace) -> None:
         print(f"[bench] wrote {path}")
 
 
+def _prepare(args: argparse.Namespace) -> None:
+    from .prepare import prepare_dataset
+    prepare_dataset(args.src, args.out, arch=args.arch, image_size=args.image_size,
+                    classes=args.classes, val_fraction=args.val_fraction, seed=args.seed,
+                    workers=args.workers, shard_size=args.shard_size, strict=args.strict)
+    print(f"[prepare] ready: {args.out}/dataset.json")
+
+
+def _zeroshot(args: argparse.Namespace) -> None:
+    from .pool import save_state_dict
+    from .zeroshot import load_clip, read_lines, templates_for, zeroshot_classifier
+    classes = read_lines(args.classes, "classes")
+    templates = templates_for(args.templates)
+    clip = load_clip(args.arch, args.pretrained)
+    save_state_dict(zeroshot_classifier(clip, args.arch, classes, templates), args.out,
+                    metadata={"arch": args.arch, "pretrained": args.pretrained or "none",
+                              "classes": len(classes), "templates": len(templates)})
+    print(f"[zeroshot] wrote {args.out}: {args.arch} with a zero-shot head for "
+          f"{len(classes)} classes ({len(templates)} prompts each)")
+
+
 def _zoo_build(args: argparse.Namespace) -> None:
     from .zoo import QUICK_ZOO, ZooConfig, build_zoo, with_overrides
     base = QUICK_ZOO if args.quick else ZooConfig()
@@ -70,6 +91,37 @@ def build_parser() -> argparse.ArgumentParser:
                        "summary.md (default: runs/bench or runs/bench-quick)")
     bench.add_argument("--address", help="an existing Ray cluster (default: a local one)")
     bench.set_defaults(func=_bench)
+
+    prep = sub.add_parser("prepare", help="images (a folder per class, or a CSV/Parquet of "
+                          "path,label) to preprocessed Arrow shards for evaluation (resumable)")
+    prep.add_argument("src", type=Path, help="image folder, or .csv/.parquet with path,label")
+    prep.add_argument("--out", type=Path, required=True)
+    size = prep.add_mutually_exclusive_group(required=True)
+    size.add_argument("--arch", help="open_clip model whose eval preprocessing to apply "
+                      "(e.g. ViT-B-32)")
+    size.add_argument("--image-size", type=int, help="square input size (open_clip's default "
+                      "preprocessing at that size)")
+    prep.add_argument("--classes", type=Path, help="class names, one per line, in the "
+                      "model's order (default: sorted folder names / labels)")
+    prep.add_argument("--val-fraction", type=float, help="carve a validation split of this "
+                      "fraction per class (only it is written; the split is recorded)")
+    prep.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    prep.add_argument("--workers", type=int, help="processes (default: all cores)")
+    prep.add_argument("--shard-size", type=int, default=1000, help="images per shard")
+    prep.add_argument("--strict", action="store_true",
+                      help="fail on an unreadable image instead of skipping it")
+    prep.set_defaults(func=_prepare)
+
+    zs = sub.add_parser("zeroshot", help="a CLIP classifier with a zero-shot head from class "
+                        "names and prompts (an ingredient / the pretrained reference)")
+    zs.add_argument("--arch", required=True, help="open_clip model name, e.g. ViT-B-32-quickgelu")
+    zs.add_argument("--pretrained", help="a checkpoint file, or an open_clip tag whose "
+                    "weights are in the local Hugging Face cache (never downloaded)")
+    zs.add_argument("--classes", type=Path, required=True, help="class names, one per line")
+    zs.add_argument("--templates", default="openai", help="openai (80 prompts), simple (7), "
+                    "or a file with one '{}' prompt per line")
+    zs.add_argument("--out", type=Path, required=True, help="output .safetensors")
+    zs.set_defaults(func=_zeroshot)
 
     zoo = sub.add_parser("zoo", help="the Fashion-MNIST testbed").add_subparsers(
         dest="zoo_command", required=True)

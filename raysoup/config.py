@@ -54,6 +54,15 @@ class RunConfig:
     method: ManifoldMixConfig = field(default_factory=ManifoldMixConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     source: Path | None = None    # the TOML file it came from
+    # Methods to run on one shared ranking (all but manifold_mix in the driver process).
+    methods: tuple[str, ...] = ("manifold_mix",)
+
+    def __post_init__(self):
+        from .methods import METHODS
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise RaysoupError(f"methods: unknown method(s) {unknown or '(none given)'}; "
+                               f"known: {sorted(METHODS)}")
 
     def fingerprint(self) -> dict:
         """What must not change between a run and its --resume."""
@@ -93,10 +102,11 @@ def load_config(path: Path) -> RunConfig:
     except tomllib.TOMLDecodeError as e:
         raise RaysoupError(f"{path} is not valid TOML: {e}") from e
     sections = {"pool": PoolConfig, "method": ManifoldMixConfig, "resources": ResourcesConfig}
-    unknown = sorted(set(raw) - set(sections) - {"out"})
+    top_level = {"out", "methods"}
+    unknown = sorted(set(raw) - set(sections) - top_level)
     if unknown:
         raise RaysoupError(f"{path}: unknown key(s) or section(s) {unknown}; known: "
-                           f"{sorted([*sections, 'out'])}")
+                           f"{sorted([*sections, *top_level])}")
     if "pool" not in raw or "out" not in raw:
         raise RaysoupError(f"{path}: needs `out = \"DIR\"` and a [pool] section with `zoo`")
     base = path.parent
@@ -106,4 +116,5 @@ def load_config(path: Path) -> RunConfig:
         method=section(ManifoldMixConfig, raw.get("method", {}), "method", str(path), base),
         resources=section(ResourcesConfig, raw.get("resources", {}), "resources", str(path),
                            base),
-        source=path)
+        source=path,
+        methods=tuple(raw.get("methods", ("manifold_mix",))))

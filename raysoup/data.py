@@ -1,12 +1,14 @@
 """Evaluation data: Fashion-MNIST splits, distribution shifts, and Arrow storage.
 
-Every evaluation set is stored once as an Arrow IPC file (uint8 images + int64 labels),
-so no evaluation ever decodes or re-augments an image.
+Every evaluation set is stored once as Arrow IPC (uint8 images + int64 labels): one file,
+or a folder of shards with a dataset.json (written by `raysoup prepare`), so no evaluation
+ever decodes or re-augments an image.
 """
 
 from __future__ import annotations
 
 import gzip
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,14 +40,29 @@ class DataError(RaysoupError):
     """Bad or missing data; the message names the offending file."""
 
 
+ClassMap = tuple[tuple[int, ...], ...]
+
+
 @dataclass
 class EvalSet:
     name: str
     images: np.ndarray  # uint8 (N, C, H, W)
     labels: np.ndarray  # int64 (N,)
+    # class_map[label] = the model's classes that count as that label: the prediction is
+    # the label whose classes hold the highest logit (ImageNet-R's 200 of 1000 classes,
+    # ObjectNet's classes onto ImageNet's). None: labels are the model's classes.
+    class_map: ClassMap | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+@dataclass(frozen=True)
+class EvalSetSource:
+    """Where an evaluation set lives (a path or URI: an Arrow file or a prepared folder)
+    and how its labels meet the model's classes."""
+    location: str
+    class_map: ClassMap | None = None
 
 
 def data_dir() -> Path:
@@ -142,9 +159,54 @@ def write_eval_set(eval_set: EvalSet, path: Path) -> None:
     tmp.replace(path)
 
 
-def read_eval_set(path: str | Path, num_classes: int | None = None) -> EvalSet:
-    """From a local path (memory-mapped) or a URI (pyarrow.fs)."""
-    path = str(path)
+def read_eval_set(source: EvalSetSource | str | Path, num_classes: int | None = None,
+                  log=None) -> EvalSet:
+    """An Arrow file or a prepared folder of shards, from a local path or a URI.
+
+    With a class map, rows whose label has no model class are left out (counted in `log`).
+    """
+    if not isinstance(source, EvalSetSource):
+        source = EvalSetSource(str(source))
+    dataset_json = storage.join(source.location, "dataset.json")
+    if storage.is_file(dataset_json):
+        part = _read_shards(source.location, dataset_json)
+    else:
+        part = _read_arrow(source.location)
+    if source.class_map is None:
+        _check_labels(part.labels, num_classes, source.location)
+        return part
+    _check_labels(part.labels, len(source.class_map), source.location)
+    keep = np.array([len(source.class_map[y]) > 0 for y in part.labels])
+    if not keep.any():
+        raise DataError(f"evaluation set {source.location}: no row has a label that the class "
+                        f"map sends to a model class")
+    if log is not None and not keep.all():
+        log(f"[data] {part.name}: {int((~keep).sum())} of {len(keep)} images have classes "
+            f"without a model counterpart; left out")
+    return EvalSet(part.name, part.images[keep], part.labels[keep], source.class_map)
+
+
+def _check_labels(labels: np.ndarray, num_classes: int | None, where: str) -> None:
+    if num_classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)][0]
+        raise DataError(f"evaluation set {where}: label {bad} out of range [0, {num_classes})")
+
+
+def _read_shards(folder: str, dataset_json: str) -> EvalSet:
+    try:
+        info = json.loads(storage.read_bytes(dataset_json))
+        shards = [_read_arrow(storage.within(folder, f, f"{dataset_json} shard"))
+                  for f in info["shards"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"cannot read {dataset_json}: {e}") from e
+    if not shards:
+        raise DataError(f"prepared set {folder} has no shards")
+    name = info.get("name") or Path(folder).name
+    return EvalSet(name, np.concatenate([s.images for s in shards]),
+                   np.concatenate([s.labels for s in shards]))
+
+
+def _read_arrow(path: str) -> EvalSet:
     try:
         with storage.open_random_access(path) as source:
             table = pa.ipc.open_file(source).read_all()
@@ -159,8 +221,5 @@ def read_eval_set(path: str | Path, num_classes: int | None = None) -> EvalSet:
     shape = tuple(int(s) for s in meta[b"shape"].decode().split(","))
     images = table.column("image").combine_chunks().flatten().to_numpy()
     labels = table.column("label").to_numpy()
-    if num_classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
-        bad = labels[(labels < 0) | (labels >= num_classes)][0]
-        raise DataError(f"evaluation set {path}: label {bad} out of range [0, {num_classes})")
     name = meta.get(b"name", Path(path).stem.encode()).decode()
     return EvalSet(name, images.reshape((table.num_rows, *shape)), labels)

@@ -24,6 +24,7 @@ from ray.tune.search.nevergrad import NevergradSearch
 from .components import Components
 from .errors import RaysoupError
 from .mixing import StateDict, to_numpy
+from .data import EvalSetSource
 from .model import ModelSpec
 from .search import Mixer, PassResult, best_index, chosen_name, make_optimizer
 from .workers import METRIC, EvaluatorActor, evaluate_point, mixing_trial
@@ -51,11 +52,11 @@ class EvaluatorSpec:
     timeout_s: float = 600.0  # one evaluation; past it the trial fails loudly and is retried
 
 
-def start_evaluators(spec: ModelSpec, val_file: str, components: Components,
+def start_evaluators(spec: ModelSpec, val_source: EvalSetSource | str, components: Components,
                      evaluators: EvaluatorSpec, start_timeout_s: float = 600.0) -> list:
     shards = evaluators.count if evaluators.mode == "sharded" else 1
     actors = [EvaluatorActor.options(num_cpus=evaluators.cpus, num_gpus=evaluators.gpus).remote(
-        spec, str(val_file), i % shards, shards, components, int(max(1, evaluators.cpus)),
+        spec, val_source, i % shards, shards, components, int(max(1, evaluators.cpus)),
         evaluators.autocast_bf16) for i in range(evaluators.count)]
     ready, pending = ray.wait([a.ready.remote() for a in actors], num_returns=len(actors),
                               timeout=start_timeout_s)

@@ -12,7 +12,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from .data import EvalSet, read_eval_set
+from .data import ClassMap, EvalSet, EvalSetSource, read_eval_set
 from .model import ModelSpec, build_classifier
 
 VAL = "val"
@@ -28,8 +28,22 @@ class Evaluator:
         self.autocast_bf16 = autocast_bf16 and self.device.type == "cuda"
         # Resident copies: the Arrow buffers are read-only memory maps.
         self.sets = {s.name: (torch.from_numpy(np.array(s.images)).to(self.device),
-                              torch.from_numpy(np.array(s.labels)).to(self.device))
+                              torch.from_numpy(np.array(s.labels)).to(self.device),
+                              self._projection(s.class_map))
                      for s in eval_sets}
+
+    def _projection(self, class_map: ClassMap | None):
+        """(index, mask): logits[:, index] with masked entries at -inf, max over the last
+        axis, gives one score per label of the set."""
+        if class_map is None:
+            return None
+        width = max(1, max(len(g) for g in class_map))
+        index = torch.zeros(len(class_map), width, dtype=torch.int64)
+        mask = torch.zeros(len(class_map), width, dtype=torch.bool)
+        for label, group in enumerate(class_map):
+            index[label, :len(group)] = torch.tensor(group, dtype=torch.int64)
+            mask[label, :len(group)] = True
+        return index.to(self.device), mask.to(self.device)
 
     @property
     def set_names(self) -> list[str]:
@@ -41,7 +55,7 @@ class Evaluator:
     @torch.inference_mode()
     def correct(self, set_name: str) -> tuple[int, int]:
         """(correct, total) of the loaded weights on one set."""
-        images, labels = self.sets[set_name]
+        images, labels, projection = self.sets[set_name]
         # Counted on the device and read once: a per-batch int() would stall a GPU each batch.
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         for start in range(0, len(labels), self.batch_size):
@@ -49,6 +63,9 @@ class Evaluator:
             with torch.autocast(self.device.type, dtype=torch.bfloat16,
                                 enabled=self.autocast_bf16):
                 logits = self.model(batch)
+            if projection is not None:
+                index, mask = projection
+                logits = logits[:, index].masked_fill(~mask, float("-inf")).amax(dim=2)
             correct += (logits.argmax(dim=1) == labels[start:start + self.batch_size]).sum()
         return int(correct), len(labels)
 
@@ -69,10 +86,11 @@ class Evaluator:
                 "ood_avg": float(np.mean(list(ood.values()))) if ood else None}
 
 
-def load_eval_sets(files: Mapping[str, str | Path], num_classes: int) -> list[EvalSet]:
+def load_eval_sets(sources: Mapping[str, EvalSetSource | str | Path], num_classes: int,
+                   log=None) -> list[EvalSet]:
     sets = []
-    for name, path in files.items():
-        s = read_eval_set(path, num_classes)
+    for name, source in sources.items():
+        s = read_eval_set(source, num_classes, log)
         s.name = name
         sets.append(s)
     return sets

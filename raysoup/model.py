@@ -1,23 +1,38 @@
 """The classifier every ingredient is an instance of: an open_clip vision tower plus a linear head.
 
-State-dict keys follow the model soups release layout (``model.visual.*``,
-``classification_head.weight``/``bias``) so that the component presets written for real
-CLIP ViT checkpoints apply to the tiny zoo model unchanged.
+Two kinds of tower: an open_clip architecture by name (``arch = "ViT-B-32"``, ...), or the
+small custom ViT of the Fashion-MNIST testbed (``arch = ""``, shaped by the other fields).
+State-dict keys follow the model soups release layout (``model.visual.*``, the CLIP
+text-side tensors ``model.token_embedding.weight`` etc. without the text transformer, and
+``classification_head.weight``/``bias``), so a model soups checkpoint loads without
+renaming and the component presets written for it apply to every model here.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import difflib
+import logging
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 
+import open_clip
 import torch
 from open_clip.transformer import VisionTransformer
 from torch import nn
+
+from .errors import RaysoupError
+
+# The model soups wrapper deletes CLIP's text transformer; checkpoints saved with it kept
+# ("keep_lang") carry these keys, which no image classifier uses.
+TEXT_TRANSFORMER_PREFIX = "model.transformer."
+DATA_PARALLEL_PREFIX = "module."
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """Architecture of an ingredient; stored in every zoo manifest and run config."""
 
+    arch: str = ""            # an open_clip model name; "" = the custom tower below
     image_size: int = 28
     in_channels: int = 1
     patch_size: int = 7
@@ -42,7 +57,39 @@ class ModelSpec:
         for key in ("mean", "std"):
             if key in d:
                 d[key] = tuple(d[key])
-        return cls(**d)
+        spec = cls(**d)
+        return spec.with_arch_defaults() if spec.arch else spec
+
+    def with_arch_defaults(self) -> "ModelSpec":
+        """Input size, embedding width and normalisation from open_clip's config of `arch`."""
+        config = open_clip.get_model_config(self.arch)
+        if config is None:
+            close = difflib.get_close_matches(self.arch, open_clip.list_models(), n=3)
+            raise RaysoupError(f"model.arch: unknown open_clip architecture {self.arch!r}"
+                               + (f"; did you mean {', '.join(close)}?" if close else
+                                  "; see open_clip.list_models()"))
+        size = config["vision_cfg"]["image_size"]
+        preprocess = open_clip.transform.PreprocessCfg(**config.get("preprocess_cfg", {}))
+        return replace(self, image_size=size if isinstance(size, int) else size[0],
+                       in_channels=3, embed_dim=config["embed_dim"],
+                       mean=tuple(preprocess.mean), std=tuple(preprocess.std))
+
+
+@contextmanager
+def _quiet_open_clip():
+    """open_clip warns that a model built without pretrained weights is random; here the
+    weights always come from an ingredient right after."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def clip_model(arch: str, pretrained: str | None = None, device: str = "cpu") -> nn.Module:
+    """An open_clip CLIP model with its text transformer (zero-shot heads need it)."""
+    with _quiet_open_clip():
+        return open_clip.create_model(arch, pretrained=pretrained, device=device)
 
 
 class ImageEncoder(nn.Module):
@@ -60,19 +107,22 @@ class ImageClassifier(nn.Module):
     stay as raw uint8 on disk and in memory.
     """
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, device: str = "cpu"):
         super().__init__()
         self.spec = spec
-        visual = VisionTransformer(
-            image_size=spec.image_size,
-            patch_size=spec.patch_size,
-            width=spec.width,
-            layers=spec.layers,
-            heads=spec.heads,
-            mlp_ratio=4.0,
-            output_dim=spec.embed_dim,
-        )
-        self.model = ImageEncoder(visual)
+        if spec.arch:
+            self.model = clip_model(spec.arch, device=device)
+            del self.model.transformer  # as the model soups wrapper does
+        else:
+            self.model = ImageEncoder(VisionTransformer(
+                image_size=spec.image_size,
+                patch_size=spec.patch_size,
+                width=spec.width,
+                layers=spec.layers,
+                heads=spec.heads,
+                mlp_ratio=4.0,
+                output_dim=spec.embed_dim,
+            ))
         self.classification_head = nn.Linear(spec.embed_dim, spec.num_classes)
         self.register_buffer("_mean", torch.tensor(spec.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(spec.std).view(1, -1, 1, 1), persistent=False)
@@ -91,10 +141,22 @@ class ImageClassifier(nn.Module):
         return self.classification_head(features)
 
 
-def build_classifier(spec: ModelSpec) -> ImageClassifier:
-    return ImageClassifier(spec)
+def build_classifier(spec: ModelSpec, device: str = "cpu") -> ImageClassifier:
+    return ImageClassifier(spec, device)
 
 
 def state_dict_template(spec: ModelSpec) -> dict[str, torch.Tensor]:
     """Keys, shapes and dtypes every ingredient of this architecture must have."""
-    return build_classifier(spec).state_dict()
+    with torch.device("meta"):  # shapes only: no memory, no random init
+        return build_classifier(spec, device="meta").state_dict()
+
+
+def to_classifier_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's keys in our layout; tensors untouched.
+
+    Model soups files already use it. Accepted variants: keys saved from a DataParallel
+    wrapper (``module.``), and the text transformer kept by ``keep_lang`` (left out here).
+    """
+    if state_dict and all(k.startswith(DATA_PARALLEL_PREFIX) for k in state_dict):
+        state_dict = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in state_dict.items()}
+    return {k: v for k, v in state_dict.items() if not k.startswith(TEXT_TRANSFORMER_PREFIX)}

@@ -11,7 +11,7 @@ import io
 import json
 import pickle
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError
@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from . import storage
 from .errors import RaysoupError
-from .model import ModelSpec, state_dict_template
+from .model import ModelSpec, state_dict_template, to_classifier_layout
 
 StateDict = dict[str, torch.Tensor]
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -88,18 +88,33 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_state_dict(state_dict: StateDict, template: StateDict, source: str) -> None:
+HEAD_KEYS = ("classification_head.weight", "classification_head.bias")
+
+
+def check_state_dict(state_dict: StateDict, template: StateDict, source: str,
+                     arch: str = "") -> None:
     """Same keys, shapes and dtypes as the architecture, and finite weights."""
+    configured = f"the configured architecture {arch!r}" if arch else "the configured model"
     missing = sorted(set(template) - set(state_dict))
     extra = sorted(set(state_dict) - set(template))
+    if set(missing) == set(HEAD_KEYS) and not extra:
+        raise CheckpointError(
+            f"{source}: no classification head ({', '.join(HEAD_KEYS)}); an ingredient is a "
+            f"whole classifier (a model soups file holds its head). For a bare CLIP "
+            f"checkpoint, build a zero-shot head with `raysoup zeroshot`")
     if missing or extra:
-        raise CheckpointError(f"{source}: keys do not match the model "
-                              f"(missing {missing[:5]}, unexpected {extra[:5]})")
+        raise CheckpointError(f"{source}: keys do not match {configured} "
+                              f"(missing {missing[:5]}, unexpected {extra[:5]}; "
+                              f"{len(missing)} missing, {len(extra)} unexpected in all)")
+    wrong = [(k, tuple(state_dict[k].shape), tuple(ref.shape)) for k, ref in template.items()
+             if state_dict[k].shape != ref.shape]
+    if wrong:
+        key, got, want = wrong[0]
+        raise CheckpointError(f"{source}: key {key} has shape {got}, {configured} has {want}"
+                              + (f" ({len(wrong)} keys differ in shape: a checkpoint of "
+                                 f"another architecture?)" if len(wrong) > 1 else ""))
     for key, ref in template.items():
         t = state_dict[key]
-        if t.shape != ref.shape:
-            raise CheckpointError(f"{source}: key {key} has shape {tuple(t.shape)}, "
-                                  f"expected {tuple(ref.shape)}")
         if t.dtype != ref.dtype:
             raise CheckpointError(f"{source}: key {key} has dtype {t.dtype}, expected {ref.dtype}")
         if t.is_floating_point() and not torch.isfinite(t).all():
@@ -120,6 +135,17 @@ def read_manifest(zoo: str | Path) -> dict:
     if missing:
         raise CheckpointError(f"zoo manifest {location} lacks key(s) {missing}")
     return manifest
+
+
+def load_pretrained(zoo: str) -> StateDict | None:
+    """The manifest's optional `pretrained` model (e.g. a zero-shot classifier), the
+    reference row of a report; None when the manifest has none."""
+    entry = read_manifest(zoo).get("pretrained")
+    if entry is None:
+        return None
+    file = entry["file"] if isinstance(entry, dict) else entry
+    return to_classifier_layout(load_state_dict(storage.within(
+        storage.resolve(zoo), file, "manifest.json pretrained")))
 
 
 @dataclass(frozen=True)
@@ -143,12 +169,21 @@ class IngredientPool:
 
     @classmethod
     def from_zoo(cls, zoo: str | Path) -> "IngredientPool":
+        """`ingredients` in the manifest: a list of {name, file}, or a glob pattern (e.g.
+        "checkpoints/*.pt"; names are the file stems)."""
         zoo = storage.resolve(zoo)
         manifest = read_manifest(zoo)
         spec = ModelSpec.from_dict(manifest["model"])
+        entries = manifest["ingredients"]
+        if isinstance(entries, str):
+            files = storage.glob(zoo, entries, "manifest.json ingredients")
+            if not files:
+                raise CheckpointError(f"manifest.json ingredients = {entries!r} matches no file "
+                                      f"in {zoo}")
+            entries = [{"name": PurePosixPath(f).stem, "file": f} for f in files]
         return cls(spec, [Ingredient(i["name"], storage.within(
             zoo, i["file"], f"manifest.json ingredient {i['name']!r} file"))
-            for i in manifest["ingredients"]])
+            for i in entries])
 
     @property
     def names(self) -> list[str]:
@@ -158,10 +193,11 @@ class IngredientPool:
         return len(self.ingredients)
 
     def load(self, name: str) -> StateDict:
-        return load_state_dict(self.ingredients[name].path)
+        return to_classifier_layout(load_state_dict(self.ingredients[name].path))
 
     def validate(self) -> None:
         """Check every ingredient before any evaluation; one resident at a time."""
         template = state_dict_template(self.spec)
         for ingredient in self.ingredients.values():
-            check_state_dict(self.load(ingredient.name), template, str(ingredient.path))
+            check_state_dict(self.load(ingredient.name), template, str(ingredient.path),
+                             self.spec.arch)

@@ -17,11 +17,15 @@ def format_table(rows: dict[str, dict]) -> str:
     """Method x (val, id, each OOD set, OOD avg, ingredients, evaluations, wall seconds)."""
     shifts = list(next(iter(rows.values()))["ood"])
     header = ["method", "val", "id", *shifts, "ood_avg", "ingr", "evals", "wall_s"]
+
+    def pct(accuracy: float | None) -> str:  # a manifest may have no id or ood sets
+        return "-" if accuracy is None else f"{100 * accuracy:.2f}"
+
     lines = []
     for name, r in rows.items():
-        lines.append([name, *(f"{100 * r[k]:.2f}" for k in ("val", "id")),
-                      *(f"{100 * r['ood'][s]:.2f}" for s in shifts), f"{100 * r['ood_avg']:.2f}",
-                      str(len(r["ingredients"])), str(r["evaluations"]), f"{r['wall_s']:.1f}"])
+        lines.append([name, pct(r["val"]), pct(r["id"]), *(pct(r["ood"][s]) for s in shifts),
+                      pct(r["ood_avg"]), str(len(r["ingredients"])), str(r["evaluations"]),
+                      f"{r['wall_s']:.1f}"])
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
 
     def fmt(cells: list[str]) -> str:
@@ -77,12 +81,16 @@ def write_report(run_dir: Path, report: dict) -> None:
     parquet_tmp = run_dir / "results.parquet.tmp"
     pq.write_table(pa.concat_tables(tables, promote_options="default"), parquet_tmp)
     png_tmp = run_dir / "scatter.tmp.png"
-    scatter_plot(report["methods"], report.get("ingredients", {}), png_tmp,
-                 report.get("references"))
+    points = [*report["methods"].values(), *report.get("ingredients", {}).values()]
+    plotted = all(r["id"] is not None and r["ood_avg"] is not None for r in points)
+    if plotted:  # ID vs OOD needs both kinds of set in the manifest
+        scatter_plot(report["methods"], report.get("ingredients", {}), png_tmp,
+                     report.get("references"))
     json_tmp = run_dir / "report.json.tmp"
     json_tmp.write_text(json.dumps(report, indent=2))
     parquet_tmp.replace(run_dir / "results.parquet")
-    png_tmp.replace(run_dir / "scatter.png")
+    if plotted:
+        png_tmp.replace(run_dir / "scatter.png")
     json_tmp.replace(run_dir / "report.json")
 
 

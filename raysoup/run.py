@@ -23,16 +23,18 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .checkpoint import load_state, save_state
 from .components import Components, partition
+from .data import EvalSetSource
 from .config import RunConfig
 from .distributed import EvaluatorSpec, TuneSearch, start_evaluators
 from .errors import RaysoupError
 from .evaluate import VAL, Evaluator, load_eval_sets
-from .methods import SoupContext, ValidationJudge
+from .methods import METHODS, SoupContext, ValidationJudge
 from .methods.manifold_mix import MixState, manifold_mix
 from .mixing import from_numpy
-from .pool import IngredientPool, save_state_dict, write_json
+from .pool import IngredientPool, load_pretrained, read_manifest, save_state_dict, write_json
+from .report import format_table, write_report
 from .search import first_model
-from .zoo import eval_set_files
+from .tasks import dataset_records, eval_set_sources
 
 
 @dataclass
@@ -41,7 +43,7 @@ class Prepared:
     config: RunConfig
     pool: IngredientPool
     components: Components
-    eval_files: dict[str, str]  # paths or URIs
+    eval_sources: dict[str, EvalSetSource]
 
 
 def prepare(config: RunConfig, resume: bool, pool: IngredientPool | None = None) -> Prepared:
@@ -59,8 +61,8 @@ def prepare(config: RunConfig, resume: bool, pool: IngredientPool | None = None)
                              torch.zeros(2, pool.spec.in_channels, pool.spec.image_size,
                                          pool.spec.image_size, dtype=torch.uint8))
     components = partition(keys, config.method.components, unused)
-    eval_files = eval_set_files(config.pool.zoo)
-    if VAL not in eval_files:
+    eval_sources = eval_set_sources(config.pool.zoo)
+    if VAL not in eval_sources:
         raise RaysoupError(f"zoo {config.pool.zoo} has no '{VAL}' evaluation set")
     out = config.out
     if (out / "report.json").exists() and not resume:
@@ -70,7 +72,7 @@ def prepare(config: RunConfig, resume: bool, pool: IngredientPool | None = None)
                            f"choose another `out`")
     if resume:
         load_state(out / "driver", config.fingerprint())  # refuses a different config
-    return Prepared(config, pool, components, eval_files)
+    return Prepared(config, pool, components, eval_sources)
 
 
 def evaluator_spec(config: RunConfig) -> EvaluatorSpec:
@@ -191,7 +193,7 @@ def run_manifold_mix(prepared: Prepared, ranking: list | None = None, log=print)
     evaluators = evaluator_spec(prepared.config)
     log(f"[run] {evaluators.count} evaluator(s), {evaluators.mode} evaluation, "
         f"{len(prepared.components)} components, optimizer {prepared.config.method.optimizer}")
-    actors = start_evaluators(prepared.pool.spec, prepared.eval_files[VAL],
+    actors = start_evaluators(prepared.pool.spec, prepared.eval_sources[VAL],
                               prepared.components, evaluators,
                               prepared.config.resources.start_timeout_s)
     # On this node: the driver writes its step checkpoints and Tune folders under `out`,
@@ -252,7 +254,11 @@ def manifold_mix_row(prepared: Prepared, result: dict, evaluator: Evaluator, wal
 
 def execute(config: RunConfig, resume: bool = False, address: str | None = None,
             log=print) -> dict:
-    from .report import format_table
+    if config.methods != ("manifold_mix",):
+        if resume:
+            raise RaysoupError("--resume continues a manifold_mix-only run; this config's "
+                               f"methods are {list(config.methods)}")
+        return run_methods(config, address, log)
     prepared = prepare(config, resume)
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
@@ -260,7 +266,7 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
     t0 = time.perf_counter()
     result = run_manifold_mix(prepared, log=log)
     wall = time.perf_counter() - t0
-    evaluator = Evaluator(prepared.pool.spec, load_eval_sets(prepared.eval_files,
+    evaluator = Evaluator(prepared.pool.spec, load_eval_sets(prepared.eval_sources,
                                                              prepared.pool.spec.num_classes))
     row = manifold_mix_row(prepared, result, evaluator, wall, ranked_here=True)
     report = {"methods": {"manifold_mix": row}, "ranking": result["ranking"],
@@ -269,4 +275,62 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
     write_json(out / "report.json", report, indent=1)
     log(format_table(report["methods"]))
     log(f"[run] wrote {out}/report.json, fused.safetensors, beta.parquet, beta.png, history.json")
+    return report
+
+
+def run_methods(config: RunConfig, address: str | None = None, log=print,
+                extra: dict | None = None) -> dict:
+    """Every method of `config.methods` on one shared ranking; the report into config.out.
+
+    The baselines run in this process, and every ingredient is judged on every set (the
+    scatter plot); manifold_mix runs on Ray like a manifold_mix-only run.
+    """
+    zoo_dir, run_dir, methods = config.pool.zoo, config.out, config.methods
+    manifest = read_manifest(zoo_dir)
+    mix_run = prepare(config, resume=False)  # validates the pool, components and eval sets
+    pool = mix_run.pool
+    run_dir.mkdir(parents=True, exist_ok=True)
+    evaluator = Evaluator(pool.spec, load_eval_sets(mix_run.eval_sources, pool.spec.num_classes,
+                                                    log))
+
+    judge = ValidationJudge(lambda sd: evaluator.accuracy(sd, VAL))
+    t0 = time.perf_counter()
+    ctx = SoupContext.rank(pool, judge)
+    ranking_s = time.perf_counter() - t0
+    log("[run] ranking on val: " + ", ".join(f"{n} {100 * a:.2f}" for n, a in ctx.ranking))
+
+    ingredients = {n: {**evaluator.report(pool.load(n)), "ingredients": [n]} for n in pool.names}
+    pretrained = load_pretrained(str(zoo_dir))
+    references = {"pretrained": evaluator.report(pretrained)} if pretrained is not None else {}
+    rows = {}
+    for name in methods:
+        t0 = time.perf_counter()
+        if name == "manifold_mix":
+            connect(address)
+            result = run_manifold_mix(mix_run, ranking=ctx.ranking, log=log)
+            rows[name] = manifold_mix_row(mix_run, result, evaluator,
+                                          time.perf_counter() - t0 + ranking_s, ranked_here=True)
+            continue
+        result = METHODS[name](ctx)
+        wall = time.perf_counter() - t0
+        if result.ranked:
+            wall += ranking_s
+        rows[name] = {**evaluator.report(result.state_dict), "ingredients": result.ingredients,
+                      "evaluations": result.evaluations + (len(pool) if result.ranked else 0),
+                      "wall_s": round(wall, 2), **result.details}
+        log(f"[run] {name}: val {100 * rows[name]['val']:.2f}, "
+            f"{len(result.ingredients)} ingredient(s)")
+
+    report = {"methods": rows, "ingredients": ingredients, "references": references,
+              "ranking": ctx.ranking,
+              "zoo": {"dir": str(zoo_dir), "config": manifest.get("config"),
+                      "build_seconds": manifest.get("build_seconds")},
+              "data": dataset_records(mix_run.eval_sources),
+              "config": {**(extra or {}), "source": str(config.source), "methods": list(methods),
+                         "manifold_mix": config.method.to_dict()}}
+    write_report(run_dir, report)
+    log(format_table(rows))
+    log(f"[run] wrote {run_dir}/report.json, results.parquet, scatter.png" +
+        (", beta.parquet, beta.png, history.json, fused.safetensors"
+                                                           if "manifold_mix" in methods else ""))
     return report

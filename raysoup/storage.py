@@ -7,6 +7,7 @@ that pyarrow.fs understands (s3://, gs://, hdfs://, file://). No node needs a lo
 
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
@@ -35,6 +36,10 @@ def within(root: str, relative: str, what: str) -> str:
     return f"{root.rstrip('/')}/{rel}"
 
 
+def join(location: str, name: str) -> str:
+    return f"{str(location).rstrip('/')}/{name}"
+
+
 def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     try:
         if is_uri(location):
@@ -42,6 +47,19 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), str(Path(location).resolve())
     except Exception as e:  # pyarrow raises several types for unknown schemes and credentials
         raise RaysoupError(f"cannot open {location}: {e}") from e
+
+
+def glob(root: str, pattern: str, what: str) -> list[str]:
+    """Files under `root` whose path relative to it matches `pattern` (sorted, relative)."""
+    within(root, pattern, what)  # the pattern, like any manifest path, stays inside root
+    fs, base = filesystem(root)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    except OSError as e:
+        raise RaysoupError(f"cannot list {root}: {e}") from e
+    relative = (str(PurePosixPath(i.path).relative_to(base)) for i in infos
+                if i.type == pafs.FileType.File)
+    return sorted(r for r in relative if fnmatch.fnmatchcase(r, pattern))
 
 
 def is_file(location: str) -> bool:

@@ -32,16 +32,16 @@ class EvaluatorActor:
     retries it): promise tests and rankings survive a crash as Tune trials do.
     """
 
-    def __init__(self, spec, val_file: str, shard: int, shards: int, components,
+    def __init__(self, spec, val_source, shard: int, shards: int, components,
                  threads: int, autocast_bf16: bool):
         import torch
 
         from .data import EvalSet, read_eval_set
         from .evaluate import Evaluator
         torch.set_num_threads(max(1, threads))
-        full = read_eval_set(val_file, spec.num_classes)
+        full = read_eval_set(val_source, spec.num_classes)
         rows = shard_rows(len(full), shard, shards)
-        part = EvalSet(VAL, full.images[rows], full.labels[rows])
+        part = EvalSet(VAL, full.images[rows], full.labels[rows], full.class_map)
         self.evaluator = Evaluator(spec, [part], autocast_bf16=autocast_bf16)
         self.components = components
         self.model_ids: tuple = ()

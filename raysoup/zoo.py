@@ -24,8 +24,7 @@ from .errors import RaysoupError
 from . import data
 from .evaluate import Evaluator, VAL
 from .model import ModelSpec, build_classifier
-from . import storage
-from .pool import file_sha256, load_state_dict, read_manifest, save_state_dict, write_json
+from .pool import file_sha256, load_state_dict, save_state_dict, write_json
 
 ZOO_FORMAT = 1
 AUGMENT_CHUNK = 8  # images per augmentation draw: per-chunk randomness at batch speed
@@ -207,13 +206,6 @@ def build_zoo(out: Path, config: ZooConfig, log=print) -> Path:
                 "build_seconds": round(time.time() - t0, 1)}
     write_json(manifest_path, manifest)
     return out
-
-
-def eval_set_files(zoo: str | Path) -> dict[str, str]:
-    """Evaluation set locations (paths or URIs), each inside the zoo."""
-    root = storage.resolve(zoo)
-    return {name: storage.within(root, e["file"], f"manifest.json eval set {name!r} file")
-            for name, e in read_manifest(root)["eval_sets"].items()}
 
 
 def with_overrides(config: ZooConfig, **overrides) -> ZooConfig:

@@ -7,12 +7,12 @@ from pathlib import Path
 
 from raysoup.evaluate import VAL, Evaluator, load_eval_sets
 from raysoup.pool import IngredientPool
-from raysoup.zoo import eval_set_files
+from raysoup.tasks import eval_set_sources
 
 
 def val_evaluator(zoo: Path) -> Evaluator:
     pool = IngredientPool.from_zoo(zoo)
-    return Evaluator(pool.spec, load_eval_sets({VAL: eval_set_files(zoo)[VAL]},
+    return Evaluator(pool.spec, load_eval_sets({VAL: eval_set_sources(zoo)[VAL]},
                                                pool.spec.num_classes))
 
 

@@ -23,7 +23,7 @@ from raysoup.mixing import to_numpy
 from raysoup.pool import IngredientPool
 from raysoup.run import execute
 from raysoup.search import LocalSearch, lerp_mixer
-from raysoup.zoo import eval_set_files
+from raysoup.tasks import eval_set_sources
 
 from . import failing_mixer
 from .helpers import val_evaluator, write_config
@@ -124,7 +124,7 @@ def tune_search(pair, tiny_zoo, tmp_path):
 
     def make(mode="sharded", count=2, gpus=0.0, num_workers=1):
         spec = EvaluatorSpec(count=count, mode=mode, cpus=0.25, gpus=gpus, timeout_s=120)
-        actors = start_evaluators(pool.spec, eval_set_files(tiny_zoo)[VAL], components, spec)
+        actors = start_evaluators(pool.spec, eval_set_sources(tiny_zoo)[VAL], components, spec)
         started.extend(actors)
         return TuneSearch(actors, spec, num_workers, tmp_path / "tune", log=lambda _: None)
 

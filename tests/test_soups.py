@@ -10,13 +10,13 @@ from raysoup.evaluate import VAL, Evaluator, load_eval_sets
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
 from raysoup.mixing import average
 from raysoup.pool import Ingredient, IngredientPool
-from raysoup.zoo import eval_set_files
+from raysoup.tasks import eval_set_sources
 
 
 @pytest.fixture(scope="module")
 def evaluator(tiny_zoo):
     pool = IngredientPool.from_zoo(tiny_zoo)
-    return Evaluator(pool.spec, load_eval_sets(eval_set_files(tiny_zoo), pool.spec.num_classes),
+    return Evaluator(pool.spec, load_eval_sets(eval_set_sources(tiny_zoo), pool.spec.num_classes),
                      batch_size=128)
 
 
@@ -32,7 +32,7 @@ def test_evaluator_matches_a_plain_forward_pass_and_reuses_its_model(tiny_zoo, e
     model = evaluator.model
     acc = evaluator.accuracy(sd, "id")
     assert evaluator.model is model
-    images, labels = evaluator.sets["id"]
+    images, labels, _ = evaluator.sets["id"]
     with torch.no_grad():
         manual = (model(images).argmax(1) == labels).float().mean().item()
     assert acc == pytest.approx(manual)

@@ -12,7 +12,7 @@ from raysoup.errors import RaysoupError
 from raysoup.evaluate import load_eval_sets
 from raysoup.pool import IngredientPool
 from raysoup.run import prepare
-from raysoup.zoo import eval_set_files
+from raysoup.tasks import eval_set_sources
 
 
 def test_a_zoo_behind_a_uri_reads_the_same_as_its_path(tiny_zoo):
@@ -23,9 +23,9 @@ def test_a_zoo_behind_a_uri_reads_the_same_as_its_path(tiny_zoo):
         a, b = by_path.load(name), by_uri.load(name)
         # Same order too: the component order, and so a search's meaning, depends on it.
         assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
-    files = eval_set_files(f"file://{tiny_zoo}")
-    assert all(f.startswith("file://") for f in files.values())
-    for a, b in zip(load_eval_sets(eval_set_files(tiny_zoo), 10), load_eval_sets(files, 10)):
+    files = eval_set_sources(f"file://{tiny_zoo}")
+    assert all(f.location.startswith("file://") for f in files.values())
+    for a, b in zip(load_eval_sets(eval_set_sources(tiny_zoo), 10), load_eval_sets(files, 10)):
         assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
 
 

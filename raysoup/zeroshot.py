@@ -1,0 +1,112 @@
+"""Zero-shot classifiers: a pretrained CLIP plus a linear head built from class names.
+
+The head is open_clip's zero-shot classifier (each class: its prompts through the text
+tower, each embedding L2-normalised, averaged, normalised again), scaled by the model's
+logit scale, with a zero bias: the model soups convention, so the result is an ingredient
+in our layout. It initialises fine-tunes and is the "pretrained" reference row of a report
+(the manifest's `pretrained`).
+
+Pretrained weights come from a local file, or from an open_clip tag whose weights already
+sit in the local Hugging Face cache: raysoup never downloads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip import zero_shot_metadata
+
+from .errors import RaysoupError
+from .model import clip_model
+from .pool import StateDict, load_state_dict
+
+TEMPLATES = {"openai": zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES,
+             "simple": zero_shot_metadata.SIMPLE_IMAGENET_TEMPLATES}
+# open_clip's weight files on the Hugging Face hub, safetensors first.
+HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def resolve_pretrained(arch: str, pretrained: str) -> str:
+    """A checkpoint file for `pretrained`: a path as given, or a tag's file in the local
+    Hugging Face cache. Fails at once, without network, when it is not there."""
+    if Path(pretrained).expanduser().is_file():
+        return str(Path(pretrained).expanduser())
+    cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        raise RaysoupError(f"pretrained {pretrained!r}: neither a file nor an open_clip tag of "
+                           f"{arch} (tags: {', '.join(tags) or 'none'})")
+    if cfg.get("quick_gelu") and "quickgelu" not in arch.lower():
+        raise RaysoupError(f"the {pretrained!r} weights were trained with QuickGELU: use arch "
+                           f"{arch}-quickgelu (model soups ingredients need it too)")
+    from huggingface_hub import hf_hub_download
+    # "org/model/" or "org/model/file", as open_clip splits it
+    repo_id, filename = os.path.split(cfg.get("hf_hub", ""))
+    for name in ([filename] if filename else HF_WEIGHT_FILES) if repo_id else []:
+        try:
+            return hf_hub_download(repo_id, name, local_files_only=True)
+        except Exception:  # noqa: BLE001 - any miss means "not cached"; we never download
+            continue
+    raise RaysoupError(
+        f"pretrained weights {arch}/{pretrained} are not on this machine, and raysoup never "
+        f"downloads (looked in the Hugging Face cache for {repo_id or 'a hub entry'}). Fetch "
+        f"them once where there is network (`huggingface-cli download {repo_id}`), or give "
+        f"the path of a checkpoint file")
+
+
+def load_clip(arch: str, pretrained: str | None) -> torch.nn.Module:
+    """CLIP with text tower; weights loaded without executing code from the file."""
+    model = clip_model(arch)
+    if pretrained:
+        path = resolve_pretrained(arch, pretrained)
+        state = load_state_dict(path)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise RaysoupError(f"{path} is not an open_clip {arch} checkpoint: "
+                               f"{str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def read_lines(path: str | Path, what: str) -> list[str]:
+    try:
+        lines = [s.strip() for s in Path(path).read_text().splitlines()]
+    except OSError as e:
+        raise RaysoupError(f"cannot read {what} file {path}: {e}") from e
+    lines = [s for s in lines if s]
+    if not lines:
+        raise RaysoupError(f"{what} file {path} is empty")
+    return lines
+
+
+def templates_for(name_or_file: str) -> Sequence[str]:
+    """A built-in prompt set (openai: 80 prompts, simple: 7) or a file, one `{}` prompt per
+    line."""
+    if name_or_file in TEMPLATES:
+        return TEMPLATES[name_or_file]
+    templates = read_lines(name_or_file, "templates")
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise RaysoupError(f"templates file {name_or_file}: prompt {bad[0]!r} has no '{{}}' "
+                           f"for the class name")
+    return templates
+
+
+@torch.no_grad()
+def zeroshot_classifier(clip: torch.nn.Module, arch: str, classnames: Sequence[str],
+                        templates: Sequence) -> StateDict:
+    """The classifier state dict (our layout) of `clip` with a zero-shot head."""
+    if len(set(classnames)) != len(classnames):
+        raise RaysoupError("class names must be distinct")
+    weights = open_clip.build_zero_shot_classifier(
+        clip, open_clip.get_tokenizer(arch), classnames, templates)  # (embed_dim, classes)
+    head = (weights.T * clip.logit_scale.exp()).contiguous()
+    state = {f"model.{k}": v for k, v in clip.state_dict().items()
+             if not k.startswith("transformer.")}
+    state["classification_head.weight"] = head
+    state["classification_head.bias"] = torch.zeros(len(classnames))
+    return state

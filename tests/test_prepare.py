@@ -1,0 +1,230 @@
+"""`raysoup prepare` on real image files: tiny class folders of Fashion-MNIST PNGs."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv
+import pyarrow.parquet
+import pytest
+from PIL import Image
+
+from raysoup.data import DataError, load_fashion_mnist, read_eval_set
+from raysoup.prepare import prepare_dataset
+
+CLASSES = ("dress", "pullover", "trouser")  # sorted: the folder order
+FM_LABEL = {"trouser": 1, "pullover": 2, "dress": 3}
+PER_CLASS = 8
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def fm_images():
+    arrays = load_fashion_mnist()
+    x, y = arrays["test_images"][:, 0], arrays["test_labels"]
+    return {name: x[y == label][:PER_CLASS] for name, label in FM_LABEL.items()}
+
+
+def image_folder(root, fm_images):
+    """src/<class>/<i>.png, 28 px high and 28, 32 or 36 px wide (so centre-cropping
+    matters); one image per class in a sub-folder (found recursively)."""
+    for name, images in fm_images.items():
+        for i, x in enumerate(images):
+            path = root / name / ("deep" if i == 0 else "") / f"{i:02d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x).resize((28 + 4 * (i % 3), 28)).save(path)
+    return root
+
+
+@pytest.fixture
+def src(tmp_path, fm_images):
+    return image_folder(tmp_path / "src", fm_images)
+
+
+def expected(path, size):
+    """Shortest side to `size` (bicubic), centre crop, RGB: computed with PIL alone."""
+    img = Image.open(path)
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((int(w * scale), int(h * scale)), Image.BICUBIC)
+    left, top = round((img.width - size) / 2), round((img.height - size) / 2)
+    img = img.crop((left, top, left + size, top + size)).convert("RGB")
+    return np.asarray(img).transpose(2, 0, 1)
+
+
+def ordered_files(src):
+    return [p for name in CLASSES
+            for p in sorted((src / name).rglob("*.png"), key=lambda p: p.relative_to(src))]
+
+
+def test_folder_to_shards(src, tmp_path):
+    out = tmp_path / "out"
+    info = prepare_dataset(src, out, image_size=32, shard_size=10, workers=2, log=quiet)
+    assert info == json.loads((out / "dataset.json").read_text())
+    assert info["classes"] == list(CLASSES) and info["image_size"] == [32, 32]
+    assert info["rows"] == 24 and info["shards"] == [f"shard-0000{i}.arrow" for i in range(3)]
+    assert info["name"] == "out" and info["skipped"] == [] and info["split"] is None
+    assert info["preprocess"]["interpolation"] == "bicubic"
+    assert not list(out.glob("*.tmp"))
+
+    data = read_eval_set(out, num_classes=3)
+    assert data.images.shape == (24, 3, 32, 32) and data.images.dtype == np.uint8
+    np.testing.assert_array_equal(data.labels, np.repeat([0, 1, 2], PER_CLASS))
+    files = ordered_files(src)
+    assert files[0].relative_to(src).as_posix() == "dress/01.png"
+    assert files[7].relative_to(src).as_posix() == "dress/deep/00.png"  # sorted by path
+    for i in (0, 1, 7, 23):  # widths 32, 36, 28, 32 px
+        np.testing.assert_array_equal(data.images[i], expected(files[i], 32))
+
+
+def test_csv_and_parquet_give_the_folder_result(src, tmp_path):
+    prepare_dataset(src, tmp_path / "ref", image_size=32, log=quiet)
+    reference = read_eval_set(tmp_path / "ref")
+    files = ordered_files(src)
+    rows = [p.relative_to(src).as_posix() for p in files[::-1]]  # any row order
+    names = [p.relative_to(src).parts[0] for p in files[::-1]]
+    pyarrow.csv.write_csv(pa.table({"path": rows, "label": names}), src / "list.csv")
+    # Parquet: integer labels into a class list, in a folder of its own (absolute paths)
+    (tmp_path / "tables").mkdir()
+    table = pa.table({"path": [str(p) for p in files[::-1]],
+                      "label": [CLASSES.index(n) for n in names]})
+    pyarrow.parquet.write_table(table, tmp_path / "tables/list.parquet")
+    # Parquet from pandas: a categorical label column is dictionary-encoded
+    pyarrow.parquet.write_table(pa.table({"path": rows, "label": pa.array(names)
+                                          .dictionary_encode()}), src / "categorical.parquet")
+
+    for i, (table_file, classes) in enumerate([(src / "list.csv", None),
+                                               (tmp_path / "tables/list.parquet", CLASSES),
+                                               (src / "categorical.parquet", None)]):
+        out = tmp_path / f"out{i}"
+        info = prepare_dataset(table_file, out, image_size=32, classes=classes, log=quiet)
+        assert info["classes"] == list(CLASSES) and info["rows"] == 24
+        data = read_eval_set(out)
+        np.testing.assert_array_equal(data.images, reference.images)
+        np.testing.assert_array_equal(data.labels, reference.labels)
+
+
+def test_arch_gives_its_input_resolution(src, tmp_path):
+    small = tmp_path / "small"
+    (small / "dress").mkdir(parents=True)
+    (small / "trouser").mkdir()
+    for name in ("dress/01.png", "trouser/05.png"):  # 32 and 36 px wide
+        (small / name).write_bytes((src / name).read_bytes())
+    info = prepare_dataset(small, tmp_path / "out", arch="ViT-B-32", log=quiet)
+    assert info["image_size"] == [224, 224] and info["preprocess"]["mean"][0] == 0.48145466
+    data = read_eval_set(tmp_path / "out")
+    assert data.images.shape == (2, 3, 224, 224)
+    np.testing.assert_array_equal(data.images[1], expected(small / "trouser/05.png", 224))
+
+
+def test_validation_split(src, tmp_path):
+    info = prepare_dataset(src, tmp_path / "a", image_size=16, val_fraction=0.3, seed=7,
+                           workers=2, shard_size=4, log=quiet)
+    split = info["split"]
+    assert (split["seed"], split["fraction"]) == (7, 0.3)
+    # round(0.3 * 8) = 2 per class held out; together the lists cover every image once
+    assert sorted(split["val"] + split["train"]) == sorted(
+        p.relative_to(src).as_posix() for p in ordered_files(src))
+    assert [sum(p.startswith(c) for p in split["val"]) for c in CLASSES] == [2, 2, 2]
+    assert info["rows"] == 6
+    data = read_eval_set(tmp_path / "a")
+    np.testing.assert_array_equal(data.labels, [0, 0, 1, 1, 2, 2])  # only val is written
+    np.testing.assert_array_equal(data.images[0], expected(src / split["val"][0], 16))
+
+    again = prepare_dataset(src, tmp_path / "b", image_size=16, val_fraction=0.3, seed=7,
+                            log=quiet)
+    assert again["split"] == split
+    other = prepare_dataset(src, tmp_path / "c", image_size=16, val_fraction=0.3, seed=8,
+                            log=quiet)
+    assert other["split"]["val"] != split["val"]
+    # at least one per class, however small the fraction
+    tiny = prepare_dataset(src, tmp_path / "d", image_size=16, val_fraction=0.01, log=quiet)
+    assert tiny["rows"] == 3
+
+
+def test_corrupt_images_are_skipped_or_fatal_when_strict(src, tmp_path):
+    (src / "pullover/zz-garbage.png").write_bytes(b"not a png at all")
+    good = (src / "trouser/03.png").read_bytes()
+    (src / "trouser/03-truncated.png").write_bytes(good[:len(good) // 2])
+    lines = []
+    info = prepare_dataset(src, tmp_path / "out", image_size=32, shard_size=10, workers=2,
+                           log=lines.append)
+    assert info["rows"] == 24
+    assert [s["path"] for s in info["skipped"]] == ["pullover/zz-garbage.png",
+                                                    "trouser/03-truncated.png"]
+    warning = next(line for line in lines if "warning" in line)
+    assert "skipped 2" in warning and "pullover/zz-garbage.png" in warning
+    assert read_eval_set(tmp_path / "out").images.shape[0] == 24
+
+    with pytest.raises(DataError, match="zz-garbage.png"):
+        prepare_dataset(src, tmp_path / "strict", image_size=32, strict=True, log=quiet)
+    assert not (tmp_path / "strict/dataset.json").exists()
+
+
+def test_empty_class_folder_is_named(src, tmp_path):
+    (src / "coat").mkdir()
+    (src / "coat/readme.txt").write_text("no images here")
+    with pytest.raises(DataError, match="class folder .*coat has no images"):
+        prepare_dataset(src, tmp_path / "out", image_size=32, log=quiet)
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_labels_outside_the_class_list(src, tmp_path):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("trouser\npullover\n\n")
+    with pytest.raises(DataError, match=r"folder 'dress' .* not in the class list "
+                                        r"\(2 classes from classes.txt\)"):
+        prepare_dataset(src, tmp_path / "out", image_size=32, classes=classes, log=quiet)
+    (src / "list.csv").write_text("path,label\ntrouser/01.png,trouser\ndress/01.png,foo\n")
+    with pytest.raises(DataError, match=r"label 'foo' \(row 2 of list.csv\) is not in the "
+                                        r"class list \(2 classes from classes.txt\)"):
+        prepare_dataset(src / "list.csv", tmp_path / "out", image_size=32, classes=classes,
+                        log=quiet)
+    (src / "list.csv").write_text("path,label\ntrouser/01.png,0\ndress/01.png,2\n")
+    with pytest.raises(DataError, match=r"label 2 \(row 2 of list.csv\) is out of range"):
+        prepare_dataset(src / "list.csv", tmp_path / "out", image_size=32, classes=classes,
+                        log=quiet)
+    (src / "list.csv").write_text("path,label\ntrouser/01.png,0\ndress/missing.png,1\n")
+    with pytest.raises(DataError, match=r"dress/missing.png \(row 2\)"):
+        prepare_dataset(src / "list.csv", tmp_path / "out", image_size=32, classes=classes,
+                        log=quiet)
+
+
+def test_bad_settings_are_refused(src, tmp_path):
+    for kwargs, message in [({}, "exactly one of arch"),
+                            ({"arch": "ViT-B-32", "image_size": 32}, "exactly one of arch"),
+                            ({"arch": "ViT-Nope"}, "unknown open_clip architecture 'ViT-Nope'"),
+                            ({"image_size": 32, "val_fraction": 1.0}, "val_fraction = 1.0"),
+                            ({"image_size": 32, "shard_size": 0}, "shard_size = 0")]:
+        with pytest.raises(DataError, match=message):
+            prepare_dataset(src, tmp_path / "out", log=quiet, **kwargs)
+    with pytest.raises(DataError, match="does not exist"):
+        prepare_dataset(tmp_path / "nowhere", tmp_path / "out", image_size=32, log=quiet)
+    with pytest.raises(DataError, match="inside the image folder"):
+        prepare_dataset(src, src / "prepared", image_size=32, log=quiet)
+
+
+def test_resume_redoes_only_missing_shards(src, tmp_path):
+    out = tmp_path / "out"
+    first = prepare_dataset(src, out, image_size=32, shard_size=10, workers=2, log=quiet)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # an interrupted run: the last shard and dataset.json never written
+    (out / "shard-00002.arrow").unlink()
+    (out / "shard-00002.json").unlink()
+    (out / "dataset.json").unlink()
+    mtime = (out / "shard-00000.arrow").stat().st_mtime_ns
+    lines = []
+    assert prepare_dataset(src, out, image_size=32, shard_size=10, log=lines.append) == first
+    assert "resuming: 2 of 3 shards already done" in "\n".join(lines)
+    assert (out / "shard-00000.arrow").stat().st_mtime_ns == mtime
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    with pytest.raises(DataError, match="differs in preprocess.*pick another --out"):
+        prepare_dataset(src, out, image_size=48, shard_size=10, log=quiet)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy/notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="not a `raysoup prepare` output"):
+        prepare_dataset(src, tmp_path / "busy", image_size=32, log=quiet)
