@@ -46,7 +46,10 @@ class ModelSpec:
     std: tuple[float, ...] = (0.3530,)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.arch:  # the testbed's tower: the form every zoo manifest (and cache key) has
+            del d["arch"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":

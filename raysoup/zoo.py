@@ -51,7 +51,7 @@ class ZooConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "model": self.model.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ZooConfig":

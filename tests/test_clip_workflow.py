@@ -203,3 +203,12 @@ def test_clip_workflow_end_to_end(tmp_path):
                                               "train": 12}
     fused = load_state_dict(tmp_path / "run" / "fused.safetensors")
     check_state_dict(fused, state_dict_template(VIT_B_32), "fused", "ViT-B-32")
+
+
+def test_spec_round_trips_and_testbed_manifests_keep_their_form():
+    """A testbed spec serialises as before `arch` existed, so zoo manifests and the zoo
+    cache key stay valid; an arch spec round-trips with its open_clip-derived fields."""
+    assert "arch" not in ModelSpec().to_dict()
+    assert ModelSpec.from_dict(ModelSpec().to_dict()) == ModelSpec()
+    assert ModelSpec.from_dict(VIT_B_32.to_dict()) == VIT_B_32
+    assert (VIT_B_32.image_size, VIT_B_32.in_channels, VIT_B_32.embed_dim) == (224, 3, 512)
