@@ -252,6 +252,12 @@ def manifold_mix_row(prepared: Prepared, result: dict, evaluator: Evaluator, wal
             "phase2": details["phase2"], "config": prepared.config.method.to_dict()}
 
 
+def references(zoo: str, evaluator: Evaluator) -> dict:
+    """The manifest's pretrained model (e.g. zero-shot), judged like the methods."""
+    pretrained = load_pretrained(zoo)
+    return {} if pretrained is None else {"pretrained": evaluator.report(pretrained)}
+
+
 def execute(config: RunConfig, resume: bool = False, address: str | None = None,
             log=print) -> dict:
     if config.methods != ("manifold_mix",):
@@ -266,11 +272,13 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
     t0 = time.perf_counter()
     result = run_manifold_mix(prepared, log=log)
     wall = time.perf_counter() - t0
-    evaluator = Evaluator(prepared.pool.spec, load_eval_sets(prepared.eval_sources,
-                                                             prepared.pool.spec.num_classes))
+    evaluator = Evaluator(prepared.pool.spec, load_eval_sets(
+        prepared.eval_sources, prepared.pool.spec.num_classes, log))
     row = manifold_mix_row(prepared, result, evaluator, wall, ranked_here=True)
     report = {"methods": {"manifold_mix": row}, "ranking": result["ranking"],
-              "config": {"source": str(config.source), "resumed": resume,
+              "references": references(config.pool.zoo, evaluator),
+              "data": dataset_records(prepared.eval_sources),
+              "config": {"source": config.source and str(config.source), "resumed": resume,
                          "pool": str(config.pool.zoo), "method": config.method.to_dict()}}
     write_json(out / "report.json", report, indent=1)
     log(format_table(report["methods"]))
@@ -300,8 +308,6 @@ def run_methods(config: RunConfig, address: str | None = None, log=print,
     log("[run] ranking on val: " + ", ".join(f"{n} {100 * a:.2f}" for n, a in ctx.ranking))
 
     ingredients = {n: {**evaluator.report(pool.load(n)), "ingredients": [n]} for n in pool.names}
-    pretrained = load_pretrained(str(zoo_dir))
-    references = {"pretrained": evaluator.report(pretrained)} if pretrained is not None else {}
     rows = {}
     for name in methods:
         t0 = time.perf_counter()
@@ -321,13 +327,14 @@ def run_methods(config: RunConfig, address: str | None = None, log=print,
         log(f"[run] {name}: val {100 * rows[name]['val']:.2f}, "
             f"{len(result.ingredients)} ingredient(s)")
 
-    report = {"methods": rows, "ingredients": ingredients, "references": references,
+    report = {"methods": rows, "ingredients": ingredients,
+              "references": references(zoo_dir, evaluator),
               "ranking": ctx.ranking,
               "zoo": {"dir": str(zoo_dir), "config": manifest.get("config"),
                       "build_seconds": manifest.get("build_seconds")},
               "data": dataset_records(mix_run.eval_sources),
-              "config": {**(extra or {}), "source": str(config.source), "methods": list(methods),
-                         "manifold_mix": config.method.to_dict()}}
+              "config": {**(extra or {}), "source": config.source and str(config.source),
+                         "methods": list(methods), "manifold_mix": config.method.to_dict()}}
     write_report(run_dir, report)
     log(format_table(rows))
     log(f"[run] wrote {run_dir}/report.json, results.parquet, scatter.png" +

@@ -26,6 +26,9 @@ def config_text(zoo, out="out", method="", resources="", extra=""):
     ("optimiser = 'NGOpt'", "", "", "unknown key.*method.optimiser"),
     ("", "evaluation = 'sometimes'", "", "resources.evaluation"),
     ("", "", "seed = 3", r"unknown key\(s\) or section\(s\) \['seed'\]"),
+    ("", "", "methods = ['greedy_soup', 'greedier_soup']",
+     r"unknown method\(s\) \['greedier_soup'\]"),
+    ("", "", "methods = []", "methods: unknown method"),
 ])
 def test_bad_config_names_the_key_or_value(tiny_zoo, tmp_path, method, resources, extra,
                                            message):
@@ -73,6 +76,15 @@ def test_resume_from_a_run_with_another_config_is_refused(tiny_zoo, tmp_path):
     path.write_text(config_text(tiny_zoo, method="tau = 0.95"))
     with pytest.raises(RaysoupError, match="different config.*method"):
         prepare(load_config(path), resume=True)
+
+
+def test_resume_needs_a_manifold_mix_only_run(tiny_zoo, tmp_path):
+    from raysoup.run import execute
+    path = tmp_path / "run.toml"
+    path.write_text(config_text(tiny_zoo, extra="methods = ['greedy_soup', 'manifold_mix']"))
+    with pytest.raises(RaysoupError, match="--resume continues a manifold_mix-only run"):
+        execute(load_config(path), resume=True)
+    assert not ray.is_initialized()
 
 
 def test_missing_or_broken_config_file(tmp_path):
