@@ -13,8 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def format_table(rows: dict[str, dict]) -> str:
-    """Method x (val, id, each OOD set, OOD avg, ingredients, evaluations, wall seconds)."""
+def format_table(rows: dict[str, dict], references: dict[str, dict] | None = None) -> str:
+    """Method x (val, id, each OOD set, OOD avg, ingredients, evaluations, wall seconds),
+    then the reference models (e.g. pretrained) in one line."""
     shifts = list(next(iter(rows.values()))["ood"])
     header = ["method", "val", "id", *shifts, "ood_avg", "ingr", "evals", "wall_s"]
 
@@ -32,8 +33,10 @@ def format_table(rows: dict[str, dict]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                          for i, (c, w) in enumerate(zip(cells, widths)))
 
+    refs = "".join(f"; {name}: val {pct(r['val'])}, id {pct(r['id'])}, ood_avg "
+                   f"{pct(r['ood_avg'])}" for name, r in (references or {}).items())
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)]
-                     ) + "\n(accuracies in %; only val decides, id and ood only report)"
+                     ) + f"\n(accuracies in %{refs}; only val decides, id and ood only report)"
 
 
 def results_table(rows: dict[str, dict], kind: str) -> pa.Table:

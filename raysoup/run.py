@@ -281,7 +281,7 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
               "config": {"source": config.source and str(config.source), "resumed": resume,
                          "pool": str(config.pool.zoo), "method": config.method.to_dict()}}
     write_json(out / "report.json", report, indent=1)
-    log(format_table(report["methods"]))
+    log(format_table(report["methods"], report["references"]))
     log(f"[run] wrote {out}/report.json, fused.safetensors, beta.parquet, beta.png, history.json")
     return report
 
@@ -336,7 +336,7 @@ def run_methods(config: RunConfig, address: str | None = None, log=print,
               "config": {**(extra or {}), "source": config.source and str(config.source),
                          "methods": list(methods), "manifold_mix": config.method.to_dict()}}
     write_report(run_dir, report)
-    log(format_table(rows))
+    log(format_table(rows, report["references"]))
     log(f"[run] wrote {run_dir}/report.json, results.parquet, scatter.png" +
         (", beta.parquet, beta.png, history.json, fused.safetensors"
                                                            if "manifold_mix" in methods else ""))
