@@ -47,7 +47,7 @@ def _zeroshot(args: argparse.Namespace) -> None:
     templates = templates_for(args.templates)
     clip = load_clip(args.arch, args.pretrained)
     save_state_dict(zeroshot_classifier(clip, args.arch, classes, templates), args.out,
-                    metadata={"arch": args.arch, "pretrained": args.pretrained or "none",
+                    metadata={"arch": args.arch, "pretrained": args.pretrained,
                               "classes": len(classes), "templates": len(templates)})
     print(f"[zeroshot] wrote {args.out}: {args.arch} with a zero-shot head for "
           f"{len(classes)} classes ({len(templates)} prompts each)")
@@ -115,9 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     zs = sub.add_parser("zeroshot", help="a CLIP classifier with a zero-shot head from class "
                         "names and prompts (an ingredient / the pretrained reference)")
     zs.add_argument("--arch", required=True, help="open_clip model name, e.g. ViT-B-32-quickgelu")
-    zs.add_argument("--pretrained", help="a checkpoint file, or an open_clip tag whose "
-                    "weights are in the local Hugging Face cache (never downloaded)")
-    zs.add_argument("--classes", type=Path, required=True, help="class names, one per line")
+    zs.add_argument("--pretrained", required=True, help="a checkpoint file, or an open_clip "
+                    "tag whose weights are in the local Hugging Face cache (never downloaded)")
+    zs.add_argument("--classes", type=Path, required=True, help="class names for the prompts, "
+                    "one per line, in the model's class order")
     zs.add_argument("--templates", default="openai", help="openai (80 prompts), simple (7), "
                     "or a file with one '{}' prompt per line")
     zs.add_argument("--out", type=Path, required=True, help="output .safetensors")

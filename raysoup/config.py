@@ -56,6 +56,9 @@ class RunConfig:
     source: Path | None = None    # the TOML file it came from
     # Methods to run on one shared ranking (all but manifold_mix in the driver process).
     methods: tuple[str, ...] = ("manifold_mix",)
+    # Judge every ingredient on every set too (report rows and scatter plot); off, only the
+    # ranking's val accuracies are reported: the full table costs N x all sets.
+    report_ingredients: bool = False
 
     def __post_init__(self):
         from .methods import METHODS
@@ -102,7 +105,7 @@ def load_config(path: Path) -> RunConfig:
     except tomllib.TOMLDecodeError as e:
         raise RaysoupError(f"{path} is not valid TOML: {e}") from e
     sections = {"pool": PoolConfig, "method": ManifoldMixConfig, "resources": ResourcesConfig}
-    top_level = {"out", "methods"}
+    top_level = {"out", "methods", "report_ingredients"}
     unknown = sorted(set(raw) - set(sections) - top_level)
     if unknown:
         raise RaysoupError(f"{path}: unknown key(s) or section(s) {unknown}; known: "
@@ -117,4 +120,5 @@ def load_config(path: Path) -> RunConfig:
         resources=section(ResourcesConfig, raw.get("resources", {}), "resources", str(path),
                            base),
         source=path,
-        methods=tuple(raw.get("methods", ("manifold_mix",))))
+        methods=tuple(raw.get("methods", ("manifold_mix",))),
+        report_ingredients=bool(raw.get("report_ingredients", False)))

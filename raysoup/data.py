@@ -165,45 +165,65 @@ def read_eval_set(source: EvalSetSource | str | Path, num_classes: int | None = 
 
     With a class map, rows whose label has no model class are left out (counted in `log`).
     """
-    if not isinstance(source, EvalSetSource):
-        source = EvalSetSource(str(source))
-    dataset_json = storage.join(source.location, "dataset.json")
-    if storage.is_file(dataset_json):
-        part = _read_shards(source.location, dataset_json)
-    else:
-        part = _read_arrow(source.location)
+    source = source if isinstance(source, EvalSetSource) else EvalSetSource(str(source))
+    name, parts = _open_parts(source.location)
+    labels = np.concatenate([p.labels for p in parts])
+    keep = _rows_kept(labels, source, num_classes)
+    images = np.concatenate([p.images for p in parts]) if len(parts) > 1 else parts[0].images
+    if keep is None:
+        return EvalSet(name, images, labels)
+    if log is not None and not keep.all():
+        log(f"[data] {name}: {int((~keep).sum())} of {len(keep)} images have classes "
+            f"without a model counterpart; left out")
+    return EvalSet(name, images[keep], labels[keep], source.class_map)
+
+
+def check_eval_set(source: EvalSetSource, num_classes: int) -> int:
+    """Rows the set would give, from its labels alone (images stay unread on local files):
+    the up-front check of a run."""
+    _, parts = _open_parts(source.location)
+    keep = _rows_kept(np.concatenate([p.labels for p in parts]), source, num_classes)
+    return sum(len(p) for p in parts) if keep is None else int(keep.sum())
+
+
+def _rows_kept(labels: np.ndarray, source: EvalSetSource, num_classes: int | None):
+    """None when every row counts (labels checked against the model's classes), else the
+    mask of rows whose label the class map sends to some model class."""
     if source.class_map is None:
-        _check_labels(part.labels, num_classes, source.location)
-        return part
-    _check_labels(part.labels, len(source.class_map), source.location)
-    keep = np.array([len(source.class_map[y]) > 0 for y in part.labels])
+        _check_labels(labels, num_classes, source.location)
+        return None
+    _check_labels(labels, None, source.location)
+    # Labels past the map's end (a plain Arrow file's map lists only what it maps): unmapped.
+    mapped = np.array([len(g) > 0 for g in source.class_map] + [False])
+    keep = mapped[np.minimum(labels, len(source.class_map))]
     if not keep.any():
         raise DataError(f"evaluation set {source.location}: no row has a label that the class "
                         f"map sends to a model class")
-    if log is not None and not keep.all():
-        log(f"[data] {part.name}: {int((~keep).sum())} of {len(keep)} images have classes "
-            f"without a model counterpart; left out")
-    return EvalSet(part.name, part.images[keep], part.labels[keep], source.class_map)
+    return keep
 
 
 def _check_labels(labels: np.ndarray, num_classes: int | None, where: str) -> None:
-    if num_classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
-        bad = labels[(labels < 0) | (labels >= num_classes)][0]
+    high = np.iinfo(labels.dtype).max if num_classes is None else num_classes
+    if labels.min() < 0 or labels.max() >= high:
+        bad = labels[(labels < 0) | (labels >= high)][0]
         raise DataError(f"evaluation set {where}: label {bad} out of range [0, {num_classes})")
 
 
-def _read_shards(folder: str, dataset_json: str) -> EvalSet:
+def _open_parts(location: str) -> tuple[str, list[EvalSet]]:
+    """The set's name and its Arrow parts (one file, or a prepared folder's shards)."""
+    dataset_json = storage.join(location, "dataset.json")
+    if not storage.is_file(dataset_json):
+        part = _read_arrow(location)
+        return part.name, [part]
     try:
         info = json.loads(storage.read_bytes(dataset_json))
-        shards = [_read_arrow(storage.within(folder, f, f"{dataset_json} shard"))
-                  for f in info["shards"]]
+        parts = [_read_arrow(storage.within(location, f, f"{dataset_json} shard"))
+                 for f in info["shards"]]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise DataError(f"cannot read {dataset_json}: {e}") from e
-    if not shards:
-        raise DataError(f"prepared set {folder} has no shards")
-    name = info.get("name") or Path(folder).name
-    return EvalSet(name, np.concatenate([s.images for s in shards]),
-                   np.concatenate([s.labels for s in shards]))
+    if not parts:
+        raise DataError(f"prepared set {location} has no shards")
+    return info.get("name") or Path(location).name, parts
 
 
 def _read_arrow(path: str) -> EvalSet:

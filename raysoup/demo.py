@@ -56,5 +56,6 @@ def run_demo(out: Path | None = None, quick: bool = False, zoo_dir: Path | None 
     zoo_dir = demo_zoo(quick, zoo_dir, log)
     budget = QUICK_EVALS_PER_COMPONENT if quick else DEMO_EVALS_PER_COMPONENT
     config = RunConfig(PoolConfig(str(zoo_dir)), fresh_run_dir(out),
-                       ManifoldMixConfig(evals_per_component=budget), methods=DEMO_METHODS)
+                       ManifoldMixConfig(evals_per_component=budget), methods=DEMO_METHODS,
+                       report_ingredients=True)
     return run_methods(config, log=log, extra={"quick": quick})

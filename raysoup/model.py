@@ -11,6 +11,7 @@ renaming and the component presets written for it apply to every model here.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -64,18 +65,41 @@ class ModelSpec:
         return spec.with_arch_defaults() if spec.arch else spec
 
     def with_arch_defaults(self) -> "ModelSpec":
-        """Input size, embedding width and normalisation from open_clip's config of `arch`."""
-        config = open_clip.get_model_config(self.arch)
-        if config is None:
-            close = difflib.get_close_matches(self.arch, open_clip.list_models(), n=3)
-            raise RaysoupError(f"model.arch: unknown open_clip architecture {self.arch!r}"
-                               + (f"; did you mean {', '.join(close)}?" if close else
-                                  "; see open_clip.list_models()"))
-        size = config["vision_cfg"]["image_size"]
-        preprocess = open_clip.transform.PreprocessCfg(**config.get("preprocess_cfg", {}))
-        return replace(self, image_size=size if isinstance(size, int) else size[0],
-                       in_channels=3, embed_dim=config["embed_dim"],
-                       mean=tuple(preprocess.mean), std=tuple(preprocess.std))
+        """Input size and embedding width from open_clip's config of `arch`; mean and std
+        too, unless given (weights trained with other values need them in the manifest)."""
+        config = arch_config(self.arch)
+        preprocess = preprocess_config(self.arch)
+        given = ModelSpec()  # a mean/std that differs from the testbed default was given
+        return replace(self, image_size=preprocess["size"], in_channels=3,
+                       embed_dim=config["embed_dim"],
+                       mean=self.mean if self.mean != given.mean else tuple(preprocess["mean"]),
+                       std=self.std if self.std != given.std else tuple(preprocess["std"]))
+
+
+def arch_config(arch: str) -> dict:
+    """open_clip's config of a CLIP-layout architecture; a clear error for anything else."""
+    config = open_clip.get_model_config(arch)
+    if config is None:
+        close = difflib.get_close_matches(arch, open_clip.list_models(), n=3)
+        raise RaysoupError(f"model.arch: unknown open_clip architecture {arch!r}"
+                           + (f"; did you mean {', '.join(close)}?" if close else
+                              "; see open_clip.list_models()"))
+    if (config.get("custom_text") or "hf_model_name" in config.get("text_cfg", {})
+            or "multimodal_cfg" in config):
+        raise RaysoupError(f"model.arch {arch!r} has a custom text tower or a multimodal "
+                           f"decoder (SigLIP, EVA, CoCa, ...); raysoup's classifier takes "
+                           f"CLIP-layout models (ViT-*, RN*, convnext_*, ...)")
+    return config
+
+
+def preprocess_config(arch: str) -> dict:
+    """open_clip's eval preprocessing of `arch` without pretrained weights (JSON form): the
+    model config's values, at the tower's input size."""
+    config = arch_config(arch)
+    size = config["vision_cfg"]["image_size"]
+    cfg = open_clip.transform.PreprocessCfg(**{
+        **config.get("preprocess_cfg", {}), "size": size if isinstance(size, int) else size[0]})
+    return json.loads(json.dumps(asdict(cfg)))
 
 
 @contextmanager

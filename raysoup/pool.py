@@ -143,7 +143,10 @@ def load_pretrained(zoo: str) -> StateDict | None:
     entry = read_manifest(zoo).get("pretrained")
     if entry is None:
         return None
-    file = entry["file"] if isinstance(entry, dict) else entry
+    file = entry.get("file") if isinstance(entry, dict) else entry
+    if not isinstance(file, str):
+        raise CheckpointError(f"manifest.json pretrained = {entry!r}: give a file in the zoo, "
+                              f"or {{\"file\": ...}}")
     return to_classifier_layout(load_state_dict(storage.within(
         storage.resolve(zoo), file, "manifest.json pretrained")))
 

@@ -35,6 +35,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from .data import DataError, EvalSet, write_eval_set
+from .errors import RaysoupError
+from .model import preprocess_config
 from .pool import write_json
 
 FORMAT = 1
@@ -77,6 +79,7 @@ def prepare_dataset(src: str | Path, out: str | Path, *, arch: str | None = None
     src, out = Path(src), Path(out)
     workers = (os.cpu_count() or 1) if workers is None else workers
     _check_settings(arch, image_size, val_fraction, workers, shard_size)
+    cfg = preprocess_cfg(arch, image_size)  # an unknown arch fails before any file is read
     if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
         # a rerun would take the output folder for a class
         raise DataError(f"--out {out} is inside the image folder {src}: pick one outside it")
@@ -93,9 +96,8 @@ def prepare_dataset(src: str | Path, out: str | Path, *, arch: str | None = None
             f"{val_fraction:g} of each class; only these are written")
         items = val
 
-    cfg = preprocess_cfg(arch, image_size)
     _claim(out, {"format": FORMAT, "source": str(src.resolve()), "classes": names,
-                 "preprocess": cfg, "shard_size": shard_size,
+                 "preprocess": cfg, "shard_size": shard_size, "strict": strict,
                  "split": split_settings, "items": [[it.path, it.label] for it in items]})
     transform = pil_transform(cfg)
     tasks = [ShardTask(out.resolve().name, items[start:start + shard_size], transform,
@@ -283,17 +285,13 @@ def split_per_class(items: list[Item], fraction: float, seed: int
 def preprocess_cfg(arch: str | None, image_size: int | None) -> dict:
     """open_clip's preprocessing settings for `arch` (or its defaults at `image_size`), in the
     JSON form that plan.json and dataset.json record."""
-    import open_clip  # heavy: only when preparing
+    if arch is not None:
+        try:
+            return preprocess_config(arch)
+        except RaysoupError as e:
+            raise DataError(str(e)) from None
     from open_clip.transform import PreprocessCfg
-    if arch is None:
-        cfg = PreprocessCfg(size=image_size)
-    elif arch not in open_clip.list_models():
-        raise DataError(f"unknown open_clip architecture {arch!r} "
-                        f"(open_clip.list_models() names the known ones)")
-    else:  # no weights: the preprocessing is part of the model's config
-        from .model import clip_model
-        cfg = PreprocessCfg(**open_clip.get_model_preprocess_cfg(clip_model(arch)))
-    return json.loads(json.dumps(asdict(cfg)))
+    return json.loads(json.dumps(asdict(PreprocessCfg(size=image_size))))
 
 
 def pil_transform(cfg: dict) -> Callable:

@@ -23,7 +23,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .checkpoint import load_state, save_state
 from .components import Components, partition
-from .data import EvalSetSource
+from .data import EvalSetSource, check_eval_set
 from .config import RunConfig
 from .distributed import EvaluatorSpec, TuneSearch, start_evaluators
 from .errors import RaysoupError
@@ -31,7 +31,9 @@ from .evaluate import VAL, Evaluator, load_eval_sets
 from .methods import METHODS, SoupContext, ValidationJudge
 from .methods.manifold_mix import MixState, manifold_mix
 from .mixing import from_numpy
-from .pool import IngredientPool, load_pretrained, read_manifest, save_state_dict, write_json
+from .model import state_dict_template
+from .pool import (IngredientPool, check_state_dict, load_pretrained, read_manifest,
+                   save_state_dict, write_json)
 from .report import format_table, write_report
 from .search import first_model
 from .tasks import dataset_records, eval_set_sources
@@ -64,6 +66,12 @@ def prepare(config: RunConfig, resume: bool, pool: IngredientPool | None = None)
     eval_sources = eval_set_sources(config.pool.zoo)
     if VAL not in eval_sources:
         raise RaysoupError(f"zoo {config.pool.zoo} has no '{VAL}' evaluation set")
+    for source in eval_sources.values():  # labels vs classes and maps, images unread
+        check_eval_set(source, pool.spec.num_classes)
+    pretrained = load_pretrained(config.pool.zoo)
+    if pretrained is not None:
+        check_state_dict(pretrained, state_dict_template(pool.spec),
+                         "manifest.json pretrained", pool.spec.arch)
     out = config.out
     if (out / "report.json").exists() and not resume:
         raise RaysoupError(f"{out} already holds a finished run; choose another `out`")
@@ -307,7 +315,12 @@ def run_methods(config: RunConfig, address: str | None = None, log=print,
     ranking_s = time.perf_counter() - t0
     log("[run] ranking on val: " + ", ".join(f"{n} {100 * a:.2f}" for n, a in ctx.ranking))
 
-    ingredients = {n: {**evaluator.report(pool.load(n)), "ingredients": [n]} for n in pool.names}
+    if config.report_ingredients:
+        ingredients = {n: {**evaluator.report(pool.load(n)), "ingredients": [n]}
+                       for n in pool.names}
+    else:
+        ingredients = {n: {"val": acc, "id": None, "ood": {}, "ood_avg": None,
+                           "ingredients": [n]} for n, acc in ctx.ranking}
     rows = {}
     for name in methods:
         t0 = time.perf_counter()
@@ -337,7 +350,7 @@ def run_methods(config: RunConfig, address: str | None = None, log=print,
                          "methods": list(methods), "manifold_mix": config.method.to_dict()}}
     write_report(run_dir, report)
     log(format_table(rows, report["references"]))
-    log(f"[run] wrote {run_dir}/report.json, results.parquet, scatter.png" +
-        (", beta.parquet, beta.png, history.json, fused.safetensors"
-                                                           if "manifold_mix" in methods else ""))
+    written = ["report.json", "results.parquet", "scatter.png", "beta.parquet", "beta.png",
+               "history.json", "fused.safetensors"]
+    log(f"[run] wrote {run_dir}: " + ", ".join(f for f in written if (run_dir / f).exists()))
     return report

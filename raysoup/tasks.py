@@ -44,10 +44,13 @@ def model_classes(zoo: str, manifest: dict) -> list[str] | None:
 
 
 def _class_index(value, names: list[str] | None, count: int, what: str) -> int:
+    """A class given by index (an int) or by name (a string, looked up in `names`)."""
     if isinstance(value, int) and not isinstance(value, bool):
         if 0 <= value < count:
             return value
         raise DataError(f"{what}: class index {value} out of range [0, {count})")
+    if not isinstance(value, str):
+        raise DataError(f"{what}: {value!r} is neither a class name nor a class index")
     if names is None:
         raise DataError(f"{what}: class {value!r} given by name, but no class names are known "
                         f"(add `classes` to the manifest, or prepare the set with "
@@ -58,35 +61,62 @@ def _class_index(value, names: list[str] | None, count: int, what: str) -> int:
     return names.index(value)
 
 
-def _set_classes(location: str) -> list[str] | None:
+def _set_classes(location: str, what: str) -> list[str] | None:
+    """The class names of a prepared set (its dataset.json), None for a plain Arrow file."""
     dataset_json = storage.join(location, "dataset.json")
     if not storage.is_file(dataset_json):
         return None
-    return json.loads(storage.read_bytes(dataset_json)).get("classes")
+    try:
+        return json.loads(storage.read_bytes(dataset_json)).get("classes")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise DataError(f"{what}: cannot read {dataset_json}: {e}") from e
+
+
+def _class_subset(subset, classes, num_classes: int, what: str) -> ClassMap:
+    if not isinstance(subset, list) or not subset:
+        raise DataError(f"{what}: class_subset must be a non-empty list of model classes")
+    chosen = {_class_index(c, classes, num_classes, f"{what} class_subset") for c in subset}
+    return tuple((c,) if c in chosen else () for c in range(num_classes))
+
+
+def _class_map(mapping, set_classes, classes, num_classes: int, what: str) -> ClassMap:
+    """Keys are the set's class names (from its dataset.json) or, for a plain Arrow file,
+    its label indices written as strings (JSON keys are strings)."""
+    if not isinstance(mapping, dict) or not mapping:
+        raise DataError(f"{what}: class_map must be a non-empty table "
+                        f"{{set class: [model classes]}}")
+    if set_classes is None and not all(str(k).isdigit() for k in mapping):
+        raise DataError(f"{what}: class_map keys {sorted(mapping)[:3]} are names, but the set "
+                        f"has no class names (prepare it with `raysoup prepare`, or key the "
+                        f"map by label index)")
+    count = len(set_classes) if set_classes else 1 + max(int(k) for k in mapping)
+    groups: list[tuple[int, ...]] = [()] * count
+    for key, targets in mapping.items():
+        label = _class_index(key if set_classes else int(key), set_classes, count,
+                             f"{what} class_map")
+        if not isinstance(targets, list):
+            raise DataError(f"{what}: class_map[{key!r}] must be a list of model classes, got "
+                            f"{targets!r}")
+        groups[label] = tuple(_class_index(t, classes, num_classes,
+                                           f"{what} class_map[{key!r}]") for t in targets)
+    return tuple(groups)
 
 
 def resolve_class_map(entry: dict, location: str, classes: list[str] | None,
                       num_classes: int, what: str) -> ClassMap | None:
     if "class_subset" in entry and "class_map" in entry:
         raise DataError(f"{what}: give class_subset or class_map, not both")
-    if "class_subset" in entry:
-        subset = {_class_index(c, classes, num_classes, f"{what} class_subset")
-                  for c in entry["class_subset"]}
-        if not subset:
-            raise DataError(f"{what}: class_subset is empty")
-        return tuple((c,) if c in subset else () for c in range(num_classes))
+    set_classes = _set_classes(location, what)
     if "class_map" in entry:
-        set_classes = _set_classes(location)
-        count = len(set_classes) if set_classes else 1 + max(
-            (k for k in (int(k) for k in entry["class_map"] if str(k).isdigit())), default=-1)
-        groups: list[tuple[int, ...]] = [()] * count
-        for set_class, targets in entry["class_map"].items():
-            key = int(set_class) if str(set_class).isdigit() else set_class
-            label = _class_index(key, set_classes, count, f"{what} class_map")
-            groups[label] = tuple(_class_index(t, classes, num_classes,
-                                               f"{what} class_map[{set_class!r}]")
-                                  for t in targets)
-        return tuple(groups)
+        return _class_map(entry["class_map"], set_classes, classes, num_classes, what)
+    # Otherwise the set's labels are model classes: a prepared set must use the same list.
+    if set_classes is not None and classes is not None and set_classes != classes:
+        raise DataError(f"{what}: the set was prepared with another class list "
+                        f"({len(set_classes)} classes, first {set_classes[:3]}) than the "
+                        f"manifest's ({len(classes)}, first {classes[:3]}); prepare it with "
+                        f"--classes, or give a class_map")
+    if "class_subset" in entry:
+        return _class_subset(entry["class_subset"], classes, num_classes, what)
     return None
 
 
@@ -104,6 +134,8 @@ def eval_set_sources(zoo: str | Path) -> dict[str, EvalSetSource]:
     for name, entry in manifest["eval_sets"].items():
         what = f"manifest.json eval set {name!r}"
         entry = {"file": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or "file" not in entry:
+            raise DataError(f"{what}: give a location, or a table with `file`")
         extra = sorted(set(entry) - known_keys)
         if extra:
             raise DataError(f"{what}: unknown key(s) {extra}; known: {sorted(known_keys)}")

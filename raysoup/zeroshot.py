@@ -21,7 +21,7 @@ import torch
 from open_clip import zero_shot_metadata
 
 from .errors import RaysoupError
-from .model import clip_model
+from .model import arch_config, clip_model
 from .pool import StateDict, load_state_dict
 
 TEMPLATES = {"openai": zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES,
@@ -58,17 +58,16 @@ def resolve_pretrained(arch: str, pretrained: str) -> str:
         f"the path of a checkpoint file")
 
 
-def load_clip(arch: str, pretrained: str | None) -> torch.nn.Module:
+def load_clip(arch: str, pretrained: str) -> torch.nn.Module:
     """CLIP with text tower; weights loaded without executing code from the file."""
+    arch_config(arch)  # a clear error for an unknown or unsupported architecture
     model = clip_model(arch)
-    if pretrained:
-        path = resolve_pretrained(arch, pretrained)
-        state = load_state_dict(path)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise RaysoupError(f"{path} is not an open_clip {arch} checkpoint: "
-                               f"{str(e).splitlines()[0]}") from None
+    path = resolve_pretrained(arch, pretrained)
+    try:
+        model.load_state_dict(load_state_dict(path), strict=True)
+    except RuntimeError as e:
+        raise RaysoupError(f"{path} is not an open_clip {arch} checkpoint: "
+                           f"{str(e).splitlines()[0]}") from None
     return model.eval()
 
 

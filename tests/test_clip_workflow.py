@@ -212,3 +212,22 @@ def test_spec_round_trips_and_testbed_manifests_keep_their_form():
     assert ModelSpec.from_dict(ModelSpec().to_dict()) == ModelSpec()
     assert ModelSpec.from_dict(VIT_B_32.to_dict()) == VIT_B_32
     assert (VIT_B_32.image_size, VIT_B_32.in_channels, VIT_B_32.embed_dim) == (224, 3, 512)
+
+
+def test_unsupported_architectures_and_given_normalisation():
+    with pytest.raises(RaysoupError, match="custom text tower"):
+        ModelSpec.from_dict({"arch": "ViT-B-16-SigLIP", "num_classes": 3})
+    with pytest.raises(RaysoupError, match="did you mean ViT-B-32"):
+        ModelSpec.from_dict({"arch": "ViT-B-32x", "num_classes": 3})
+    spec = ModelSpec.from_dict({"arch": "ViT-B-32", "num_classes": 3,
+                                "mean": [0.5] * 3, "std": [0.5] * 3})
+    assert spec.mean == (0.5,) * 3 and spec.std == (0.5,) * 3
+
+
+def test_examples_parse():
+    from raysoup.config import load_config
+    examples = Path(__file__).parents[1] / "examples" / "clip"
+    config = load_config(examples / "run.toml")
+    assert config.methods == ("greedy_soup", "manifold_mix") and config.method.drop_unused
+    manifest = json.loads((examples / "manifest.json").read_text())
+    assert ModelSpec.from_dict(manifest["model"]).arch == "ViT-B-32-quickgelu"

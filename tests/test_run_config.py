@@ -3,12 +3,15 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import ray
 
 from raysoup.cli import main
 from raysoup.config import load_config
+from raysoup.data import EvalSet, write_eval_set
 from raysoup.errors import RaysoupError
+from raysoup.pool import load_state_dict, save_state_dict
 from raysoup.run import prepare
 
 
@@ -58,6 +61,43 @@ def test_fewer_than_two_ingredients_is_refused(tiny_zoo, tmp_path):
     path.write_text(config_text(zoo))
     with pytest.raises(RaysoupError, match="at least 2 ingredients"):
         prepare(load_config(path), resume=False)
+
+
+def bad_id_set(zoo, manifest):
+    """An ID set whose labels the 10-class model cannot have."""
+    write_eval_set(EvalSet("id", np.zeros((3, 1, 28, 28), np.uint8), np.array([0, 12, 3])),
+                   zoo / "data" / "bad.arrow")
+    manifest["eval_sets"]["id"] = {"file": "data/bad.arrow"}
+
+
+def headless_pretrained(zoo, manifest):
+    state = load_state_dict(zoo / manifest["ingredients"][0]["file"])
+    save_state_dict({k: v for k, v in state.items() if "head" not in k}, zoo / "zs.safetensors")
+    manifest["pretrained"] = {"file": "zs.safetensors"}
+
+
+def unmapped_val(zoo, manifest):
+    manifest["eval_sets"]["val"] = {"file": manifest["eval_sets"]["val"]["file"],
+                                    "class_map": {"0": [], "1": []}}
+
+
+@pytest.mark.parametrize("change, message", [
+    (unmapped_val, "no row has a label that the class map sends"),
+    (bad_id_set, r"bad.arrow: label 12 out of range \[0, 10\)"),
+    (headless_pretrained, "manifest.json pretrained: no classification head"),
+])
+def test_eval_sets_and_pretrained_are_checked_before_ray(tiny_zoo, tmp_path, change, message):
+    """What only the evaluators or the final report would read fails in prepare()."""
+    zoo = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo, zoo)
+    manifest = json.loads((zoo / "manifest.json").read_text())
+    change(zoo, manifest)
+    (zoo / "manifest.json").write_text(json.dumps(manifest))
+    path = tmp_path / "run.toml"
+    path.write_text(config_text(zoo))
+    with pytest.raises(RaysoupError, match=message):
+        prepare(load_config(path), resume=False)
+    assert not ray.is_initialized()
 
 
 def test_resume_from_a_run_with_another_config_is_refused(tiny_zoo, tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from raysoup.data import DataError, EvalSet, read_eval_set, write_eval_set
+from raysoup.errors import RaysoupError
 from raysoup.evaluate import load_eval_sets
 from raysoup.tasks import eval_set_sources
 
@@ -58,10 +59,15 @@ def test_subset_and_map_resolve_by_name_index_and_file(zoo):
     ({"file": "data/val.arrow", "class_subset": [0], "class_map": {}}, "not both"),
     ({"file": "data/val.arrow", "classes": [0]}, r"unknown key\(s\) \['classes'\]"),
     ({"file": "../val.arrow"}, "must be a path inside"),
+    ({"file": "data/objects", "class_map": [["boat", ["cat"]]]}, "non-empty table"),
+    ({"file": "data/objects", "class_map": {"boat": "cat"}}, r"must be a list.*'cat'"),
+    ({"file": "data/val.arrow", "class_map": {"boat": [0]}}, "has no class names"),
+    ({"class_subset": [0]}, "give a location, or a table with `file`"),
+    ({"file": "data/objects"}, "prepared with another class list"),
 ])
 def test_bad_eval_set_entries_are_named(zoo, entry, message):
     write_manifest(zoo, {"val": "data/val.arrow", "broken": entry})
-    with pytest.raises(Exception, match=message) as info:
+    with pytest.raises(RaysoupError, match=message) as info:
         eval_set_sources(zoo)
     assert "broken" in str(info.value)
 
@@ -70,3 +76,18 @@ def test_class_count_must_match_the_model(zoo):
     write_manifest(zoo, {"val": "data/val.arrow"}, classes=["a", "b"])
     with pytest.raises(DataError, match="2 classes listed, but model.num_classes is 4"):
         eval_set_sources(zoo)
+
+
+def test_digit_named_set_classes_map_by_name_and_plain_files_by_index(zoo):
+    """Sorted folder names "0", "1", "10": the key "10" is that class, not label 10; on a
+    plain Arrow file keys are label indices, and labels past the map are left out."""
+    digits = zoo / "data" / "objects" / "dataset.json"
+    digits.write_text(json.dumps({"classes": ["0", "1", "10"], "shards": ["shard-00000.arrow"]}))
+    write_manifest(zoo, {"val": "data/val.arrow",
+                         "objects": {"file": "data/objects", "class_map": {"10": ["ship"]}},
+                         "plain": {"file": "data/val.arrow", "class_map": {"1": ["dog"]}}})
+    sources = eval_set_sources(zoo)
+    assert sources["objects"].class_map == ((), (), (3,))
+    assert sources["plain"].class_map == ((), (1,))
+    plain = read_eval_set(sources["plain"])  # labels 0..3; 2 and 3 lie past the map
+    assert len(plain) == 3 and set(plain.labels) == {1}
