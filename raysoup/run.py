@@ -298,8 +298,9 @@ def run_methods(config: RunConfig, address: str | None = None, log=print,
                 extra: dict | None = None) -> dict:
     """Every method of `config.methods` on one shared ranking; the report into config.out.
 
-    The baselines run in this process, and every ingredient is judged on every set (the
-    scatter plot); manifold_mix runs on Ray like a manifold_mix-only run.
+    The baselines run in this process (and, with `report_ingredients`, every ingredient is
+    judged on every set for the scatter plot); manifold_mix runs on Ray like a
+    manifold_mix-only run.
     """
     zoo_dir, run_dir, methods = config.pool.zoo, config.out, config.methods
     manifest = read_manifest(zoo_dir)

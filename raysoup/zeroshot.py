@@ -21,7 +21,7 @@ import torch
 from open_clip import zero_shot_metadata
 
 from .errors import RaysoupError
-from .model import arch_config, clip_model
+from .model import arch_config, clip_model, to_classifier_layout
 from .pool import StateDict, load_state_dict
 
 TEMPLATES = {"openai": zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES,
@@ -104,8 +104,7 @@ def zeroshot_classifier(clip: torch.nn.Module, arch: str, classnames: Sequence[s
     weights = open_clip.build_zero_shot_classifier(
         clip, open_clip.get_tokenizer(arch), classnames, templates)  # (embed_dim, classes)
     head = (weights.T * clip.logit_scale.exp()).contiguous()
-    state = {f"model.{k}": v for k, v in clip.state_dict().items()
-             if not k.startswith("transformer.")}
+    state = to_classifier_layout({f"model.{k}": v for k, v in clip.state_dict().items()})
     state["classification_head.weight"] = head
     state["classification_head.bias"] = torch.zeros(len(classnames))
     return state
