@@ -3,6 +3,7 @@
 accuracy_vs_budget.png   final val and OOD accuracy vs budget per optimiser, seed spread
 best_so_far.png          best val accuracy seen vs evaluations
 cost_quality.png         val and OOD accuracy vs wall time (the cost-quality frontier)
+parallel.png             final val and OOD accuracy vs trials in flight (k), same budget
 betas.png                beta heatmaps, one per optimiser (its best cell on val)
 granularity.png          the component-granularity ablation
 """
@@ -107,6 +108,35 @@ def cost_quality(rows: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
+def parallel(rows: list[dict], path: Path) -> None:
+    """What asking k points before telling any costs the optimiser, at equal budgets."""
+    plt = _plt()
+    grid = [r for r in rows if r["kind"] == "grid"]
+    # Lines only where k > 1 was run: (optimiser, budget) pairs of the parallel cells.
+    lines = sorted({(r["optimizer"], r["budget"]) for r in grid if r["parallel"] > 1})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (key, label) in zip(axes, PANELS):
+        for opt, budget in lines:
+            cells = [r for r in grid if (r["optimizer"], r["budget"]) == (opt, budget)]
+            ks = sorted({r["parallel"] for r in cells})
+            # Like with like: only the seeds that every k of this line has.
+            seeds = set.intersection(*({r["seed"] for r in cells if r["parallel"] == k}
+                                       for k in ks))
+            cells = [r for r in cells if r["seed"] in seeds]
+            acc = [np.mean([100 * r[key] for r in cells if r["parallel"] == k]) for k in ks]
+            ax.plot(ks, acc, marker="o", label=f"{opt} b{budget}")
+        _references(rows, ax, key)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["parallel"] for r in grid}),
+                      [str(k) for k in sorted({r["parallel"] for r in grid})])
+        ax.set_xlabel("trials in flight (k)")
+        ax.set_ylabel(f"{label} accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("final fused model vs parallel trials (mean over shared seeds)")
+    axes[1].legend(fontsize=7)
+    _save(fig, path)
+
+
 def betas(rows: list[dict], path: Path) -> None:
     plt = _plt()
     grid = [r for r in rows if r["kind"] == "grid"]
@@ -175,12 +205,13 @@ def write_all(table: Path, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     paths = []
     for name, draw in [("accuracy_vs_budget", accuracy_vs_budget), ("best_so_far", best_so_far),
-                       ("cost_quality", cost_quality), ("betas", betas),
+                       ("cost_quality", cost_quality), ("parallel", parallel), ("betas", betas),
                        ("granularity", granularity)]:
         # Curves over budgets and best-so-far need one-trial-at-a-time cells (k = 1).
         needs = {"granularity": lambda r: r["kind"] == "ablation",
                  "accuracy_vs_budget": lambda r: r["kind"] == "grid" and r["parallel"] == 1,
-                 "best_so_far": lambda r: r["kind"] == "grid" and r["parallel"] == 1
+                 "best_so_far": lambda r: r["kind"] == "grid" and r["parallel"] == 1,
+                 "parallel": lambda r: r["kind"] == "grid" and r["parallel"] > 1,
                  }.get(name, lambda r: r["kind"] == "grid")
         if any(needs(r) for r in rows):
             draw(rows, out_dir / f"{name}.png")

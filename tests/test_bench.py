@@ -64,7 +64,8 @@ def test_bench_quick_writes_table_figures_and_resumes(soup_zoo, tmp_path):
             curve = r["best_so_far"]
             assert len(curve) == r["evaluations"] and curve == sorted(curve)
             assert max(curve) >= r["val"] - 1e-9  # the fused model was among those seen
-    for name in ("accuracy_vs_budget", "best_so_far", "cost_quality", "betas", "granularity"):
+    for name in ("accuracy_vs_budget", "best_so_far", "cost_quality", "parallel", "betas",
+                 "granularity"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     assert "| TwoPointsDE | 2 | 2 |" in (out / "summary.md").read_text()
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
