@@ -104,7 +104,7 @@ def train_val_split(n_train: int, val_size: int) -> tuple[np.ndarray, np.ndarray
 
 
 # Test-time shifts. Each is a torchvision v2 pipeline applied per image with a fixed seed.
-# "elastic" never appears in pretraining augmentation (see zoo.PRETRAIN_AUGMENT): a truly
+# "elastic" never appears in pretraining augmentation (see zoo.pretrain_augment): a truly
 # unseen shift.
 def _shifts() -> dict[str, v2.Transform]:
     return {

@@ -31,7 +31,7 @@ DATA_PARALLEL_PREFIX = "module."
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Architecture of an ingredient; stored in every zoo manifest and run config."""
+    """Architecture of an ingredient; stored in every zoo manifest (`model`)."""
 
     arch: str = ""            # an open_clip model name; "" = the custom tower below
     image_size: int = 28

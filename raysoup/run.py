@@ -269,10 +269,11 @@ def references(zoo: str, evaluator: Evaluator) -> dict:
 def execute(config: RunConfig, resume: bool = False, address: str | None = None,
             log=print) -> dict:
     if config.methods != ("manifold_mix",):
-        if resume:
-            raise RaysoupError("--resume continues a manifold_mix-only run; this config's "
-                               f"methods are {list(config.methods)}")
-        return run_methods(config, address, log)
+        if resume and "manifold_mix" not in config.methods:
+            raise RaysoupError(f"--resume continues manifold_mix's checkpointed steps; this "
+                               f"config's methods {list(config.methods)} keep none (run "
+                               f"without --resume, into a new `out`)")
+        return run_methods(config, address, log, resume=resume)
     prepared = prepare(config, resume)
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
@@ -295,16 +296,17 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
 
 
 def run_methods(config: RunConfig, address: str | None = None, log=print,
-                extra: dict | None = None) -> dict:
+                extra: dict | None = None, resume: bool = False) -> dict:
     """Every method of `config.methods` on one shared ranking; the report into config.out.
 
     The baselines run in this process (and, with `report_ingredients`, every ingredient is
     judged on every set for the scatter plot); manifold_mix runs on Ray like a
-    manifold_mix-only run.
+    manifold_mix-only run. With `resume`, manifold_mix continues from its last checkpointed
+    step; the baselines, which checkpoint nothing, run again (deterministically).
     """
     zoo_dir, run_dir, methods = config.pool.zoo, config.out, config.methods
     manifest = read_manifest(zoo_dir)
-    mix_run = prepare(config, resume=False)  # validates the pool, components and eval sets
+    mix_run = prepare(config, resume)  # validates the pool, components and eval sets
     pool = mix_run.pool
     run_dir.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(pool.spec, load_eval_sets(mix_run.eval_sources, pool.spec.num_classes,
@@ -348,7 +350,8 @@ def run_methods(config: RunConfig, address: str | None = None, log=print,
                       "build_seconds": manifest.get("build_seconds")},
               "data": dataset_records(mix_run.eval_sources),
               "config": {**(extra or {}), "source": config.source and str(config.source),
-                         "methods": list(methods), "manifold_mix": config.method.to_dict()}}
+                         "resumed": resume, "methods": list(methods),
+                         "manifold_mix": config.method.to_dict()}}
     write_report(run_dir, report)
     log(format_table(rows, report["references"]))
     written = ["report.json", "results.parquet", "scatter.png", "beta.parquet", "beta.png",

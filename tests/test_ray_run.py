@@ -109,6 +109,32 @@ def test_resume_after_killing_the_run_gives_the_identical_result(uninterrupted, 
         assert torch.equal(fused_a[k], fused_b[k]), k
 
 
+@pytest.mark.slow
+def test_a_run_with_baselines_resumes_manifold_mix_from_its_checkpoint(soup_zoo, tmp_path):
+    """An interrupted `methods = [greedy_soup, manifold_mix]` run: --resume reruns the
+    baseline and continues ManifoldMix after its last saved step instead of starting over."""
+    from raysoup.checkpoint import save_state
+    from raysoup.methods.manifold_mix import MixState
+    path = write_config(tmp_path / "run.toml", soup_zoo, "out")
+    path.write_text("methods = ['greedy_soup', 'manifold_mix']\n" + path.read_text())
+    config = load_config(path)
+    pool = IngredientPool.from_zoo(soup_zoo)
+    ranking = SoupContext.rank(pool, ValidationJudge(val_evaluator(soup_zoo).accuracy)).ranking
+    best, acc = ranking[0]
+    # A checkpoint after the last candidate: every step done, the best ingredient alone
+    # (a fresh run accepts "twin", the exact copy of the best).
+    save_state(config.out / "driver", MixState(pool.load(best), [best], acc,
+                                               next_candidate=len(ranking)),
+               config.fingerprint(), ranking)
+    with pytest.raises(RaysoupError, match="unfinished run; continue it with --resume"):
+        execute(config, log=lambda _: None)
+    report = execute(config, resume=True, log=lambda _: None)
+    mix = report["methods"]["manifold_mix"]
+    assert mix["ingredients"] == [best] and mix["history"] == []
+    assert report["methods"]["greedy_soup"]["evaluations"] >= len(pool)
+    assert report["config"]["resumed"] is True
+
+
 @pytest.fixture(scope="module")
 def pair(tiny_zoo):
     pool = IngredientPool.from_zoo(tiny_zoo)

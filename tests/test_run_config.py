@@ -118,11 +118,12 @@ def test_resume_from_a_run_with_another_config_is_refused(tiny_zoo, tmp_path):
         prepare(load_config(path), resume=True)
 
 
-def test_resume_needs_a_manifold_mix_only_run(tiny_zoo, tmp_path):
+def test_resume_of_a_run_without_manifold_mix_is_refused(tiny_zoo, tmp_path):
     from raysoup.run import execute
     path = tmp_path / "run.toml"
-    path.write_text(config_text(tiny_zoo, extra="methods = ['greedy_soup', 'manifold_mix']"))
-    with pytest.raises(RaysoupError, match="--resume continues a manifold_mix-only run"):
+    path.write_text(config_text(tiny_zoo, extra="methods = ['greedy_soup', 'uniform_soup']"))
+    with pytest.raises(RaysoupError, match=r"--resume continues manifold_mix.*"
+                                           r"\['greedy_soup', 'uniform_soup'\] keep none"):
         execute(load_config(path), resume=True)
     assert not ray.is_initialized()
 
@@ -133,3 +134,22 @@ def test_missing_or_broken_config_file(tmp_path):
     (tmp_path / "bad.toml").write_text("out = [unclosed")
     with pytest.raises(RaysoupError, match="not valid TOML"):
         load_config(tmp_path / "bad.toml")
+
+
+def test_the_example_config_lists_every_key_at_its_default():
+    """examples/run.toml is the reference of the config: every key there, each at its default."""
+    import tomllib
+    from dataclasses import fields
+    from pathlib import Path
+
+    from raysoup.config import ResourcesConfig
+    from raysoup.methods.manifold_mix import ManifoldMixConfig
+    path = Path(__file__).parents[1] / "examples" / "run.toml"
+    raw = tomllib.loads(path.read_text())
+    config = load_config(path)
+    assert set(raw) == {"out", "methods", "report_ingredients", "pool", "method", "resources"}
+    for name, cls, parsed in [("method", ManifoldMixConfig, config.method),
+                              ("resources", ResourcesConfig, config.resources)]:
+        assert set(raw[name]) == {f.name for f in fields(cls)}, name
+        assert parsed == cls(), name
+    assert config.methods == ("manifold_mix",) and config.report_ingredients is False
