@@ -37,26 +37,35 @@ def _references(rows: list[dict], ax, key: str) -> None:
         ax.axhline(100 * r[key], color="0.4", ls=style, lw=1, label=r["optimizer"])
 
 
-def accuracy_vs_budget(rows: list[dict], path: Path) -> None:
+def _panels(rows: list[dict], path: Path, draw, xlabel: str, title: str) -> None:
+    """Val (decides) and OOD average (reports) side by side; draw(ax, key) adds the lines."""
     plt = _plt()
-    grid = [r for r in rows if r["kind"] == "grid" and r["parallel"] == 1]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, (key, label) in zip(axes, PANELS):
+        draw(ax, key)
+        _references(rows, ax, key)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{label} accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title(title)
+    axes[1].legend(fontsize=7)
+    _save(fig, path)
+
+
+def accuracy_vs_budget(rows: list[dict], path: Path) -> None:
+    grid = [r for r in rows if r["kind"] == "grid" and r["parallel"] == 1]
+
+    def draw(ax, key):
         for opt in dict.fromkeys(r["optimizer"] for r in grid):
             budgets = sorted({r["budget"] for r in grid if r["optimizer"] == opt})
             acc = [[100 * r[key] for r in grid if r["optimizer"] == opt and r["budget"] == b]
                    for b in budgets]
-            mean = [np.mean(a) for a in acc]
-            line, = ax.plot(budgets, mean, marker="o", label=opt)
+            line, = ax.plot(budgets, [np.mean(a) for a in acc], marker="o", label=opt)
             ax.fill_between(budgets, [min(a) for a in acc], [max(a) for a in acc],
                             color=line.get_color(), alpha=0.15)
-        _references(rows, ax, key)
-        ax.set_xlabel("evaluations per component per pass")
-        ax.set_ylabel(f"{label} accuracy (%)")
-        ax.grid(alpha=0.3)
-    axes[0].set_title("final fused model: mean over seeds, band = min..max")
-    axes[1].legend(fontsize=7)
-    _save(fig, path)
+
+    _panels(rows, path, draw, "evaluations per component per pass",
+            "final fused model: mean over seeds, band = min..max")
 
 
 def best_so_far(rows: list[dict], path: Path) -> None:
@@ -110,31 +119,26 @@ def cost_quality(rows: list[dict], path: Path) -> None:
 
 def parallel(rows: list[dict], path: Path) -> None:
     """What asking k points before telling any costs the optimiser, at equal budgets."""
-    plt = _plt()
     grid = [r for r in rows if r["kind"] == "grid"]
     # Lines only where k > 1 was run: (optimiser, budget) pairs of the parallel cells.
     lines = sorted({(r["optimizer"], r["budget"]) for r in grid if r["parallel"] > 1})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, (key, label) in zip(axes, PANELS):
+    ks_run = sorted({r["parallel"] for r in grid})
+
+    def draw(ax, key):
         for opt, budget in lines:
             cells = [r for r in grid if (r["optimizer"], r["budget"]) == (opt, budget)]
             ks = sorted({r["parallel"] for r in cells})
             # Like with like: only the seeds that every k of this line has.
             seeds = set.intersection(*({r["seed"] for r in cells if r["parallel"] == k}
                                        for k in ks))
-            cells = [r for r in cells if r["seed"] in seeds]
-            acc = [np.mean([100 * r[key] for r in cells if r["parallel"] == k]) for k in ks]
+            acc = [np.mean([100 * r[key] for r in cells
+                            if r["parallel"] == k and r["seed"] in seeds]) for k in ks]
             ax.plot(ks, acc, marker="o", label=f"{opt} b{budget}")
-        _references(rows, ax, key)
         ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({r["parallel"] for r in grid}),
-                      [str(k) for k in sorted({r["parallel"] for r in grid})])
-        ax.set_xlabel("trials in flight (k)")
-        ax.set_ylabel(f"{label} accuracy (%)")
-        ax.grid(alpha=0.3)
-    axes[0].set_title("final fused model vs parallel trials (mean over shared seeds)")
-    axes[1].legend(fontsize=7)
-    _save(fig, path)
+        ax.set_xticks(ks_run, [str(k) for k in ks_run])
+
+    _panels(rows, path, draw, "trials in flight (k)",
+            "final fused model vs parallel trials (mean over shared seeds)")
 
 
 def betas(rows: list[dict], path: Path) -> None:
