@@ -211,7 +211,8 @@ def write_all(table: Path, out_dir: Path) -> list[Path]:
     for name, draw in [("accuracy_vs_budget", accuracy_vs_budget), ("best_so_far", best_so_far),
                        ("cost_quality", cost_quality), ("parallel", parallel), ("betas", betas),
                        ("granularity", granularity)]:
-        # Curves over budgets and best-so-far need one-trial-at-a-time cells (k = 1).
+        # Curves over budgets and best-so-far need one-trial-at-a-time cells (k = 1), the
+        # parallel plot cells with k > 1.
         needs = {"granularity": lambda r: r["kind"] == "ablation",
                  "accuracy_vs_budget": lambda r: r["kind"] == "grid" and r["parallel"] == 1,
                  "best_so_far": lambda r: r["kind"] == "grid" and r["parallel"] == 1,
