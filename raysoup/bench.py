@@ -19,9 +19,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from .bench_plots import CORRECTNESS
 from .config import PoolConfig, ResourcesConfig, RunConfig, section
 from .errors import RaysoupError
-from .evaluate import VAL, Evaluator, load_eval_sets
+from .evaluate import VAL, Evaluator, accuracy_row, load_eval_sets
 from .methods import METHODS, SoupContext, ValidationJudge
 from .methods.manifold_mix import ManifoldMixConfig
 from .pool import IngredientPool
@@ -111,10 +112,12 @@ def best_so_far(start: float, history: list[dict]) -> list[float]:
 
 
 def scored(evaluator: Evaluator, state_dict) -> dict:
-    """The fused model's columns: val decides, id and ood only report."""
-    scores = evaluator.report(state_dict)
+    """The fused model's columns (val decides, id and ood only report) and, under
+    `correct`, its per-image correctness per set (for the paired comparisons)."""
+    correct = evaluator.correctness(state_dict)
+    scores = accuracy_row(correct)
     return {"val": scores["val"], "id": scores["id"], "ood_avg": scores["ood_avg"],
-            "ood": json.dumps(scores["ood"])}
+            "ood": json.dumps(scores["ood"]), "correct": correct}
 
 
 def run_cell(cell: dict, pool: IngredientPool, zoo: str, out: Path, ranking: list,
@@ -143,7 +146,7 @@ def run_cell(cell: dict, pool: IngredientPool, zoo: str, out: Path, ranking: lis
 def run_bench(zoo: Path | str, out: Path, grid: BenchGrid, address: str | None = None,
               log=print) -> Path:
     """Run every cell not yet in OUT/bench.parquet; returns the table's path."""
-    from .run import connect
+    from .run import connect, judgement_cache
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table_path = out / "bench.parquet"
@@ -157,7 +160,8 @@ def run_bench(zoo: Path | str, out: Path, grid: BenchGrid, address: str | None =
         done = set(earlier.column("cell").to_pylist())
     pool = IngredientPool.from_zoo(zoo)
     pool.validate()
-    evaluator = Evaluator(pool.spec, load_eval_sets(eval_set_sources(zoo), pool.spec.num_classes))
+    evaluator = Evaluator(pool.spec, load_eval_sets(eval_set_sources(zoo), pool.spec.num_classes),
+                          cache=judgement_cache())
     ctx = SoupContext.rank(pool, ValidationJudge(lambda sd: evaluator.accuracy(sd, VAL)))
     about = {**machine(), "zoo": str(zoo)}
     todo = [c for c in [{"kind": "reference", "cell": f"reference/{m}", "optimizer": m}
@@ -175,6 +179,11 @@ def run_bench(zoo: Path | str, out: Path, grid: BenchGrid, address: str | None =
                    "wall_s": round(time.perf_counter() - t0, 2)}
         else:
             row = run_cell(cell, pool, str(zoo), out, ctx.ranking, evaluator)
+        correct = row.pop("correct")
+        # Correctness first: a cell in the table always has its images' results.
+        append_rows(out / CORRECTNESS, [{"cell": cell["cell"], "set": name,
+                                         "correct": hits.tolist()}
+                                        for name, hits in correct.items()])
         append_rows(table_path, [{**row, **about}])
         tqdm.write(f"[bench] {cell['cell']}: val {100 * row['val']:.2f}, "
                    f"ood {100 * row['ood_avg']:.2f}, {row['evaluations']} evals, "

@@ -11,7 +11,7 @@ from .errors import RaysoupError
 
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
-    run_demo(out=args.out, quick=args.quick, zoo_dir=args.zoo)
+    run_demo(out=args.out, quick=args.quick, zoo_dir=args.zoo, verify_sha256=not args.no_verify)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run every method on the embedded Fashion-MNIST zoo")
     demo.add_argument("--out", type=Path, help="run directory (default: a fresh runs/demo-*)")
     demo.add_argument("--quick", action="store_true", help="smaller zoo and budget (smoke run)")
-    demo.add_argument("--zoo", type=Path, help="zoo directory (default: a cache per zoo config)")
+    demo.add_argument("--zoo", type=Path, help="zoo directory (default: the shipped zoo, "
+                      "installed into the cache)")
+    demo.add_argument("--no-verify", action="store_true", help="use zoo files whose sha256 "
+                      "differs from the manifest's")
     demo.set_defaults(func=_demo)
 
     run = sub.add_parser("run", help="run ManifoldMix from a TOML config on a Ray cluster")

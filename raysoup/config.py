@@ -21,6 +21,7 @@ Location = str  # a path (shared by every node) or a URI that pyarrow.fs reads (
 @dataclass(frozen=True)
 class PoolConfig:
     zoo: Location                 # a raysoup zoo: its manifest names model, ingredients, data
+    verify_sha256: bool = True    # refuse files whose sha256 differs from the manifest's
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ ever decodes or re-augments an image.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc
-import torch
-from torchvision.transforms import v2
+from scipy import ndimage
 
 from . import storage
 from .errors import RaysoupError
@@ -52,6 +53,7 @@ class EvalSet:
     # the label whose classes hold the highest logit (ImageNet-R's 200 of 1000 classes,
     # ObjectNet's classes onto ImageNet's). None: labels are the model's classes.
     class_map: ClassMap | None = None
+    sha256: str | None = None  # the manifest's content fingerprint, when it records one
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -63,6 +65,7 @@ class EvalSetSource:
     and how its labels meet the model's classes."""
     location: str
     class_map: ClassMap | None = None
+    sha256: str | None = None  # the content fingerprint the manifest recorded
 
 
 def data_dir() -> Path:
@@ -103,33 +106,71 @@ def train_val_split(n_train: int, val_size: int) -> tuple[np.ndarray, np.ndarray
     return np.sort(order[:-val_size]), np.sort(order[-val_size:])
 
 
-# Test-time shifts. Each is a torchvision v2 pipeline applied per image with a fixed seed.
-# "elastic" never appears in pretraining augmentation (see zoo.pretrain_augment): a truly
-# unseen shift.
-def _shifts() -> dict[str, v2.Transform]:
-    return {
-        "noise": v2.Compose([v2.ToDtype(torch.float32, scale=True),
-                             v2.GaussianNoise(sigma=0.2, clip=True),
-                             v2.ToDtype(torch.uint8, scale=True)]),
-        "blur": v2.GaussianBlur(kernel_size=5, sigma=(1.2, 1.6)),
-        "contrast": v2.ColorJitter(contrast=(0.25, 0.35)),
-        "rotate": v2.RandomAffine(degrees=(-40, 40), scale=(0.8, 1.0)),
-        "elastic": v2.ElasticTransform(alpha=40.0, sigma=4.0),
-        "invert": v2.RandomInvert(p=1.0),
-    }
+# Test-time shifts, in float64 numpy/scipy with a numpy Generator per set: the same bytes on
+# every machine (float32 torch kernels differ across CPUs and thread counts, and a last-bit
+# difference can round a pixel the other way), so a shipped zoo can record each set's
+# sha256. "elastic" never appears in pretraining augmentation (see zoo.pretrain_augment):
+# a truly unseen shift.
+def _noise(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return x + 0.2 * 255 * rng.standard_normal(x.shape)
 
 
-SHIFT_NAMES = tuple(_shifts())
+def _blur(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return ndimage.gaussian_filter(x, sigma=rng.uniform(1.2, 1.6), radius=2)  # 5x5
+
+
+def _contrast(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    factor = rng.uniform(0.25, 0.35)
+    return factor * x + (1 - factor) * x.mean()
+
+
+def _affine(x: np.ndarray, angle: float, scale: float) -> np.ndarray:
+    """Rotate by `angle` degrees and zoom by `scale` about the centre (bilinear, zero fill)."""
+    theta = math.radians(angle)
+    rotation = np.array([[math.cos(theta), -math.sin(theta)],
+                         [math.sin(theta), math.cos(theta)]]) / scale
+    centre = (np.array(x.shape) - 1) / 2.0
+    return ndimage.affine_transform(x, rotation, offset=centre - rotation @ centre, order=1)
+
+
+def _rotate(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return _affine(x, rng.uniform(-40, 40), rng.uniform(0.8, 1.0))
+
+
+def _elastic(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    alpha, sigma = 40.0, 4.0
+    grid = np.indices(x.shape, dtype=np.float64)
+    shift = [alpha * ndimage.gaussian_filter(rng.uniform(-1, 1, x.shape), sigma, mode="constant")
+             for _ in range(2)]
+    return ndimage.map_coordinates(x, grid + np.array(shift), order=1)
+
+
+def _invert(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return 255.0 - x
+
+
+SHIFTS = {"noise": _noise, "blur": _blur, "contrast": _contrast, "rotate": _rotate,
+          "elastic": _elastic, "invert": _invert}
+SHIFT_NAMES = tuple(SHIFTS)
 
 
 def make_shift(images: np.ndarray, shift: str, seed: int) -> np.ndarray:
-    transform = _shifts()[shift]
-    torch.manual_seed(seed)
-    src = torch.tensor(images)  # a copy: the input may be a read-only buffer
-    out = torch.empty_like(src)
-    for i in range(len(src)):
-        out[i] = transform(src[i])
-    return out.numpy()
+    """uint8 (N, C, H, W) -> the shifted copy, one image (and channel) at a time."""
+    transform, rng = SHIFTS[shift], np.random.default_rng(seed)
+    out = np.empty_like(images)
+    for index in np.ndindex(images.shape[:2]):
+        shifted = transform(images[index].astype(np.float64), rng)
+        out[index] = np.rint(np.clip(shifted, 0, 255)).astype(np.uint8)
+    return out
+
+
+def content_sha256(eval_set: EvalSet) -> str:
+    """The set's fingerprint: its images' shape and bytes and its labels (not the Arrow
+    file's bytes, which may change with the pyarrow version)."""
+    h = hashlib.sha256(str(eval_set.images.shape).encode())
+    h.update(np.ascontiguousarray(eval_set.images).tobytes())
+    h.update(np.ascontiguousarray(eval_set.labels, dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 
 def build_eval_sets(arrays: dict[str, np.ndarray], val_idx: np.ndarray,
@@ -176,6 +217,18 @@ def read_eval_set(source: EvalSetSource | str | Path, num_classes: int | None = 
         log(f"[data] {name}: {int((~keep).sum())} of {len(keep)} images have classes "
             f"without a model counterpart; left out")
     return EvalSet(name, images[keep], labels[keep], source.class_map)
+
+
+def verify_eval_set(source: EvalSetSource, name: str) -> None:
+    """Refuse a set whose content is not what the manifest recorded."""
+    if source.sha256 is None:
+        return
+    got = content_sha256(read_eval_set(EvalSetSource(source.location)))
+    if got != source.sha256:
+        raise DataError(
+            f"evaluation set {name!r} ({source.location}): content sha256 {got[:16]}... does "
+            f"not match the manifest's {source.sha256[:16]}...; restore it, or skip the check "
+            f"with `pool.verify_sha256 = false` (raysoup demo --no-verify)")
 
 
 def check_eval_set(source: EvalSetSource, num_classes: int) -> int:

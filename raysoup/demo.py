@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from datetime import datetime
 from pathlib import Path
 
 from .config import PoolConfig, RunConfig
+from .storage import cache_dir
 from .errors import RaysoupError
 from .methods.manifold_mix import ManifoldMixConfig
 from .run import run_methods
-from .zoo import QUICK_ZOO, ZooConfig, build_zoo
+from .zoo import QUICK_ZOO, SHIPPED_ZOO, ZooConfig, build_zoo, install_shipped_zoo
 
 DEMO_METHODS = ("best_individual", "uniform_soup", "greedy_soup", "manifold_mix")
 # The demo's reduced ManifoldMix budget (the reference spends 30 per component per pass).
 DEMO_EVALS_PER_COMPONENT = 10
 QUICK_EVALS_PER_COMPONENT = 4
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("RAYSOUP_CACHE", Path.home() / ".cache" / "raysoup"))
 
 
 def default_zoo_dir(config: ZooConfig) -> Path:
@@ -39,23 +35,33 @@ def fresh_run_dir(out: Path | None) -> Path:
     return out
 
 
+def shipped_zoo_dir() -> Path:
+    digest = hashlib.sha256((SHIPPED_ZOO / "manifest.json").read_bytes()).hexdigest()
+    return cache_dir() / f"testbed-{digest[:12]}"
+
+
 def demo_zoo(quick: bool = False, zoo_dir: Path | None = None, log=print) -> Path:
-    """The demo's zoo (the quick one with `quick`), built on first use and cached."""
-    config = QUICK_ZOO if quick else ZooConfig()
-    zoo_dir = Path(zoo_dir) if zoo_dir else default_zoo_dir(config)
+    """The demo's zoo: the shipped default zoo (installed into the cache on first use), or
+    the quick one, built on first use and cached."""
+    if zoo_dir is None and not quick:
+        zoo_dir = shipped_zoo_dir()
+        if not (zoo_dir / "manifest.json").is_file():
+            log(f"[zoo] installing the shipped zoo in {zoo_dir}")
+        return install_shipped_zoo(zoo_dir, log=log)
+    zoo_dir = Path(zoo_dir) if zoo_dir else default_zoo_dir(QUICK_ZOO)
     if (zoo_dir / "manifest.json").is_file():
         log(f"[zoo] using {zoo_dir}")
     else:
         log(f"[zoo] building in {zoo_dir} (cached for later runs)")
-        build_zoo(zoo_dir, config, log=log)
+        build_zoo(zoo_dir, QUICK_ZOO, log=log)
     return zoo_dir
 
 
 def run_demo(out: Path | None = None, quick: bool = False, zoo_dir: Path | None = None,
-             log=print) -> dict:
+             verify_sha256: bool = True, log=print) -> dict:
     zoo_dir = demo_zoo(quick, zoo_dir, log)
     budget = QUICK_EVALS_PER_COMPONENT if quick else DEMO_EVALS_PER_COMPONENT
-    config = RunConfig(PoolConfig(str(zoo_dir)), fresh_run_dir(out),
+    config = RunConfig(PoolConfig(str(zoo_dir), verify_sha256), fresh_run_dir(out),
                        ManifoldMixConfig(evals_per_component=budget), methods=DEMO_METHODS,
                        report_ingredients=True)
     return run_methods(config, log=log, extra={"quick": quick})

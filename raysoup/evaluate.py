@@ -6,6 +6,9 @@ into the model's own parameters, so a shared or read-only input is never written
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
 from typing import Mapping
 
@@ -14,14 +17,40 @@ import torch
 
 from .data import ClassMap, EvalSet, EvalSetSource, read_eval_set
 from .model import ModelSpec, build_classifier
+from .pool import state_dict_sha256
 
 VAL = "val"
 ID = "id"
 
 
+class JudgementCache:
+    """Per-image correctness by content: the same weights (sha256) on the same evaluation
+    set (its fingerprint) by the same evaluator are judged once, for every later run."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.npy"
+
+    def get(self, key: str) -> np.ndarray | None:
+        try:
+            return np.load(self._path(key), allow_pickle=False)
+        except (OSError, ValueError):  # absent, or a torn file: judge again
+            return None
+
+    def put(self, key: str, hits: np.ndarray) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, hits)
+        tmp.replace(path)
+
+
 class Evaluator:
     def __init__(self, spec: ModelSpec, eval_sets: list[EvalSet], batch_size: int = 1000,
-                 device: str | None = None, autocast_bf16: bool = False):
+                 device: str | None = None, autocast_bf16: bool = False,
+                 cache: JudgementCache | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = build_classifier(spec).to(self.device).eval()
         self.batch_size = batch_size
@@ -31,6 +60,11 @@ class Evaluator:
                               torch.from_numpy(np.array(s.labels)).to(self.device),
                               self._projection(s.class_map))
                      for s in eval_sets}
+        self.cache = cache
+        # Cache keys of each set with a recorded fingerprint: what else decides a prediction.
+        self.set_keys = {s.name: hashlib.sha256(json.dumps(
+            [s.sha256, spec.to_dict(), s.class_map, self.autocast_bf16, self.device.type]
+        ).encode()).hexdigest() for s in eval_sets if s.sha256}
 
     def _projection(self, class_map: ClassMap | None):
         """(index, mask): logits[:, index] with masked entries at -inf, max over the last
@@ -53,11 +87,10 @@ class Evaluator:
         self.model.load_state_dict(state_dict, strict=True)
 
     @torch.inference_mode()
-    def correct(self, set_name: str) -> tuple[int, int]:
-        """(correct, total) of the loaded weights on one set."""
+    def _hits(self, set_name: str) -> torch.Tensor:
+        """Per image of one set, on the device: does the loaded model get it right?"""
         images, labels, projection = self.sets[set_name]
-        # Counted on the device and read once: a per-batch int() would stall a GPU each batch.
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        hits = []
         for start in range(0, len(labels), self.batch_size):
             batch = images[start:start + self.batch_size]
             with torch.autocast(self.device.type, dtype=torch.bfloat16,
@@ -66,24 +99,54 @@ class Evaluator:
             if projection is not None:
                 index, mask = projection
                 logits = logits[:, index].masked_fill(~mask, float("-inf")).amax(dim=2)
-            correct += (logits.argmax(dim=1) == labels[start:start + self.batch_size]).sum()
-        return int(correct), len(labels)
+            hits.append(logits.argmax(dim=1) == labels[start:start + self.batch_size])
+        return torch.cat(hits)
+
+    def correct(self, set_name: str) -> tuple[int, int]:
+        """(correct, total) of the loaded weights on one set."""
+        # Counted on the device and read once: a per-batch int() would stall a GPU each batch.
+        hits = self._hits(set_name)
+        return int(hits.sum()), len(hits)
 
     def accuracy(self, state_dict: Mapping[str, torch.Tensor], set_name: str = VAL) -> float:
-        self.load(state_dict)
-        correct, total = self.correct(set_name)
-        return correct / total
+        return float(self.correctness(state_dict, [set_name])[set_name].mean())
+
+    def correctness(self, state_dict: Mapping[str, torch.Tensor],
+                    sets: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Per set (default: all), per image: right or wrong (what paired comparisons
+        need); read from the cache where these weights were judged on that set before."""
+        sets = list(self.sets) if sets is None else sets
+        keys, hits = {}, {}
+        if self.cache is not None and self.set_keys:
+            weights = state_dict_sha256(state_dict)
+            keys = {name: hashlib.sha256(f"{weights}:{key}".encode()).hexdigest()
+                    for name, key in self.set_keys.items() if name in sets}
+            hits = {name: h for name, key in keys.items()
+                    if (h := self.cache.get(key)) is not None}
+        missing = [name for name in sets if name not in hits]
+        if missing:
+            self.load(state_dict)
+        for name in missing:
+            hits[name] = self._hits(name).cpu().numpy()
+            if name in keys:
+                self.cache.put(keys[name], hits[name])
+        return {name: hits[name] for name in sets}
 
     def report(self, state_dict: Mapping[str, torch.Tensor]) -> dict:
-        """val, id, each shifted set and their mean: the row every method gets in a report."""
-        self.load(state_dict)
-        acc = {}
-        for name in self.sets:
-            correct, total = self.correct(name)
-            acc[name] = correct / total
-        ood = {k: v for k, v in acc.items() if k not in (VAL, ID)}
-        return {"val": acc.get(VAL), "id": acc.get(ID), "ood": ood,
-                "ood_avg": float(np.mean(list(ood.values()))) if ood else None}
+        return accuracy_row(self.correctness(state_dict))
+
+
+def ood_sets(set_names) -> list[str]:
+    """The sets that only report distribution shift: all but val and id."""
+    return [name for name in set_names if name not in (VAL, ID)]
+
+
+def accuracy_row(correctness: Mapping[str, np.ndarray]) -> dict:
+    """val, id, each shifted set and their mean: the row every model gets in a report."""
+    acc = {name: float(hits.mean()) for name, hits in correctness.items()}
+    ood = {name: acc[name] for name in ood_sets(acc)}
+    return {"val": acc.get(VAL), "id": acc.get(ID), "ood": ood,
+            "ood_avg": float(np.mean(list(ood.values()))) if ood else None}
 
 
 def load_eval_sets(sources: Mapping[str, EvalSetSource | str | Path], num_classes: int,
@@ -92,5 +155,7 @@ def load_eval_sets(sources: Mapping[str, EvalSetSource | str | Path], num_classe
     for name, source in sources.items():
         s = read_eval_set(source, num_classes, log)
         s.name = name
+        if isinstance(source, EvalSetSource):
+            s.sha256 = source.sha256
         sets.append(s)
     return sets

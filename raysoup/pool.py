@@ -88,6 +88,16 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def state_dict_sha256(state_dict) -> str:
+    """The weights' fingerprint: every key, dtype, shape and byte, in key order."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 HEAD_KEYS = ("classification_head.weight", "classification_head.bias")
 
 
@@ -155,6 +165,20 @@ def load_pretrained(zoo: str) -> StateDict | None:
 class Ingredient:
     name: str
     path: str  # a local/shared path or a URI
+    sha256: str | None = None  # recorded in the manifest: checked before use
+
+
+def check_sha256(path: str, expected: str, what: str) -> None:
+    """Refuse a file whose bytes are not the ones the manifest recorded."""
+    if storage.is_uri(path):
+        got = hashlib.sha256(storage.read_bytes(path)).hexdigest()
+    else:
+        got = file_sha256(Path(path))
+    if got != expected:
+        raise CheckpointError(
+            f"{what} {path}: sha256 {got[:16]}... does not match the manifest's "
+            f"{expected[:16]}... (the file changed after the zoo was written); restore it, or "
+            f"skip the check with `pool.verify_sha256 = false` (raysoup demo --no-verify)")
 
 
 class IngredientPool:
@@ -185,7 +209,7 @@ class IngredientPool:
                                       f"in {zoo}")
             entries = [{"name": PurePosixPath(f).stem, "file": f} for f in files]
         return cls(spec, [Ingredient(i["name"], storage.within(
-            zoo, i["file"], f"manifest.json ingredient {i['name']!r} file"))
+            zoo, i["file"], f"manifest.json ingredient {i['name']!r} file"), i.get("sha256"))
             for i in entries])
 
     @property
@@ -198,9 +222,11 @@ class IngredientPool:
     def load(self, name: str) -> StateDict:
         return to_classifier_layout(load_state_dict(self.ingredients[name].path))
 
-    def validate(self) -> None:
+    def validate(self, verify_sha256: bool = True) -> None:
         """Check every ingredient before any evaluation; one resident at a time."""
         template = state_dict_template(self.spec)
         for ingredient in self.ingredients.values():
+            if verify_sha256 and ingredient.sha256:
+                check_sha256(ingredient.path, ingredient.sha256, "ingredient")
             check_state_dict(self.load(ingredient.name), template, str(ingredient.path),
                              self.spec.arch)

@@ -9,8 +9,11 @@ import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .stats import CONFIDENCE, OOD_AVG, format_difference
 
 
 def format_table(rows: dict[str, dict], references: dict[str, dict] | None = None) -> str:
@@ -35,8 +38,35 @@ def format_table(rows: dict[str, dict], references: dict[str, dict] | None = Non
 
     refs = "".join(f"; {name}: val {pct(r['val'])}, id {pct(r['id'])}, ood_avg "
                    f"{pct(r['ood_avg'])}" for name, r in (references or {}).items())
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)]
-                     ) + f"\n(accuracies in %{refs}; only val decides, id and ood only report)"
+    table = "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)]
+                      ) + f"\n(accuracies in %{refs}; only val decides, id and ood only report)"
+    differences = format_differences(rows)
+    return table + ("\n\n" + differences if differences else "")
+
+
+def format_differences(rows: dict[str, dict], metrics=("val", "id", OOD_AVG)) -> str:
+    """Each method minus each baseline it was compared with, paired on the same images."""
+    lines = [[name, baseline, *(format_difference(c.get(m)) for m in metrics),
+              *(f"{c[m]['p']:.2g}" if m in c else "-" for m in metrics)]
+             for name, r in rows.items() for baseline, c in r.get("vs", {}).items()]
+    if not lines:
+        return ""
+    header = ["method", "minus", *metrics, *(f"p_{m}" for m in metrics)]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)]) + (
+        f"\n(paired differences in points on the same images, [{100 * CONFIDENCE:.0f} % "
+        f"bootstrap interval], * where it excludes 0; p: exact McNemar test)")
+
+
+def comparison_columns(versus: dict[str, dict]) -> dict:
+    """`{baseline}.{set}.{diff|lo|hi|p}` for every comparison of a row."""
+    return {f"{baseline}.{metric}.{key}": c[key] for baseline, per_set in versus.items()
+            for metric, c in per_set.items() for key in ("diff", "lo", "hi", "p")}
 
 
 def results_table(rows: dict[str, dict], kind: str) -> pa.Table:
@@ -44,8 +74,16 @@ def results_table(rows: dict[str, dict], kind: str) -> pa.Table:
         {"name": name, "kind": kind, "val": r["val"], "id": r["id"], "ood_avg": r["ood_avg"],
          **{f"ood_{s}": a for s, a in r["ood"].items()},
          "ingredients": list(r.get("ingredients", [name])),
-         "evaluations": r.get("evaluations"), "wall_s": r.get("wall_s")}
+         "evaluations": r.get("evaluations"), "wall_s": r.get("wall_s"),
+         **comparison_columns(r.get("vs", {}))}
         for name, r in rows.items()])
+
+
+def correctness_table(correctness: dict[str, dict[str, np.ndarray]]) -> pa.Table:
+    """One row per (model, set): the per-image correctness behind every comparison."""
+    return pa.Table.from_pylist([
+        {"name": name, "set": set_name, "correct": hits.astype(bool).tolist()}
+        for name, per_set in correctness.items() for set_name, hits in per_set.items()])
 
 
 def scatter_plot(methods: dict[str, dict], ingredients: dict[str, dict], path: Path,
@@ -75,7 +113,8 @@ def scatter_plot(methods: dict[str, dict], ingredients: dict[str, dict], path: P
     plt.close(fig)
 
 
-def write_report(run_dir: Path, report: dict) -> None:
+def write_report(run_dir: Path, report: dict,
+                 correctness: dict[str, dict[str, np.ndarray]] | None = None) -> None:
     """Outputs land under temporary names and are renamed at the end, report.json last, so a
     run that fails part-way never leaves a report that looks complete."""
     run_dir = Path(run_dir)
@@ -83,6 +122,8 @@ def write_report(run_dir: Path, report: dict) -> None:
               results_table(report.get("ingredients", {}), "ingredient")]
     parquet_tmp = run_dir / "results.parquet.tmp"
     pq.write_table(pa.concat_tables(tables, promote_options="default"), parquet_tmp)
+    if correctness:
+        pq.write_table(correctness_table(correctness), run_dir / "correctness.parquet.tmp")
     png_tmp = run_dir / "scatter.tmp.png"
     points = [*report["methods"].values(), *report.get("ingredients", {}).values()]
     plotted = all(r["id"] is not None and r["ood_avg"] is not None for r in points)
@@ -92,6 +133,8 @@ def write_report(run_dir: Path, report: dict) -> None:
     json_tmp = run_dir / "report.json.tmp"
     json_tmp.write_text(json.dumps(report, indent=2))
     parquet_tmp.replace(run_dir / "results.parquet")
+    if correctness:
+        (run_dir / "correctness.parquet.tmp").replace(run_dir / "correctness.parquet")
     if plotted:
         png_tmp.replace(run_dir / "scatter.png")
     json_tmp.replace(run_dir / "report.json")

@@ -23,11 +23,12 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .checkpoint import load_state, save_state
 from .components import Components, partition
-from .data import EvalSetSource, check_eval_set
+from .data import EvalSetSource, check_eval_set, verify_eval_set
 from .config import RunConfig
 from .distributed import EvaluatorSpec, TuneSearch, start_evaluators
 from .errors import RaysoupError
-from .evaluate import VAL, Evaluator, load_eval_sets
+from .evaluate import (VAL, Evaluator, JudgementCache, accuracy_row, load_eval_sets,
+                       ood_sets)
 from .methods import METHODS, SoupContext, ValidationJudge
 from .methods.manifold_mix import MixState, manifold_mix
 from .mixing import from_numpy
@@ -36,6 +37,8 @@ from .pool import (IngredientPool, check_state_dict, load_pretrained, read_manif
                    save_state_dict, write_json)
 from .report import format_table, write_report
 from .search import first_model
+from .stats import compare
+from .storage import cache_dir
 from .tasks import dataset_records, eval_set_sources
 
 
@@ -52,7 +55,7 @@ def prepare(config: RunConfig, resume: bool, pool: IngredientPool | None = None)
     """`pool`: the config's pool, already loaded and validated (bench: once for all cells)."""
     if pool is None:
         pool = IngredientPool.from_zoo(config.pool.zoo)
-        pool.validate()
+        pool.validate(config.pool.verify_sha256)
     keys = list(pool.load(pool.names[0]))
     unused = []
     if config.method.drop_unused:
@@ -66,8 +69,10 @@ def prepare(config: RunConfig, resume: bool, pool: IngredientPool | None = None)
     eval_sources = eval_set_sources(config.pool.zoo)
     if VAL not in eval_sources:
         raise RaysoupError(f"zoo {config.pool.zoo} has no '{VAL}' evaluation set")
-    for source in eval_sources.values():  # labels vs classes and maps, images unread
+    for name, source in eval_sources.items():  # labels vs classes and maps, images unread
         check_eval_set(source, pool.spec.num_classes)
+        if config.pool.verify_sha256:
+            verify_eval_set(source, name)
     pretrained = load_pretrained(config.pool.zoo)
     if pretrained is not None:
         check_state_dict(pretrained, state_dict_template(pool.spec),
@@ -244,7 +249,7 @@ def write_betas(out: Path, betas: np.ndarray, ingredients: list[str], components
     (out / "beta.tmp.png").replace(out / "beta.png")
 
 
-def manifold_mix_row(prepared: Prepared, result: dict, evaluator: Evaluator, wall_s: float,
+def manifold_mix_row(prepared: Prepared, result: dict, judged: Judged, wall_s: float,
                      ranked_here: bool) -> dict:
     """The report row, plus the fused model, beta and history written into `out`."""
     out = prepared.config.out
@@ -253,17 +258,47 @@ def manifold_mix_row(prepared: Prepared, result: dict, evaluator: Evaluator, wal
     details = result["details"]
     write_betas(out, np.array(details["betas"]), result["ingredients"], details["components"])
     write_json(out / "history.json", details["history"], indent=1)
-    return {**evaluator.report(fused), "ingredients": result["ingredients"],
+    return {**judged.add("manifold_mix", fused), "ingredients": result["ingredients"],
             "evaluations": result["evaluations"] + (len(prepared.pool) if ranked_here else 0),
             "wall_s": round(wall_s, 2), "components": details["components"],
             "betas": details["betas"], "history": details["history"],
             "phase2": details["phase2"], "config": prepared.config.method.to_dict()}
 
 
-def references(zoo: str, evaluator: Evaluator) -> dict:
+def judgement_cache() -> JudgementCache:
+    return JudgementCache(cache_dir() / "judgements")
+
+
+class Judged:
+    """Every model judged on every evaluation set, with its per-image correctness kept for
+    the paired comparisons of the report."""
+
+    def __init__(self, evaluator: Evaluator, log=print):
+        self.evaluator = evaluator
+        self.log = log
+        self.correctness: dict[str, dict[str, np.ndarray]] = {}
+
+    def add(self, name: str, state_dict) -> dict:
+        t0 = time.perf_counter()
+        self.correctness[name] = self.evaluator.correctness(state_dict)
+        row = accuracy_row(self.correctness[name])
+        images = sum(len(c) for c in self.correctness[name].values())
+        self.log(f"[report] {name}: judged on {len(self.correctness[name])} sets "
+                 f"({images} images, {time.perf_counter() - t0:.1f} s), val "
+                 f"{100 * row['val']:.2f}")
+        return row
+
+    def comparisons(self, name: str, baselines: list[str]) -> dict:
+        """`name` against each judged baseline, paired on the same images."""
+        hits = self.correctness[name]
+        return {b: compare(hits, self.correctness[b], ood_sets(hits))
+                for b in baselines if b != name and b in self.correctness}
+
+
+def references(zoo: str, judged: Judged) -> dict:
     """The manifest's pretrained model (e.g. zero-shot), judged like the methods."""
     pretrained = load_pretrained(zoo)
-    return {} if pretrained is None else {"pretrained": evaluator.report(pretrained)}
+    return {} if pretrained is None else {"pretrained": judged.add("pretrained", pretrained)}
 
 
 def execute(config: RunConfig, resume: bool = False, address: str | None = None,
@@ -281,11 +316,15 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
     t0 = time.perf_counter()
     result = run_manifold_mix(prepared, log=log)
     wall = time.perf_counter() - t0
-    evaluator = Evaluator(prepared.pool.spec, load_eval_sets(
-        prepared.eval_sources, prepared.pool.spec.num_classes, log))
-    row = manifold_mix_row(prepared, result, evaluator, wall, ranked_here=True)
+    judged = Judged(Evaluator(prepared.pool.spec, load_eval_sets(
+        prepared.eval_sources, prepared.pool.spec.num_classes, log), cache=judgement_cache()),
+        log)
+    row = manifold_mix_row(prepared, result, judged, wall, ranked_here=True)
+    best = result["ranking"][0][0]
+    judged.add(best, prepared.pool.load(best))
+    row["vs"] = {"best_individual": judged.comparisons("manifold_mix", [best])[best]}
     report = {"methods": {"manifold_mix": row}, "ranking": result["ranking"],
-              "references": references(config.pool.zoo, evaluator),
+              "references": references(config.pool.zoo, judged),
               "data": dataset_records(prepared.eval_sources),
               "config": {"source": config.source and str(config.source), "resumed": resume,
                          "pool": str(config.pool.zoo), "method": config.method.to_dict()}}
@@ -310,7 +349,7 @@ def run_methods(config: RunConfig, address: str | None = None, log=print,
     pool = mix_run.pool
     run_dir.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(pool.spec, load_eval_sets(mix_run.eval_sources, pool.spec.num_classes,
-                                                    log))
+                                                    log), cache=judgement_cache())
 
     judge = ValidationJudge(lambda sd: evaluator.accuracy(sd, VAL))
     t0 = time.perf_counter()
@@ -318,8 +357,9 @@ def run_methods(config: RunConfig, address: str | None = None, log=print,
     ranking_s = time.perf_counter() - t0
     log("[run] ranking on val: " + ", ".join(f"{n} {100 * a:.2f}" for n, a in ctx.ranking))
 
+    judged = Judged(evaluator, log)
     if config.report_ingredients:
-        ingredients = {n: {**evaluator.report(pool.load(n)), "ingredients": [n]}
+        ingredients = {n: {**judged.add(n, pool.load(n)), "ingredients": [n]}
                        for n in pool.names}
     else:
         ingredients = {n: {"val": acc, "id": None, "ood": {}, "ood_avg": None,
@@ -330,21 +370,29 @@ def run_methods(config: RunConfig, address: str | None = None, log=print,
         if name == "manifold_mix":
             connect(address)
             result = run_manifold_mix(mix_run, ranking=ctx.ranking, log=log)
-            rows[name] = manifold_mix_row(mix_run, result, evaluator,
+            rows[name] = manifold_mix_row(mix_run, result, judged,
                                           time.perf_counter() - t0 + ranking_s, ranked_here=True)
             continue
         result = METHODS[name](ctx)
         wall = time.perf_counter() - t0
         if result.ranked:
             wall += ranking_s
-        rows[name] = {**evaluator.report(result.state_dict), "ingredients": result.ingredients,
+        rows[name] = {**judged.add(name, result.state_dict), "ingredients": result.ingredients,
                       "evaluations": result.evaluations + (len(pool) if result.ranked else 0),
                       "wall_s": round(wall, 2), **result.details}
         log(f"[run] {name}: val {100 * rows[name]['val']:.2f}, "
             f"{len(result.ingredients)} ingredient(s)")
+    # Every method against the best ingredient and greedy soup, paired on the same images.
+    best = ctx.ranking[0][0]
+    if best not in judged.correctness:
+        judged.add(best, pool.load(best))
+    for name, row in rows.items():
+        versus = judged.comparisons(name, ["greedy_soup"] if name == "best_individual" else
+                                    [best, "greedy_soup"])
+        row["vs"] = {("best_individual" if b == best else b): c for b, c in versus.items()}
 
     report = {"methods": rows, "ingredients": ingredients,
-              "references": references(zoo_dir, evaluator),
+              "references": references(zoo_dir, judged),
               "ranking": ctx.ranking,
               "zoo": {"dir": str(zoo_dir), "config": manifest.get("config"),
                       "build_seconds": manifest.get("build_seconds")},
@@ -352,9 +400,10 @@ def run_methods(config: RunConfig, address: str | None = None, log=print,
               "config": {**(extra or {}), "source": config.source and str(config.source),
                          "resumed": resume, "methods": list(methods),
                          "manifold_mix": config.method.to_dict()}}
-    write_report(run_dir, report)
+    write_report(run_dir, report, judged.correctness)
     log(format_table(rows, report["references"]))
-    written = ["report.json", "results.parquet", "scatter.png", "beta.parquet", "beta.png",
+    written = ["report.json", "results.parquet", "correctness.parquet", "scatter.png",
+               "beta.parquet", "beta.png",
                "history.json", "fused.safetensors"]
     log(f"[run] wrote {run_dir}: " + ", ".join(f for f in written if (run_dir / f).exists()))
     return report

@@ -8,11 +8,17 @@ that pyarrow.fs understands (s3://, gs://, hdfs://, file://). No node needs a lo
 from __future__ import annotations
 
 import fnmatch
+import os
 from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
 
 from .errors import RaysoupError
+
+
+def cache_dir() -> Path:
+    """This machine's cache: the demo's zoos, and judgements by content."""
+    return Path(os.environ.get("RAYSOUP_CACHE", Path.home() / ".cache" / "raysoup"))
 
 
 def is_uri(location: str) -> bool:

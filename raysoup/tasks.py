@@ -129,7 +129,7 @@ def eval_set_sources(zoo: str | Path) -> dict[str, EvalSetSource]:
     if classes is not None and len(classes) != num_classes:
         raise DataError(f"manifest.json: {len(classes)} classes listed, but model.num_classes "
                         f"is {num_classes}")
-    known_keys = {"file", "rows", "class_subset", "class_map"}
+    known_keys = {"file", "rows", "sha256", "class_subset", "class_map"}
     sources = {}
     for name, entry in manifest["eval_sets"].items():
         what = f"manifest.json eval set {name!r}"
@@ -143,7 +143,8 @@ def eval_set_sources(zoo: str | Path) -> dict[str, EvalSetSource]:
         entry = {k: _inline_or_file(root, v, f"{what} {k}") if k.startswith("class_") else v
                  for k, v in entry.items()}
         sources[name] = EvalSetSource(location, resolve_class_map(entry, location, classes,
-                                                                  num_classes, what))
+                                                                  num_classes, what),
+                                      entry.get("sha256"))
     return sources
 
 

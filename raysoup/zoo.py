@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -27,6 +28,11 @@ from .model import ModelSpec, build_classifier
 from .pool import file_sha256, load_state_dict, save_state_dict, write_json
 
 ZOO_FORMAT = 1
+# The default zoo (seed 0), shipped: its weights and manifest, without the evaluation sets
+# (made from Fashion-MNIST, bitwise the same everywhere). CPU training is not bitwise
+# reproducible across CPU models and thread counts, so building it again here would not
+# give the README's numbers.
+SHIPPED_ZOO = Path(__file__).with_name("testbed_zoo")
 AUGMENT_CHUNK = 8  # images per augmentation draw: per-chunk randomness at batch speed
 
 
@@ -38,16 +44,21 @@ class ZooConfig:
     train_size: int | None = None  # a subset of the training rows (small test zoos)
     test_size: int | None = None   # a subset of the official test set
     batch_size: int = 128
-    pretrain_epochs: float = 8.0
+    pretrain_epochs: float = 24.0
     pretrain_lr: float = 2e-3
-    # Fine-tuning hyperparameters are drawn per ingredient from these ranges.
-    # Calibrated so the soups premise holds (see README, "The testbed"): fine-tunes trained
-    # close to convergence in a narrow band, so no single one dominates on val.
-    finetune_epochs: tuple[float, float] = (2.0, 2.5)
-    finetune_lr: tuple[float, float] = (2e-4, 5e-4)     # log-uniform
+    # The pretrained model is the analog of CLIP's weights: one for every zoo seed, which
+    # varies the fine-tunes only (as the model soups zoo fine-tunes one CLIP 72 times).
+    pretrain_seed: int = 0
+    # Fine-tuning hyperparameters are drawn per ingredient from these ranges (see README,
+    # "The testbed"): gentle learning rates from a strong pretrained model keep every
+    # fine-tune in one basin; diversity comes from augmentation, label smoothing, mixup,
+    # data order and epochs rather than from the learning rate.
+    finetune_epochs: tuple[float, float] = (1.0, 2.0)
+    finetune_lr: tuple[float, float] = (5e-5, 1.5e-4)   # log-uniform
     finetune_weight_decay: tuple[float, float] = (0.0, 0.1)
-    finetune_label_smoothing: tuple[float, float] = (0.0, 0.1)
-    finetune_augment: tuple[float, float] = (0.0, 0.3)  # strength of the light augmentation
+    finetune_label_smoothing: tuple[float, float] = (0.0, 0.2)
+    finetune_augment: tuple[float, float] = (0.0, 1.0)  # strength of the light augmentation
+    finetune_mixup: tuple[float, float] = (0.1, 0.4)    # mixup alpha, for half the fine-tunes
     model: ModelSpec = field(default_factory=ModelSpec)
 
     def to_dict(self) -> dict:
@@ -81,6 +92,7 @@ def finetune_augment(strength: float) -> v2.Transform:
     return v2.Compose([
         v2.RandomAffine(degrees=10 * strength, translate=(0.08 * strength, 0.08 * strength)),
         v2.RandomHorizontalFlip(p=0.5 * strength),
+        v2.RandomErasing(p=0.5 * strength, scale=(0.02, 0.02 + 0.15 * strength), value=0),
     ])
 
 
@@ -94,10 +106,11 @@ def _augment_batch(images: torch.Tensor, transform: v2.Transform | None) -> torc
 
 def train(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, *, epochs: float,
           lr: float, weight_decay: float, label_smoothing: float, batch_size: int,
-          transform: v2.Transform | None, seed: int, desc: str) -> None:
-    """AdamW with linear warm-up and cosine decay to zero."""
+          transform: v2.Transform | None, seed: int, desc: str, mixup: float = 0.0) -> None:
+    """AdamW with linear warm-up and cosine decay to zero; mixup with alpha `mixup` (0: off)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    mix_rng = np.random.default_rng(seed)
     x, y = torch.from_numpy(images), torch.from_numpy(labels)
     steps = max(1, int(math.ceil(epochs * len(y) / batch_size)))
     warmup = max(1, steps // 20)
@@ -110,8 +123,16 @@ def train(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, *, epo
         if len(order) < batch_size:
             order = torch.cat([order, torch.randperm(len(y), generator=gen)])
         idx, order = order[:batch_size], order[batch_size:]
-        loss = F.cross_entropy(model(_augment_batch(x[idx], transform)), y[idx],
-                               label_smoothing=label_smoothing)
+        inputs, targets = _augment_batch(x[idx], transform), y[idx]
+        if mixup > 0:
+            lam = float(mix_rng.beta(mixup, mixup))
+            partner = torch.randperm(len(idx), generator=gen)
+            logits = model(lam * inputs + (1 - lam) * inputs[partner])
+            loss = lam * F.cross_entropy(logits, targets, label_smoothing=label_smoothing) + \
+                (1 - lam) * F.cross_entropy(logits, targets[partner],
+                                            label_smoothing=label_smoothing)
+        else:
+            loss = F.cross_entropy(model(inputs), targets, label_smoothing=label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -129,13 +150,17 @@ def draw_hyperparameters(config: ZooConfig, index: int) -> dict:
         "epochs": float(rng.uniform(*config.finetune_epochs)),
         "augment": float(rng.uniform(*config.finetune_augment)),
         "seed": int(rng.integers(2**31)),
+        "mixup": float(rng.uniform(*config.finetune_mixup)) if rng.random() < 0.5 else 0.0,
     }
 
 
-def _cached(path: Path, sidecar: Path) -> dict | None:
+def _cached(path: Path, sidecar: Path, hyperparameters: dict) -> dict | None:
+    """The sidecar of a finished training with these hyperparameters (a copied-in
+    pretrained model too), if the file is intact."""
     if path.is_file() and sidecar.is_file():
         info = json.loads(sidecar.read_text())
-        if info.get("sha256") == file_sha256(path):
+        if info.get("sha256") == file_sha256(path) and \
+                info.get("hyperparameters") == hyperparameters:
             return info
     return None
 
@@ -157,32 +182,30 @@ def build_zoo(out: Path, config: ZooConfig, log=print) -> Path:
     t0 = time.time()
 
     arrays = data.load_fashion_mnist()
-    train_idx, val_idx = data.train_val_split(len(arrays["train_labels"]), config.val_size)
+    train_idx = data.train_val_split(len(arrays["train_labels"]), config.val_size)[0]
     if config.train_size is not None:
         train_idx = np.sort(np.random.default_rng(config.seed).choice(
             train_idx, config.train_size, replace=False))
     train_x, train_y = arrays["train_images"][train_idx], arrays["train_labels"][train_idx]
 
-    eval_files = {}
-    for s in data.build_eval_sets(arrays, val_idx, config.test_size):
-        path = out / "data" / f"{s.name}.arrow"
-        data.write_eval_set(s, path)
-        eval_files[s.name] = {"file": str(path.relative_to(out)), "rows": len(s)}
+    eval_files = write_eval_sets(out, config, arrays)
     val_set = data.read_eval_set(out / eval_files[VAL]["file"])
     evaluator = Evaluator(config.model, [val_set], device="cpu")
 
     def trained(name: str, base: Path | None, hp: dict, transform, desc: str) -> dict:
         path, sidecar = out / name, out / (name + ".json")
-        cached = _cached(path, sidecar)
+        cached = _cached(path, sidecar, hp)
         if cached:
             log(f"[zoo] {desc}: cached (val {cached['val_acc']:.4f})")
             return cached
+        torch.manual_seed(hp["seed"])  # the initial weights too (pretraining starts from them)
         model = build_classifier(config.model)
         if base is not None:
             model.load_state_dict(load_state_dict(base))
         train(model, train_x, train_y, epochs=hp["epochs"], lr=hp["lr"],
               weight_decay=hp["weight_decay"], label_smoothing=hp["label_smoothing"],
-              batch_size=config.batch_size, transform=transform, seed=hp["seed"], desc=desc)
+              batch_size=config.batch_size, transform=transform, seed=hp["seed"], desc=desc,
+              mixup=hp.get("mixup", 0.0))
         sd = model.state_dict()
         save_state_dict(sd, path)
         info = {"file": name, "hyperparameters": hp, "val_acc": evaluator.accuracy(sd, VAL),
@@ -192,7 +215,7 @@ def build_zoo(out: Path, config: ZooConfig, log=print) -> Path:
         return info
 
     pre_hp = {"lr": config.pretrain_lr, "weight_decay": 0.05, "label_smoothing": 0.0,
-              "epochs": config.pretrain_epochs, "seed": config.seed}
+              "epochs": config.pretrain_epochs, "seed": config.pretrain_seed}
     pretrained = trained("pretrained.safetensors", None, pre_hp, pretrain_augment(), "pretrain")
     ingredients = []
     for i in range(config.ingredients):
@@ -205,6 +228,45 @@ def build_zoo(out: Path, config: ZooConfig, log=print) -> Path:
                 "pretrained": pretrained, "ingredients": ingredients, "eval_sets": eval_files,
                 "build_seconds": round(time.time() - t0, 1)}
     write_json(manifest_path, manifest)
+    return out
+
+
+def write_eval_sets(out: Path, config: ZooConfig, arrays: dict[str, np.ndarray]) -> dict:
+    """val, id and the shifted sets as Arrow files under out/data; their manifest entries,
+    each with its content sha256."""
+    val_idx = data.train_val_split(len(arrays["train_labels"]), config.val_size)[1]
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    eval_files = {}
+    for s in data.build_eval_sets(arrays, val_idx, config.test_size):
+        path = out / "data" / f"{s.name}.arrow"
+        data.write_eval_set(s, path)
+        eval_files[s.name] = {"file": str(path.relative_to(out)), "rows": len(s),
+                              "sha256": data.content_sha256(s)}
+    return eval_files
+
+
+def install_shipped_zoo(out: Path, shipped: Path = SHIPPED_ZOO, log=print) -> Path:
+    """The shipped default zoo in `out`: its weights copied, its evaluation sets made from
+    Fashion-MNIST and checked against the sha256 the shipped manifest records (the weights
+    are checked by every run). The same files on every machine."""
+    out = Path(out)
+    if (out / "manifest.json").is_file():
+        return out
+    manifest = json.loads((shipped / "manifest.json").read_text())
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(shipped, tmp, ignore=shutil.ignore_patterns("*.tmp", "__pycache__"))
+    log(f"[zoo] making the evaluation sets from Fashion-MNIST ({data.data_dir()})")
+    made = write_eval_sets(tmp, ZooConfig.from_dict(manifest["config"]),
+                           data.load_fashion_mnist())
+    for name, entry in manifest["eval_sets"].items():
+        if made.get(name, {}).get("sha256") != entry["sha256"]:
+            raise RaysoupError(
+                f"evaluation set {name!r} made on this machine differs from the shipped zoo's "
+                f"(sha256 {made.get(name, {}).get('sha256', 'missing')[:16]}... vs "
+                f"{entry['sha256'][:16]}...): is {data.data_dir()} the Debian package's "
+                f"Fashion-MNIST, and numpy/scipy as in constraints.txt?")
+    tmp.replace(out)
     return out
 
 

@@ -1,8 +1,11 @@
 import json
 import os
 import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Judgements are cached by content; the tests keep theirs apart from the user's cache.
+os.environ["RAYSOUP_CACHE"] = tempfile.mkdtemp(prefix="raysoup-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

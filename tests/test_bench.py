@@ -67,7 +67,13 @@ def test_bench_quick_writes_table_figures_and_resumes(soup_zoo, tmp_path):
     for name in ("accuracy_vs_budget", "best_so_far", "cost_quality", "parallel", "betas",
                  "granularity"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| TwoPointsDE | 2 | 2 |" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    # TwoPointsDE at k = 2 against NGOpt (same budget and seed) and greedy soup, paired.
+    row = next(line for line in summary.splitlines() if line.startswith("| TwoPointsDE | 2 | 2 |"))
+    assert row.count("[") == 4 and row.count("]") == 4
+    ngopt = next(line for line in summary.splitlines() if line.startswith("| NGOpt | 2 | 1 |"))
+    assert ngopt.count("[") == 2  # itself is the reference: greedy only
+    assert len(pq.read_table(out / "correctness.parquet")) == len(rows) * 8  # 8 sets a cell
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and f"{len(rows)} cell(s) already" in again.stdout
     assert len(pq.read_table(out / "bench.parquet")) == len(rows)

@@ -41,8 +41,19 @@ def test_demo_writes_report_parquet_and_scatter(tiny_zoo, tmp_path, capsys):
     betas = pq.read_table(out / "beta.parquet").to_pylist()
     assert [b["ingredient"] for b in betas] == mm["ingredients"]
     assert len(mm["history"]) == 3 and all("promise_accuracy" in s for s in mm["history"])
+    # Every method against the best ingredient and greedy soup, paired on the same images.
+    assert set(report["methods"]["uniform_soup"]["vs"]) == {"best_individual", "greedy_soup"}
+    assert set(report["methods"]["best_individual"]["vs"]) == {"greedy_soup"}
+    for c in mm["vs"]["greedy_soup"].values():
+        assert c["lo"] <= c["diff"] <= c["hi"] and 0 <= c["p"] <= 1
+    hits = {(r["name"], r["set"]): r["correct"] for r in
+            pq.read_table(out / "correctness.parquet").to_pylist()}
+    greedy = report["methods"]["greedy_soup"]
+    assert sum(hits["greedy_soup", "val"]) / len(hits["greedy_soup", "val"]) == greedy["val"]
+    columns = pq.read_schema(out / "results.parquet").names
+    assert {"best_individual.ood_avg.lo", "greedy_soup.val.p"} <= set(columns)
     printed = capsys.readouterr().out
-    assert "greedy_soup" in printed and "ood_avg" in printed
+    assert "greedy_soup" in printed and "ood_avg" in printed and "McNemar" in printed
     # A second run into the same folder is refused rather than overwriting results.
     assert main(["demo", "--zoo", str(tiny_zoo), "--out", str(out)]) == 2
 
@@ -64,10 +75,30 @@ def test_corrupt_ingredient_fails_before_any_output(tiny_zoo, tmp_path, capsys):
     sd["classification_head.weight"][0, 0] = float("nan")
     save_file(sd, str(path))
     out = tmp_path / "run"
+    # The manifest's sha256 catches it first, naming the file.
     assert main(["demo", "--zoo", str(zoo), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "ft-02.safetensors" in err and "sha256" in err and "--no-verify" in err
+    # Skipping that check, the weight check names the file and the key.
+    assert main(["demo", "--zoo", str(zoo), "--out", str(out), "--no-verify"]) == 2
     err = capsys.readouterr().err
     assert "ft-02.safetensors" in err and "classification_head.weight" in err
     assert not (out / "report.json").exists() and not (out / "results.parquet").exists()
+
+
+def test_changed_evaluation_set_is_refused_naming_it(tiny_zoo, tmp_path, capsys):
+    import shutil
+
+    from raysoup.data import read_eval_set, write_eval_set
+    zoo = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo, zoo)
+    blur = read_eval_set(zoo / "data" / "blur.arrow")
+    blur.labels = blur.labels.copy()
+    blur.labels[0] = (blur.labels[0] + 1) % 10  # one label changed, still a valid class
+    write_eval_set(blur, zoo / "data" / "blur.arrow")
+    assert main(["demo", "--zoo", str(zoo), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "'blur'" in err and "sha256" in err and err.count("\n") == 1
 
 
 def test_zoo_build_rejects_too_few_ingredients(tmp_path, capsys):

@@ -97,3 +97,33 @@ def test_greedy_tie_rule(tiny_zoo, tmp_path, evaluator):
     ctx = SoupContext.rank(twins, judge)
     assert METHODS["greedy_soup"](ctx).ingredients == [best, "copy"]
     assert METHODS["greedy_soup"](ctx, strict=True).ingredients == [best]
+
+
+def test_judgements_are_cached_by_weights_and_set_content(tiny_zoo, tmp_path):
+    from raysoup.evaluate import JudgementCache
+    pool = IngredientPool.from_zoo(tiny_zoo)
+    sets = load_eval_sets(eval_set_sources(tiny_zoo), pool.spec.num_classes)
+    assert all(s.sha256 for s in sets)  # the zoo records every set's fingerprint
+
+    def counted() -> tuple[Evaluator, list]:
+        ev = Evaluator(pool.spec, sets, batch_size=128, cache=JudgementCache(tmp_path))
+        calls = []
+        ev.model.register_forward_hook(lambda *_: calls.append(1))  # real forward passes
+        return ev, calls
+
+    first, calls = counted()
+    sd = pool.load(pool.names[0])
+    hits = first.correctness(sd)
+    assert len(calls) > 0
+    again, calls = counted()  # a later run: a fresh evaluator, the same cache folder
+    assert all((again.correctness(sd)[n] == hits[n]).all() for n in hits)
+    assert calls == []
+    assert again.accuracy(sd, VAL) == hits[VAL].mean()
+    assert calls == []
+    other = pool.load(pool.names[1])
+    again.accuracy(other, VAL)
+    assert len(calls) > 0  # other weights: judged
+    calls.clear()
+    for torn in tmp_path.rglob("*.npy"):
+        torn.write_bytes(b"torn")
+    assert (again.correctness(sd)[VAL] == hits[VAL]).all() and len(calls) > 0

@@ -1,0 +1,123 @@
+"""Testbed calibration: does the soups premise hold on several zoo seeds?
+
+    python benchmarks/calibration.py [--seeds 0 1 2] [--work DIR] [--label NAME]
+
+For each seed, builds the default zoo recipe with that seed (the pretrained model is shared
+by every seed, as one CLIP is fine-tuned many times; later seeds copy the first one's) and
+runs the demo's methods and settings on it. One row per seed goes into
+benchmarks/results/calibration.parquet (with the recipe, machine and commit), and the table
+of every row into benchmarks/results/calibration.md. The premise, checked per seed:
+- greedy soup keeps at least 2 ingredients, and ManifoldMix accepts at least 2;
+- ManifoldMix's and the uniform soup's OOD average beat the best individual's, with the
+  paired 95 % interval above zero;
+- ManifoldMix's ID accuracy is at least the best individual's minus 0.3 points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from common import RESULTS, append_result, machine
+
+from raysoup.config import PoolConfig, RunConfig
+from raysoup.demo import DEMO_EVALS_PER_COMPONENT, DEMO_METHODS
+from raysoup.methods.manifold_mix import ManifoldMixConfig
+from raysoup.run import run_methods
+from raysoup.stats import OOD_AVG, format_difference
+from raysoup.zoo import ZooConfig, build_zoo
+
+TABLE = RESULTS / "calibration.parquet"
+ID_SLACK = 0.003  # ManifoldMix may lose at most 0.3 points of ID accuracy
+
+
+def premise(methods: dict) -> dict:
+    """The four checks of one seed, from its report's method rows."""
+    best, mm, uniform = (methods[m] for m in ("best_individual", "manifold_mix",
+                                              "uniform_soup"))
+    return {
+        "greedy_keeps_2": len(methods["greedy_soup"]["ingredients"]) >= 2,
+        "mm_accepts_2": len(mm["ingredients"]) >= 2,
+        "ood_beats_best": all(r["vs"]["best_individual"][OOD_AVG]["lo"] > 0
+                              for r in (mm, uniform)),
+        "id_within_0.3": mm["id"] >= best["id"] - ID_SLACK,
+    }
+
+
+def calibrate(seed: int, work: Path, label: str, first_zoo: Path | None) -> Path:
+    config = ZooConfig(seed=seed)
+    zoo = work / f"zoo-seed{seed}"
+    if first_zoo is not None and not (zoo / "pretrained.safetensors").exists():
+        zoo.mkdir(parents=True, exist_ok=True)  # the shared pretrained model, as a cached step
+        for name in ("pretrained.safetensors", "pretrained.safetensors.json"):
+            shutil.copy(first_zoo / name, zoo / name)
+    t0 = time.perf_counter()
+    build_zoo(zoo, config)
+    build_s = time.perf_counter() - t0
+    out = work / f"run-seed{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    report = run_methods(RunConfig(PoolConfig(str(zoo)), out, ManifoldMixConfig(
+        evals_per_component=DEMO_EVALS_PER_COMPONENT), methods=DEMO_METHODS))
+    methods = report["methods"]
+    row = {"label": label, "seed": seed, "recipe": json.dumps(config.to_dict()),
+           "build_s": round(build_s, 1), "run_s": round(time.perf_counter() - t0, 1),
+           "pretrained": json.dumps(report["references"].get("pretrained")),
+           **premise(methods)}
+    for name, r in methods.items():
+        row.update({f"{name}.val": r["val"], f"{name}.id": r["id"],
+                    f"{name}.ood_avg": r["ood_avg"], f"{name}.ingredients": len(r["ingredients"]),
+                    f"{name}.vs": json.dumps(r.get("vs", {}))})
+    append_result("calibration", {**row, **machine()})
+    return zoo
+
+
+def markdown(rows: list[dict]) -> str:
+    """Per recipe and seed: val / ID / OOD of each method, kept ingredients, the paired
+    OOD and ID differences against the best individual, and the verdict."""
+    lines = ["| recipe | seed | best individual | uniform | greedy (kept) | ManifoldMix "
+             "(kept) | MM − best, OOD | uniform − best, OOD | MM − best, ID | premise |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(r: dict, name: str) -> str:
+        return " / ".join(f"{100 * r[f'{name}.{k}']:.2f}" for k in ("val", "id", "ood_avg"))
+
+    for r in rows:
+        vs = {m: json.loads(r[f"{m}.vs"]).get("best_individual", {})
+              for m in ("manifold_mix", "uniform_soup")}
+        checks = [k for k in ("greedy_keeps_2", "mm_accepts_2", "ood_beats_best",
+                              "id_within_0.3") if not r[k]]
+        lines.append(
+            f"| {r['label']} | {r['seed']} | {cell(r, 'best_individual')} | "
+            f"{cell(r, 'uniform_soup')} | {cell(r, 'greedy_soup')} "
+            f"({r['greedy_soup.ingredients']}) | {cell(r, 'manifold_mix')} "
+            f"({r['manifold_mix.ingredients']}) | "
+            f"{format_difference(vs['manifold_mix'].get(OOD_AVG)).strip()} | "
+            f"{format_difference(vs['uniform_soup'].get(OOD_AVG)).strip()} | "
+            f"{format_difference(vs['manifold_mix'].get('id')).strip()} | "
+            f"{'holds' if not checks else 'fails: ' + ', '.join(checks)} |")
+    return "\n".join(lines) + "\n\n(val / ID / OOD average in %; differences in points with " \
+        "paired 95 % bootstrap intervals, * where the interval excludes 0)\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--work", type=Path, default=Path("runs/calibration"),
+                        help="zoos and runs (large; not committed)")
+    parser.add_argument("--label", default="default", help="the recipe's name in the table")
+    args = parser.parse_args()
+    first = None
+    for seed in args.seeds:
+        zoo = calibrate(seed, args.work, args.label, first)
+        first = first or zoo
+    import pyarrow.parquet as pq
+    (RESULTS / "calibration.md").write_text(markdown(pq.read_table(TABLE).to_pylist()))
+    print((RESULTS / "calibration.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
