@@ -26,7 +26,7 @@ from common import RESULTS, append_result, machine
 from raysoup.config import PoolConfig, RunConfig
 from raysoup.demo import DEMO_EVALS_PER_COMPONENT, DEMO_METHODS
 from raysoup.methods.manifold_mix import ManifoldMixConfig
-from raysoup.run import run_methods
+from raysoup.run import execute
 from raysoup.stats import OOD_AVG, format_difference
 from raysoup.zoo import ZooConfig, build_zoo
 
@@ -60,7 +60,7 @@ def calibrate(seed: int, work: Path, label: str, first_zoo: Path | None) -> Path
     out = work / f"run-seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    report = run_methods(RunConfig(PoolConfig(str(zoo)), out, ManifoldMixConfig(
+    report = execute(RunConfig(PoolConfig(str(zoo)), out, ManifoldMixConfig(
         evals_per_component=DEMO_EVALS_PER_COMPONENT), methods=DEMO_METHODS))
     methods = report["methods"]
     row = {"label": label, "seed": seed, "recipe": json.dumps(config.to_dict()),

@@ -17,10 +17,6 @@ def append_result(name: str, row: dict) -> None:
 
 
 def default_zoo() -> Path:
-    """The demo's cached zoo (`raysoup demo` builds it)."""
-    from raysoup.demo import default_zoo_dir
-    from raysoup.zoo import ZooConfig
-    zoo = default_zoo_dir(ZooConfig())
-    if not (zoo / "manifest.json").exists():
-        raise SystemExit(f"no zoo at {zoo}: run `raysoup demo` first or pass --zoo DIR")
-    return zoo
+    """The demo's zoo: the shipped one, installed into the cache on first use."""
+    from raysoup.demo import demo_zoo
+    return demo_zoo()

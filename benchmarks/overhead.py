@@ -61,7 +61,7 @@ def main() -> None:
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     spec = EvaluatorSpec(count=args.cpus, mode="sharded", cpus=1.0)
-    actors = start_evaluators(pool.spec, val_file, components, spec)
+    actors = start_evaluators(pool.spec, {VAL: val_file}, components, spec)
     search = TuneSearch(actors, spec, 1, Path("/tmp/raysoup-bench-overhead") / str(time.time()),
                         log=lambda _: None)
     search.set_models([a, c], lerp_mixer)

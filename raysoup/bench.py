@@ -1,7 +1,8 @@
 """`raysoup bench`: which optimiser, budget, parallelism and components buy what accuracy
 at what cost.
 
-A grid of ManifoldMix runs on one zoo (every cell a full run on Ray, ranked once up front),
+A grid of ManifoldMix runs on one zoo (every cell a full run on Ray; the ranking and every
+judgement of unchanged weights come from the judgement cache after the first cell),
 the component-granularity ablation at a fixed optimiser and budget, and the uniform and
 greedy soups as references. One Parquet row per cell (with the machine and git commit);
 a cell already in the table is skipped, so an interrupted benchmark resumes. Plots are
@@ -12,23 +13,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from .bench_plots import CORRECTNESS
 from .config import PoolConfig, ResourcesConfig, RunConfig, section
 from .errors import RaysoupError
-from .evaluate import VAL, Evaluator, accuracy_row, load_eval_sets
-from .methods import METHODS, SoupContext, ValidationJudge
 from .methods.manifold_mix import ManifoldMixConfig
-from .pool import IngredientPool
 from .report import append_rows, machine
 from .search import check_optimizer
-from .tasks import eval_set_sources
 
 REFERENCE_METHODS = ("uniform_soup", "greedy_soup")
 
@@ -111,42 +108,40 @@ def best_so_far(start: float, history: list[dict]) -> list[float]:
     return curve
 
 
-def scored(evaluator: Evaluator, state_dict) -> dict:
-    """The fused model's columns (val decides, id and ood only report) and, under
-    `correct`, its per-image correctness per set (for the paired comparisons)."""
-    correct = evaluator.correctness(state_dict)
-    scores = accuracy_row(correct)
-    return {"val": scores["val"], "id": scores["id"], "ood_avg": scores["ood_avg"],
-            "ood": json.dumps(scores["ood"]), "correct": correct}
-
-
-def run_cell(cell: dict, pool: IngredientPool, zoo: str, out: Path, ranking: list,
-             evaluator: Evaluator) -> dict:
-    from .run import prepare, run_manifold_mix
+def run_cell(cell: dict, zoo: str, out: Path) -> tuple[dict, dict]:
+    """One cell as a whole run (the run path of `raysoup run`, every forward pass on the
+    evaluators, the ranking and the ingredients' judgements from the judgement cache):
+    its table row and its per-image correctness per set."""
+    from .run import execute
     cell_dir = out / "cells" / cell["cell"].replace("/", "_")
     shutil.rmtree(cell_dir, ignore_errors=True)  # an interrupted cell starts over
-    method = ManifoldMixConfig(optimizer=cell["optimizer"], evals_per_component=cell["budget"],
-                               num_workers=cell["parallel"], seed=cell["seed"],
-                               components=cell["components"], drop_unused=cell["drop_unused"])
-    prepared = prepare(RunConfig(PoolConfig(zoo), cell_dir, method, ResourcesConfig()),
-                       resume=False, pool=pool)
-    t0 = time.perf_counter()
-    result = run_manifold_mix(prepared, ranking=ranking, log=lambda _: None)
-    wall = time.perf_counter() - t0
-    from .mixing import from_numpy
-    details = result["details"]
-    return {**cell, **scored(evaluator, from_numpy(result["state_dict"])),
-            "evaluations": result["evaluations"],
-            "wall_s": round(wall, 2), "accepted": len(result["ingredients"]),
-            "ingredients": result["ingredients"], "n_components": len(details["components"]),
-            "component_names": details["components"], "betas": details["betas"],
-            "best_so_far": best_so_far(ranking[0][1], details["history"])}
+    reference = cell["kind"] == "reference"
+    name = cell["optimizer"] if reference else "manifold_mix"
+    method = ManifoldMixConfig() if reference else ManifoldMixConfig(
+        optimizer=cell["optimizer"], evals_per_component=cell["budget"],
+        num_workers=cell["parallel"], seed=cell["seed"], components=cell["components"],
+        drop_unused=cell["drop_unused"])
+    report = execute(RunConfig(PoolConfig(zoo), cell_dir, method, ResourcesConfig(),
+                               methods=(name,)), log=lambda _: None)
+    r = report["methods"][name]
+    row = {**cell, "val": r["val"], "id": r["id"], "ood_avg": r["ood_avg"],
+           "ood": json.dumps(r["ood"]), "wall_s": r["wall_s"], "accepted": len(r["ingredients"]),
+           "ingredients": r["ingredients"],
+           # The method's own validation evaluations: the shared ranking is not counted.
+           "evaluations": r["evaluations"] - (len(report["ranking"]) if r["ranked"] else 0)}
+    if not reference:
+        row.update(n_components=len(r["components"]), component_names=r["components"],
+                   betas=r["betas"], best_so_far=best_so_far(report["ranking"][0][1],
+                                                             r["history"]))
+    correct = {c["set"]: np.array(c["correct"], dtype=bool) for c in
+               pq.read_table(cell_dir / CORRECTNESS).to_pylist() if c["name"] == name}
+    return row, correct
 
 
 def run_bench(zoo: Path | str, out: Path, grid: BenchGrid, address: str | None = None,
               log=print) -> Path:
     """Run every cell not yet in OUT/bench.parquet; returns the table's path."""
-    from .run import connect, judgement_cache
+    from .run import connect
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table_path = out / "bench.parquet"
@@ -158,11 +153,6 @@ def run_bench(zoo: Path | str, out: Path, grid: BenchGrid, address: str | None =
             raise RaysoupError(f"{table_path} holds cells of zoo {sorted(zoos)}, not {zoo}: "
                                f"choose another --out")
         done = set(earlier.column("cell").to_pylist())
-    pool = IngredientPool.from_zoo(zoo)
-    pool.validate()
-    evaluator = Evaluator(pool.spec, load_eval_sets(eval_set_sources(zoo), pool.spec.num_classes),
-                          cache=judgement_cache())
-    ctx = SoupContext.rank(pool, ValidationJudge(lambda sd: evaluator.accuracy(sd, VAL)))
     about = {**machine(), "zoo": str(zoo)}
     todo = [c for c in [{"kind": "reference", "cell": f"reference/{m}", "optimizer": m}
                         for m in REFERENCE_METHODS] + grid.cells() if c["cell"] not in done]
@@ -170,16 +160,7 @@ def run_bench(zoo: Path | str, out: Path, grid: BenchGrid, address: str | None =
     if todo:
         connect(address, log_to_driver=False)
     for cell in tqdm(todo, desc="bench", unit="cell"):
-        t0 = time.perf_counter()
-        if cell["kind"] == "reference":
-            result = METHODS[cell["optimizer"]](ctx)
-            row = {**cell, **scored(evaluator, result.state_dict),
-                   "evaluations": result.evaluations, "accepted": len(result.ingredients),
-                   "ingredients": result.ingredients,
-                   "wall_s": round(time.perf_counter() - t0, 2)}
-        else:
-            row = run_cell(cell, pool, str(zoo), out, ctx.ranking, evaluator)
-        correct = row.pop("correct")
+        row, correct = run_cell(cell, str(zoo), out)
         # Correctness first: a cell in the table always has its images' results.
         append_rows(out / CORRECTNESS, [{"cell": cell["cell"], "set": name,
                                          "correct": hits.tolist()}

@@ -12,6 +12,8 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,12 +233,57 @@ def verify_eval_set(source: EvalSetSource, name: str) -> None:
             f"with `pool.verify_sha256 = false` (raysoup demo --no-verify)")
 
 
-def check_eval_set(source: EvalSetSource, num_classes: int) -> int:
-    """Rows the set would give, from its labels alone (images stay unread on local files):
-    the up-front check of a run."""
-    _, parts = _open_parts(source.location)
-    keep = _rows_kept(np.concatenate([p.labels for p in parts]), source, num_classes)
-    return sum(len(p) for p in parts) if keep is None else int(keep.sum())
+def check_eval_set(source: EvalSetSource, num_classes: int,
+                   image_shape: tuple[int, ...] | None = None, name: str = "") -> int:
+    """Rows the set would give, from its labels and schema alone (images stay unread on
+    local files): the up-front check of a run. With `image_shape`, the set's images must
+    have it (channels, height, width)."""
+    parts = _part_locations(source.location)[1]
+    labels, shape = [], None
+    for path in parts:
+        with _open_batches(path) as (reader, part_shape):
+            labels += [reader.get_batch(i).column("label").to_numpy()
+                       for i in range(reader.num_record_batches)]
+            shape = shape or part_shape
+    if image_shape is not None and tuple(shape) != tuple(image_shape):
+        raise DataError(f"evaluation set {name or source.location!r}: images are "
+                        f"{'x'.join(map(str, shape))} (channels x height x width), the model "
+                        f"takes {'x'.join(map(str, image_shape))}; prepare it for this model")
+    keep = _rows_kept(np.concatenate(labels), source, num_classes)
+    return sum(len(x) for x in labels) if keep is None else int(keep.sum())
+
+
+def shard_rows(n: int, shard: int, shards: int) -> slice:
+    """Rows of shard `shard` of `shards` among n: contiguous, sizes differing by at most 1."""
+    return slice(n * shard // shards, n * (shard + 1) // shards)
+
+
+def iter_shard(source: EvalSetSource, num_classes: int, shard: int, shards: int,
+               batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(images, labels) of one shard of a set's rows (after the class map's filtering),
+    `batch_rows` at a time, in row order: read from memory-mapped Arrow record batches, so
+    only one batch of images is ever copied into memory."""
+    parts = _part_locations(source.location)[1]
+    labels = []
+    for path in parts:
+        with _open_batches(path) as (reader, _):
+            labels.append(np.concatenate([reader.get_batch(i).column("label").to_numpy()
+                                          for i in range(reader.num_record_batches)]))
+    keep = _rows_kept(np.concatenate(labels), source, num_classes)
+    kept = np.arange(sum(map(len, labels))) if keep is None else np.flatnonzero(keep)
+    mine = kept[shard_rows(len(kept), shard, shards)]
+    offset = 0
+    for path in parts:
+        with _open_batches(path) as (reader, shape):
+            for i in range(reader.num_record_batches):
+                batch = reader.get_batch(i)
+                rows = mine[(mine >= offset) & (mine < offset + batch.num_rows)] - offset
+                offset += batch.num_rows
+                for start in range(0, len(rows), batch_rows):
+                    taken = batch.take(pa.array(rows[start:start + batch_rows]))
+                    images = taken.column("image").flatten().to_numpy(zero_copy_only=False)
+                    yield (images.reshape((taken.num_rows, *shape)),
+                           taken.column("label").to_numpy(zero_copy_only=False))
 
 
 def _rows_kept(labels: np.ndarray, source: EvalSetSource, num_classes: int | None):
@@ -262,16 +309,14 @@ def _check_labels(labels: np.ndarray, num_classes: int | None, where: str) -> No
         raise DataError(f"evaluation set {where}: label {bad} out of range [0, {num_classes})")
 
 
-def _open_parts(location: str) -> tuple[str, list[EvalSet]]:
-    """The set's name and its Arrow parts (one file, or a prepared folder's shards)."""
+def _part_locations(location: str) -> tuple[str, list[str]]:
+    """The set's name and its Arrow files (one file, or a prepared folder's shards)."""
     dataset_json = storage.join(location, "dataset.json")
     if not storage.is_file(dataset_json):
-        part = _read_arrow(location)
-        return part.name, [part]
+        return Path(location).stem, [location]
     try:
         info = json.loads(storage.read_bytes(dataset_json))
-        parts = [_read_arrow(storage.within(location, f, f"{dataset_json} shard"))
-                 for f in info["shards"]]
+        parts = [storage.within(location, f, f"{dataset_json} shard") for f in info["shards"]]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise DataError(f"cannot read {dataset_json}: {e}") from e
     if not parts:
@@ -279,20 +324,34 @@ def _open_parts(location: str) -> tuple[str, list[EvalSet]]:
     return info.get("name") or Path(location).name, parts
 
 
-def _read_arrow(path: str) -> EvalSet:
+def _open_parts(location: str) -> tuple[str, list[EvalSet]]:
+    """The set's name and its Arrow parts, read whole."""
+    name, paths = _part_locations(location)
+    parts = [_read_arrow(path) for path in paths]
+    return (parts[0].name if len(paths) == 1 else name), parts
+
+
+@contextmanager
+def _open_batches(path: str):
+    """(record batch reader, image shape) of one Arrow file, checked to be an evaluation set."""
     try:
         with storage.open_random_access(path) as source:
-            table = pa.ipc.open_file(source).read_all()
-    except (OSError, pa.ArrowInvalid, RaysoupError) as e:
+            reader = pa.ipc.open_file(source)
+            meta = reader.schema.metadata or {}
+            if b"shape" not in meta or set(reader.schema.names) != {"image", "label"}:
+                raise DataError(f"{path} is not a raysoup evaluation set (need columns image, "
+                                "label and 'shape' metadata)")
+            if sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches)) == 0:
+                raise DataError(f"evaluation set {path} is empty")
+            yield reader, tuple(int(s) for s in meta[b"shape"].decode().split(","))
+    except (OSError, pa.ArrowInvalid) as e:
         raise DataError(f"cannot read evaluation set {path}: {e}") from e
-    meta = table.schema.metadata or {}
-    if b"shape" not in meta or set(table.column_names) != {"image", "label"}:
-        raise DataError(f"{path} is not a raysoup evaluation set (need columns image, label "
-                        "and 'shape' metadata)")
-    if table.num_rows == 0:
-        raise DataError(f"evaluation set {path} is empty")
-    shape = tuple(int(s) for s in meta[b"shape"].decode().split(","))
+
+
+def _read_arrow(path: str) -> EvalSet:
+    with _open_batches(path) as (reader, shape):
+        table = reader.read_all()
+        name = (reader.schema.metadata or {}).get(b"name", Path(path).stem.encode()).decode()
     images = table.column("image").combine_chunks().flatten().to_numpy()
     labels = table.column("label").to_numpy()
-    name = meta.get(b"name", Path(path).stem.encode()).decode()
     return EvalSet(name, images.reshape((table.num_rows, *shape)), labels)

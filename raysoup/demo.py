@@ -11,7 +11,7 @@ from .config import PoolConfig, RunConfig
 from .storage import cache_dir
 from .errors import RaysoupError
 from .methods.manifold_mix import ManifoldMixConfig
-from .run import run_methods
+from .run import execute
 from .zoo import QUICK_ZOO, SHIPPED_ZOO, ZooConfig, build_zoo, install_shipped_zoo
 
 DEMO_METHODS = ("best_individual", "uniform_soup", "greedy_soup", "manifold_mix")
@@ -64,4 +64,4 @@ def run_demo(out: Path | None = None, quick: bool = False, zoo_dir: Path | None 
     config = RunConfig(PoolConfig(str(zoo_dir), verify_sha256), fresh_run_dir(out),
                        ManifoldMixConfig(evals_per_component=budget), methods=DEMO_METHODS,
                        report_ingredients=True)
-    return run_methods(config, log=log, extra={"quick": quick})
+    return execute(config, log=log, extra={"quick": quick})

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,17 +26,20 @@ from .errors import RaysoupError
 from .mixing import StateDict, to_numpy
 from .data import EvalSetSource
 from .model import ModelSpec
-from .search import Mixer, PassResult, best_index, chosen_name, make_optimizer
+from .evaluate import VAL, JudgementCache, set_key
+from .search import Mixer, PassResult, best_index, chosen_name, first_model, make_optimizer
 from .workers import METRIC, EvaluatorActor, evaluate_point, mixing_trial
 
-# Tune's per-trial loggers (CSV, JSON, TensorBoard) cost tens of ms per trial; our history
-# and report carry everything they would write.
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-# Tune's own output stays quiet (the driver prints one line per candidate step); its
-# "could not fetch metrics" warnings only say that the per-trial loggers above are off.
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-for _name in ("ray.tune", "ray.train", "ray.air"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
+def quiet_tune() -> None:
+    """Before the first Tune run: Tune's per-trial loggers (CSV, JSON, TensorBoard) cost
+    tens of ms per trial, and our history and report carry everything they would write;
+    Tune's own output stays quiet (the driver prints one line per candidate step), and its
+    "could not fetch metrics" warnings only say that those loggers are off."""
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    for name in ("ray.tune", "ray.train", "ray.air"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
 
 PENALTY = 0.0  # accuracy told to the optimiser for a trial that failed for good
 
@@ -52,12 +55,15 @@ class EvaluatorSpec:
     timeout_s: float = 600.0  # one evaluation; past it the trial fails loudly and is retried
 
 
-def start_evaluators(spec: ModelSpec, val_source: EvalSetSource | str, components: Components,
-                     evaluators: EvaluatorSpec, start_timeout_s: float = 600.0) -> list:
-    shards = evaluators.count if evaluators.mode == "sharded" else 1
+def start_evaluators(spec: ModelSpec, sources: Mapping[str, EvalSetSource],
+                     components: Components, evaluators: EvaluatorSpec,
+                     start_timeout_s: float = 600.0) -> list:
+    """The evaluator actors: each holds its validation rows (all of them in "whole" mode)
+    and streams its share of every other set's rows when a model is judged."""
+    val_shards = evaluators.count if evaluators.mode == "sharded" else 1
     actors = [EvaluatorActor.options(num_cpus=evaluators.cpus, num_gpus=evaluators.gpus).remote(
-        spec, val_source, i % shards, shards, components, int(max(1, evaluators.cpus)),
-        evaluators.autocast_bf16) for i in range(evaluators.count)]
+        spec, dict(sources), i % val_shards, val_shards, i, evaluators.count, components,
+        int(max(1, evaluators.cpus)), evaluators.autocast_bf16) for i in range(evaluators.count)]
     ready, pending = ray.wait([a.ready.remote() for a in actors], num_returns=len(actors),
                               timeout=start_timeout_s)
     if pending:
@@ -68,6 +74,47 @@ def start_evaluators(spec: ModelSpec, val_source: EvalSetSource | str, component
                            f"CPU, {evaluators.gpus:g} GPU); check the cluster's resources")
     ray.get(ready)  # surfaces a failed start (e.g. an unreadable validation file)
     return actors
+
+
+class EvaluatorPool:
+    """The evaluator actors as one judge of whole models: per-image correctness on any
+    evaluation set, every set's rows split across all actors and joined here in row order,
+    through the judgement cache. No model is ever built in the calling process."""
+
+    def __init__(self, actors: list, evaluators: EvaluatorSpec, spec: ModelSpec,
+                 sources: Mapping[str, EvalSetSource], cache: JudgementCache | None = None):
+        self.actors, self.evaluators, self.cache = actors, evaluators, cache
+        self.sources = dict(sources)
+        device = "cuda" if evaluators.gpus > 0 else "cpu"
+        self.set_keys = {name: key for name, source in self.sources.items() if (key := set_key(
+            source.sha256, spec, source.class_map, evaluators.autocast_bf16 and
+            device == "cuda", device))}
+        self.forward_passes = 0  # models judged on the actors (cache misses), for the record
+
+    @property
+    def set_names(self) -> list[str]:
+        return list(self.sources)
+
+    def _judge(self, state_dict: StateDict, sets: list[str]) -> dict[str, np.ndarray]:
+        refs = [ray.put(to_numpy(state_dict)), ray.put(first_model)]
+        whole_val = self.evaluators.mode != "sharded"
+        calls = {name: [a.judge.remote(refs, np.zeros(0), name) for a in
+                        (self.actors[:1] if name == VAL and whole_val else self.actors)]
+                 for name in sets}
+        self.forward_passes += 1
+        return {name: np.concatenate(ray.get(parts, timeout=self.evaluators.timeout_s))
+                for name, parts in calls.items()}
+
+    def correctness(self, state_dict: StateDict, sets: list[str] | None = None
+                    ) -> dict[str, np.ndarray]:
+        sets = self.set_names if sets is None else sets
+        if self.cache is None:
+            return self._judge(state_dict, sets)
+        return self.cache.correctness(state_dict, self.set_keys, sets,
+                                      lambda missing: self._judge(state_dict, missing))
+
+    def accuracy(self, state_dict: StateDict, set_name: str = VAL) -> float:
+        return float(self.correctness(state_dict, [set_name])[set_name].mean())
 
 
 class PenalizingNevergradSearch(NevergradSearch):
@@ -123,6 +170,7 @@ class TuneSearch:
         self.storage_path.mkdir(parents=True, exist_ok=True)
         self.max_failures = max_failures
         self.log = log
+        quiet_tune()
         self.refs: list[ray.ObjectRef] = []  # the resident models, then the mixer
         # Continue numbering after earlier (or pre-resume) passes: names never collide.
         self.passes = len([p for p in self.storage_path.iterdir() if p.is_dir()])

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -25,7 +25,8 @@ ID = "id"
 
 class JudgementCache:
     """Per-image correctness by content: the same weights (sha256) on the same evaluation
-    set (its fingerprint) by the same evaluator are judged once, for every later run."""
+    set (its fingerprint) by the same kind of evaluator are judged once, for every later
+    run."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -46,6 +47,32 @@ class JudgementCache:
         np.save(tmp, hits)
         tmp.replace(path)
 
+    def correctness(self, state_dict: Mapping[str, torch.Tensor], set_keys: Mapping[str, str],
+                    sets: list[str], judge) -> dict[str, np.ndarray]:
+        """Per set of `sets`: the cached correctness where there is one (sets with a key in
+        `set_keys`), else `judge(missing sets)`'s, which is cached."""
+        weights = state_dict_sha256(state_dict) if set_keys else ""
+        keys = {name: hashlib.sha256(f"{weights}:{set_keys[name]}".encode()).hexdigest()
+                for name in sets if name in set_keys}
+        hits = {name: h for name, key in keys.items() if (h := self.get(key)) is not None}
+        missing = [name for name in sets if name not in hits]
+        if missing:
+            hits.update(judge(missing))
+            for name in missing:
+                if name in keys:
+                    self.put(keys[name], hits[name])
+        return {name: hits[name] for name in sets}
+
+
+def set_key(sha256: str | None, spec: ModelSpec, class_map: ClassMap | None, bf16: bool,
+            device_type: str) -> str | None:
+    """What decides a set's per-image results besides the weights (None: the set has no
+    recorded fingerprint, so its judgements are not cached)."""
+    if not sha256:
+        return None
+    return hashlib.sha256(json.dumps([sha256, spec.to_dict(), class_map, bf16, device_type])
+                          .encode()).hexdigest()
+
 
 class Evaluator:
     def __init__(self, spec: ModelSpec, eval_sets: list[EvalSet], batch_size: int = 1000,
@@ -58,26 +85,27 @@ class Evaluator:
         # Resident copies: the Arrow buffers are read-only memory maps.
         self.sets = {s.name: (torch.from_numpy(np.array(s.images)).to(self.device),
                               torch.from_numpy(np.array(s.labels)).to(self.device),
-                              self._projection(s.class_map))
+                              s.class_map)
                      for s in eval_sets}
         self.cache = cache
-        # Cache keys of each set with a recorded fingerprint: what else decides a prediction.
-        self.set_keys = {s.name: hashlib.sha256(json.dumps(
-            [s.sha256, spec.to_dict(), s.class_map, self.autocast_bf16, self.device.type]
-        ).encode()).hexdigest() for s in eval_sets if s.sha256}
+        self.set_keys = {s.name: key for s in eval_sets if (key := set_key(
+            s.sha256, spec, s.class_map, self.autocast_bf16, self.device.type))}
+        self._projections: dict = {}
 
     def _projection(self, class_map: ClassMap | None):
         """(index, mask): logits[:, index] with masked entries at -inf, max over the last
         axis, gives one score per label of the set."""
         if class_map is None:
             return None
-        width = max(1, max(len(g) for g in class_map))
-        index = torch.zeros(len(class_map), width, dtype=torch.int64)
-        mask = torch.zeros(len(class_map), width, dtype=torch.bool)
-        for label, group in enumerate(class_map):
-            index[label, :len(group)] = torch.tensor(group, dtype=torch.int64)
-            mask[label, :len(group)] = True
-        return index.to(self.device), mask.to(self.device)
+        if class_map not in self._projections:
+            width = max(1, max(len(g) for g in class_map))
+            index = torch.zeros(len(class_map), width, dtype=torch.int64)
+            mask = torch.zeros(len(class_map), width, dtype=torch.bool)
+            for label, group in enumerate(class_map):
+                index[label, :len(group)] = torch.tensor(group, dtype=torch.int64)
+                mask[label, :len(group)] = True
+            self._projections[class_map] = index.to(self.device), mask.to(self.device)
+        return self._projections[class_map]
 
     @property
     def set_names(self) -> list[str]:
@@ -87,25 +115,31 @@ class Evaluator:
         self.model.load_state_dict(state_dict, strict=True)
 
     @torch.inference_mode()
-    def _hits(self, set_name: str) -> torch.Tensor:
-        """Per image of one set, on the device: does the loaded model get it right?"""
-        images, labels, projection = self.sets[set_name]
+    def score(self, batches: Iterable[tuple], class_map: ClassMap | None) -> torch.Tensor:
+        """Per image of (images, labels) batches, on the device: does the loaded model get
+        it right?"""
+        projection = self._projection(class_map)
         hits = []
-        for start in range(0, len(labels), self.batch_size):
-            batch = images[start:start + self.batch_size]
+        for images, labels in batches:
+            images = torch.as_tensor(images).to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16,
                                 enabled=self.autocast_bf16):
-                logits = self.model(batch)
+                logits = self.model(images)
             if projection is not None:
                 index, mask = projection
                 logits = logits[:, index].masked_fill(~mask, float("-inf")).amax(dim=2)
-            hits.append(logits.argmax(dim=1) == labels[start:start + self.batch_size])
-        return torch.cat(hits)
+            hits.append(logits.argmax(dim=1) == torch.as_tensor(labels).to(self.device))
+        return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+
+    def hits(self, set_name: str) -> torch.Tensor:
+        images, labels, class_map = self.sets[set_name]
+        return self.score(((images[i:i + self.batch_size], labels[i:i + self.batch_size])
+                           for i in range(0, len(labels), self.batch_size)), class_map)
 
     def correct(self, set_name: str) -> tuple[int, int]:
         """(correct, total) of the loaded weights on one set."""
         # Counted on the device and read once: a per-batch int() would stall a GPU each batch.
-        hits = self._hits(set_name)
+        hits = self.hits(set_name)
         return int(hits.sum()), len(hits)
 
     def accuracy(self, state_dict: Mapping[str, torch.Tensor], set_name: str = VAL) -> float:
@@ -116,21 +150,14 @@ class Evaluator:
         """Per set (default: all), per image: right or wrong (what paired comparisons
         need); read from the cache where these weights were judged on that set before."""
         sets = list(self.sets) if sets is None else sets
-        keys, hits = {}, {}
-        if self.cache is not None and self.set_keys:
-            weights = state_dict_sha256(state_dict)
-            keys = {name: hashlib.sha256(f"{weights}:{key}".encode()).hexdigest()
-                    for name, key in self.set_keys.items() if name in sets}
-            hits = {name: h for name, key in keys.items()
-                    if (h := self.cache.get(key)) is not None}
-        missing = [name for name in sets if name not in hits]
-        if missing:
+
+        def judge(missing: list[str]) -> dict[str, np.ndarray]:
             self.load(state_dict)
-        for name in missing:
-            hits[name] = self._hits(name).cpu().numpy()
-            if name in keys:
-                self.cache.put(keys[name], hits[name])
-        return {name: hits[name] for name in sets}
+            return {name: self.hits(name).cpu().numpy() for name in missing}
+
+        if self.cache is None:
+            return judge(sets)
+        return self.cache.correctness(state_dict, self.set_keys, sets, judge)
 
     def report(self, state_dict: Mapping[str, torch.Tensor]) -> dict:
         return accuracy_row(self.correctness(state_dict))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
@@ -168,7 +169,23 @@ class ImageClassifier(nn.Module):
         return self.classification_head(features)
 
 
+# Set to 1 where every forward pass must run in the evaluator actors (a deployment whose
+# driver sits on a CPU-only head; the tests prove the run path with it): building a model
+# with real weights anywhere else then raises. Shape-only (meta) models are always allowed.
+EVALUATORS_ONLY = "RAYSOUP_MODELS_IN_EVALUATORS_ONLY"
+_models_allowed_here = False
+
+
+def allow_models_here() -> None:
+    """Called by an evaluator actor: this process is where models are built."""
+    global _models_allowed_here
+    _models_allowed_here = True
+
+
 def build_classifier(spec: ModelSpec, device: str = "cpu") -> ImageClassifier:
+    if device != "meta" and os.environ.get(EVALUATORS_ONLY) == "1" and not _models_allowed_here:
+        raise RuntimeError(f"a model was built outside the evaluator actors while "
+                           f"{EVALUATORS_ONLY}=1")
     return ImageClassifier(spec, device)
 
 

@@ -70,13 +70,14 @@ def comparison_columns(versus: dict[str, dict]) -> dict:
 
 
 def results_table(rows: dict[str, dict], kind: str) -> pa.Table:
-    return pa.Table.from_pylist([
-        {"name": name, "kind": kind, "val": r["val"], "id": r["id"], "ood_avg": r["ood_avg"],
-         **{f"ood_{s}": a for s, a in r["ood"].items()},
-         "ingredients": list(r.get("ingredients", [name])),
-         "evaluations": r.get("evaluations"), "wall_s": r.get("wall_s"),
-         **comparison_columns(r.get("vs", {}))}
-        for name, r in rows.items()])
+    records = [{"name": name, "kind": kind, "val": r["val"], "id": r["id"],
+                "ood_avg": r["ood_avg"], **{f"ood_{s}": a for s, a in r["ood"].items()},
+                "ingredients": list(r.get("ingredients", [name])),
+                "evaluations": r.get("evaluations"), "wall_s": r.get("wall_s"),
+                **comparison_columns(r.get("vs", {}))} for name, r in rows.items()]
+    # Every row's columns (from_pylist would take the first row's alone), None where absent.
+    columns = list(dict.fromkeys(k for record in records for k in record))
+    return pa.Table.from_pylist([{k: record.get(k) for k in columns} for record in records])
 
 
 def correctness_table(correctness: dict[str, dict[str, np.ndarray]]) -> pa.Table:

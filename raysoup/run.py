@@ -1,10 +1,13 @@
-"""`raysoup run`: validate everything, start Ray, let a SoupDriver actor run ManifoldMix,
-then judge the fused model and write the run directory.
+"""`raysoup run` (and `demo`, `bench`): one run path. Validate everything, join or start
+Ray, start the evaluator pool, let a SoupDriver actor rank the ingredients and run every
+method of the config, judge them all on every evaluation set, write one report.
 
 Data flow: checkpoints (disk) -> SoupDriver actor (sequential state, a step checkpoint
-after every candidate) -> one Tune run per optimiser pass (trials = mixing points) ->
-evaluator actors (model + validation shard resident; weights from the object store) ->
-fused model -> report (val decides; id and ood only report).
+after every ManifoldMix candidate) -> evaluator actors (model + validation shard resident,
+report sets streamed; weights from the object store) for every forward pass: the ranking,
+the baselines' validation judgements, one Tune run per optimiser pass (trials = mixing
+points), and the final judgement of every model on every set -> report (val decides; id
+and ood only report).
 """
 
 from __future__ import annotations
@@ -22,21 +25,19 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .checkpoint import load_state, save_state
-from .components import Components, partition
-from .data import EvalSetSource, check_eval_set, verify_eval_set
+from .components import Components, partition, unused_keys
 from .config import RunConfig
-from .distributed import EvaluatorSpec, TuneSearch, start_evaluators
+from .data import EvalSetSource, check_eval_set, verify_eval_set
+from .distributed import EvaluatorPool, EvaluatorSpec, TuneSearch, start_evaluators
 from .errors import RaysoupError
-from .evaluate import (VAL, Evaluator, JudgementCache, accuracy_row, load_eval_sets,
-                       ood_sets)
+from .evaluate import VAL, JudgementCache, accuracy_row, ood_sets
 from .methods import METHODS, SoupContext, ValidationJudge
 from .methods.manifold_mix import MixState, manifold_mix
-from .mixing import from_numpy
-from .model import state_dict_template
+from .mixing import from_numpy, to_numpy
+from .model import build_classifier, state_dict_template
 from .pool import (IngredientPool, check_state_dict, load_pretrained, read_manifest,
                    save_state_dict, write_json)
 from .report import format_table, write_report
-from .search import first_model
 from .stats import compare
 from .storage import cache_dir
 from .tasks import dataset_records, eval_set_sources
@@ -51,7 +52,8 @@ class Prepared:
     eval_sources: dict[str, EvalSetSource]
 
 
-def prepare(config: RunConfig, resume: bool, pool: IngredientPool | None = None) -> Prepared:
+def validate_run(config: RunConfig, resume: bool, pool: IngredientPool | None = None
+                 ) -> Prepared:
     """`pool`: the config's pool, already loaded and validated (bench: once for all cells)."""
     if pool is None:
         pool = IngredientPool.from_zoo(config.pool.zoo)
@@ -59,18 +61,18 @@ def prepare(config: RunConfig, resume: bool, pool: IngredientPool | None = None)
     keys = list(pool.load(pool.names[0]))
     unused = []
     if config.method.drop_unused:
-        from .components import unused_keys
-        from .model import build_classifier
         import torch
-        unused = unused_keys(build_classifier(pool.spec),
-                             torch.zeros(2, pool.spec.in_channels, pool.spec.image_size,
-                                         pool.spec.image_size, dtype=torch.uint8))
+        spec = pool.spec  # shapes only: a meta model traces which weights the forward uses
+        with torch.device("meta"):
+            unused = unused_keys(build_classifier(spec, device="meta"), torch.zeros(
+                2, spec.in_channels, spec.image_size, spec.image_size, dtype=torch.uint8))
     components = partition(keys, config.method.components, unused)
     eval_sources = eval_set_sources(config.pool.zoo)
     if VAL not in eval_sources:
         raise RaysoupError(f"zoo {config.pool.zoo} has no '{VAL}' evaluation set")
-    for name, source in eval_sources.items():  # labels vs classes and maps, images unread
-        check_eval_set(source, pool.spec.num_classes)
+    shape = (pool.spec.in_channels, pool.spec.image_size, pool.spec.image_size)
+    for name, source in eval_sources.items():  # labels, classes, maps, shapes; images unread
+        check_eval_set(source, pool.spec.num_classes, shape, name)
         if config.pool.verify_sha256:
             verify_eval_set(source, name)
     pretrained = load_pretrained(config.pool.zoo)
@@ -84,6 +86,10 @@ def prepare(config: RunConfig, resume: bool, pool: IngredientPool | None = None)
         raise RaysoupError(f"{out} holds an unfinished run; continue it with --resume or "
                            f"choose another `out`")
     if resume:
+        if "manifold_mix" not in config.methods:
+            raise RaysoupError(f"--resume continues manifold_mix's checkpointed steps; this "
+                               f"config's methods {list(config.methods)} keep none (run "
+                               f"without --resume, into a new `out`)")
         load_state(out / "driver", config.fingerprint())  # refuses a different config
     return Prepared(config, pool, components, eval_sources)
 
@@ -111,13 +117,49 @@ def evaluator_spec(config: RunConfig) -> EvaluatorSpec:
                          autocast_bf16=r.bf16, timeout_s=r.eval_timeout_s)
 
 
+def judgement_cache() -> JudgementCache:
+    return JudgementCache(cache_dir() / "judgements")
+
+
+class Judged:
+    """Every model judged on every evaluation set, with its per-image correctness kept for
+    the paired comparisons of the report."""
+
+    def __init__(self, judge: EvaluatorPool, log=print):
+        self.judge = judge
+        self.log = log
+        self.correctness: dict[str, dict[str, np.ndarray]] = {}
+
+    def add(self, name: str, state_dict) -> dict:
+        t0 = time.perf_counter()
+        self.correctness[name] = self.judge.correctness(state_dict)
+        row = accuracy_row(self.correctness[name])
+        images = sum(len(c) for c in self.correctness[name].values())
+        self.log(f"[report] {name}: judged on {len(self.correctness[name])} sets "
+                 f"({images} images, {time.perf_counter() - t0:.1f} s), val "
+                 f"{100 * row['val']:.2f}")
+        return row
+
+    def comparisons(self, name: str, baselines: dict[str, str]) -> dict:
+        """`name` against each judged baseline (report name: judged name), paired on the
+        same images."""
+        hits = self.correctness[name]
+        return {label: compare(hits, self.correctness[judged], ood_sets(hits))
+                for label, judged in baselines.items()
+                if judged != name and judged in self.correctness}
+
+
 @ray.remote(num_cpus=0, max_restarts=0)
 class SoupDriver:
-    """Owns the sequential fused-model state and checkpoints it after every step."""
+    """Owns the sequential state of a run: ranks, runs every method, judges every model.
+    Every forward pass goes to the evaluator actors; a ManifoldMix step checkpoint is
+    written after every candidate."""
 
     def __init__(self, prepared: Prepared, evaluators: EvaluatorSpec, actors: list):
         self.prepared = prepared
         config = prepared.config
+        self.judge = EvaluatorPool(actors, evaluators, prepared.pool.spec,
+                                   prepared.eval_sources, judgement_cache())
         self.search = TuneSearch(actors, evaluators, config.method.num_workers,
                                  config.out / "tune", config.resources.max_failures,
                                  log=self.log)
@@ -127,33 +169,73 @@ class SoupDriver:
     def log(line: str) -> None:
         print(line, flush=True)
 
-    def val_accuracy(self, state_dict) -> float:
-        """One model scored by the evaluator actors (no mixing)."""
-        self.search.set_models([state_dict], first_model)
-        return self.search.accuracy(np.zeros(0))
-
-    def run(self, ranking: list[tuple[str, float]] | None = None) -> dict:
+    def _ranking(self, judge: ValidationJudge) -> tuple[list, float, MixState | None]:
+        """The ranking on val (from ManifoldMix's checkpoint when resuming) and its cost."""
         config, pool = self.prepared.config, self.prepared.pool
-        fingerprint = config.fingerprint()
-        saved = load_state(self.state_dir, fingerprint)
-        state: MixState | None = None
+        saved = load_state(self.state_dir, config.fingerprint()) \
+            if "manifold_mix" in config.methods else None
         if saved is not None:
             state, ranking = saved
             self.log(f"[driver] resuming after step {state.next_candidate - 1}: "
                      f"{len(state.accepted)} ingredient(s), val {100 * state.accuracy:.2f}")
-        judge = ValidationJudge(self.val_accuracy)
-        if ranking is None:
-            ranking = SoupContext.rank(pool, judge).ranking
+            return [tuple(r) for r in ranking], 0.0, state
+        t0 = time.perf_counter()
+        ranking = SoupContext.rank(pool, judge).ranking
+        return ranking, time.perf_counter() - t0, None
+
+    def run(self) -> dict:
+        config, pool = self.prepared.config, self.prepared.pool
+        judge = ValidationJudge(self.judge.accuracy)
+        ranking, ranking_s, state = self._ranking(judge)
         self.log("[driver] ranking on val: " + ", ".join(f"{n} {100 * a:.2f}"
                                                          for n, a in ranking))
         ctx = SoupContext(pool, judge, ranking)
-        result = manifold_mix(
-            ctx, self.prepared.components, self.search, config.method, state=state,
-            on_step=lambda s: save_state(self.state_dir, s, fingerprint, ranking),
-            log=self.log)
-        return {"state_dict": {k: v.numpy() for k, v in result.state_dict.items()},
-                "ingredients": result.ingredients, "evaluations": result.evaluations,
-                "details": result.details, "ranking": ranking}
+        judged = Judged(self.judge, self.log)
+        if config.report_ingredients:
+            ingredients = {n: {**judged.add(n, pool.load(n)), "ingredients": [n]}
+                           for n in pool.names}
+        else:
+            ingredients = {n: {"val": acc, "id": None, "ood": {}, "ood_avg": None,
+                               "ingredients": [n]} for n, acc in ranking}
+        rows, fused = {}, None
+        for name in config.methods:
+            t0 = time.perf_counter()
+            if name == "manifold_mix":
+                result = manifold_mix(
+                    ctx, self.prepared.components, self.search, config.method, state=state,
+                    on_step=lambda s: save_state(self.state_dir, s, config.fingerprint(),
+                                                 ranking),
+                    log=self.log)
+                fused = to_numpy(result.state_dict)
+                details = {k: result.details[k] for k in ("components", "betas", "history",
+                                                          "phase2")}
+                details["config"] = config.method.to_dict()
+            else:
+                result = METHODS[name](ctx)
+                details = result.details
+            wall = time.perf_counter() - t0 + (ranking_s if result.ranked else 0.0)
+            rows[name] = {**judged.add(name, result.state_dict),
+                          "ingredients": result.ingredients,
+                          "evaluations": result.evaluations + (len(pool) if result.ranked
+                                                               else 0),
+                          "ranked": result.ranked, "wall_s": round(wall, 2), **details}
+            self.log(f"[driver] {name}: val {100 * rows[name]['val']:.2f}, "
+                     f"{len(result.ingredients)} ingredient(s)")
+        # Every method against the best ingredient and greedy soup, paired on the same images.
+        best = ranking[0][0]
+        if best not in judged.correctness:
+            judged.add(best, pool.load(best))
+        for name, row in rows.items():
+            row["vs"] = judged.comparisons(name, {"greedy_soup": "greedy_soup"} if
+                                           name == "best_individual" else
+                                           {"best_individual": best,
+                                            "greedy_soup": "greedy_soup"})
+        pretrained = load_pretrained(config.pool.zoo)
+        references = {} if pretrained is None else \
+            {"pretrained": judged.add("pretrained", pretrained)}
+        return {"methods": rows, "ingredients": ingredients, "references": references,
+                "ranking": ranking, "correctness": judged.correctness, "fused": fused,
+                "forward_passes": self.judge.forward_passes}
 
 
 @contextmanager
@@ -201,29 +283,6 @@ def connect(address: str | None, log_to_driver: bool = True) -> None:
             f"in ~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)") from None
 
 
-def run_manifold_mix(prepared: Prepared, ranking: list | None = None, log=print) -> dict:
-    """The Ray part: returns the fused model and the method's details."""
-    evaluators = evaluator_spec(prepared.config)
-    log(f"[run] {evaluators.count} evaluator(s), {evaluators.mode} evaluation, "
-        f"{len(prepared.components)} components, optimizer {prepared.config.method.optimizer}")
-    actors = start_evaluators(prepared.pool.spec, prepared.eval_sources[VAL],
-                              prepared.components, evaluators,
-                              prepared.config.resources.start_timeout_s)
-    # On this node: the driver writes its step checkpoints and Tune folders under `out`,
-    # which must be where this process (and a later --resume) can read them.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    driver = SoupDriver.options(scheduling_strategy=here).remote(prepared, evaluators, actors)
-    try:
-        return ray.get(driver.run.remote(ranking))
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, RaysoupError):  # one clear line, not the remote traceback
-            raise e.cause from None
-        raise
-    finally:
-        for actor in [driver, *actors]:
-            ray.kill(actor)
-
-
 def write_betas(out: Path, betas: np.ndarray, ingredients: list[str], components: list[str]) -> None:
     """beta.parquet (ingredient x component weights) and its heatmap beta.png."""
     import matplotlib
@@ -249,161 +308,57 @@ def write_betas(out: Path, betas: np.ndarray, ingredients: list[str], components
     (out / "beta.tmp.png").replace(out / "beta.png")
 
 
-def manifold_mix_row(prepared: Prepared, result: dict, judged: Judged, wall_s: float,
-                     ranked_here: bool) -> dict:
-    """The report row, plus the fused model, beta and history written into `out`."""
-    out = prepared.config.out
-    fused = from_numpy(result["state_dict"])
-    save_state_dict(fused, out / "fused.safetensors")
-    details = result["details"]
-    write_betas(out, np.array(details["betas"]), result["ingredients"], details["components"])
-    write_json(out / "history.json", details["history"], indent=1)
-    return {**judged.add("manifold_mix", fused), "ingredients": result["ingredients"],
-            "evaluations": result["evaluations"] + (len(prepared.pool) if ranked_here else 0),
-            "wall_s": round(wall_s, 2), "components": details["components"],
-            "betas": details["betas"], "history": details["history"],
-            "phase2": details["phase2"], "config": prepared.config.method.to_dict()}
-
-
-def judgement_cache() -> JudgementCache:
-    return JudgementCache(cache_dir() / "judgements")
-
-
-class Judged:
-    """Every model judged on every evaluation set, with its per-image correctness kept for
-    the paired comparisons of the report."""
-
-    def __init__(self, evaluator: Evaluator, log=print):
-        self.evaluator = evaluator
-        self.log = log
-        self.correctness: dict[str, dict[str, np.ndarray]] = {}
-
-    def add(self, name: str, state_dict) -> dict:
-        t0 = time.perf_counter()
-        self.correctness[name] = self.evaluator.correctness(state_dict)
-        row = accuracy_row(self.correctness[name])
-        images = sum(len(c) for c in self.correctness[name].values())
-        self.log(f"[report] {name}: judged on {len(self.correctness[name])} sets "
-                 f"({images} images, {time.perf_counter() - t0:.1f} s), val "
-                 f"{100 * row['val']:.2f}")
-        return row
-
-    def comparisons(self, name: str, baselines: list[str]) -> dict:
-        """`name` against each judged baseline, paired on the same images."""
-        hits = self.correctness[name]
-        return {b: compare(hits, self.correctness[b], ood_sets(hits))
-                for b in baselines if b != name and b in self.correctness}
-
-
-def references(zoo: str, judged: Judged) -> dict:
-    """The manifest's pretrained model (e.g. zero-shot), judged like the methods."""
-    pretrained = load_pretrained(zoo)
-    return {} if pretrained is None else {"pretrained": judged.add("pretrained", pretrained)}
+def write_manifold_mix(out: Path, row: dict, fused: dict) -> None:
+    """fused.safetensors, beta.parquet + beta.png and history.json of a ManifoldMix run."""
+    save_state_dict(from_numpy(fused), out / "fused.safetensors")
+    write_betas(out, np.array(row["betas"]), row["ingredients"], row["components"])
+    write_json(out / "history.json", row["history"], indent=1)
 
 
 def execute(config: RunConfig, resume: bool = False, address: str | None = None,
-            log=print) -> dict:
-    if config.methods != ("manifold_mix",):
-        if resume and "manifold_mix" not in config.methods:
-            raise RaysoupError(f"--resume continues manifold_mix's checkpointed steps; this "
-                               f"config's methods {list(config.methods)} keep none (run "
-                               f"without --resume, into a new `out`)")
-        return run_methods(config, address, log, resume=resume)
-    prepared = prepare(config, resume)
+            log=print, extra: dict | None = None) -> dict:
+    """The run: every method of `config.methods` on one shared ranking, every forward pass
+    on the evaluator actors; the report into config.out. With `resume`, manifold_mix
+    continues from its last checkpointed step; the other methods, which checkpoint
+    nothing, run again (deterministically)."""
+    prepared = validate_run(config, resume)
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     connect(address)
-    t0 = time.perf_counter()
-    result = run_manifold_mix(prepared, log=log)
-    wall = time.perf_counter() - t0
-    judged = Judged(Evaluator(prepared.pool.spec, load_eval_sets(
-        prepared.eval_sources, prepared.pool.spec.num_classes, log), cache=judgement_cache()),
-        log)
-    row = manifold_mix_row(prepared, result, judged, wall, ranked_here=True)
-    best = result["ranking"][0][0]
-    judged.add(best, prepared.pool.load(best))
-    row["vs"] = {"best_individual": judged.comparisons("manifold_mix", [best])[best]}
-    report = {"methods": {"manifold_mix": row}, "ranking": result["ranking"],
-              "references": references(config.pool.zoo, judged),
-              "data": dataset_records(prepared.eval_sources),
-              "config": {"source": config.source and str(config.source), "resumed": resume,
-                         "pool": str(config.pool.zoo), "method": config.method.to_dict()}}
-    write_json(out / "report.json", report, indent=1)
-    log(format_table(report["methods"], report["references"]))
-    log(f"[run] wrote {out}/report.json, fused.safetensors, beta.parquet, beta.png, history.json")
-    return report
-
-
-def run_methods(config: RunConfig, address: str | None = None, log=print,
-                extra: dict | None = None, resume: bool = False) -> dict:
-    """Every method of `config.methods` on one shared ranking; the report into config.out.
-
-    The baselines run in this process (and, with `report_ingredients`, every ingredient is
-    judged on every set for the scatter plot); manifold_mix runs on Ray like a
-    manifold_mix-only run. With `resume`, manifold_mix continues from its last checkpointed
-    step; the baselines, which checkpoint nothing, run again (deterministically).
-    """
-    zoo_dir, run_dir, methods = config.pool.zoo, config.out, config.methods
-    manifest = read_manifest(zoo_dir)
-    mix_run = prepare(config, resume)  # validates the pool, components and eval sets
-    pool = mix_run.pool
-    run_dir.mkdir(parents=True, exist_ok=True)
-    evaluator = Evaluator(pool.spec, load_eval_sets(mix_run.eval_sources, pool.spec.num_classes,
-                                                    log), cache=judgement_cache())
-
-    judge = ValidationJudge(lambda sd: evaluator.accuracy(sd, VAL))
-    t0 = time.perf_counter()
-    ctx = SoupContext.rank(pool, judge)
-    ranking_s = time.perf_counter() - t0
-    log("[run] ranking on val: " + ", ".join(f"{n} {100 * a:.2f}" for n, a in ctx.ranking))
-
-    judged = Judged(evaluator, log)
-    if config.report_ingredients:
-        ingredients = {n: {**judged.add(n, pool.load(n)), "ingredients": [n]}
-                       for n in pool.names}
-    else:
-        ingredients = {n: {"val": acc, "id": None, "ood": {}, "ood_avg": None,
-                           "ingredients": [n]} for n, acc in ctx.ranking}
-    rows = {}
-    for name in methods:
-        t0 = time.perf_counter()
-        if name == "manifold_mix":
-            connect(address)
-            result = run_manifold_mix(mix_run, ranking=ctx.ranking, log=log)
-            rows[name] = manifold_mix_row(mix_run, result, judged,
-                                          time.perf_counter() - t0 + ranking_s, ranked_here=True)
-            continue
-        result = METHODS[name](ctx)
-        wall = time.perf_counter() - t0
-        if result.ranked:
-            wall += ranking_s
-        rows[name] = {**judged.add(name, result.state_dict), "ingredients": result.ingredients,
-                      "evaluations": result.evaluations + (len(pool) if result.ranked else 0),
-                      "wall_s": round(wall, 2), **result.details}
-        log(f"[run] {name}: val {100 * rows[name]['val']:.2f}, "
-            f"{len(result.ingredients)} ingredient(s)")
-    # Every method against the best ingredient and greedy soup, paired on the same images.
-    best = ctx.ranking[0][0]
-    if best not in judged.correctness:
-        judged.add(best, pool.load(best))
-    for name, row in rows.items():
-        versus = judged.comparisons(name, ["greedy_soup"] if name == "best_individual" else
-                                    [best, "greedy_soup"])
-        row["vs"] = {("best_individual" if b == best else b): c for b, c in versus.items()}
-
-    report = {"methods": rows, "ingredients": ingredients,
-              "references": references(zoo_dir, judged),
-              "ranking": ctx.ranking,
-              "zoo": {"dir": str(zoo_dir), "config": manifest.get("config"),
+    evaluators = evaluator_spec(config)
+    log(f"[run] {evaluators.count} evaluator(s), {evaluators.mode} evaluation, "
+        f"{len(prepared.components)} components, methods {', '.join(config.methods)}")
+    actors = start_evaluators(prepared.pool.spec, prepared.eval_sources, prepared.components,
+                              evaluators, config.resources.start_timeout_s)
+    # On this node: the driver writes its step checkpoints and Tune folders under `out`,
+    # which must be where this process (and a later --resume) can read them.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    driver = SoupDriver.options(scheduling_strategy=here).remote(prepared, evaluators, actors)
+    try:
+        result = ray.get(driver.run.remote())
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, RaysoupError):  # one clear line, not the remote traceback
+            raise e.cause from None
+        raise
+    finally:
+        for actor in [driver, *actors]:
+            ray.kill(actor)
+    if result["fused"] is not None:
+        write_manifold_mix(out, result["methods"]["manifold_mix"], result["fused"])
+    manifest = read_manifest(config.pool.zoo)
+    report = {"methods": result["methods"], "ingredients": result["ingredients"],
+              "references": result["references"], "ranking": result["ranking"],
+              "zoo": {"dir": str(config.pool.zoo), "config": manifest.get("config"),
                       "build_seconds": manifest.get("build_seconds")},
-              "data": dataset_records(mix_run.eval_sources),
+              "data": dataset_records(prepared.eval_sources),
               "config": {**(extra or {}), "source": config.source and str(config.source),
-                         "resumed": resume, "methods": list(methods),
-                         "manifold_mix": config.method.to_dict()}}
-    write_report(run_dir, report, judged.correctness)
-    log(format_table(rows, report["references"]))
+                         "resumed": resume, "methods": list(config.methods),
+                         "report_ingredients": config.report_ingredients,
+                         "pool": str(config.pool.zoo), "manifold_mix": config.method.to_dict(),
+                         "evaluators": evaluators.count, "evaluation": evaluators.mode}}
+    write_report(out, report, result["correctness"])
+    log(format_table(report["methods"], report["references"]))
     written = ["report.json", "results.parquet", "correctness.parquet", "scatter.png",
-               "beta.parquet", "beta.png",
-               "history.json", "fused.safetensors"]
-    log(f"[run] wrote {run_dir}: " + ", ".join(f for f in written if (run_dir / f).exists()))
+               "beta.parquet", "beta.png", "history.json", "fused.safetensors"]
+    log(f"[run] wrote {out}: " + ", ".join(f for f in written if (out / f).exists()))
     return report

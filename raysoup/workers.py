@@ -18,31 +18,32 @@ METRIC = "accuracy"
 VAL = "val"  # the evaluation set every decision uses (raysoup.evaluate.VAL)
 
 
-def shard_rows(n: int, shard: int, shards: int) -> slice:
-    return slice(n * shard // shards, n * (shard + 1) // shards)
-
-
 @ray.remote(max_restarts=3, max_task_retries=3)
 class EvaluatorActor:
-    """Holds the model and a shard of the validation set; mixes and scores points.
+    """Holds the model and a shard of the validation set; mixes and scores points, and
+    judges models on its share of the rows of every evaluation set.
 
     The resident models and the mixer arrive as object refs with each call and are
     fetched once per step; a restarted actor simply fetches them again, so it keeps no
     state that a crash would lose, and a call lost with it is safely run again (Ray
-    retries it): promise tests and rankings survive a crash as Tune trials do.
+    retries it): promise tests, rankings and reports survive a crash as Tune trials do.
+    Report sets are streamed from their Arrow files a batch at a time, never held whole.
     """
 
-    def __init__(self, spec, val_source, shard: int, shards: int, components,
-                 threads: int, autocast_bf16: bool):
+    def __init__(self, spec, sources: dict, val_shard: int, val_shards: int, shard: int,
+                 shards: int, components, threads: int, autocast_bf16: bool):
         import torch
 
-        from .data import EvalSet, read_eval_set
+        from .data import EvalSet, read_eval_set, shard_rows
         from .evaluate import Evaluator
+        from .model import allow_models_here
+        allow_models_here()
         torch.set_num_threads(max(1, threads))
-        full = read_eval_set(val_source, spec.num_classes)
-        rows = shard_rows(len(full), shard, shards)
+        full = read_eval_set(sources[VAL], spec.num_classes)
+        rows = shard_rows(len(full), val_shard, val_shards)
         part = EvalSet(VAL, full.images[rows], full.labels[rows], full.class_map)
         self.evaluator = Evaluator(spec, [part], autocast_bf16=autocast_bf16)
+        self.spec, self.sources, self.shard, self.shards = spec, sources, shard, shards
         self.components = components
         self.model_ids: tuple = ()
         self.models: list = []
@@ -67,6 +68,19 @@ class EvaluatorActor:
         self._resident(refs)
         self.evaluator.load(self.mixer(self.models, np.asarray(x), self.components))
         return self.evaluator.correct(VAL)
+
+    def judge(self, refs: Sequence[ray.ObjectRef], x: np.ndarray, set_name: str) -> np.ndarray:
+        """Per-image correctness at x: on the resident validation shard, or on this
+        actor's share of another set's rows, streamed."""
+        from .data import iter_shard
+        self._resident(refs)
+        self.evaluator.load(self.mixer(self.models, np.asarray(x), self.components))
+        if set_name == VAL:
+            return self.evaluator.hits(VAL).cpu().numpy()
+        source = self.sources[set_name]
+        batches = iter_shard(source, self.spec.num_classes, self.shard, self.shards,
+                             self.evaluator.batch_size)
+        return self.evaluator.score(batches, source.class_map).cpu().numpy()
 
 
 def evaluate_point(actors: list, mode: str, models: list, x: np.ndarray, slot: int,

@@ -51,14 +51,15 @@ class ZooConfig:
     pretrain_seed: int = 0
     # Fine-tuning hyperparameters are drawn per ingredient from these ranges (see README,
     # "The testbed"): gentle learning rates from a strong pretrained model keep every
-    # fine-tune in one basin; diversity comes from augmentation, label smoothing, mixup,
-    # data order and epochs rather than from the learning rate.
-    finetune_epochs: tuple[float, float] = (1.0, 2.0)
-    finetune_lr: tuple[float, float] = (5e-5, 1.5e-4)   # log-uniform
+    # fine-tune in one basin, and narrow ranges of learning rate, epochs and augmentation
+    # keep any one from dominating on val; diversity comes from data order, label
+    # smoothing, weight decay, light augmentation and mixup.
+    finetune_epochs: tuple[float, float] = (1.2, 1.4)
+    finetune_lr: tuple[float, float] = (8e-5, 1.25e-4)  # log-uniform
     finetune_weight_decay: tuple[float, float] = (0.0, 0.1)
-    finetune_label_smoothing: tuple[float, float] = (0.0, 0.2)
-    finetune_augment: tuple[float, float] = (0.0, 1.0)  # strength of the light augmentation
-    finetune_mixup: tuple[float, float] = (0.1, 0.4)    # mixup alpha, for half the fine-tunes
+    finetune_label_smoothing: tuple[float, float] = (0.0, 0.1)
+    finetune_augment: tuple[float, float] = (0.0, 0.3)  # strength of the light augmentation
+    finetune_mixup: tuple[float, float] = (0.1, 0.2)    # mixup alpha, for half the fine-tunes
     model: ModelSpec = field(default_factory=ModelSpec)
 
     def to_dict(self) -> dict:

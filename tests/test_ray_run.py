@@ -150,7 +150,7 @@ def tune_search(pair, tiny_zoo, tmp_path):
 
     def make(mode="sharded", count=2, gpus=0.0, num_workers=1):
         spec = EvaluatorSpec(count=count, mode=mode, cpus=0.25, gpus=gpus, timeout_s=120)
-        actors = start_evaluators(pool.spec, eval_set_sources(tiny_zoo)[VAL], components, spec)
+        actors = start_evaluators(pool.spec, eval_set_sources(tiny_zoo), components, spec)
         started.extend(actors)
         return TuneSearch(actors, spec, num_workers, tmp_path / "tune", log=lambda _: None)
 

@@ -12,7 +12,7 @@ from raysoup.config import load_config
 from raysoup.data import EvalSet, write_eval_set
 from raysoup.errors import RaysoupError
 from raysoup.pool import load_state_dict, save_state_dict
-from raysoup.run import prepare
+from raysoup.run import validate_run
 
 
 def config_text(zoo, out="out", method="", resources="", extra=""):
@@ -38,7 +38,7 @@ def test_bad_config_names_the_key_or_value(tiny_zoo, tmp_path, method, resources
     path = tmp_path / "run.toml"
     path.write_text(config_text(tiny_zoo, method=method, resources=resources, extra=extra))
     with pytest.raises(RaysoupError, match=message):
-        prepare(load_config(path), resume=False)
+        validate_run(load_config(path), resume=False)
     assert not ray.is_initialized()
 
 
@@ -60,7 +60,7 @@ def test_fewer_than_two_ingredients_is_refused(tiny_zoo, tmp_path):
     path = tmp_path / "run.toml"
     path.write_text(config_text(zoo))
     with pytest.raises(RaysoupError, match="at least 2 ingredients"):
-        prepare(load_config(path), resume=False)
+        validate_run(load_config(path), resume=False)
 
 
 def bad_id_set(zoo, manifest):
@@ -87,7 +87,7 @@ def unmapped_val(zoo, manifest):
     (headless_pretrained, "manifest.json pretrained: no classification head"),
 ])
 def test_eval_sets_and_pretrained_are_checked_before_ray(tiny_zoo, tmp_path, change, message):
-    """What only the evaluators or the final report would read fails in prepare()."""
+    """What only the evaluators or the final report would read fails in validate_run()."""
     zoo = tmp_path / "zoo"
     shutil.copytree(tiny_zoo, zoo)
     manifest = json.loads((zoo / "manifest.json").read_text())
@@ -96,7 +96,7 @@ def test_eval_sets_and_pretrained_are_checked_before_ray(tiny_zoo, tmp_path, cha
     path = tmp_path / "run.toml"
     path.write_text(config_text(zoo))
     with pytest.raises(RaysoupError, match=message):
-        prepare(load_config(path), resume=False)
+        validate_run(load_config(path), resume=False)
     assert not ray.is_initialized()
 
 
@@ -111,11 +111,11 @@ def test_resume_from_a_run_with_another_config_is_refused(tiny_zoo, tmp_path):
     save_state(config.out / "driver", MixState(pool.load("ft-00"), ["ft-00"], 0.5),
                config.fingerprint(), [("ft-00", 0.5)])
     with pytest.raises(RaysoupError, match="unfinished run; continue it with --resume"):
-        prepare(config, resume=False)
-    prepare(config, resume=True)  # same config: fine
+        validate_run(config, resume=False)
+    validate_run(config, resume=True)  # same config: fine
     path.write_text(config_text(tiny_zoo, method="tau = 0.95"))
     with pytest.raises(RaysoupError, match="different config.*method"):
-        prepare(load_config(path), resume=True)
+        validate_run(load_config(path), resume=True)
 
 
 def test_resume_of_a_run_without_manifold_mix_is_refused(tiny_zoo, tmp_path):

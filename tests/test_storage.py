@@ -11,7 +11,7 @@ from raysoup.config import load_config
 from raysoup.errors import RaysoupError
 from raysoup.evaluate import load_eval_sets
 from raysoup.pool import IngredientPool
-from raysoup.run import prepare
+from raysoup.run import validate_run
 from raysoup.tasks import eval_set_sources
 
 
@@ -53,7 +53,7 @@ def test_manifest_paths_cannot_leave_the_zoo(tiny_zoo, tmp_path, section, bad):
     config = tmp_path / "run.toml"
     config.write_text(f'out = "out"\n[pool]\nzoo = "{zoo}"\n')
     with pytest.raises(RaysoupError, match=f"{bad!r}: must be a path inside"):
-        prepare(load_config(config), resume=False)
+        validate_run(load_config(config), resume=False)
 
 
 def test_an_unknown_uri_scheme_is_a_clear_error():
