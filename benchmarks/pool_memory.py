@@ -124,12 +124,12 @@ def measure(pool_dir: Path, evals_per_component: int) -> dict:
     greedy = phases.run("greedy_soup", lambda: METHODS["greedy_soup"](ctx))
     config = ManifoldMixConfig(evals_per_component=evals_per_component)
     components = partition(list(pool.load(pool.names[0])), config.components)
-    mixed = phases.run("manifold_mix", lambda: METHODS["manifold_mix"](
-        ctx, components, LocalSearch(judge, components), config, log=lambda _: None))
+    ctx.components, ctx.search, ctx.log = components, LocalSearch(judge, components), print
+    mixed = phases.run("manifold_mix", lambda: METHODS["manifold_mix"](ctx, config))
     return {**phases.row, "peak_rss_mib": peak_rss_mib(), "evaluations": judge.evaluations,
             "uniform_val": judge(uniform.state_dict), "greedy_kept": len(greedy.ingredients),
             "greedy_val": judge(greedy.state_dict), "mix_accepted": len(mixed.ingredients),
-            "mix_val": mixed.details["val_accuracy"]}
+            "mix_val": mixed.details.val_accuracy}
 
 
 def measure_in_subprocess(pool_dir: Path, evals_per_component: int) -> dict:

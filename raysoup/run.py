@@ -32,7 +32,7 @@ from .distributed import EvaluatorPool, EvaluatorSpec, TuneSearch, start_evaluat
 from .errors import RaysoupError
 from .evaluate import VAL, JudgementCache, accuracy_row, ood_sets
 from .methods import METHODS, SoupContext, ValidationJudge
-from .methods.manifold_mix import MixState, manifold_mix
+from .methods.manifold_mix import MixState
 from .mixing import from_numpy, to_numpy
 from .model import build_classifier, state_dict_template
 from .pool import (IngredientPool, check_state_dict, load_pretrained, read_manifest,
@@ -189,7 +189,7 @@ class SoupDriver:
         ranking, ranking_s, state = self._ranking(judge)
         self.log("[driver] ranking on val: " + ", ".join(f"{n} {100 * a:.2f}"
                                                          for n, a in ranking))
-        ctx = SoupContext(pool, judge, ranking)
+        ctx = SoupContext(pool, judge, ranking, self.prepared.components, self.search, self.log)
         judged = Judged(self.judge, self.log)
         if config.report_ingredients:
             ingredients = {n: {**judged.add(n, pool.load(n)), "ingredients": [n]}
@@ -197,22 +197,17 @@ class SoupDriver:
         else:
             ingredients = {n: {"val": acc, "id": None, "ood": {}, "ood_avg": None,
                                "ingredients": [n]} for n, acc in ranking}
+        options = {"manifold_mix": dict(
+            config=config.method, state=state,
+            on_step=lambda s: save_state(self.state_dir, s, config.fingerprint(), ranking))}
         rows, fused = {}, None
         for name in config.methods:
             t0 = time.perf_counter()
+            result = METHODS[name](ctx, **options.get(name, {}))
+            details = result.details_dict()
             if name == "manifold_mix":
-                result = manifold_mix(
-                    ctx, self.prepared.components, self.search, config.method, state=state,
-                    on_step=lambda s: save_state(self.state_dir, s, config.fingerprint(),
-                                                 ranking),
-                    log=self.log)
                 fused = to_numpy(result.state_dict)
-                details = {k: result.details[k] for k in ("components", "betas", "history",
-                                                          "phase2")}
                 details["config"] = config.method.to_dict()
-            else:
-                result = METHODS[name](ctx)
-                details = result.details
             wall = time.perf_counter() - t0 + (ranking_s if result.ranked else 0.0)
             rows[name] = {**judged.add(name, result.state_dict),
                           "ingredients": result.ingredients,

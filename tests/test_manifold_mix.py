@@ -39,9 +39,11 @@ def closeness_judge(target):
 
 
 def run(pool, components, judge, ranking=None, **config):
-    ctx = SoupContext.rank(pool, judge) if ranking is None else SoupContext(pool, judge, ranking)
-    return METHODS["manifold_mix"](ctx, components, LocalSearch(judge, components),
-                                   ManifoldMixConfig(**config), log=lambda _: None)
+    rest = dict(components=components, search=LocalSearch(judge, components),
+                log=lambda _: None)
+    ctx = SoupContext.rank(pool, judge, **rest) if ranking is None else \
+        SoupContext(pool, judge, ranking, **rest)
+    return METHODS["manifold_mix"](ctx, ManifoldMixConfig(**config))
 
 
 def test_recovers_a_hidden_componentwise_mix_and_beta_rebuilds_it(pool, components):
@@ -53,13 +55,13 @@ def test_recovers_a_hidden_componentwise_mix_and_beta_rebuilds_it(pool, componen
     result = run(pool, components, judge, ranking, optimizer="NGOpt", evals_per_component=30,
                  tau=0.5)
     assert result.ingredients[:2] == [a, c]
-    step = result.details["history"][0]
+    step = result.details.history[0]
     assert step["accepted"] and len(step["passes"]) >= 2  # later passes after acceptance
-    np.testing.assert_allclose(result.details["lambda_rows"][0], hidden, atol=0.05)
+    np.testing.assert_allclose(result.details.lambda_rows[0], hidden, atol=0.05)
     assert judge(result.state_dict) > judge(pool.load(a))
     # Unrolled beta: columns sum to 1, and the weighted sum of the accepted ingredients
     # equals the sequentially accumulated model.
-    betas = np.array(result.details["betas"])
+    betas = np.array(result.details.betas)
     np.testing.assert_allclose(betas.sum(axis=0), 1.0, atol=1e-12)
     rebuilt = weighted_sum(lambda j: pool.load(result.ingredients[j]), betas, components)
     for k, v in result.state_dict.items():
@@ -71,7 +73,7 @@ def test_promise_test_skips_a_bad_candidate_without_optimising(pool, components)
     judge = closeness_judge(pool.load(a))  # only the best itself scores 1
     result = run(pool, components, judge, tau=1.0, evals_per_component=3)
     assert result.ingredients == [a]
-    for step in result.details["history"]:
+    for step in result.details.history:
         assert step["promise_accuracy"] < 1.0 and step["passes"] == []
         assert step["evaluations"] == 1 and not step["accepted"]
     assert result.evaluations == len(pool) - 1
@@ -94,7 +96,7 @@ def test_same_seed_same_result(pool, components):
                 evals_per_component=5, tau=0.5, seed=3)
     second = run(pool, components, closeness_judge(target), optimizer="TwoPointsDE",
                  evals_per_component=5, tau=0.5, seed=3)
-    assert first.details["history"] == second.details["history"]
+    assert first.details.history == second.details.history
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -121,11 +123,11 @@ def test_phase2_refines_beta_without_losing_val_and_rebuilds_the_fused_model(poo
     phase1 = run(pool, components, judge, ranking, evals_per_component=4, tau=0.5)
     both = run(pool, components, judge, ranking, evals_per_component=4, tau=0.5, phase2=True,
                phase2_evals_per_weight=3)
-    p2 = both.details["phase2"]
+    p2 = both.details.phase2
     assert p2["evaluations"] == 2 * len(components) * 3
-    assert both.details["val_accuracy"] >= phase1.details["val_accuracy"]
-    assert judge(both.state_dict) == pytest.approx(both.details["val_accuracy"])
-    betas = np.array(both.details["betas"])
+    assert both.details.val_accuracy >= phase1.details.val_accuracy
+    assert judge(both.state_dict) == pytest.approx(both.details.val_accuracy)
+    betas = np.array(both.details.betas)
     np.testing.assert_allclose(betas.sum(axis=0), 1.0, atol=1e-12)
     rebuilt = weighted_sum(lambda j: pool.load(both.ingredients[j]), betas, components)
     for k, v in both.state_dict.items():

@@ -17,7 +17,6 @@ from raysoup.components import partition
 from raysoup.config import load_config
 from raysoup.distributed import EvaluatorSpec, TuneSearch, start_evaluators
 from raysoup.errors import RaysoupError
-from raysoup.evaluate import VAL
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
 from raysoup.mixing import to_numpy
 from raysoup.pool import IngredientPool
@@ -75,12 +74,12 @@ def test_tune_path_makes_the_same_decisions_as_the_plain_loop(uninterrupted):
     judge = ValidationJudge(evaluator.accuracy)
     components = partition(list(pool.load(pool.names[0])), config.method.components)
     ranking = [tuple(r) for r in report["ranking"]]
-    local = METHODS["manifold_mix"](SoupContext(pool, judge, ranking), components,
-                                    LocalSearch(judge, components), config.method,
-                                    log=lambda _: None)
+    local = METHODS["manifold_mix"](SoupContext(pool, judge, ranking, components,
+                                                LocalSearch(judge, components), lambda _: None),
+                                    config.method)
     tuned = report["methods"]["manifold_mix"]
     assert local.ingredients == tuned["ingredients"]
-    assert json.loads(json.dumps(local.details["history"])) == tuned["history"]
+    assert json.loads(json.dumps(local.details.history)) == tuned["history"]
 
 
 @pytest.mark.slow
@@ -229,3 +228,53 @@ def test_parallel_optimizer_runs_k_trials_on_fake_gpus(pair, tiny_zoo, tune_sear
     assert result.evaluations == 12 and result.optimizer == "TwoPointsDE"
     assert result.accuracy == pytest.approx(local.accuracy(result.x))
     assert ray.available_resources().get("GPU", 0) == 0  # four evaluators, one fake GPU each
+
+
+def test_the_pool_judges_every_set_like_one_evaluator_and_survives_a_crash(pair, tiny_zoo):
+    """Report sets sharded over the actors and streamed: the same per-image results, in row
+    order, as one in-process evaluator of the whole sets; a killed actor is restarted and
+    its rows judged again."""
+    from raysoup.distributed import EvaluatorPool
+    from raysoup.evaluate import Evaluator, load_eval_sets
+    pool, a, _, components = pair
+    sources = eval_set_sources(tiny_zoo)
+    spec = EvaluatorSpec(count=3, mode="sharded", cpus=0.25, timeout_s=120)
+    actors = start_evaluators(pool.spec, sources, components, spec)
+    try:
+        judge = EvaluatorPool(actors, spec, pool.spec, sources)  # no cache: every call judges
+        whole = Evaluator(pool.spec, load_eval_sets(sources, pool.spec.num_classes))
+        expected = whole.correctness(a)
+        got = judge.correctness(a)
+        assert list(got) == list(expected)
+        for name in expected:
+            np.testing.assert_array_equal(got[name], expected[name])
+        ray.kill(actors[1], no_restart=False)  # dies; Ray restarts it and retries its call
+        again = judge.correctness(a, ["val", "blur"])
+        np.testing.assert_array_equal(again["blur"], expected["blur"])
+        np.testing.assert_array_equal(again["val"], expected["val"])
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+@pytest.mark.slow
+def test_no_model_is_built_outside_the_evaluators(soup_zoo, tmp_path):
+    """A whole run with baselines, reported ingredients and the pretrained reference, in a
+    process where building a model anywhere but in an evaluator actor raises."""
+    from raysoup.model import EVALUATORS_ONLY
+    path = write_config(tmp_path / "run.toml", soup_zoo, "out")
+    path.write_text("methods = ['best_individual', 'uniform_soup', 'greedy_soup', "
+                    "'manifold_mix']\nreport_ingredients = true\n" + path.read_text())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", EVALUATORS_ONLY: "1"}
+    probe = subprocess.run([sys.executable, "-c", "from raysoup.model import build_classifier,"
+                            " ModelSpec; build_classifier(ModelSpec())"], env=env,
+                           capture_output=True, text=True)
+    assert probe.returncode != 0 and "outside the evaluator actors" in probe.stderr
+    done = subprocess.run([sys.executable, "-m", "raysoup.cli", "run", str(path)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(report["methods"]) == {"best_individual", "uniform_soup", "greedy_soup",
+                                      "manifold_mix"}
+    assert report["references"]["pretrained"]["ood_avg"] is not None
+    assert all(r["id"] is not None for r in report["ingredients"].values())

@@ -153,3 +153,20 @@ def test_the_example_config_lists_every_key_at_its_default():
         assert set(raw[name]) == {f.name for f in fields(cls)}, name
         assert parsed == cls(), name
     assert config.methods == ("manifold_mix",) and config.report_ingredients is False
+
+
+def test_a_report_set_of_another_image_size_is_refused_naming_it(tiny_zoo, tmp_path):
+    zoo = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo, zoo)
+    rng = np.random.default_rng(0)
+    write_eval_set(EvalSet("rgb", rng.integers(0, 255, (20, 3, 32, 32), dtype=np.uint8),
+                           rng.integers(0, 10, 20)), zoo / "data" / "rgb.arrow")
+    manifest = json.loads((zoo / "manifest.json").read_text())
+    manifest["eval_sets"]["rgb"] = "data/rgb.arrow"
+    (zoo / "manifest.json").write_text(json.dumps(manifest))
+    path = tmp_path / "run.toml"
+    path.write_text(config_text(zoo))
+    with pytest.raises(RaysoupError, match=r"evaluation set 'rgb': images are 3x32x32 .*"
+                                           r"the model takes 1x28x28"):
+        validate_run(load_config(path), resume=False)
+    assert not ray.is_initialized()

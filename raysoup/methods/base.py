@@ -1,12 +1,15 @@
-"""What every merge method gets (a pool, a validation judge, the ranking) and returns."""
+"""What every merge method gets (a pool, a validation judge, the ranking, the components
+and a search) and returns: ``METHODS[name](ctx, **options) -> MethodResult``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 
+from ..components import Components
 from ..mixing import StateDict
 from ..pool import IngredientPool
+from ..search import Search
 
 
 class ValidationJudge:
@@ -26,12 +29,15 @@ class SoupContext:
     pool: IngredientPool
     judge: ValidationJudge
     ranking: list[tuple[str, float]]  # (ingredient, val accuracy), best first
+    components: Components | None = None  # the weights' partition, for per-component mixing
+    search: Search | None = None          # evaluates and optimises mixing points
+    log: Callable[[str], None] = print
 
     @classmethod
-    def rank(cls, pool: IngredientPool, judge: ValidationJudge) -> "SoupContext":
+    def rank(cls, pool: IngredientPool, judge: ValidationJudge, **rest) -> "SoupContext":
         scores = [(name, judge(pool.load(name))) for name in pool.names]
         # Stable sort: ties keep pool order, so the ranking is deterministic.
-        return cls(pool, judge, sorted(scores, key=lambda s: -s[1]))
+        return cls(pool, judge, sorted(scores, key=lambda s: -s[1]), **rest)
 
 
 @dataclass
@@ -40,7 +46,10 @@ class MethodResult:
     ingredients: list[str]
     evaluations: int  # validation evaluations the method spent beyond the ranking
     ranked: bool = True  # used the shared ranking (its cost is charged to the method)
-    details: dict = field(default_factory=dict)
+    details: object | None = None  # a method's own typed record (a dataclass), if any
+
+    def details_dict(self) -> dict:
+        return asdict(self.details) if self.details is not None else {}
 
 
 Method = Callable[..., MethodResult]

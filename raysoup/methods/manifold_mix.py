@@ -196,21 +196,34 @@ def phase2(state: MixState, betas: np.ndarray, load: Callable[[str], StateDict],
     return betas, {**result, "kept": improved}
 
 
+@dataclass
+class ManifoldMixDetails:
+    components: list[str]
+    betas: list[list[float]]        # accepted ingredients x components, columns sum to 1
+    history: list[dict]             # one row per candidate step
+    lambda_rows: list[list[float]]
+    val_accuracy: float
+    phase2: dict | None = None
+
+
 @register("manifold_mix")
-def manifold_mix(ctx: SoupContext, components: Components, search: Search,
-                 config: ManifoldMixConfig = ManifoldMixConfig(), state: MixState | None = None,
-                 on_step: Callable[[MixState], None] | None = None,
-                 log: Callable[[str], None] = print) -> MethodResult:
+def manifold_mix(ctx: SoupContext, config: ManifoldMixConfig = ManifoldMixConfig(),
+                 state: MixState | None = None,
+                 on_step: Callable[[MixState], None] | None = None) -> MethodResult:
+    """`ctx` carries the components and the search; `state` and `on_step` resume from and
+    write step checkpoints."""
+    components, search, log = ctx.components, ctx.search, ctx.log
+    if components is None or search is None:
+        raise RaysoupError("manifold_mix needs the context's components and search")
     state = phase1(ctx.ranking, ctx.pool.load, components, search, config, state, on_step, log)
     betas = betas_of(state, len(components))
-    fused, details, evaluations = state.accumulator, {"phase2": None}, state.evaluations
+    fused, evaluations, phase2_record = state.accumulator, state.evaluations, None
     if config.phase2 and len(state.accepted) > 1:
-        betas, details["phase2"] = phase2(state, betas, ctx.pool.load, components, search,
-                                          config, log)
-        evaluations += details["phase2"]["evaluations"]
-        if details["phase2"]["kept"]:
+        betas, phase2_record = phase2(state, betas, ctx.pool.load, components, search,
+                                      config, log)
+        evaluations += phase2_record["evaluations"]
+        if phase2_record["kept"]:
             fused = weighted_sum(lambda j: ctx.pool.load(state.accepted[j]), betas, components)
-    details.update(betas=betas.tolist(), components=list(components.names),
-                   history=state.history, lambda_rows=state.lambda_rows,
-                   val_accuracy=state.accuracy)
+    details = ManifoldMixDetails(list(components.names), betas.tolist(), state.history,
+                                 state.lambda_rows, state.accuracy, phase2_record)
     return MethodResult(fused, list(state.accepted), evaluations, details=details)
