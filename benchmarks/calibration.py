@@ -24,11 +24,11 @@ from pathlib import Path
 from common import RESULTS, append_result, machine
 
 from raysoup.config import PoolConfig, RunConfig
-from raysoup.demo import DEMO_EVALS_PER_COMPONENT, DEMO_METHODS
+from raysoup.tools.demo import DEMO_EVALS_PER_COMPONENT, DEMO_METHODS
 from raysoup.methods.manifold_mix import ManifoldMixConfig
 from raysoup.run import execute
 from raysoup.stats import OOD_AVG, format_difference
-from raysoup.zoo import ZooConfig, build_zoo
+from raysoup.tools.zoo import ZooConfig, build_zoo
 
 TABLE = RESULTS / "calibration.parquet"
 ID_SLACK = 0.003  # ManifoldMix may lose at most 0.3 points of ID accuracy

@@ -18,5 +18,5 @@ def append_result(name: str, row: dict) -> None:
 
 def default_zoo() -> Path:
     """The demo's zoo: the shipped one, installed into the cache on first use."""
-    from raysoup.demo import demo_zoo
+    from raysoup.tools.demo import demo_zoo
     return demo_zoo()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from common import RESULTS, default_zoo
 
-from raysoup.bench import load_grid, run_bench
-from raysoup.bench_plots import write_all
+from raysoup.tools.bench import load_grid, run_bench
+from raysoup.tools.bench_plots import write_all
 
 
 def main() -> None:

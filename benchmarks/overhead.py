@@ -23,12 +23,13 @@ import torch
 
 from common import append_result, default_zoo, machine
 from raysoup.components import partition
-from raysoup.distributed import EvaluatorSpec, TuneSearch, start_evaluators
+from raysoup.distributed.evaluators import EvaluatorSpec, start_evaluators
+from raysoup.distributed.tune_search import TuneSearch
 from raysoup.evaluate import VAL, Evaluator, load_eval_sets
 from raysoup.methods import SoupContext, ValidationJudge
-from raysoup.pool import IngredientPool
+from raysoup.inputs.pool import IngredientPool
 from raysoup.search import LocalSearch, lerp_mixer
-from raysoup.tasks import eval_set_sources
+from raysoup.inputs.tasks import eval_set_sources
 
 
 def main() -> None:

@@ -35,9 +35,9 @@ from raysoup.components import partition
 from raysoup.evaluate import VAL, Evaluator, load_eval_sets
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
 from raysoup.methods.manifold_mix import ManifoldMixConfig
-from raysoup.pool import IngredientPool, load_state_dict, read_manifest, save_state_dict, write_json
+from raysoup.inputs.pool import IngredientPool, load_state_dict, read_manifest, save_state_dict, write_json
 from raysoup.search import LocalSearch
-from raysoup.tasks import eval_set_sources
+from raysoup.inputs.tasks import eval_set_sources
 
 TARGET_RATIO = 1.10  # peak RSS at the largest N over the smallest N's
 MIB = 1 << 20
@@ -192,7 +192,7 @@ def main() -> None:
         print(json.dumps(measure(args.measure, args.evals_per_component)))
         return
     if args.zoo is None:
-        from raysoup.demo import demo_zoo
+        from raysoup.tools.demo import demo_zoo
         args.zoo = demo_zoo(quick=True)
     counts = sorted(set(args.counts))
     if args.work is not None:

@@ -25,10 +25,10 @@ import ray
 
 from common import append_result, machine
 from raysoup.components import partition
-from raysoup.data import EvalSet, EvalSetSource, write_eval_set
-from raysoup.distributed import EvaluatorPool, EvaluatorSpec, start_evaluators
+from raysoup.inputs.data import EvalSet, EvalSetSource, write_eval_set
+from raysoup.distributed.evaluators import EvaluatorPool, EvaluatorSpec, start_evaluators
 from raysoup.evaluate import VAL
-from raysoup.model import ModelSpec, state_dict_template
+from raysoup.inputs.model import ModelSpec, state_dict_template
 
 TARGET_RATIO = 1.10
 MIB = 1 << 20

@@ -21,8 +21,9 @@ import numpy as np
 import ray
 
 from common import append_result, machine
-from raysoup.distributed import EvaluatorSpec, TuneSearch
-from raysoup.workers import evaluate_point
+from raysoup.distributed.evaluators import EvaluatorSpec
+from raysoup.distributed.tune_search import TuneSearch
+from raysoup.distributed.workers import evaluate_point
 
 ROWS = 6000  # validation rows of the demo zoo
 

@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from common import append_result, machine
-from raysoup.data import EvalSet
+from raysoup.inputs.data import EvalSet
 from raysoup.evaluate import Evaluator
-from raysoup.model import ModelSpec
+from raysoup.inputs.model import ModelSpec
 
 REFERENCE_IMAGES = 26_000  # ImageNet2p, the reference's held-out validation set
 REFERENCE_S, REFERENCE_DEVICES = 35.0, 2  # reference: ~35 s per evaluation on 2 GPUs

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import RaysoupError
 from .methods.manifold_mix import MixState
-from .pool import load_state_dict, save_state_dict, write_json
+from .inputs.pool import load_state_dict, save_state_dict, write_json
 
 STATE_FILE = "state.json"
 

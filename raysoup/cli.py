@@ -10,7 +10,7 @@ from .errors import RaysoupError
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .tools.demo import run_demo
     run_demo(out=args.out, quick=args.quick, zoo_dir=args.zoo, verify_sha256=not args.no_verify)
 
 
@@ -21,9 +21,9 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from .bench import load_grid, run_bench
-    from .bench_plots import write_all
-    from .demo import demo_zoo
+    from .tools.bench import load_grid, run_bench
+    from .tools.bench_plots import write_all
+    from .tools.demo import demo_zoo
     grid = load_grid(args.config, args.quick)
     zoo = args.zoo or demo_zoo(args.quick)
     out = args.out or Path("runs") / ("bench-quick" if args.quick else "bench")
@@ -33,7 +33,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from .prepare import prepare_dataset
+    from .tools.prepare import prepare_dataset
     prepare_dataset(args.src, args.out, arch=args.arch, image_size=args.image_size,
                     classes=args.classes, val_fraction=args.val_fraction, seed=args.seed,
                     workers=args.workers, shard_size=args.shard_size, strict=args.strict)
@@ -41,8 +41,8 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _zeroshot(args: argparse.Namespace) -> None:
-    from .pool import save_state_dict
-    from .zeroshot import load_clip, read_lines, templates_for, zeroshot_classifier
+    from .inputs.pool import save_state_dict
+    from .tools.zeroshot import load_clip, read_lines, templates_for, zeroshot_classifier
     classes = read_lines(args.classes, "classes")
     templates = templates_for(args.templates)
     clip = load_clip(args.arch, args.pretrained)
@@ -54,7 +54,7 @@ def _zeroshot(args: argparse.Namespace) -> None:
 
 
 def _zoo_build(args: argparse.Namespace) -> None:
-    from .zoo import QUICK_ZOO, ZooConfig, build_zoo, with_overrides
+    from .tools.zoo import QUICK_ZOO, ZooConfig, build_zoo, with_overrides
     base = QUICK_ZOO if args.quick else ZooConfig()
     if args.ingredients is not None and args.ingredients < 2:
         raise RaysoupError(f"--ingredients must be at least 2, got {args.ingredients}")

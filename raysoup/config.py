@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from . import storage
+from .inputs import storage
 from .errors import RaysoupError
 from .methods.manifold_mix import ManifoldMixConfig
 

@@ -15,9 +15,9 @@ from typing import Iterable, Mapping
 import numpy as np
 import torch
 
-from .data import ClassMap, EvalSet, EvalSetSource, read_eval_set
-from .model import ModelSpec, build_classifier
-from .pool import state_dict_sha256
+from .inputs.data import ClassMap, EvalSet, EvalSetSource, read_eval_set
+from .inputs.model import ModelSpec, build_classifier
+from .inputs.pool import state_dict_sha256
 
 VAL = "val"
 ID = "id"

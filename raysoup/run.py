@@ -12,9 +12,6 @@ and ood only report).
 
 from __future__ import annotations
 
-import os
-import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,23 +21,20 @@ import pyarrow.parquet as pq
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .checkpoint import load_state, save_state
+from .checkpoint import load_state
 from .components import Components, partition, unused_keys
 from .config import RunConfig
-from .data import EvalSetSource, check_eval_set, verify_eval_set
-from .distributed import EvaluatorPool, EvaluatorSpec, TuneSearch, start_evaluators
+from .distributed.driver import SoupDriver, connect
+from .distributed.evaluators import EvaluatorSpec, start_evaluators
 from .errors import RaysoupError
-from .evaluate import VAL, JudgementCache, accuracy_row, ood_sets
-from .methods import METHODS, SoupContext, ValidationJudge
-from .methods.manifold_mix import MixState
-from .mixing import from_numpy, to_numpy
-from .model import build_classifier, state_dict_template
-from .pool import (IngredientPool, check_state_dict, load_pretrained, read_manifest,
-                   save_state_dict, write_json)
+from .evaluate import VAL
+from .inputs.data import EvalSetSource, check_eval_set, verify_eval_set
+from .inputs.model import build_classifier, state_dict_template
+from .inputs.pool import (IngredientPool, check_state_dict, load_pretrained, read_manifest,
+                          save_state_dict, write_json)
+from .inputs.tasks import dataset_records, eval_set_sources
+from .mixing import from_numpy
 from .report import format_table, write_report
-from .stats import compare
-from .storage import cache_dir
-from .tasks import dataset_records, eval_set_sources
 
 
 @dataclass
@@ -115,167 +109,6 @@ def evaluator_spec(config: RunConfig) -> EvaluatorSpec:
         mode = "sharded" if config.method.num_workers == 1 else "whole"
     return EvaluatorSpec(count=count, mode=mode, cpus=r.cpus_per_evaluator, gpus=gpus,
                          autocast_bf16=r.bf16, timeout_s=r.eval_timeout_s)
-
-
-def judgement_cache() -> JudgementCache:
-    return JudgementCache(cache_dir() / "judgements")
-
-
-class Judged:
-    """Every model judged on every evaluation set, with its per-image correctness kept for
-    the paired comparisons of the report."""
-
-    def __init__(self, judge: EvaluatorPool, log=print):
-        self.judge = judge
-        self.log = log
-        self.correctness: dict[str, dict[str, np.ndarray]] = {}
-
-    def add(self, name: str, state_dict) -> dict:
-        t0 = time.perf_counter()
-        self.correctness[name] = self.judge.correctness(state_dict)
-        row = accuracy_row(self.correctness[name])
-        images = sum(len(c) for c in self.correctness[name].values())
-        self.log(f"[report] {name}: judged on {len(self.correctness[name])} sets "
-                 f"({images} images, {time.perf_counter() - t0:.1f} s), val "
-                 f"{100 * row['val']:.2f}")
-        return row
-
-    def comparisons(self, name: str, baselines: dict[str, str]) -> dict:
-        """`name` against each judged baseline (report name: judged name), paired on the
-        same images."""
-        hits = self.correctness[name]
-        return {label: compare(hits, self.correctness[judged], ood_sets(hits))
-                for label, judged in baselines.items()
-                if judged != name and judged in self.correctness}
-
-
-@ray.remote(num_cpus=0, max_restarts=0)
-class SoupDriver:
-    """Owns the sequential state of a run: ranks, runs every method, judges every model.
-    Every forward pass goes to the evaluator actors; a ManifoldMix step checkpoint is
-    written after every candidate."""
-
-    def __init__(self, prepared: Prepared, evaluators: EvaluatorSpec, actors: list):
-        self.prepared = prepared
-        config = prepared.config
-        self.judge = EvaluatorPool(actors, evaluators, prepared.pool.spec,
-                                   prepared.eval_sources, judgement_cache())
-        self.search = TuneSearch(actors, evaluators, config.method.num_workers,
-                                 config.out / "tune", config.resources.max_failures,
-                                 log=self.log)
-        self.state_dir = config.out / "driver"
-
-    @staticmethod
-    def log(line: str) -> None:
-        print(line, flush=True)
-
-    def _ranking(self, judge: ValidationJudge) -> tuple[list, float, MixState | None]:
-        """The ranking on val (from ManifoldMix's checkpoint when resuming) and its cost."""
-        config, pool = self.prepared.config, self.prepared.pool
-        saved = load_state(self.state_dir, config.fingerprint()) \
-            if "manifold_mix" in config.methods else None
-        if saved is not None:
-            state, ranking = saved
-            self.log(f"[driver] resuming after step {state.next_candidate - 1}: "
-                     f"{len(state.accepted)} ingredient(s), val {100 * state.accuracy:.2f}")
-            return [tuple(r) for r in ranking], 0.0, state
-        t0 = time.perf_counter()
-        ranking = SoupContext.rank(pool, judge).ranking
-        return ranking, time.perf_counter() - t0, None
-
-    def run(self) -> dict:
-        config, pool = self.prepared.config, self.prepared.pool
-        judge = ValidationJudge(self.judge.accuracy)
-        ranking, ranking_s, state = self._ranking(judge)
-        self.log("[driver] ranking on val: " + ", ".join(f"{n} {100 * a:.2f}"
-                                                         for n, a in ranking))
-        ctx = SoupContext(pool, judge, ranking, self.prepared.components, self.search, self.log)
-        judged = Judged(self.judge, self.log)
-        if config.report_ingredients:
-            ingredients = {n: {**judged.add(n, pool.load(n)), "ingredients": [n]}
-                           for n in pool.names}
-        else:
-            ingredients = {n: {"val": acc, "id": None, "ood": {}, "ood_avg": None,
-                               "ingredients": [n]} for n, acc in ranking}
-        options = {"manifold_mix": dict(
-            config=config.method, state=state,
-            on_step=lambda s: save_state(self.state_dir, s, config.fingerprint(), ranking))}
-        rows, fused = {}, None
-        for name in config.methods:
-            t0 = time.perf_counter()
-            result = METHODS[name](ctx, **options.get(name, {}))
-            details = result.details_dict()
-            if name == "manifold_mix":
-                fused = to_numpy(result.state_dict)
-                details["config"] = config.method.to_dict()
-            wall = time.perf_counter() - t0 + (ranking_s if result.ranked else 0.0)
-            rows[name] = {**judged.add(name, result.state_dict),
-                          "ingredients": result.ingredients,
-                          "evaluations": result.evaluations + (len(pool) if result.ranked
-                                                               else 0),
-                          "ranked": result.ranked, "wall_s": round(wall, 2), **details}
-            self.log(f"[driver] {name}: val {100 * rows[name]['val']:.2f}, "
-                     f"{len(result.ingredients)} ingredient(s)")
-        # Every method against the best ingredient and greedy soup, paired on the same images.
-        best = ranking[0][0]
-        if best not in judged.correctness:
-            judged.add(best, pool.load(best))
-        for name, row in rows.items():
-            row["vs"] = judged.comparisons(name, {"greedy_soup": "greedy_soup"} if
-                                           name == "best_individual" else
-                                           {"best_individual": best,
-                                            "greedy_soup": "greedy_soup"})
-        pretrained = load_pretrained(config.pool.zoo)
-        references = {} if pretrained is None else \
-            {"pretrained": judged.add("pretrained", pretrained)}
-        return {"methods": rows, "ingredients": ingredients, "references": references,
-                "ranking": ranking, "correctness": judged.correctness, "fused": fused,
-                "forward_passes": self.judge.forward_passes}
-
-
-@contextmanager
-def loopback_kept():
-    """Ray turns a node address of 127.0.0.1 into the machine's network address (so its
-    gRPC servers would listen on every interface) unless multi-node support is off, as Ray
-    does on macOS and Windows. Off while ray.init runs: services and drivers keep 127.0.0.1.
-    """
-    from ray._private import ray_constants
-    multi_node = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = multi_node
-
-
-def is_loopback(address: str) -> bool:
-    host = address.split("://")[-1].rsplit(":", 1)[0]
-    return host in ("127.0.0.1", "localhost")
-
-
-def connect(address: str | None, log_to_driver: bool = True) -> None:
-    """Join a cluster, or start a private local one whose services bind 127.0.0.1 only.
-
-    Token authentication stays as Ray sets it: on by default for a local Ray, and taken
-    from RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token for a cluster.
-    """
-    if ray.is_initialized():
-        return
-    if not address:
-        with loopback_kept():  # "local": a new Ray even when RAY_ADDRESS names a cluster
-            ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver)
-        return
-    target = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
-    # A loopback cluster (cluster/local.py) is reachable only under its own address.
-    try:
-        with loopback_kept() if is_loopback(target) else nullcontext():
-            ray.init(address=address, log_to_driver=log_to_driver)
-    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as e:
-        raise RaysoupError(
-            f"cannot connect to the Ray cluster at {address!r}: {str(e).splitlines()[0]} "
-            f"(is it running? `--address HOST:PORT` works from a cluster node, ray://HOST:PORT "
-            f"from elsewhere; a token-auth cluster needs RAY_AUTH_MODE=token and its token "
-            f"in ~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)") from None
 
 
 def write_betas(out: Path, betas: np.ndarray, ingredients: list[str], components: list[str]) -> None:

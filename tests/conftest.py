@@ -11,9 +11,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from raysoup.methods import SoupContext, ValidationJudge  # noqa: E402
-from raysoup.model import ModelSpec  # noqa: E402
-from raysoup.pool import IngredientPool  # noqa: E402
-from raysoup.zoo import ZooConfig, build_zoo  # noqa: E402
+from raysoup.inputs.model import ModelSpec  # noqa: E402
+from raysoup.inputs.pool import IngredientPool  # noqa: E402
+from raysoup.tools.zoo import ZooConfig, build_zoo  # noqa: E402
 
 from .helpers import val_evaluator  # noqa: E402
 

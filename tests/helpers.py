@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 from raysoup.evaluate import VAL, Evaluator, load_eval_sets
-from raysoup.pool import IngredientPool
-from raysoup.tasks import eval_set_sources
+from raysoup.inputs.pool import IngredientPool
+from raysoup.inputs.tasks import eval_set_sources
 
 
 def val_evaluator(zoo: Path) -> Evaluator:

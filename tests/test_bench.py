@@ -7,7 +7,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from raysoup.bench import QUICK_GRID, BenchGrid, best_so_far, load_grid
+from raysoup.tools.bench import QUICK_GRID, BenchGrid, best_so_far, load_grid
 from raysoup.errors import RaysoupError
 
 

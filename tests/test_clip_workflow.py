@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 
 from raysoup.components import partition, unused_keys
-from raysoup.data import EvalSetSource, load_fashion_mnist, read_eval_set
+from raysoup.inputs.data import EvalSetSource, load_fashion_mnist, read_eval_set
 from raysoup.errors import RaysoupError
 from raysoup.evaluate import Evaluator
-from raysoup.model import ModelSpec, build_classifier, clip_model, state_dict_template
-from raysoup.pool import CheckpointError, IngredientPool, check_state_dict, load_state_dict
-from raysoup.zeroshot import resolve_pretrained, zeroshot_classifier
+from raysoup.inputs.model import ModelSpec, build_classifier, clip_model, state_dict_template
+from raysoup.inputs.pool import CheckpointError, IngredientPool, check_state_dict, load_state_dict
+from raysoup.tools.zeroshot import resolve_pretrained, zeroshot_classifier
 
 CLASSES = ["t-shirt", "trouser", "pullover"]
 VIT_B_32 = ModelSpec.from_dict({"arch": "ViT-B-32", "num_classes": len(CLASSES)})
@@ -133,7 +133,7 @@ def test_class_map_projects_logits():
     class_map = ((0, 2), (3,), ())
     proj = torch.stack([logits[:, [0, 2]].amax(1), logits[:, 3]], dim=1)
     labels = np.arange(40) % 3
-    from raysoup.data import EvalSet
+    from raysoup.inputs.data import EvalSet
     keep = labels != 2
     evaluator = Evaluator(spec, [EvalSet("m", images.numpy()[keep], labels[keep], class_map)])
     evaluator.load(model.state_dict())

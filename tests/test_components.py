@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from raysoup.components import ComponentError, check_partition, partition, unused_keys
-from raysoup.model import build_classifier
+from raysoup.inputs.model import build_classifier
 
 from .conftest import TINY_SPEC
 

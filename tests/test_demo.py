@@ -8,7 +8,7 @@ import ray
 from safetensors.torch import load_file, save_file
 
 from raysoup.cli import main
-from raysoup.zoo import build_zoo
+from raysoup.tools.zoo import build_zoo
 
 from .conftest import TINY_ZOO
 
@@ -89,7 +89,7 @@ def test_corrupt_ingredient_fails_before_any_output(tiny_zoo, tmp_path, capsys):
 def test_changed_evaluation_set_is_refused_naming_it(tiny_zoo, tmp_path, capsys):
     import shutil
 
-    from raysoup.data import read_eval_set, write_eval_set
+    from raysoup.inputs.data import read_eval_set, write_eval_set
     zoo = tmp_path / "zoo"
     shutil.copytree(tiny_zoo, zoo)
     blur = read_eval_set(zoo / "data" / "blur.arrow")

@@ -16,7 +16,7 @@ from raysoup.errors import RaysoupError
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
 from raysoup.methods.manifold_mix import ManifoldMixConfig
 from raysoup.mixing import mix, weighted_sum
-from raysoup.pool import IngredientPool
+from raysoup.inputs.pool import IngredientPool
 from raysoup.search import LocalSearch
 
 

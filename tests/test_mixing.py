@@ -4,7 +4,7 @@ import torch
 
 from raysoup.components import partition
 from raysoup.mixing import RunningSum, average, lambdas_to_betas, mix, weighted_sum
-from raysoup.model import build_classifier
+from raysoup.inputs.model import build_classifier
 
 from .conftest import TINY_SPEC
 

@@ -9,8 +9,8 @@ import pyarrow.parquet
 import pytest
 from PIL import Image
 
-from raysoup.data import DataError, load_fashion_mnist, read_eval_set
-from raysoup.prepare import prepare_dataset
+from raysoup.inputs.data import DataError, load_fashion_mnist, read_eval_set
+from raysoup.tools.prepare import prepare_dataset
 
 CLASSES = ("dress", "pullover", "trouser")  # sorted: the folder order
 FM_LABEL = {"trouser": 1, "pullover": 2, "dress": 3}

@@ -15,14 +15,15 @@ from safetensors.torch import load_file
 
 from raysoup.components import partition
 from raysoup.config import load_config
-from raysoup.distributed import EvaluatorSpec, TuneSearch, start_evaluators
+from raysoup.distributed.evaluators import EvaluatorSpec, start_evaluators
+from raysoup.distributed.tune_search import TuneSearch
 from raysoup.errors import RaysoupError
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
 from raysoup.mixing import to_numpy
-from raysoup.pool import IngredientPool
+from raysoup.inputs.pool import IngredientPool
 from raysoup.run import execute
 from raysoup.search import LocalSearch, lerp_mixer
-from raysoup.tasks import eval_set_sources
+from raysoup.inputs.tasks import eval_set_sources
 
 from . import failing_mixer
 from .helpers import val_evaluator, write_config
@@ -234,7 +235,7 @@ def test_the_pool_judges_every_set_like_one_evaluator_and_survives_a_crash(pair,
     """Report sets sharded over the actors and streamed: the same per-image results, in row
     order, as one in-process evaluator of the whole sets; a killed actor is restarted and
     its rows judged again."""
-    from raysoup.distributed import EvaluatorPool
+    from raysoup.distributed.evaluators import EvaluatorPool
     from raysoup.evaluate import Evaluator, load_eval_sets
     pool, a, _, components = pair
     sources = eval_set_sources(tiny_zoo)
@@ -261,12 +262,12 @@ def test_the_pool_judges_every_set_like_one_evaluator_and_survives_a_crash(pair,
 def test_no_model_is_built_outside_the_evaluators(soup_zoo, tmp_path):
     """A whole run with baselines, reported ingredients and the pretrained reference, in a
     process where building a model anywhere but in an evaluator actor raises."""
-    from raysoup.model import EVALUATORS_ONLY
+    from raysoup.inputs.model import EVALUATORS_ONLY
     path = write_config(tmp_path / "run.toml", soup_zoo, "out")
     path.write_text("methods = ['best_individual', 'uniform_soup', 'greedy_soup', "
                     "'manifold_mix']\nreport_ingredients = true\n" + path.read_text())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", EVALUATORS_ONLY: "1"}
-    probe = subprocess.run([sys.executable, "-c", "from raysoup.model import build_classifier,"
+    probe = subprocess.run([sys.executable, "-c", "from raysoup.inputs.model import build_classifier,"
                             " ModelSpec; build_classifier(ModelSpec())"], env=env,
                            capture_output=True, text=True)
     assert probe.returncode != 0 and "outside the evaluator actors" in probe.stderr

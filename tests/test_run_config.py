@@ -9,9 +9,9 @@ import ray
 
 from raysoup.cli import main
 from raysoup.config import load_config
-from raysoup.data import EvalSet, write_eval_set
+from raysoup.inputs.data import EvalSet, write_eval_set
 from raysoup.errors import RaysoupError
-from raysoup.pool import load_state_dict, save_state_dict
+from raysoup.inputs.pool import load_state_dict, save_state_dict
 from raysoup.run import validate_run
 
 
@@ -103,7 +103,7 @@ def test_eval_sets_and_pretrained_are_checked_before_ray(tiny_zoo, tmp_path, cha
 def test_resume_from_a_run_with_another_config_is_refused(tiny_zoo, tmp_path):
     from raysoup.checkpoint import save_state
     from raysoup.methods.manifold_mix import MixState
-    from raysoup.pool import IngredientPool
+    from raysoup.inputs.pool import IngredientPool
     path = tmp_path / "run.toml"
     path.write_text(config_text(tiny_zoo, method="tau = 0.99"))
     config = load_config(path)

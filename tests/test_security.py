@@ -9,7 +9,7 @@ import pytest
 
 PROBE = """
 import json, time, psutil, ray
-from raysoup.run import connect
+from raysoup.distributed.driver import connect
 connect(None)
 
 @ray.remote

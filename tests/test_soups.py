@@ -9,8 +9,8 @@ import torch
 from raysoup.evaluate import VAL, Evaluator, load_eval_sets
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
 from raysoup.mixing import average
-from raysoup.pool import Ingredient, IngredientPool
-from raysoup.tasks import eval_set_sources
+from raysoup.inputs.pool import Ingredient, IngredientPool
+from raysoup.inputs.tasks import eval_set_sources
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import torch
 from raysoup.config import load_config
 from raysoup.errors import RaysoupError
 from raysoup.evaluate import load_eval_sets
-from raysoup.pool import IngredientPool
+from raysoup.inputs.pool import IngredientPool
 from raysoup.run import validate_run
-from raysoup.tasks import eval_set_sources
+from raysoup.inputs.tasks import eval_set_sources
 
 
 def test_a_zoo_behind_a_uri_reads_the_same_as_its_path(tiny_zoo):

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 from ..components import Components
 from ..mixing import StateDict
-from ..pool import IngredientPool
+from ..inputs.pool import IngredientPool
 from ..search import Search
 
 

@@ -23,7 +23,7 @@ import pyarrow.ipc
 from scipy import ndimage
 
 from . import storage
-from .errors import RaysoupError
+from ..errors import RaysoupError
 
 DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = {

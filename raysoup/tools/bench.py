@@ -6,7 +6,7 @@ judgement of unchanged weights come from the judgement cache after the first cel
 the component-granularity ablation at a fixed optimiser and budget, and the uniform and
 greedy soups as references. One Parquet row per cell (with the machine and git commit);
 a cell already in the table is skipped, so an interrupted benchmark resumes. Plots are
-drawn from the table (raysoup.bench_plots).
+drawn from the table (raysoup.tools.bench_plots).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from .bench_plots import CORRECTNESS
-from .config import PoolConfig, ResourcesConfig, RunConfig, section
-from .errors import RaysoupError
-from .methods.manifold_mix import ManifoldMixConfig
-from .report import append_rows, machine
-from .search import check_optimizer
+from ..config import PoolConfig, ResourcesConfig, RunConfig, section
+from ..errors import RaysoupError
+from ..methods.manifold_mix import ManifoldMixConfig
+from ..report import append_rows, machine
+from ..search import check_optimizer
 
 REFERENCE_METHODS = ("uniform_soup", "greedy_soup")
 
@@ -112,7 +112,7 @@ def run_cell(cell: dict, zoo: str, out: Path) -> tuple[dict, dict]:
     """One cell as a whole run (the run path of `raysoup run`, every forward pass on the
     evaluators, the ranking and the ingredients' judgements from the judgement cache):
     its table row and its per-image correctness per set."""
-    from .run import execute
+    from ..run import execute
     cell_dir = out / "cells" / cell["cell"].replace("/", "_")
     shutil.rmtree(cell_dir, ignore_errors=True)  # an interrupted cell starts over
     reference = cell["kind"] == "reference"
@@ -141,7 +141,7 @@ def run_cell(cell: dict, zoo: str, out: Path) -> tuple[dict, dict]:
 def run_bench(zoo: Path | str, out: Path, grid: BenchGrid, address: str | None = None,
               log=print) -> Path:
     """Run every cell not yet in OUT/bench.parquet; returns the table's path."""
-    from .run import connect
+    from ..distributed.driver import connect
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table_path = out / "bench.parquet"

@@ -34,9 +34,9 @@ class EvaluatorActor:
                  shards: int, components, threads: int, autocast_bf16: bool):
         import torch
 
-        from .data import EvalSet, read_eval_set, shard_rows
-        from .evaluate import Evaluator
-        from .model import allow_models_here
+        from ..inputs.data import EvalSet, read_eval_set, shard_rows
+        from ..evaluate import Evaluator
+        from ..inputs.model import allow_models_here
         allow_models_here()
         torch.set_num_threads(max(1, threads))
         full = read_eval_set(sources[VAL], spec.num_classes)
@@ -55,7 +55,7 @@ class EvaluatorActor:
     def _resident(self, refs: Sequence[ray.ObjectRef]) -> None:
         ids = tuple(r.hex() for r in refs)
         if ids != self.model_ids:
-            from .mixing import from_numpy
+            from ..mixing import from_numpy
             *model_refs, mixer_ref = refs
             device = self.evaluator.device
             # CPU: zero-copy views of the read-only object-store buffers, never written.
@@ -72,7 +72,7 @@ class EvaluatorActor:
     def judge(self, refs: Sequence[ray.ObjectRef], x: np.ndarray, set_name: str) -> np.ndarray:
         """Per-image correctness at x: on the resident validation shard, or on this
         actor's share of another set's rows, streamed."""
-        from .data import iter_shard
+        from ..inputs.data import iter_shard
         self._resident(refs)
         self.evaluator.load(self.mixer(self.models, np.asarray(x), self.components))
         if set_name == VAL:

@@ -20,9 +20,9 @@ import open_clip
 import torch
 from open_clip import zero_shot_metadata
 
-from .errors import RaysoupError
-from .model import arch_config, clip_model, to_classifier_layout
-from .pool import StateDict, load_state_dict
+from ..errors import RaysoupError
+from ..inputs.model import arch_config, clip_model, to_classifier_layout
+from ..inputs.pool import StateDict, load_state_dict
 
 TEMPLATES = {"openai": zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES,
              "simple": zero_shot_metadata.SIMPLE_IMAGENET_TEMPLATES}

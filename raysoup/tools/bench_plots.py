@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from .evaluate import VAL, ood_sets
-from .stats import format_difference, paired
+from ..evaluate import VAL, ood_sets
+from ..stats import format_difference, paired
 
 CORRECTNESS = "correctness.parquet"  # per cell and set: every image right or wrong
 

@@ -19,7 +19,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save_file
 
 from . import storage
-from .errors import RaysoupError
+from ..errors import RaysoupError
 from .model import ModelSpec, state_dict_template, to_classifier_layout
 
 StateDict = dict[str, torch.Tensor]

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from .errors import RaysoupError
-from . import data
-from .evaluate import Evaluator, VAL
-from .model import ModelSpec, build_classifier
-from .pool import file_sha256, load_state_dict, save_state_dict, write_json
+from ..errors import RaysoupError
+from ..inputs import data
+from ..evaluate import Evaluator, VAL
+from ..inputs.model import ModelSpec, build_classifier
+from ..inputs.pool import file_sha256, load_state_dict, save_state_dict, write_json
 
 ZOO_FORMAT = 1
 # The default zoo (seed 0), shipped: its weights and manifest, without the evaluation sets

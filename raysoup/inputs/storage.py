@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
 
-from .errors import RaysoupError
+from ..errors import RaysoupError
 
 
 def cache_dir() -> Path:

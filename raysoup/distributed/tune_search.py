@@ -1,19 +1,11 @@
-"""The Ray layer: starting the evaluator actors, and the Tune-backed Search.
-
-It wraps the plain core (raysoup.search, raysoup.methods.manifold_mix) and adds only
-placement: weights go into the object store once per step as numpy (zero-copy, read-only
-on a node), evaluator actors keep the model and their rows of the validation set
-resident, and every optimiser pass is one Tune run whose trials are mixing points.
-The actor and trial code themselves live in raysoup.workers (light imports); the
-SoupDriver actor that runs the algorithm lives in raysoup.run.
-"""
+"""The Search of raysoup.search on Ray: one Tune run per optimiser pass, whose trials are
+mixing points scored by the evaluator actors."""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +13,12 @@ import ray
 from ray import tune
 from ray.tune.search.nevergrad import NevergradSearch
 
-from .components import Components
-from .errors import RaysoupError
-from .mixing import StateDict, to_numpy
-from .data import EvalSetSource
-from .model import ModelSpec
-from .evaluate import VAL, JudgementCache, set_key
-from .search import Mixer, PassResult, best_index, chosen_name, first_model, make_optimizer
-from .workers import METRIC, EvaluatorActor, evaluate_point, mixing_trial
+from ..errors import RaysoupError
+from ..mixing import StateDict, to_numpy
+from ..search import Mixer, PassResult, best_index, chosen_name, make_optimizer
+from .evaluators import EvaluatorSpec
+from .workers import METRIC, evaluate_point, mixing_trial
+
 
 def quiet_tune() -> None:
     """Before the first Tune run: Tune's per-trial loggers (CSV, JSON, TensorBoard) cost
@@ -42,79 +32,6 @@ def quiet_tune() -> None:
 
 
 PENALTY = 0.0  # accuracy told to the optimiser for a trial that failed for good
-
-
-@dataclass(frozen=True)
-class EvaluatorSpec:
-    """Where evaluator actors run and what they hold."""
-    count: int
-    mode: str                 # "sharded": every trial uses all; "whole": one per trial
-    cpus: float = 1.0
-    gpus: float = 0.0
-    autocast_bf16: bool = False
-    timeout_s: float = 600.0  # one evaluation; past it the trial fails loudly and is retried
-
-
-def start_evaluators(spec: ModelSpec, sources: Mapping[str, EvalSetSource],
-                     components: Components, evaluators: EvaluatorSpec,
-                     start_timeout_s: float = 600.0) -> list:
-    """The evaluator actors: each holds its validation rows (all of them in "whole" mode)
-    and streams its share of every other set's rows when a model is judged."""
-    val_shards = evaluators.count if evaluators.mode == "sharded" else 1
-    actors = [EvaluatorActor.options(num_cpus=evaluators.cpus, num_gpus=evaluators.gpus).remote(
-        spec, dict(sources), i % val_shards, val_shards, i, evaluators.count, components,
-        int(max(1, evaluators.cpus)), evaluators.autocast_bf16) for i in range(evaluators.count)]
-    ready, pending = ray.wait([a.ready.remote() for a in actors], num_returns=len(actors),
-                              timeout=start_timeout_s)
-    if pending:
-        for actor in actors:
-            ray.kill(actor)
-        raise RaysoupError(f"only {len(ready)} of {len(actors)} evaluator actors started "
-                           f"within {start_timeout_s:g} s (each asks for {evaluators.cpus:g} "
-                           f"CPU, {evaluators.gpus:g} GPU); check the cluster's resources")
-    ray.get(ready)  # surfaces a failed start (e.g. an unreadable validation file)
-    return actors
-
-
-class EvaluatorPool:
-    """The evaluator actors as one judge of whole models: per-image correctness on any
-    evaluation set, every set's rows split across all actors and joined here in row order,
-    through the judgement cache. No model is ever built in the calling process."""
-
-    def __init__(self, actors: list, evaluators: EvaluatorSpec, spec: ModelSpec,
-                 sources: Mapping[str, EvalSetSource], cache: JudgementCache | None = None):
-        self.actors, self.evaluators, self.cache = actors, evaluators, cache
-        self.sources = dict(sources)
-        device = "cuda" if evaluators.gpus > 0 else "cpu"
-        self.set_keys = {name: key for name, source in self.sources.items() if (key := set_key(
-            source.sha256, spec, source.class_map, evaluators.autocast_bf16 and
-            device == "cuda", device))}
-        self.forward_passes = 0  # models judged on the actors (cache misses), for the record
-
-    @property
-    def set_names(self) -> list[str]:
-        return list(self.sources)
-
-    def _judge(self, state_dict: StateDict, sets: list[str]) -> dict[str, np.ndarray]:
-        refs = [ray.put(to_numpy(state_dict)), ray.put(first_model)]
-        whole_val = self.evaluators.mode != "sharded"
-        calls = {name: [a.judge.remote(refs, np.zeros(0), name) for a in
-                        (self.actors[:1] if name == VAL and whole_val else self.actors)]
-                 for name in sets}
-        self.forward_passes += 1
-        return {name: np.concatenate(ray.get(parts, timeout=self.evaluators.timeout_s))
-                for name, parts in calls.items()}
-
-    def correctness(self, state_dict: StateDict, sets: list[str] | None = None
-                    ) -> dict[str, np.ndarray]:
-        sets = self.set_names if sets is None else sets
-        if self.cache is None:
-            return self._judge(state_dict, sets)
-        return self.cache.correctness(state_dict, self.set_keys, sets,
-                                      lambda missing: self._judge(state_dict, missing))
-
-    def accuracy(self, state_dict: StateDict, set_name: str = VAL) -> float:
-        return float(self.correctness(state_dict, [set_name])[set_name].mean())
 
 
 class PenalizingNevergradSearch(NevergradSearch):

@@ -7,11 +7,11 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from .config import PoolConfig, RunConfig
-from .storage import cache_dir
-from .errors import RaysoupError
-from .methods.manifold_mix import ManifoldMixConfig
-from .run import execute
+from ..config import PoolConfig, RunConfig
+from ..inputs.storage import cache_dir
+from ..errors import RaysoupError
+from ..methods.manifold_mix import ManifoldMixConfig
+from ..run import execute
 from .zoo import QUICK_ZOO, SHIPPED_ZOO, ZooConfig, build_zoo, install_shipped_zoo
 
 DEMO_METHODS = ("best_individual", "uniform_soup", "greedy_soup", "manifold_mix")

@@ -22,7 +22,7 @@ import torch
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from .errors import RaysoupError
+from ..errors import RaysoupError
 
 # The model soups wrapper deletes CLIP's text transformer; checkpoints saved with it kept
 # ("keep_lang") carry these keys, which no image classifier uses.

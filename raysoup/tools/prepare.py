@@ -34,10 +34,10 @@ import pyarrow.parquet
 from PIL import Image
 from tqdm import tqdm
 
-from .data import DataError, EvalSet, write_eval_set
-from .errors import RaysoupError
-from .model import preprocess_config
-from .pool import write_json
+from ..inputs.data import DataError, EvalSet, write_eval_set
+from ..errors import RaysoupError
+from ..inputs.model import preprocess_config
+from ..inputs.pool import write_json
 
 FORMAT = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")

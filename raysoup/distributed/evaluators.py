@@ -1,0 +1,92 @@
+"""The evaluator pool: actors that hold the model and their validation rows, and the
+pool that judges whole models on every evaluation set through them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+
+from ..components import Components
+from ..errors import RaysoupError
+from ..evaluate import VAL, JudgementCache, set_key
+from ..inputs.data import EvalSetSource
+from ..inputs.model import ModelSpec
+from ..mixing import StateDict, to_numpy
+from ..search import first_model
+from .workers import EvaluatorActor
+
+
+@dataclass(frozen=True)
+class EvaluatorSpec:
+    """Where evaluator actors run and what they hold."""
+    count: int
+    mode: str                 # "sharded": every trial uses all; "whole": one per trial
+    cpus: float = 1.0
+    gpus: float = 0.0
+    autocast_bf16: bool = False
+    timeout_s: float = 600.0  # one evaluation; past it the trial fails loudly and is retried
+
+
+def start_evaluators(spec: ModelSpec, sources: Mapping[str, EvalSetSource],
+                     components: Components, evaluators: EvaluatorSpec,
+                     start_timeout_s: float = 600.0) -> list:
+    """The evaluator actors: each holds its validation rows (all of them in "whole" mode)
+    and streams its share of every other set's rows when a model is judged."""
+    val_shards = evaluators.count if evaluators.mode == "sharded" else 1
+    actors = [EvaluatorActor.options(num_cpus=evaluators.cpus, num_gpus=evaluators.gpus).remote(
+        spec, dict(sources), i % val_shards, val_shards, i, evaluators.count, components,
+        int(max(1, evaluators.cpus)), evaluators.autocast_bf16) for i in range(evaluators.count)]
+    ready, pending = ray.wait([a.ready.remote() for a in actors], num_returns=len(actors),
+                              timeout=start_timeout_s)
+    if pending:
+        for actor in actors:
+            ray.kill(actor)
+        raise RaysoupError(f"only {len(ready)} of {len(actors)} evaluator actors started "
+                           f"within {start_timeout_s:g} s (each asks for {evaluators.cpus:g} "
+                           f"CPU, {evaluators.gpus:g} GPU); check the cluster's resources")
+    ray.get(ready)  # surfaces a failed start (e.g. an unreadable validation file)
+    return actors
+
+
+class EvaluatorPool:
+    """The evaluator actors as one judge of whole models: per-image correctness on any
+    evaluation set, every set's rows split across all actors and joined here in row order,
+    through the judgement cache. No model is ever built in the calling process."""
+
+    def __init__(self, actors: list, evaluators: EvaluatorSpec, spec: ModelSpec,
+                 sources: Mapping[str, EvalSetSource], cache: JudgementCache | None = None):
+        self.actors, self.evaluators, self.cache = actors, evaluators, cache
+        self.sources = dict(sources)
+        device = "cuda" if evaluators.gpus > 0 else "cpu"
+        self.set_keys = {name: key for name, source in self.sources.items() if (key := set_key(
+            source.sha256, spec, source.class_map, evaluators.autocast_bf16 and
+            device == "cuda", device))}
+        self.forward_passes = 0  # models judged on the actors (cache misses), for the record
+
+    @property
+    def set_names(self) -> list[str]:
+        return list(self.sources)
+
+    def _judge(self, state_dict: StateDict, sets: list[str]) -> dict[str, np.ndarray]:
+        refs = [ray.put(to_numpy(state_dict)), ray.put(first_model)]
+        whole_val = self.evaluators.mode != "sharded"
+        calls = {name: [a.judge.remote(refs, np.zeros(0), name) for a in
+                        (self.actors[:1] if name == VAL and whole_val else self.actors)]
+                 for name in sets}
+        self.forward_passes += 1
+        return {name: np.concatenate(ray.get(parts, timeout=self.evaluators.timeout_s))
+                for name, parts in calls.items()}
+
+    def correctness(self, state_dict: StateDict, sets: list[str] | None = None
+                    ) -> dict[str, np.ndarray]:
+        sets = self.set_names if sets is None else sets
+        if self.cache is None:
+            return self._judge(state_dict, sets)
+        return self.cache.correctness(state_dict, self.set_keys, sets,
+                                      lambda missing: self._judge(state_dict, missing))
+
+    def accuracy(self, state_dict: StateDict, set_name: str = VAL) -> float:
+        return float(self.correctness(state_dict, [set_name])[set_name].mean())

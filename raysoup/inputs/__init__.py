@@ -1,0 +1,2 @@
+"""The input side: the pool of ingredient checkpoints, the model they are instances of, the
+evaluation sets (task pool) and where all of them are stored."""
