@@ -63,8 +63,7 @@ def main() -> None:
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     spec = EvaluatorSpec(count=args.cpus, mode="sharded", cpus=1.0)
     actors = start_evaluators(pool.spec, {VAL: val_file}, components, spec)
-    search = TuneSearch(actors, spec, 1, Path("/tmp/raysoup-bench-overhead") / str(time.time()),
-                        log=lambda _: None)
+    search = TuneSearch(actors, spec, 1, Path("/tmp/raysoup-bench-overhead") / str(time.time()))
     search.set_models([a, c], lerp_mixer)
     search.accuracy(start)  # evaluators fetch the models once per step, as in a run
     t0 = time.perf_counter()

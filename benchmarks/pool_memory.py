@@ -124,7 +124,7 @@ def measure(pool_dir: Path, evals_per_component: int) -> dict:
     greedy = phases.run("greedy_soup", lambda: METHODS["greedy_soup"](ctx))
     config = ManifoldMixConfig(evals_per_component=evals_per_component)
     components = partition(list(pool.load(pool.names[0])), config.components)
-    ctx.components, ctx.search, ctx.log = components, LocalSearch(judge, components), print
+    ctx.components, ctx.search = components, LocalSearch(judge, components)
     mixed = phases.run("manifold_mix", lambda: METHODS["manifold_mix"](ctx, config))
     return {**phases.row, "peak_rss_mib": peak_rss_mib(), "evaluations": judge.evaluations,
             "uniform_val": judge(uniform.state_dict), "greedy_kept": len(greedy.ingredients),

@@ -59,8 +59,7 @@ def parallel(k: int, eval_s: float, trials: int) -> float:
     actors = [SyntheticEvaluator.remote(ROWS, eval_s) for _ in range(k)]
     ray.get([a.ready.remote() for a in actors])
     spec = EvaluatorSpec(count=k, mode="whole", cpus=0.01, gpus=1.0)
-    search = TuneSearch(actors, spec, k, Path("/tmp/raysoup-bench-scaling") / str(time.time()),
-                        log=lambda _: None)
+    search = TuneSearch(actors, spec, k, Path("/tmp/raysoup-bench-scaling") / str(time.time()))
     search.refs = []
     t0 = time.perf_counter()
     result = search.optimise(np.full(3, 0.5), 0.25, 0.75, trials, 0, "TwoPointsDE")

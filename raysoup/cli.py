@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .console import console_logging
 from .errors import RaysoupError
 
 
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console_logging()
     try:
         args.func(args)
     except RaysoupError as e:

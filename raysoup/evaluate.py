@@ -177,10 +177,10 @@ def accuracy_row(correctness: Mapping[str, np.ndarray]) -> dict:
 
 
 def load_eval_sets(sources: Mapping[str, EvalSetSource | str | Path], num_classes: int,
-                   log=None) -> list[EvalSet]:
+                   ) -> list[EvalSet]:
     sets = []
     for name, source in sources.items():
-        s = read_eval_set(source, num_classes, log)
+        s = read_eval_set(source, num_classes)
         s.name = name
         if isinstance(source, EvalSetSource):
             s.sha256 = source.sha256

@@ -12,6 +12,7 @@ and ood only report).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from .inputs.pool import (IngredientPool, check_state_dict, load_pretrained, rea
 from .inputs.tasks import dataset_records, eval_set_sources
 from .mixing import from_numpy
 from .report import format_table, write_report
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -144,7 +147,7 @@ def write_manifold_mix(out: Path, row: dict, fused: dict) -> None:
 
 
 def execute(config: RunConfig, resume: bool = False, address: str | None = None,
-            log=print, extra: dict | None = None) -> dict:
+            extra: dict | None = None) -> dict:
     """The run: every method of `config.methods` on one shared ranking, every forward pass
     on the evaluator actors; the report into config.out. With `resume`, manifold_mix
     continues from its last checkpointed step; the other methods, which checkpoint
@@ -154,7 +157,7 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
     out.mkdir(parents=True, exist_ok=True)
     connect(address)
     evaluators = evaluator_spec(config)
-    log(f"[run] {evaluators.count} evaluator(s), {evaluators.mode} evaluation, "
+    logger.info(f"[run] {evaluators.count} evaluator(s), {evaluators.mode} evaluation, "
         f"{len(prepared.components)} components, methods {', '.join(config.methods)}")
     actors = start_evaluators(prepared.pool.spec, prepared.eval_sources, prepared.components,
                               evaluators, config.resources.start_timeout_s)
@@ -185,8 +188,8 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
                          "pool": str(config.pool.zoo), "manifold_mix": config.method.to_dict(),
                          "evaluators": evaluators.count, "evaluation": evaluators.mode}}
     write_report(out, report, result["correctness"])
-    log(format_table(report["methods"], report["references"]))
+    logger.info(format_table(report["methods"], report["references"]))
     written = ["report.json", "results.parquet", "correctness.parquet", "scatter.png",
                "beta.parquet", "beta.png", "history.json", "fused.safetensors"]
-    log(f"[run] wrote {out}: " + ", ".join(f for f in written if (out / f).exists()))
+    logger.info(f"[run] wrote {out}: " + ", ".join(f for f in written if (out / f).exists()))
     return report

@@ -31,7 +31,7 @@ def _threads():
 
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory):
-    return build_zoo(tmp_path_factory.mktemp("zoo"), TINY_ZOO, log=lambda *_: None)
+    return build_zoo(tmp_path_factory.mktemp("zoo"), TINY_ZOO)
 
 
 @pytest.fixture(scope="session")

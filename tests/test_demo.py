@@ -59,7 +59,7 @@ def test_demo_writes_report_parquet_and_scatter(tiny_zoo, tmp_path, capsys):
 
 
 def test_zoo_build_is_deterministic(tiny_zoo, tmp_path):
-    again = build_zoo(tmp_path / "again", TINY_ZOO, log=lambda *_: None)
+    again = build_zoo(tmp_path / "again", TINY_ZOO)
     first = json.loads((tiny_zoo / "manifest.json").read_text())
     second = json.loads((again / "manifest.json").read_text())
     assert [i["sha256"] for i in first["ingredients"]] == [i["sha256"] for i in

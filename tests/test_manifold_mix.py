@@ -39,8 +39,7 @@ def closeness_judge(target):
 
 
 def run(pool, components, judge, ranking=None, **config):
-    rest = dict(components=components, search=LocalSearch(judge, components),
-                log=lambda _: None)
+    rest = dict(components=components, search=LocalSearch(judge, components))
     ctx = SoupContext.rank(pool, judge, **rest) if ranking is None else \
         SoupContext(pool, judge, ranking, **rest)
     return METHODS["manifold_mix"](ctx, ManifoldMixConfig(**config))

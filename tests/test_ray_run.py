@@ -42,7 +42,7 @@ def local_ray():
 def uninterrupted(soup_zoo, tmp_path_factory):
     config = load_config(write_config(tmp_path_factory.mktemp("runA") / "run.toml",
                                       soup_zoo, "out"))
-    report = execute(config, log=lambda _: None)
+    report = execute(config)
     return config, report
 
 
@@ -76,7 +76,7 @@ def test_tune_path_makes_the_same_decisions_as_the_plain_loop(uninterrupted):
     components = partition(list(pool.load(pool.names[0])), config.method.components)
     ranking = [tuple(r) for r in report["ranking"]]
     local = METHODS["manifold_mix"](SoupContext(pool, judge, ranking, components,
-                                                LocalSearch(judge, components), lambda _: None),
+                                                LocalSearch(judge, components)),
                                     config.method)
     tuned = report["methods"]["manifold_mix"]
     assert local.ingredients == tuned["ingredients"]
@@ -100,7 +100,7 @@ def test_resume_after_killing_the_run_gives_the_identical_result(uninterrupted, 
     proc.wait()
     assert state.exists(), "the run never checkpointed a step"
     assert not (tmp_path / "out" / "report.json").exists()
-    report_b = execute(load_config(path), resume=True, log=lambda _: None)
+    report_b = execute(load_config(path), resume=True)
     a, b = report_a["methods"]["manifold_mix"], report_b["methods"]["manifold_mix"]
     assert a["ingredients"] == b["ingredients"] and a["history"] == b["history"]
     fused_a = load_file(config_a.out / "fused.safetensors")
@@ -127,8 +127,8 @@ def test_a_run_with_baselines_resumes_manifold_mix_from_its_checkpoint(soup_zoo,
                                                next_candidate=len(ranking)),
                config.fingerprint(), ranking)
     with pytest.raises(RaysoupError, match="unfinished run; continue it with --resume"):
-        execute(config, log=lambda _: None)
-    report = execute(config, resume=True, log=lambda _: None)
+        execute(config)
+    report = execute(config, resume=True)
     mix = report["methods"]["manifold_mix"]
     assert mix["ingredients"] == [best] and mix["history"] == []
     assert report["methods"]["greedy_soup"]["evaluations"] >= len(pool)
@@ -152,7 +152,7 @@ def tune_search(pair, tiny_zoo, tmp_path):
         spec = EvaluatorSpec(count=count, mode=mode, cpus=0.25, gpus=gpus, timeout_s=120)
         actors = start_evaluators(pool.spec, eval_set_sources(tiny_zoo), components, spec)
         started.extend(actors)
-        return TuneSearch(actors, spec, num_workers, tmp_path / "tune", log=lambda _: None)
+        return TuneSearch(actors, spec, num_workers, tmp_path / "tune")
 
     yield make
     for actor in started:

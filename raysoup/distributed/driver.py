@@ -4,6 +4,7 @@ the evaluator pool."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from contextlib import contextmanager, nullcontext
@@ -13,6 +14,7 @@ import numpy as np
 import ray
 
 from ..checkpoint import load_state, save_state
+from ..console import console_logging
 from ..errors import RaysoupError
 from ..evaluate import JudgementCache, accuracy_row, ood_sets
 from ..inputs.pool import load_pretrained
@@ -27,6 +29,8 @@ from .tune_search import TuneSearch
 if TYPE_CHECKING:
     from ..run import Prepared
 
+logger = logging.getLogger(__name__)
+
 
 def judgement_cache() -> JudgementCache:
     return JudgementCache(cache_dir() / "judgements")
@@ -36,9 +40,8 @@ class Judged:
     """Every model judged on every evaluation set, with its per-image correctness kept for
     the paired comparisons of the report."""
 
-    def __init__(self, judge: EvaluatorPool, log=print):
+    def __init__(self, judge: EvaluatorPool):
         self.judge = judge
-        self.log = log
         self.correctness: dict[str, dict[str, np.ndarray]] = {}
 
     def add(self, name: str, state_dict) -> dict:
@@ -46,7 +49,7 @@ class Judged:
         self.correctness[name] = self.judge.correctness(state_dict)
         row = accuracy_row(self.correctness[name])
         images = sum(len(c) for c in self.correctness[name].values())
-        self.log(f"[report] {name}: judged on {len(self.correctness[name])} sets "
+        logger.info(f"[report] {name}: judged on {len(self.correctness[name])} sets "
                  f"({images} images, {time.perf_counter() - t0:.1f} s), val "
                  f"{100 * row['val']:.2f}")
         return row
@@ -67,18 +70,14 @@ class SoupDriver:
     written after every candidate."""
 
     def __init__(self, prepared: Prepared, evaluators: EvaluatorSpec, actors: list):
+        console_logging()  # this actor's lines reach the driver's console through Ray
         self.prepared = prepared
         config = prepared.config
         self.judge = EvaluatorPool(actors, evaluators, prepared.pool.spec,
                                    prepared.eval_sources, judgement_cache())
         self.search = TuneSearch(actors, evaluators, config.method.num_workers,
-                                 config.out / "tune", config.resources.max_failures,
-                                 log=self.log)
+                                 config.out / "tune", config.resources.max_failures)
         self.state_dir = config.out / "driver"
-
-    @staticmethod
-    def log(line: str) -> None:
-        print(line, flush=True)
 
     def _ranking(self, judge: ValidationJudge) -> tuple[list, float, MixState | None]:
         """The ranking on val (from ManifoldMix's checkpoint when resuming) and its cost."""
@@ -87,7 +86,7 @@ class SoupDriver:
             if "manifold_mix" in config.methods else None
         if saved is not None:
             state, ranking = saved
-            self.log(f"[driver] resuming after step {state.next_candidate - 1}: "
+            logger.info(f"[driver] resuming after step {state.next_candidate - 1}: "
                      f"{len(state.accepted)} ingredient(s), val {100 * state.accuracy:.2f}")
             return [tuple(r) for r in ranking], 0.0, state
         t0 = time.perf_counter()
@@ -98,10 +97,10 @@ class SoupDriver:
         config, pool = self.prepared.config, self.prepared.pool
         judge = ValidationJudge(self.judge.accuracy)
         ranking, ranking_s, state = self._ranking(judge)
-        self.log("[driver] ranking on val: " + ", ".join(f"{n} {100 * a:.2f}"
+        logger.info("[driver] ranking on val: " + ", ".join(f"{n} {100 * a:.2f}"
                                                          for n, a in ranking))
-        ctx = SoupContext(pool, judge, ranking, self.prepared.components, self.search, self.log)
-        judged = Judged(self.judge, self.log)
+        ctx = SoupContext(pool, judge, ranking, self.prepared.components, self.search)
+        judged = Judged(self.judge)
         if config.report_ingredients:
             ingredients = {n: {**judged.add(n, pool.load(n)), "ingredients": [n]}
                            for n in pool.names}
@@ -125,7 +124,7 @@ class SoupDriver:
                           "evaluations": result.evaluations + (len(pool) if result.ranked
                                                                else 0),
                           "ranked": result.ranked, "wall_s": round(wall, 2), **details}
-            self.log(f"[driver] {name}: val {100 * rows[name]['val']:.2f}, "
+            logger.info(f"[driver] {name}: val {100 * rows[name]['val']:.2f}, "
                      f"{len(result.ingredients)} ingredient(s)")
         # Every method against the best ingredient and greedy soup, paired on the same images.
         best = ranking[0][0]

@@ -19,6 +19,8 @@ from ..search import Mixer, PassResult, best_index, chosen_name, make_optimizer
 from .evaluators import EvaluatorSpec
 from .workers import METRIC, evaluate_point, mixing_trial
 
+logger = logging.getLogger(__name__)
+
 
 def quiet_tune() -> None:
     """Before the first Tune run: Tune's per-trial loggers (CSV, JSON, TensorBoard) cost
@@ -79,14 +81,13 @@ class TuneSearch:
     """The Search of raysoup.search on Ray: one Tune run per optimiser pass."""
 
     def __init__(self, actors: list, evaluators: EvaluatorSpec, num_workers: int,
-                 storage_path: Path, max_failures: int = 2, log=print):
+                 storage_path: Path, max_failures: int = 2):
         self.actors = actors
         self.evaluators = evaluators
         self.num_workers = num_workers
         self.storage_path = Path(storage_path).resolve()
         self.storage_path.mkdir(parents=True, exist_ok=True)
         self.max_failures = max_failures
-        self.log = log
         quiet_tune()
         self.refs: list[ray.ObjectRef] = []  # the resident models, then the mixer
         # Continue numbering after earlier (or pre-resume) passes: names never collide.
@@ -123,7 +124,7 @@ class TuneSearch:
                 callbacks=[retries]))
         results = tuner.fit()
         if retries.retried:
-            self.log(f"[tune] pass {self.passes}: {retries.retried} retry(ies) of failed "
+            logger.info(f"[tune] pass {self.passes}: {retries.retried} retry(ies) of failed "
                      f"trials")
         if searcher.penalized and searcher.penalized == len(searcher.told):
             # Nothing was measured: a result built on penalties alone would be meaningless.
@@ -132,7 +133,7 @@ class TuneSearch:
                                f"({searcher.penalized} trial(s), max_failures = "
                                f"{self.max_failures}); last line of the first error: {first}")
         if searcher.penalized:
-            self.log(f"[tune] pass {self.passes}: {searcher.penalized} trial(s) failed after "
+            logger.info(f"[tune] pass {self.passes}: {searcher.penalized} trial(s) failed after "
                      f"retries and were scored {PENALTY}")
         accuracies = [float(acc) for _, acc in searcher.told]
         best = best_index(accuracies)

@@ -7,6 +7,7 @@ ever decodes or re-augments an image.
 
 from __future__ import annotations
 
+import logging
 import gzip
 import hashlib
 import json
@@ -24,6 +25,8 @@ from scipy import ndimage
 
 from . import storage
 from ..errors import RaysoupError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = {
@@ -203,10 +206,10 @@ def write_eval_set(eval_set: EvalSet, path: Path) -> None:
 
 
 def read_eval_set(source: EvalSetSource | str | Path, num_classes: int | None = None,
-                  log=None) -> EvalSet:
+                  ) -> EvalSet:
     """An Arrow file or a prepared folder of shards, from a local path or a URI.
 
-    With a class map, rows whose label has no model class are left out (counted in `log`).
+    With a class map, rows whose label has no model class are left out (counted in the log).
     """
     source = source if isinstance(source, EvalSetSource) else EvalSetSource(str(source))
     name, parts = _open_parts(source.location)
@@ -215,8 +218,8 @@ def read_eval_set(source: EvalSetSource | str | Path, num_classes: int | None = 
     images = np.concatenate([p.images for p in parts]) if len(parts) > 1 else parts[0].images
     if keep is None:
         return EvalSet(name, images, labels)
-    if log is not None and not keep.all():
-        log(f"[data] {name}: {int((~keep).sum())} of {len(keep)} images have classes "
+    if not keep.all():
+        logger.info(f"[data] {name}: {int((~keep).sum())} of {len(keep)} images have classes "
             f"without a model counterpart; left out")
     return EvalSet(name, images[keep], labels[keep], source.class_map)
 

@@ -31,7 +31,6 @@ class SoupContext:
     ranking: list[tuple[str, float]]  # (ingredient, val accuracy), best first
     components: Components | None = None  # the weights' partition, for per-component mixing
     search: Search | None = None          # evaluates and optimises mixing points
-    log: Callable[[str], None] = print
 
     @classmethod
     def rank(cls, pool: IngredientPool, judge: ValidationJudge, **rest) -> "SoupContext":

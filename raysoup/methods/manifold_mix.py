@@ -21,6 +21,7 @@ Phase 2 (optional): scale beta by mu in [0.7, 1.4] per cell, renormalise per com
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -31,6 +32,8 @@ from ..errors import RaysoupError
 from ..mixing import StateDict, lambdas_to_betas, mix, weighted_sum
 from ..search import ScaledBetaMixer, Search, check_optimizer, lerp_mixer
 from .base import MethodResult, SoupContext, register
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -143,8 +146,7 @@ def try_candidate(state: MixState, name: str, candidate: StateDict, search: Sear
 
 def phase1(ranking: list[tuple[str, float]], load: Callable[[str], StateDict],
            components: Components, search: Search, config: ManifoldMixConfig,
-           state: MixState | None = None, on_step: Callable[[MixState], None] | None = None,
-           log: Callable[[str], None] = print) -> MixState:
+           state: MixState | None = None, on_step: Callable[[MixState], None] | None = None) -> MixState:
     if state is None:
         best, accuracy = ranking[0]
         state = MixState(load(best), [best], accuracy)
@@ -157,7 +159,7 @@ def phase1(ranking: list[tuple[str, float]], load: Callable[[str], StateDict],
             state.lambda_rows.append(step["lambdas"])
         state.history.append(step)
         state.next_candidate = position + 1
-        log(progress_line(position, len(ranking), step, state))
+        logger.info(progress_line(position, len(ranking), step, state))
         if on_step is not None:
             on_step(state)
     return state
@@ -180,8 +182,7 @@ def betas_of(state: MixState, m: int) -> np.ndarray:
 
 
 def phase2(state: MixState, betas: np.ndarray, load: Callable[[str], StateDict],
-           components: Components, search: Search, config: ManifoldMixConfig,
-           log: Callable[[str], None] = print) -> tuple[np.ndarray, dict]:
+           components: Components, search: Search, config: ManifoldMixConfig) -> tuple[np.ndarray, dict]:
     """Refine beta by per-cell scales mu; keeps every accepted ingredient resident."""
     models = [load(n) for n in state.accepted]
     mixer = ScaledBetaMixer(betas)
@@ -189,7 +190,7 @@ def phase2(state: MixState, betas: np.ndarray, load: Callable[[str], StateDict],
     budget = betas.size * config.phase2_evals_per_weight
     result = run_pass(search, config, np.ones(betas.size), *config.mu_bounds, budget)
     improved = result["accuracy"] >= state.accuracy
-    log(f"[manifold_mix] phase 2: {100 * result['accuracy']:.2f} vs {100 * state.accuracy:.2f} "
+    logger.info(f"[manifold_mix] phase 2: {100 * result['accuracy']:.2f} vs {100 * state.accuracy:.2f} "
         f"-> {'kept' if improved else 'discarded'}")
     if improved:
         betas, state.accuracy = mixer.weights(np.array(result["x"])), result["accuracy"]
@@ -212,15 +213,15 @@ def manifold_mix(ctx: SoupContext, config: ManifoldMixConfig = ManifoldMixConfig
                  on_step: Callable[[MixState], None] | None = None) -> MethodResult:
     """`ctx` carries the components and the search; `state` and `on_step` resume from and
     write step checkpoints."""
-    components, search, log = ctx.components, ctx.search, ctx.log
+    components, search = ctx.components, ctx.search
     if components is None or search is None:
         raise RaysoupError("manifold_mix needs the context's components and search")
-    state = phase1(ctx.ranking, ctx.pool.load, components, search, config, state, on_step, log)
+    state = phase1(ctx.ranking, ctx.pool.load, components, search, config, state, on_step)
     betas = betas_of(state, len(components))
     fused, evaluations, phase2_record = state.accumulator, state.evaluations, None
     if config.phase2 and len(state.accepted) > 1:
         betas, phase2_record = phase2(state, betas, ctx.pool.load, components, search,
-                                      config, log)
+                                      config)
         evaluations += phase2_record["evaluations"]
         if phase2_record["kept"]:
             fused = weighted_sum(lambda j: ctx.pool.load(state.accepted[j]), betas, components)

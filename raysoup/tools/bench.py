@@ -11,6 +11,7 @@ drawn from the table (raysoup.tools.bench_plots).
 
 from __future__ import annotations
 
+import logging
 import json
 import shutil
 from dataclasses import dataclass, replace
@@ -26,6 +27,8 @@ from ..errors import RaysoupError
 from ..methods.manifold_mix import ManifoldMixConfig
 from ..report import append_rows, machine
 from ..search import check_optimizer
+
+logger = logging.getLogger(__name__)
 
 REFERENCE_METHODS = ("uniform_soup", "greedy_soup")
 
@@ -122,7 +125,7 @@ def run_cell(cell: dict, zoo: str, out: Path) -> tuple[dict, dict]:
         num_workers=cell["parallel"], seed=cell["seed"], components=cell["components"],
         drop_unused=cell["drop_unused"])
     report = execute(RunConfig(PoolConfig(zoo), cell_dir, method, ResourcesConfig(),
-                               methods=(name,)), log=lambda _: None)
+                               methods=(name,)))
     r = report["methods"][name]
     row = {**cell, "val": r["val"], "id": r["id"], "ood_avg": r["ood_avg"],
            "ood": json.dumps(r["ood"]), "wall_s": r["wall_s"], "accepted": len(r["ingredients"]),
@@ -139,7 +142,7 @@ def run_cell(cell: dict, zoo: str, out: Path) -> tuple[dict, dict]:
 
 
 def run_bench(zoo: Path | str, out: Path, grid: BenchGrid, address: str | None = None,
-              log=print) -> Path:
+              ) -> Path:
     """Run every cell not yet in OUT/bench.parquet; returns the table's path."""
     from ..distributed.driver import connect
     out = Path(out)
@@ -156,7 +159,7 @@ def run_bench(zoo: Path | str, out: Path, grid: BenchGrid, address: str | None =
     about = {**machine(), "zoo": str(zoo)}
     todo = [c for c in [{"kind": "reference", "cell": f"reference/{m}", "optimizer": m}
                         for m in REFERENCE_METHODS] + grid.cells() if c["cell"] not in done]
-    log(f"[bench] {len(done)} cell(s) already in {table_path}, {len(todo)} to run")
+    logger.info(f"[bench] {len(done)} cell(s) already in {table_path}, {len(todo)} to run")
     if todo:
         connect(address, log_to_driver=False)
     for cell in tqdm(todo, desc="bench", unit="cell"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 from datetime import datetime
@@ -13,6 +14,8 @@ from ..errors import RaysoupError
 from ..methods.manifold_mix import ManifoldMixConfig
 from ..run import execute
 from .zoo import QUICK_ZOO, SHIPPED_ZOO, ZooConfig, build_zoo, install_shipped_zoo
+
+logger = logging.getLogger(__name__)
 
 DEMO_METHODS = ("best_individual", "uniform_soup", "greedy_soup", "manifold_mix")
 # The demo's reduced ManifoldMix budget (the reference spends 30 per component per pass).
@@ -40,28 +43,28 @@ def shipped_zoo_dir() -> Path:
     return cache_dir() / f"testbed-{digest[:12]}"
 
 
-def demo_zoo(quick: bool = False, zoo_dir: Path | None = None, log=print) -> Path:
+def demo_zoo(quick: bool = False, zoo_dir: Path | None = None) -> Path:
     """The demo's zoo: the shipped default zoo (installed into the cache on first use), or
     the quick one, built on first use and cached."""
     if zoo_dir is None and not quick:
         zoo_dir = shipped_zoo_dir()
         if not (zoo_dir / "manifest.json").is_file():
-            log(f"[zoo] installing the shipped zoo in {zoo_dir}")
-        return install_shipped_zoo(zoo_dir, log=log)
+            logger.info(f"[zoo] installing the shipped zoo in {zoo_dir}")
+        return install_shipped_zoo(zoo_dir)
     zoo_dir = Path(zoo_dir) if zoo_dir else default_zoo_dir(QUICK_ZOO)
     if (zoo_dir / "manifest.json").is_file():
-        log(f"[zoo] using {zoo_dir}")
+        logger.info(f"[zoo] using {zoo_dir}")
     else:
-        log(f"[zoo] building in {zoo_dir} (cached for later runs)")
-        build_zoo(zoo_dir, QUICK_ZOO, log=log)
+        logger.info(f"[zoo] building in {zoo_dir} (cached for later runs)")
+        build_zoo(zoo_dir, QUICK_ZOO)
     return zoo_dir
 
 
 def run_demo(out: Path | None = None, quick: bool = False, zoo_dir: Path | None = None,
-             verify_sha256: bool = True, log=print) -> dict:
-    zoo_dir = demo_zoo(quick, zoo_dir, log)
+             verify_sha256: bool = True) -> dict:
+    zoo_dir = demo_zoo(quick, zoo_dir)
     budget = QUICK_EVALS_PER_COMPONENT if quick else DEMO_EVALS_PER_COMPONENT
     config = RunConfig(PoolConfig(str(zoo_dir), verify_sha256), fresh_run_dir(out),
                        ManifoldMixConfig(evals_per_component=budget), methods=DEMO_METHODS,
                        report_ingredients=True)
-    return execute(config, log=log, extra={"quick": quick})
+    return execute(config, extra={"quick": quick})

@@ -18,6 +18,7 @@ redoes only the shards without their .json, so an interrupted run resumes where 
 
 from __future__ import annotations
 
+import logging
 import json
 import os
 from collections import defaultdict
@@ -38,6 +39,8 @@ from ..inputs.data import DataError, EvalSet, write_eval_set
 from ..errors import RaysoupError
 from ..inputs.model import preprocess_config
 from ..inputs.pool import write_json
+
+logger = logging.getLogger(__name__)
 
 FORMAT = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -74,7 +77,7 @@ def prepare_dataset(src: str | Path, out: str | Path, *, arch: str | None = None
                     image_size: int | None = None,
                     classes: Sequence[str] | str | Path | None = None,
                     val_fraction: float | None = None, seed: int = 0, workers: int | None = None,
-                    shard_size: int = 1000, strict: bool = False, log=print) -> dict:
+                    shard_size: int = 1000, strict: bool = False) -> dict:
     """Prepare `src` into `out` (see the module docstring); returns the dataset.json dict."""
     src, out = Path(src), Path(out)
     workers = (os.cpu_count() or 1) if workers is None else workers
@@ -85,14 +88,14 @@ def prepare_dataset(src: str | Path, out: str | Path, *, arch: str | None = None
         raise DataError(f"--out {out} is inside the image folder {src}: pick one outside it")
     class_list = _read_classes(classes) if classes is not None else None
     names, items = _collect(src, class_list)
-    log(f"[prepare] {len(items)} images of {len(names)} classes in {src}")
+    logger.info(f"[prepare] {len(items)} images of {len(names)} classes in {src}")
     split = split_settings = None
     if val_fraction is not None:
         val, train = split_per_class(items, val_fraction, seed)
         split_settings = {"seed": seed, "fraction": val_fraction}
         split = {**split_settings,
                  "val": [it.path for it in val], "train": [it.path for it in train]}
-        log(f"[prepare] validation split (seed {seed}): {len(val)} of {len(items)} images, "
+        logger.info(f"[prepare] validation split (seed {seed}): {len(val)} of {len(items)} images, "
             f"{val_fraction:g} of each class; only these are written")
         items = val
 
@@ -103,7 +106,7 @@ def prepare_dataset(src: str | Path, out: str | Path, *, arch: str | None = None
     tasks = [ShardTask(out.resolve().name, items[start:start + shard_size], transform,
                        *_shard_files(out, i), strict)
              for i, start in enumerate(range(0, len(items), shard_size))]
-    results = _run(tasks, workers, log)
+    results = _run(tasks, workers)
 
     skipped = [s for r in results for s in r["skipped"]]
     rows = sum(r["rows"] for r in results)
@@ -111,21 +114,21 @@ def prepare_dataset(src: str | Path, out: str | Path, *, arch: str | None = None
         raise DataError(f"none of the {len(items)} images in {src} could be read "
                         f"(first: {skipped[0]['path']}: {skipped[0]['error']})")
     if skipped:
-        _warn_skipped(skipped, log)
+        _warn_skipped(skipped)
     info = {"format": FORMAT, "name": out.resolve().name, "source": str(src), "classes": names,
             "image_size": list(_height_width(cfg["size"])), "preprocess": cfg, "rows": rows,
             # a shard whose every image was skipped has no file (an empty set is unreadable)
             "shards": [t.arrow.name for t, r in zip(tasks, results) if r["rows"]],
             "skipped": skipped, "split": split}
     write_json(out / "dataset.json", info)
-    log(f"[prepare] {rows} images in {len(info['shards'])} shards: {out}")
+    logger.info(f"[prepare] {rows} images in {len(info['shards'])} shards: {out}")
     return info
 
 
-def _warn_skipped(skipped: list[dict], log) -> None:
+def _warn_skipped(skipped: list[dict]) -> None:
     shown = ", ".join(s["path"] for s in skipped[:SHOW_SKIPPED])
     more = ", ..." if len(skipped) > SHOW_SKIPPED else ""
-    log(f"[prepare] warning: skipped {len(skipped)} unreadable image(s): {shown}{more} "
+    logger.info(f"[prepare] warning: skipped {len(skipped)} unreadable image(s): {shown}{more} "
         f"(all listed in dataset.json)")
 
 
@@ -332,13 +335,13 @@ def _claim(out: Path, plan: dict) -> None:
     write_json(plan_file, plan, indent=None)  # compact: it lists every image
 
 
-def _run(tasks: list[ShardTask], workers: int, log) -> list[dict]:
+def _run(tasks: list[ShardTask], workers: int) -> list[dict]:
     """Each shard's {"rows", "skipped"}, from its .json when done before, else by preparing
     it (in `workers` processes)."""
     results = [_finished(t) for t in tasks]
     todo = [i for i, r in enumerate(results) if r is None]
     if len(todo) < len(tasks):
-        log(f"[prepare] resuming: {len(tasks) - len(todo)} of {len(tasks)} shards already done")
+        logger.info(f"[prepare] resuming: {len(tasks) - len(todo)} of {len(tasks)} shards already done")
     if not todo:
         return results
     bar = tqdm(total=sum(len(tasks[i].items) for i in todo), desc="[prepare]", unit="img")

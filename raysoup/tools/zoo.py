@@ -8,6 +8,7 @@ of all training; the official test set and its shifted copies only report.
 
 from __future__ import annotations
 
+import logging
 import json
 import math
 import shutil
@@ -26,6 +27,8 @@ from ..inputs import data
 from ..evaluate import Evaluator, VAL
 from ..inputs.model import ModelSpec, build_classifier
 from ..inputs.pool import file_sha256, load_state_dict, save_state_dict, write_json
+
+logger = logging.getLogger(__name__)
 
 ZOO_FORMAT = 1
 # The default zoo (seed 0), shipped: its weights and manifest, without the evaluation sets
@@ -52,10 +55,14 @@ class ZooConfig:
     # Fine-tuning hyperparameters are drawn per ingredient from these ranges (see README,
     # "The testbed"). From a strong pretrained model, every fine-tune is trained close to
     # convergence (cosine decay to zero) with nearly the same learning rate and length, so
-    # none dominates on val and all stay in one basin; diversity comes from data order,
-    # label smoothing, weight decay and light augmentation. Mixup (alpha drawn from
-    # `finetune_mixup`, for half the fine-tunes) is off: it cost 0.5-1 point of val here.
-    finetune_epochs: tuple[float, float] = (1.4, 1.6)
+    # none dominates on val and all stay in one basin. Each sees its own random part of the
+    # training split (`finetune_data_fraction`), as in lo-fi (Wortsman et al. 2022), so the
+    # fine-tunes differ in what they learned, and their average knows more than any one;
+    # label smoothing, weight decay, light augmentation and data order add to that.
+    # Mixup (alpha drawn from `finetune_mixup`, for half the fine-tunes) is off by default:
+    # it cost 0.5-1 point of val here.
+    finetune_data_fraction: float = 0.5
+    finetune_epochs: tuple[float, float] = (1.8, 2.2)   # over the fine-tune's part
     finetune_lr: tuple[float, float] = (2.8e-4, 3.2e-4)  # log-uniform
     finetune_weight_decay: tuple[float, float] = (0.0, 0.1)
     finetune_label_smoothing: tuple[float, float] = (0.0, 0.1)
@@ -167,7 +174,7 @@ def _cached(path: Path, sidecar: Path, hyperparameters: dict) -> dict | None:
     return None
 
 
-def build_zoo(out: Path, config: ZooConfig, log=print) -> Path:
+def build_zoo(out: Path, config: ZooConfig) -> Path:
     """Build (or finish building) a zoo in `out`; deterministic for a config and seed."""
     out = Path(out)
     manifest_path = out / "manifest.json"
@@ -198,13 +205,17 @@ def build_zoo(out: Path, config: ZooConfig, log=print) -> Path:
         path, sidecar = out / name, out / (name + ".json")
         cached = _cached(path, sidecar, hp)
         if cached:
-            log(f"[zoo] {desc}: cached (val {cached['val_acc']:.4f})")
+            logger.info(f"[zoo] {desc}: cached (val {cached['val_acc']:.4f})")
             return cached
         torch.manual_seed(hp["seed"])  # the initial weights too (pretraining starts from them)
         model = build_classifier(config.model)
-        if base is not None:
+        rows = slice(None)
+        if base is not None:  # a fine-tune: its own part of the training split
             model.load_state_dict(load_state_dict(base))
-        train(model, train_x, train_y, epochs=hp["epochs"], lr=hp["lr"],
+            rows = np.sort(np.random.default_rng(hp["seed"]).choice(
+                len(train_y), int(round(config.finetune_data_fraction * len(train_y))),
+                replace=False))
+        train(model, train_x[rows], train_y[rows], epochs=hp["epochs"], lr=hp["lr"],
               weight_decay=hp["weight_decay"], label_smoothing=hp["label_smoothing"],
               batch_size=config.batch_size, transform=transform, seed=hp["seed"], desc=desc,
               mixup=hp.get("mixup", 0.0))
@@ -213,7 +224,7 @@ def build_zoo(out: Path, config: ZooConfig, log=print) -> Path:
         info = {"file": name, "hyperparameters": hp, "val_acc": evaluator.accuracy(sd, VAL),
                 "sha256": file_sha256(path)}
         write_json(sidecar, info)
-        log(f"[zoo] {desc}: val {info['val_acc']:.4f} ({time.time() - t0:.0f}s)")
+        logger.info(f"[zoo] {desc}: val {info['val_acc']:.4f} ({time.time() - t0:.0f}s)")
         return info
 
     pre_hp = {"lr": config.pretrain_lr, "weight_decay": 0.05, "label_smoothing": 0.0,
@@ -247,7 +258,7 @@ def write_eval_sets(out: Path, config: ZooConfig, arrays: dict[str, np.ndarray])
     return eval_files
 
 
-def install_shipped_zoo(out: Path, shipped: Path = SHIPPED_ZOO, log=print) -> Path:
+def install_shipped_zoo(out: Path, shipped: Path = SHIPPED_ZOO) -> Path:
     """The shipped default zoo in `out`: its weights copied, its evaluation sets made from
     Fashion-MNIST and checked against the sha256 the shipped manifest records (the weights
     are checked by every run). The same files on every machine."""
@@ -258,7 +269,7 @@ def install_shipped_zoo(out: Path, shipped: Path = SHIPPED_ZOO, log=print) -> Pa
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(shipped, tmp, ignore=shutil.ignore_patterns("*.tmp", "__pycache__"))
-    log(f"[zoo] making the evaluation sets from Fashion-MNIST ({data.data_dir()})")
+    logger.info(f"[zoo] making the evaluation sets from Fashion-MNIST ({data.data_dir()})")
     made = write_eval_sets(tmp, ZooConfig.from_dict(manifest["config"]),
                            data.load_fashion_mnist())
     for name, entry in manifest["eval_sets"].items():
