@@ -24,7 +24,8 @@ from pathlib import Path
 from common import RESULTS, append_result, machine
 
 from raysoup.config import PoolConfig, RunConfig
-from raysoup.tools.demo import DEMO_EVALS_PER_COMPONENT, DEMO_METHODS
+from raysoup.console import console_logging
+from raysoup.tools.demo import DEMO_EVALS_PER_COMPONENT, DEMO_METHODS, DEMO_RESOURCES
 from raysoup.methods.manifold_mix import ManifoldMixConfig
 from raysoup.run import execute
 from raysoup.stats import OOD_AVG, format_difference
@@ -61,7 +62,7 @@ def calibrate(seed: int, work: Path, label: str, first_zoo: Path | None) -> Path
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     report = execute(RunConfig(PoolConfig(str(zoo)), out, ManifoldMixConfig(
-        evals_per_component=DEMO_EVALS_PER_COMPONENT), methods=DEMO_METHODS))
+        evals_per_component=DEMO_EVALS_PER_COMPONENT), DEMO_RESOURCES, methods=DEMO_METHODS))
     methods = report["methods"]
     row = {"label": label, "seed": seed, "recipe": json.dumps(config.to_dict()),
            "build_s": round(build_s, 1), "run_s": round(time.perf_counter() - t0, 1),
@@ -104,6 +105,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
+    console_logging()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work", type=Path, default=Path("runs/calibration"),

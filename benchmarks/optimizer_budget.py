@@ -14,18 +14,22 @@ from pathlib import Path
 
 from common import RESULTS, default_zoo
 
+from raysoup.console import console_logging
 from raysoup.tools.bench import load_grid, run_bench
 from raysoup.tools.bench_plots import write_all
 
 
 def main() -> None:
+    console_logging()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path,
                         default=Path(__file__).with_name("optimizer_budget.toml"))
     parser.add_argument("--zoo", type=Path)
     parser.add_argument("--address")
+    parser.add_argument("--out", default="optimizer_budget",
+                        help="folder under benchmarks/results (one zoo per folder)")
     args = parser.parse_args()
-    out = RESULTS / "optimizer_budget"
+    out = RESULTS / args.out
     table = run_bench(args.zoo or default_zoo(), out, load_grid(args.config, quick=False),
                       address=args.address)
     for path in write_all(table, out):

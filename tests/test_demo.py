@@ -104,3 +104,24 @@ def test_changed_evaluation_set_is_refused_naming_it(tiny_zoo, tmp_path, capsys)
 def test_zoo_build_rejects_too_few_ingredients(tmp_path, capsys):
     assert main(["zoo", "build", "--out", str(tmp_path / "z"), "--ingredients", "1"]) == 2
     assert "at least 2" in capsys.readouterr().err
+
+
+def test_the_shipped_zoo_installs_with_the_same_evaluation_sets_here(tmp_path):
+    """The default zoo ships its weights; its evaluation sets are made here from the Debian
+    package's Fashion-MNIST and must match the sha256 the shipped manifest records (the
+    check that the README's figures hold on this machine), and a changed weight file is
+    refused by name."""
+    from raysoup.inputs.pool import CheckpointError, IngredientPool
+    from raysoup.tools.zoo import SHIPPED_ZOO, install_shipped_zoo
+    zoo = install_shipped_zoo(tmp_path / "zoo")
+    shipped = json.loads((SHIPPED_ZOO / "manifest.json").read_text())
+    installed = json.loads((zoo / "manifest.json").read_text())
+    assert installed == shipped and len(shipped["ingredients"]) >= 12
+    pool = IngredientPool.from_zoo(zoo)
+    pool.validate()  # every weight file against its recorded sha256
+    first = zoo / shipped["ingredients"][0]["file"]
+    sd = load_file(str(first))
+    sd["classification_head.bias"][0] += 1e-3
+    save_file(sd, str(first))
+    with pytest.raises(CheckpointError, match=f"{first.name}.*sha256"):
+        IngredientPool.from_zoo(zoo).validate()

@@ -1,16 +1,16 @@
-"""`raysoup demo`: build (or reuse) the zoo, run every method, report."""
+"""`raysoup demo`: install (or build) the zoo, run every method, report."""
 
 from __future__ import annotations
 
-import logging
 import hashlib
 import json
+import logging
 from datetime import datetime
 from pathlib import Path
 
-from ..config import PoolConfig, RunConfig
-from ..inputs.storage import cache_dir
+from ..config import PoolConfig, ResourcesConfig, RunConfig
 from ..errors import RaysoupError
+from ..inputs.storage import cache_dir
 from ..methods.manifold_mix import ManifoldMixConfig
 from ..run import execute
 from .zoo import QUICK_ZOO, SHIPPED_ZOO, ZooConfig, build_zoo, install_shipped_zoo
@@ -21,6 +21,10 @@ DEMO_METHODS = ("best_individual", "uniform_soup", "greedy_soup", "manifold_mix"
 # The demo's reduced ManifoldMix budget (the reference spends 30 per component per pass).
 DEMO_EVALS_PER_COMPONENT = 10
 QUICK_EVALS_PER_COMPONENT = 4
+# Two single-thread evaluators on any machine: the same validation shards and the same
+# per-image results as the README's run (more evaluators would batch other rows together,
+# and float sums in another order can flip an image at a tie).
+DEMO_RESOURCES = ResourcesConfig(evaluators=2, cpus_per_evaluator=0.5)
 
 
 def default_zoo_dir(config: ZooConfig) -> Path:
@@ -65,6 +69,6 @@ def run_demo(out: Path | None = None, quick: bool = False, zoo_dir: Path | None 
     zoo_dir = demo_zoo(quick, zoo_dir)
     budget = QUICK_EVALS_PER_COMPONENT if quick else DEMO_EVALS_PER_COMPONENT
     config = RunConfig(PoolConfig(str(zoo_dir), verify_sha256), fresh_run_dir(out),
-                       ManifoldMixConfig(evals_per_component=budget), methods=DEMO_METHODS,
-                       report_ingredients=True)
+                       ManifoldMixConfig(evals_per_component=budget), DEMO_RESOURCES,
+                       methods=DEMO_METHODS, report_ingredients=True)
     return execute(config, extra={"quick": quick})
