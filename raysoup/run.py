@@ -158,7 +158,7 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
     connect(address)
     evaluators = evaluator_spec(config)
     logger.info(f"[run] {evaluators.count} evaluator(s), {evaluators.mode} evaluation, "
-        f"{len(prepared.components)} components, methods {', '.join(config.methods)}")
+                f"{len(prepared.components)} components, methods {', '.join(config.methods)}")
     actors = start_evaluators(prepared.pool.spec, prepared.eval_sources, prepared.components,
                               evaluators, config.resources.start_timeout_s)
     # On this node: the driver writes its step checkpoints and Tune folders under `out`,

@@ -50,8 +50,8 @@ class Judged:
         row = accuracy_row(self.correctness[name])
         images = sum(len(c) for c in self.correctness[name].values())
         logger.info(f"[report] {name}: judged on {len(self.correctness[name])} sets "
-                 f"({images} images, {time.perf_counter() - t0:.1f} s), val "
-                 f"{100 * row['val']:.2f}")
+                    f"({images} images, {time.perf_counter() - t0:.1f} s), val "
+                    f"{100 * row['val']:.2f}")
         return row
 
     def comparisons(self, name: str, baselines: dict[str, str]) -> dict:
@@ -87,7 +87,7 @@ class SoupDriver:
         if saved is not None:
             state, ranking = saved
             logger.info(f"[driver] resuming after step {state.next_candidate - 1}: "
-                     f"{len(state.accepted)} ingredient(s), val {100 * state.accuracy:.2f}")
+                        f"{len(state.accepted)} ingredient(s), val {100 * state.accuracy:.2f}")
             return [tuple(r) for r in ranking], 0.0, state
         t0 = time.perf_counter()
         ranking = SoupContext.rank(pool, judge).ranking
@@ -98,7 +98,7 @@ class SoupDriver:
         judge = ValidationJudge(self.judge.accuracy)
         ranking, ranking_s, state = self._ranking(judge)
         logger.info("[driver] ranking on val: " + ", ".join(f"{n} {100 * a:.2f}"
-                                                         for n, a in ranking))
+                    for n, a in ranking))
         ctx = SoupContext(pool, judge, ranking, self.prepared.components, self.search)
         judged = Judged(self.judge)
         if config.report_ingredients:
@@ -125,7 +125,7 @@ class SoupDriver:
                                                                else 0),
                           "ranked": result.ranked, "wall_s": round(wall, 2), **details}
             logger.info(f"[driver] {name}: val {100 * rows[name]['val']:.2f}, "
-                     f"{len(result.ingredients)} ingredient(s)")
+                        f"{len(result.ingredients)} ingredient(s)")
         # Every method against the best ingredient and greedy soup, paired on the same images.
         best = ranking[0][0]
         if best not in judged.correctness:

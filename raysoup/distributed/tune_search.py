@@ -125,7 +125,7 @@ class TuneSearch:
         results = tuner.fit()
         if retries.retried:
             logger.info(f"[tune] pass {self.passes}: {retries.retried} retry(ies) of failed "
-                     f"trials")
+                        f"trials")
         if searcher.penalized and searcher.penalized == len(searcher.told):
             # Nothing was measured: a result built on penalties alone would be meaningless.
             first = str(results.errors[0]).strip().splitlines()[-1] if results.errors else "?"
@@ -134,7 +134,7 @@ class TuneSearch:
                                f"{self.max_failures}); last line of the first error: {first}")
         if searcher.penalized:
             logger.info(f"[tune] pass {self.passes}: {searcher.penalized} trial(s) failed after "
-                     f"retries and were scored {PENALTY}")
+                        f"retries and were scored {PENALTY}")
         accuracies = [float(acc) for _, acc in searcher.told]
         best = best_index(accuracies)
         points = [np.asarray(x) for x, _ in searcher.told]

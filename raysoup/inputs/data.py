@@ -220,7 +220,7 @@ def read_eval_set(source: EvalSetSource | str | Path, num_classes: int | None = 
         return EvalSet(name, images, labels)
     if not keep.all():
         logger.info(f"[data] {name}: {int((~keep).sum())} of {len(keep)} images have classes "
-            f"without a model counterpart; left out")
+                    f"without a model counterpart; left out")
     return EvalSet(name, images[keep], labels[keep], source.class_map)
 
 

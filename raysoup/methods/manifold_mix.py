@@ -190,8 +190,8 @@ def phase2(state: MixState, betas: np.ndarray, load: Callable[[str], StateDict],
     budget = betas.size * config.phase2_evals_per_weight
     result = run_pass(search, config, np.ones(betas.size), *config.mu_bounds, budget)
     improved = result["accuracy"] >= state.accuracy
-    logger.info(f"[manifold_mix] phase 2: {100 * result['accuracy']:.2f} vs {100 * state.accuracy:.2f} "
-        f"-> {'kept' if improved else 'discarded'}")
+    logger.info(f"[manifold_mix] phase 2: {100 * result['accuracy']:.2f} vs "
+                f"{100 * state.accuracy:.2f} -> {'kept' if improved else 'discarded'}")
     if improved:
         betas, state.accuracy = mixer.weights(np.array(result["x"])), result["accuracy"]
     return betas, {**result, "kept": improved}

@@ -96,7 +96,7 @@ def prepare_dataset(src: str | Path, out: str | Path, *, arch: str | None = None
         split = {**split_settings,
                  "val": [it.path for it in val], "train": [it.path for it in train]}
         logger.info(f"[prepare] validation split (seed {seed}): {len(val)} of {len(items)} images, "
-            f"{val_fraction:g} of each class; only these are written")
+                    f"{val_fraction:g} of each class; only these are written")
         items = val
 
     _claim(out, {"format": FORMAT, "source": str(src.resolve()), "classes": names,
@@ -129,7 +129,7 @@ def _warn_skipped(skipped: list[dict]) -> None:
     shown = ", ".join(s["path"] for s in skipped[:SHOW_SKIPPED])
     more = ", ..." if len(skipped) > SHOW_SKIPPED else ""
     logger.info(f"[prepare] warning: skipped {len(skipped)} unreadable image(s): {shown}{more} "
-        f"(all listed in dataset.json)")
+                f"(all listed in dataset.json)")
 
 
 def _check_settings(arch, image_size, val_fraction, workers, shard_size) -> None:
