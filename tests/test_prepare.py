@@ -1,6 +1,7 @@
 """`raysoup prepare` on real image files: tiny class folders of Fashion-MNIST PNGs."""
 
 import json
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -15,10 +16,6 @@ from raysoup.tools.prepare import prepare_dataset
 CLASSES = ("dress", "pullover", "trouser")  # sorted: the folder order
 FM_LABEL = {"trouser": 1, "pullover": 2, "dress": 3}
 PER_CLASS = 8
-
-
-def quiet(*_):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +59,7 @@ def ordered_files(src):
 
 def test_folder_to_shards(src, tmp_path):
     out = tmp_path / "out"
-    info = prepare_dataset(src, out, image_size=32, shard_size=10, workers=2, log=quiet)
+    info = prepare_dataset(src, out, image_size=32, shard_size=10, workers=2)
     assert info == json.loads((out / "dataset.json").read_text())
     assert info["classes"] == list(CLASSES) and info["image_size"] == [32, 32]
     assert info["rows"] == 24 and info["shards"] == [f"shard-0000{i}.arrow" for i in range(3)]
@@ -81,7 +78,7 @@ def test_folder_to_shards(src, tmp_path):
 
 
 def test_csv_and_parquet_give_the_folder_result(src, tmp_path):
-    prepare_dataset(src, tmp_path / "ref", image_size=32, log=quiet)
+    prepare_dataset(src, tmp_path / "ref", image_size=32)
     reference = read_eval_set(tmp_path / "ref")
     files = ordered_files(src)
     rows = [p.relative_to(src).as_posix() for p in files[::-1]]  # any row order
@@ -100,7 +97,7 @@ def test_csv_and_parquet_give_the_folder_result(src, tmp_path):
                                                (tmp_path / "tables/list.parquet", CLASSES),
                                                (src / "categorical.parquet", None)]):
         out = tmp_path / f"out{i}"
-        info = prepare_dataset(table_file, out, image_size=32, classes=classes, log=quiet)
+        info = prepare_dataset(table_file, out, image_size=32, classes=classes)
         assert info["classes"] == list(CLASSES) and info["rows"] == 24
         data = read_eval_set(out)
         np.testing.assert_array_equal(data.images, reference.images)
@@ -113,7 +110,7 @@ def test_arch_gives_its_input_resolution(src, tmp_path):
     (small / "trouser").mkdir()
     for name in ("dress/01.png", "trouser/05.png"):  # 32 and 36 px wide
         (small / name).write_bytes((src / name).read_bytes())
-    info = prepare_dataset(small, tmp_path / "out", arch="ViT-B-32", log=quiet)
+    info = prepare_dataset(small, tmp_path / "out", arch="ViT-B-32")
     assert info["image_size"] == [224, 224] and info["preprocess"]["mean"][0] == 0.48145466
     data = read_eval_set(tmp_path / "out")
     assert data.images.shape == (2, 3, 224, 224)
@@ -122,7 +119,7 @@ def test_arch_gives_its_input_resolution(src, tmp_path):
 
 def test_validation_split(src, tmp_path):
     info = prepare_dataset(src, tmp_path / "a", image_size=16, val_fraction=0.3, seed=7,
-                           workers=2, shard_size=4, log=quiet)
+                           workers=2, shard_size=4)
     split = info["split"]
     assert (split["seed"], split["fraction"]) == (7, 0.3)
     # round(0.3 * 8) = 2 per class held out; together the lists cover every image once
@@ -134,24 +131,22 @@ def test_validation_split(src, tmp_path):
     np.testing.assert_array_equal(data.labels, [0, 0, 1, 1, 2, 2])  # only val is written
     np.testing.assert_array_equal(data.images[0], expected(src / split["val"][0], 16))
 
-    again = prepare_dataset(src, tmp_path / "b", image_size=16, val_fraction=0.3, seed=7,
-                            log=quiet)
+    again = prepare_dataset(src, tmp_path / "b", image_size=16, val_fraction=0.3, seed=7)
     assert again["split"] == split
-    other = prepare_dataset(src, tmp_path / "c", image_size=16, val_fraction=0.3, seed=8,
-                            log=quiet)
+    other = prepare_dataset(src, tmp_path / "c", image_size=16, val_fraction=0.3, seed=8)
     assert other["split"]["val"] != split["val"]
     # at least one per class, however small the fraction
-    tiny = prepare_dataset(src, tmp_path / "d", image_size=16, val_fraction=0.01, log=quiet)
+    tiny = prepare_dataset(src, tmp_path / "d", image_size=16, val_fraction=0.01)
     assert tiny["rows"] == 3
 
 
-def test_corrupt_images_are_skipped_or_fatal_when_strict(src, tmp_path):
+def test_corrupt_images_are_skipped_or_fatal_when_strict(src, tmp_path, caplog):
     (src / "pullover/zz-garbage.png").write_bytes(b"not a png at all")
     good = (src / "trouser/03.png").read_bytes()
     (src / "trouser/03-truncated.png").write_bytes(good[:len(good) // 2])
-    lines = []
-    info = prepare_dataset(src, tmp_path / "out", image_size=32, shard_size=10, workers=2,
-                           log=lines.append)
+    with caplog.at_level(logging.INFO, logger="raysoup"):
+        info = prepare_dataset(src, tmp_path / "out", image_size=32, shard_size=10, workers=2)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert info["rows"] == 24
     assert [s["path"] for s in info["skipped"]] == ["pullover/zz-garbage.png",
                                                     "trouser/03-truncated.png"]
@@ -160,7 +155,7 @@ def test_corrupt_images_are_skipped_or_fatal_when_strict(src, tmp_path):
     assert read_eval_set(tmp_path / "out").images.shape[0] == 24
 
     with pytest.raises(DataError, match="zz-garbage.png"):
-        prepare_dataset(src, tmp_path / "strict", image_size=32, strict=True, log=quiet)
+        prepare_dataset(src, tmp_path / "strict", image_size=32, strict=True)
     assert not (tmp_path / "strict/dataset.json").exists()
 
 
@@ -168,7 +163,7 @@ def test_empty_class_folder_is_named(src, tmp_path):
     (src / "coat").mkdir()
     (src / "coat/readme.txt").write_text("no images here")
     with pytest.raises(DataError, match="class folder .*coat has no images"):
-        prepare_dataset(src, tmp_path / "out", image_size=32, log=quiet)
+        prepare_dataset(src, tmp_path / "out", image_size=32)
     assert not (tmp_path / "out").exists()  # refused before any work
 
 
@@ -177,20 +172,17 @@ def test_labels_outside_the_class_list(src, tmp_path):
     classes.write_text("trouser\npullover\n\n")
     with pytest.raises(DataError, match=r"folder 'dress' .* not in the class list "
                                         r"\(2 classes from classes.txt\)"):
-        prepare_dataset(src, tmp_path / "out", image_size=32, classes=classes, log=quiet)
+        prepare_dataset(src, tmp_path / "out", image_size=32, classes=classes)
     (src / "list.csv").write_text("path,label\ntrouser/01.png,trouser\ndress/01.png,foo\n")
     with pytest.raises(DataError, match=r"label 'foo' \(row 2 of list.csv\) is not in the "
                                         r"class list \(2 classes from classes.txt\)"):
-        prepare_dataset(src / "list.csv", tmp_path / "out", image_size=32, classes=classes,
-                        log=quiet)
+        prepare_dataset(src / "list.csv", tmp_path / "out", image_size=32, classes=classes)
     (src / "list.csv").write_text("path,label\ntrouser/01.png,0\ndress/01.png,2\n")
     with pytest.raises(DataError, match=r"label 2 \(row 2 of list.csv\) is out of range"):
-        prepare_dataset(src / "list.csv", tmp_path / "out", image_size=32, classes=classes,
-                        log=quiet)
+        prepare_dataset(src / "list.csv", tmp_path / "out", image_size=32, classes=classes)
     (src / "list.csv").write_text("path,label\ntrouser/01.png,0\ndress/missing.png,1\n")
     with pytest.raises(DataError, match=r"dress/missing.png \(row 2\)"):
-        prepare_dataset(src / "list.csv", tmp_path / "out", image_size=32, classes=classes,
-                        log=quiet)
+        prepare_dataset(src / "list.csv", tmp_path / "out", image_size=32, classes=classes)
 
 
 def test_bad_settings_are_refused(src, tmp_path):
@@ -200,31 +192,31 @@ def test_bad_settings_are_refused(src, tmp_path):
                             ({"image_size": 32, "val_fraction": 1.0}, "val_fraction = 1.0"),
                             ({"image_size": 32, "shard_size": 0}, "shard_size = 0")]:
         with pytest.raises(DataError, match=message):
-            prepare_dataset(src, tmp_path / "out", log=quiet, **kwargs)
+            prepare_dataset(src, tmp_path / "out", **kwargs)
     with pytest.raises(DataError, match="does not exist"):
-        prepare_dataset(tmp_path / "nowhere", tmp_path / "out", image_size=32, log=quiet)
+        prepare_dataset(tmp_path / "nowhere", tmp_path / "out", image_size=32)
     with pytest.raises(DataError, match="inside the image folder"):
-        prepare_dataset(src, src / "prepared", image_size=32, log=quiet)
+        prepare_dataset(src, src / "prepared", image_size=32)
 
 
-def test_resume_redoes_only_missing_shards(src, tmp_path):
+def test_resume_redoes_only_missing_shards(src, tmp_path, caplog):
     out = tmp_path / "out"
-    first = prepare_dataset(src, out, image_size=32, shard_size=10, workers=2, log=quiet)
+    first = prepare_dataset(src, out, image_size=32, shard_size=10, workers=2)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     # an interrupted run: the last shard and dataset.json never written
     (out / "shard-00002.arrow").unlink()
     (out / "shard-00002.json").unlink()
     (out / "dataset.json").unlink()
     mtime = (out / "shard-00000.arrow").stat().st_mtime_ns
-    lines = []
-    assert prepare_dataset(src, out, image_size=32, shard_size=10, log=lines.append) == first
-    assert "resuming: 2 of 3 shards already done" in "\n".join(lines)
+    with caplog.at_level(logging.INFO, logger="raysoup"):
+        assert prepare_dataset(src, out, image_size=32, shard_size=10) == first
+    assert "resuming: 2 of 3 shards already done" in caplog.text
     assert (out / "shard-00000.arrow").stat().st_mtime_ns == mtime
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
     with pytest.raises(DataError, match="differs in preprocess.*pick another --out"):
-        prepare_dataset(src, out, image_size=48, shard_size=10, log=quiet)
+        prepare_dataset(src, out, image_size=48, shard_size=10)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy/notes.txt").write_text("mine")
     with pytest.raises(DataError, match="not a `raysoup prepare` output"):
-        prepare_dataset(src, tmp_path / "busy", image_size=32, log=quiet)
+        prepare_dataset(src, tmp_path / "busy", image_size=32)

@@ -128,7 +128,7 @@ def prepare_dataset(src: str | Path, out: str | Path, *, arch: str | None = None
 def _warn_skipped(skipped: list[dict]) -> None:
     shown = ", ".join(s["path"] for s in skipped[:SHOW_SKIPPED])
     more = ", ..." if len(skipped) > SHOW_SKIPPED else ""
-    logger.info(f"[prepare] warning: skipped {len(skipped)} unreadable image(s): {shown}{more} "
+    logger.warning(f"[prepare] warning: skipped {len(skipped)} unreadable image(s): {shown}{more} "
                 f"(all listed in dataset.json)")
 
 
