@@ -1,6 +1,7 @@
 """The task pool: manifest evaluation sets with class subsets and class maps."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ def write_manifest(zoo, eval_sets, **extra):
         "eval_sets": eval_sets, **extra}))
 
 
-def test_subset_and_map_resolve_by_name_index_and_file(zoo):
+def test_subset_and_map_resolve_by_name_index_and_file(zoo, caplog):
     write_manifest(zoo, {
         "val": "data/val.arrow",
         "animals": {"file": "data/val.arrow", "class_subset": "animals.txt"},
@@ -45,10 +46,10 @@ def test_subset_and_map_resolve_by_name_index_and_file(zoo):
     assert sources["animals"].class_map == ((0,), (1,), (), ())
     assert sources["vehicles"].class_map == ((), (), (2,), (3,))
     assert sources["objects"].class_map == ((3,), (0,), ())
-    logs = []
-    sets = {s.name: s for s in load_eval_sets(sources, 4, logs.append)}
+    with caplog.at_level(logging.INFO, logger="raysoup"):
+        sets = {s.name: s for s in load_eval_sets(sources, 4)}
     assert len(sets["animals"]) == 6  # rows of other classes are left out
-    assert len(sets["objects"]) == 8 and "4 of 12 images" in logs[-1]
+    assert len(sets["objects"]) == 8 and "4 of 12 images" in caplog.records[-1].getMessage()
     assert len(read_eval_set(sources["val"])) == 12
 
 
