@@ -242,7 +242,7 @@ def summary_table(rows: list[dict], correct: dict | None = None,
     return "\n".join(lines) + (
         "\n\n(accuracies in %; differences in points, paired on the same images, with 95 % "
         "bootstrap intervals over images (seeds and shifts as strata), * where the interval "
-        "excludes 0; - where no per-image results were recorded)")
+        "excludes 0; -: the reference optimiser itself, or no per-image results recorded)")
 
 
 def read_correctness(path: Path) -> dict[str, dict[str, np.ndarray]]:
