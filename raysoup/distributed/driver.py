@@ -139,8 +139,7 @@ class SoupDriver:
         references = {} if pretrained is None else \
             {"pretrained": judged.add("pretrained", pretrained)}
         return {"methods": rows, "ingredients": ingredients, "references": references,
-                "ranking": ranking, "correctness": judged.correctness, "fused": fused,
-                "forward_passes": self.judge.forward_passes}
+                "ranking": ranking, "correctness": judged.correctness, "fused": fused}
 
 
 @contextmanager

@@ -64,7 +64,6 @@ class EvaluatorPool:
         self.set_keys = {name: key for name, source in self.sources.items() if (key := set_key(
             source.sha256, spec, source.class_map, evaluators.autocast_bf16 and
             device == "cuda", device))}
-        self.forward_passes = 0  # models judged on the actors (cache misses), for the record
 
     @property
     def set_names(self) -> list[str]:
@@ -76,7 +75,6 @@ class EvaluatorPool:
         calls = {name: [a.judge.remote(refs, np.zeros(0), name) for a in
                         (self.actors[:1] if name == VAL and whole_val else self.actors)]
                  for name in sets}
-        self.forward_passes += 1
         return {name: np.concatenate(ray.get(parts, timeout=self.evaluators.timeout_s))
                 for name, parts in calls.items()}
 

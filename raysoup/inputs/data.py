@@ -241,19 +241,25 @@ def check_eval_set(source: EvalSetSource, num_classes: int,
     """Rows the set would give, from its labels and schema alone (images stay unread on
     local files): the up-front check of a run. With `image_shape`, the set's images must
     have it (channels, height, width)."""
-    parts = _part_locations(source.location)[1]
+    labels, shape = _labels_and_shape(_part_locations(source.location)[1])
+    if image_shape is not None and tuple(shape) != tuple(image_shape):
+        raise DataError(f"evaluation set {name or source.location!r}: images are "
+                        f"{'x'.join(map(str, shape))} (channels x height x width), the model "
+                        f"takes {'x'.join(map(str, image_shape))}; prepare it for this model")
+    keep = _rows_kept(labels, source, num_classes)
+    return len(labels) if keep is None else int(keep.sum())
+
+
+def _labels_and_shape(parts: list[str]) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Every row's label over a set's Arrow files (images unread) and the first file's
+    image shape."""
     labels, shape = [], None
     for path in parts:
         with _open_batches(path) as (reader, part_shape):
             labels += [reader.get_batch(i).column("label").to_numpy()
                        for i in range(reader.num_record_batches)]
             shape = shape or part_shape
-    if image_shape is not None and tuple(shape) != tuple(image_shape):
-        raise DataError(f"evaluation set {name or source.location!r}: images are "
-                        f"{'x'.join(map(str, shape))} (channels x height x width), the model "
-                        f"takes {'x'.join(map(str, image_shape))}; prepare it for this model")
-    keep = _rows_kept(np.concatenate(labels), source, num_classes)
-    return sum(len(x) for x in labels) if keep is None else int(keep.sum())
+    return np.concatenate(labels), shape
 
 
 def shard_rows(n: int, shard: int, shards: int) -> slice:
@@ -267,13 +273,9 @@ def iter_shard(source: EvalSetSource, num_classes: int, shard: int, shards: int,
     `batch_rows` at a time, in row order: read from memory-mapped Arrow record batches, so
     only one batch of images is ever copied into memory."""
     parts = _part_locations(source.location)[1]
-    labels = []
-    for path in parts:
-        with _open_batches(path) as (reader, _):
-            labels.append(np.concatenate([reader.get_batch(i).column("label").to_numpy()
-                                          for i in range(reader.num_record_batches)]))
-    keep = _rows_kept(np.concatenate(labels), source, num_classes)
-    kept = np.arange(sum(map(len, labels))) if keep is None else np.flatnonzero(keep)
+    labels = _labels_and_shape(parts)[0]
+    keep = _rows_kept(labels, source, num_classes)
+    kept = np.arange(len(labels)) if keep is None else np.flatnonzero(keep)
     mine = kept[shard_rows(len(kept), shard, shards)]
     offset = 0
     for path in parts:
