@@ -1,15 +1,15 @@
 """The embedded testbed: a miniature of the model soups setting on Fashion-MNIST.
 
 One shared "pretrained" model is trained with broad augmentation (the analog of CLIP's
-broad pretraining); each ingredient fine-tunes it on the clean training split with
-hyperparameters drawn at random, as in the model soups paper. Validation rows are held out
+broad pretraining); each ingredient fine-tunes it on its own random part of the clean
+training split with hyperparameters drawn at random, as in the model soups paper. Validation rows are held out
 of all training; the official test set and its shifted copies only report.
 """
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import math
 import shutil
 import time
