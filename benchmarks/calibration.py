@@ -1,6 +1,7 @@
 """Testbed calibration: does the soups premise hold on several zoo seeds?
 
     python benchmarks/calibration.py [--seeds 0 1 2] [--work DIR] [--label NAME]
+                                     [--set KEY=JSON ...]
 
 For each seed, builds the default zoo recipe with that seed (the pretrained model is shared
 by every seed, as one CLIP is fine-tuned many times; later seeds copy the first one's) and
@@ -48,8 +49,8 @@ def premise(methods: dict) -> dict:
     }
 
 
-def calibrate(seed: int, work: Path, label: str, first_zoo: Path | None) -> Path:
-    config = ZooConfig(seed=seed)
+def calibrate(config: ZooConfig, work: Path, label: str, first_zoo: Path | None) -> Path:
+    seed = config.seed
     zoo = work / f"zoo-seed{seed}"
     if first_zoo is not None and not (zoo / "pretrained.safetensors").exists():
         zoo.mkdir(parents=True, exist_ok=True)  # the shared pretrained model, as a cached step
@@ -111,10 +112,20 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/calibration"),
                         help="zoos and runs (large; not committed)")
     parser.add_argument("--label", default="default", help="the recipe's name in the table")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="a recipe change from the default ZooConfig, e.g. "
+                             "finetune_data_fraction=0.25 or finetune_epochs=[3.6,4.4]")
     args = parser.parse_args()
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in ZooConfig.__dataclass_fields__:
+            parser.error(f"--set {item}: ZooConfig has no field {key!r}")
+        overrides[key] = json.loads(value)
     first = None
     for seed in args.seeds:
-        zoo = calibrate(seed, args.work, args.label, first)
+        config = ZooConfig.from_dict({**ZooConfig(seed=seed).to_dict(), **overrides})
+        zoo = calibrate(config, args.work, args.label, first)
         first = first or zoo
     import pyarrow.parquet as pq
     (RESULTS / "calibration.md").write_text(markdown(pq.read_table(TABLE).to_pylist()))

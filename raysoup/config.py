@@ -60,6 +60,8 @@ class RunConfig:
     # Judge every ingredient on every set too (report rows and scatter plot); off, only the
     # ranking's val accuracies are reported: the full table costs N x all sets.
     report_ingredients: bool = False
+    # The other methods' configs, by method name (a TOML section each); defaults if absent.
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         from .methods import METHODS
@@ -67,6 +69,15 @@ class RunConfig:
         if unknown or not self.methods:
             raise RaysoupError(f"methods: unknown method(s) {unknown or '(none given)'}; "
                                f"known: {sorted(METHODS)}")
+
+    def method_configs(self) -> dict[str, object]:
+        """The config of every method in `methods` that has one (manifold_mix: `method`)."""
+        from .methods import METHOD_INFO
+        configs = {name: self.options.get(name) or METHOD_INFO[name].config()
+                   for name in self.methods if METHOD_INFO[name].config is not None}
+        if "manifold_mix" in self.methods:
+            configs["manifold_mix"] = self.method
+        return configs
 
     def fingerprint(self) -> dict:
         """What must not change between a run and its --resume."""
@@ -105,7 +116,11 @@ def load_config(path: Path) -> RunConfig:
         raise RaysoupError(f"cannot read config {path}: {e}") from e
     except tomllib.TOMLDecodeError as e:
         raise RaysoupError(f"{path} is not valid TOML: {e}") from e
-    sections = {"pool": PoolConfig, "method": ManifoldMixConfig, "resources": ResourcesConfig}
+    from .methods import METHOD_INFO
+    method_sections = {name: info.config for name, info in METHOD_INFO.items()
+                       if info.config is not None and name != "manifold_mix"}
+    sections = {"pool": PoolConfig, "method": ManifoldMixConfig, "resources": ResourcesConfig,
+                **method_sections}
     top_level = {"out", "methods", "report_ingredients"}
     unknown = sorted(set(raw) - set(sections) - top_level)
     if unknown:
@@ -122,4 +137,6 @@ def load_config(path: Path) -> RunConfig:
                            base),
         source=path,
         methods=tuple(raw.get("methods", ("manifold_mix",))),
-        report_ingredients=bool(raw.get("report_ingredients", False)))
+        report_ingredients=bool(raw.get("report_ingredients", False)),
+        options={name: section(cls, raw[name], name, str(path), base)
+                 for name, cls in method_sections.items() if name in raw})

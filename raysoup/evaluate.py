@@ -107,6 +107,14 @@ class Evaluator:
             self._projections[class_map] = index.to(self.device), mask.to(self.device)
         return self._projections[class_map]
 
+    def project(self, logits: torch.Tensor, class_map: ClassMap | None) -> torch.Tensor:
+        """The model's logits as one score per label of a set with this class map."""
+        projection = self._projection(class_map)
+        if projection is None:
+            return logits
+        index, mask = projection
+        return logits[:, index].masked_fill(~mask, float("-inf")).amax(dim=2)
+
     @property
     def set_names(self) -> list[str]:
         return list(self.sets)
@@ -118,16 +126,12 @@ class Evaluator:
     def score(self, batches: Iterable[tuple], class_map: ClassMap | None) -> torch.Tensor:
         """Per image of (images, labels) batches, on the device: does the loaded model get
         it right?"""
-        projection = self._projection(class_map)
         hits = []
         for images, labels in batches:
             images = torch.as_tensor(images).to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16,
                                 enabled=self.autocast_bf16):
-                logits = self.model(images)
-            if projection is not None:
-                index, mask = projection
-                logits = logits[:, index].masked_fill(~mask, float("-inf")).amax(dim=2)
+                logits = self.project(self.model(images), class_map)
             hits.append(logits.argmax(dim=1) == torch.as_tensor(labels).to(self.device))
         return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
 

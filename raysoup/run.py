@@ -34,6 +34,7 @@ from .inputs.model import build_classifier, state_dict_template
 from .inputs.pool import (IngredientPool, check_state_dict, load_pretrained, read_manifest,
                           save_state_dict, write_json)
 from .inputs.tasks import dataset_records, eval_set_sources
+from .methods import METHOD_INFO
 from .mixing import from_numpy
 from .report import format_table, write_report
 
@@ -76,6 +77,7 @@ def validate_run(config: RunConfig, resume: bool, pool: IngredientPool | None = 
     if pretrained is not None:
         check_state_dict(pretrained, state_dict_template(pool.spec),
                          "manifest.json pretrained", pool.spec.arch)
+    check_methods(config, pool, pretrained is not None)
     out = config.out
     if (out / "report.json").exists() and not resume:
         raise RaysoupError(f"{out} already holds a finished run; choose another `out`")
@@ -89,6 +91,17 @@ def validate_run(config: RunConfig, resume: bool, pool: IngredientPool | None = 
                                f"without --resume, into a new `out`)")
         load_state(out / "driver", config.fingerprint())  # refuses a different config
     return Prepared(config, pool, components, eval_sources)
+
+
+def check_methods(config: RunConfig, pool: IngredientPool, has_pretrained: bool) -> None:
+    """What each method needs of the pool, before any cluster work."""
+    needing = [m for m in config.methods if METHOD_INFO[m].needs_pretrained]
+    if needing and not has_pretrained:
+        raise RaysoupError(f"methods {', '.join(needing)} need the pretrained weights, but "
+                           f"{config.pool.zoo}/manifest.json has no `pretrained` entry")
+    for name, method_config in config.method_configs().items():
+        if METHOD_INFO[name].check is not None:
+            METHOD_INFO[name].check(pool, method_config)
 
 
 def evaluator_spec(config: RunConfig) -> EvaluatorSpec:
@@ -185,7 +198,8 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
               "config": {**(extra or {}), "source": config.source and str(config.source),
                          "resumed": resume, "methods": list(config.methods),
                          "report_ingredients": config.report_ingredients,
-                         "pool": str(config.pool.zoo), "manifold_mix": config.method.to_dict(),
+                         "pool": str(config.pool.zoo),
+                         **{name: c.to_dict() for name, c in config.method_configs().items()},
                          "evaluators": evaluators.count, "evaluation": evaluators.mode}}
     write_report(out, report, result["correctness"])
     logger.info(format_table(report["methods"], report["references"]))

@@ -27,6 +27,7 @@ warnings.filterwarnings("ignore", message="COBYLA: Invalid", category=UserWarnin
 
 # x -> mixed state dict of the resident models
 Mixer = Callable[[Sequence[StateDict], np.ndarray, Components], StateDict]
+Bound = float | np.ndarray  # an optimiser bound: one for every coordinate, or one each
 
 
 def lerp_mixer(models: Sequence[StateDict], x: np.ndarray, components: Components) -> StateDict:
@@ -66,7 +67,7 @@ class Search(Protocol):
 
     def accuracy(self, x: np.ndarray) -> float: ...
 
-    def optimise(self, start: np.ndarray, lower: float, upper: float, budget: int,
+    def optimise(self, start: np.ndarray, lower: Bound, upper: Bound, budget: int,
                  seed: int, name: str) -> PassResult: ...
 
 
@@ -87,9 +88,10 @@ def check_optimizer(name: str, num_workers: int) -> None:
                            "or a parallel optimizer such as TwoPointsDE or CMA")
 
 
-def make_optimizer(name: str, start: np.ndarray, lower: float, upper: float, budget: int,
+def make_optimizer(name: str, start: np.ndarray, lower: Bound, upper: Bound, budget: int,
                    num_workers: int, seed: int) -> ng.optimizers.base.Optimizer:
-    """A seeded optimiser over one bounded vector x, starting at `start`.
+    """A seeded optimiser over one bounded vector x, starting at `start`; the bounds are
+    one value for every coordinate or one per coordinate.
 
     Pickling is enabled before the first ask: Tune checkpoints its searcher, and the
     scipy-backed sequential optimisers (Cobyla, the one NGOpt picks for small budgets)
@@ -132,7 +134,7 @@ class LocalSearch:
     def accuracy(self, x: np.ndarray) -> float:
         return self.judge(self.mixer(self.models, np.asarray(x), self.components))
 
-    def optimise(self, start: np.ndarray, lower: float, upper: float, budget: int,
+    def optimise(self, start: np.ndarray, lower: Bound, upper: Bound, budget: int,
                  seed: int, name: str) -> PassResult:
         optimizer = make_optimizer(name, start, lower, upper, budget, self.num_workers, seed)
         points, accuracies = [], []

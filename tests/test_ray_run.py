@@ -260,12 +260,13 @@ def test_the_pool_judges_every_set_like_one_evaluator_and_survives_a_crash(pair,
 
 @pytest.mark.slow
 def test_no_model_is_built_outside_the_evaluators(soup_zoo, tmp_path):
-    """A whole run with baselines, reported ingredients and the pretrained reference, in a
-    process where building a model anywhere but in an evaluator actor raises."""
+    """A whole run with every method, reported ingredients and the pretrained reference,
+    in a process where building a model anywhere but in an evaluator actor raises."""
     from raysoup.inputs.model import EVALUATORS_ONLY
     path = write_config(tmp_path / "run.toml", soup_zoo, "out")
-    path.write_text("methods = ['best_individual', 'uniform_soup', 'greedy_soup', "
-                    "'manifold_mix']\nreport_ingredients = true\n" + path.read_text())
+    path.write_text(f"methods = {sorted(METHODS)}\nreport_ingredients = true\n" +
+                    path.read_text() + "[task_arithmetic]\nbudget = 3\n[ties_merging]\n"
+                    "budget = 3\n[learned_soup]\nepochs = 1\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", EVALUATORS_ONLY: "1"}
     probe = subprocess.run([sys.executable, "-c", "from raysoup.inputs.model import build_classifier,"
                             " ModelSpec; build_classifier(ModelSpec())"], env=env,
@@ -275,7 +276,10 @@ def test_no_model_is_built_outside_the_evaluators(soup_zoo, tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert set(report["methods"]) == {"best_individual", "uniform_soup", "greedy_soup",
-                                      "manifold_mix"}
+    assert set(report["methods"]) == set(METHODS)
+    assert report["methods"]["ties_merging"]["evaluations"] == 3
+    assert report["methods"]["learned_soup"]["betas"]
+    assert all(r["vs"]["best_individual"]["val"]["p"] is not None
+               for n, r in report["methods"].items() if n != "best_individual")
     assert report["references"]["pretrained"]["ood_avg"] is not None
     assert all(r["id"] is not None for r in report["ingredients"].values())

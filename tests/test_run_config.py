@@ -32,6 +32,8 @@ def config_text(zoo, out="out", method="", resources="", extra=""):
     ("", "", "methods = ['greedy_soup', 'greedier_soup']",
      r"unknown method\(s\) \['greedier_soup'\]"),
     ("", "", "methods = []", "methods: unknown method"),
+    ("", "", "[ties_merging]\ndensity = 0.3", r"unknown key.*ties_merging.density"),
+    ("", "", "[task_arithmetic]\nscale_bounds = [0.5, 0.5]", "task_arithmetic.scale_bounds"),
 ])
 def test_bad_config_names_the_key_or_value(tiny_zoo, tmp_path, method, resources, extra,
                                            message):
@@ -143,13 +145,18 @@ def test_the_example_config_lists_every_key_at_its_default():
     from pathlib import Path
 
     from raysoup.config import ResourcesConfig
+    from raysoup.methods import METHOD_INFO
     from raysoup.methods.manifold_mix import ManifoldMixConfig
     path = Path(__file__).parents[1] / "examples" / "run.toml"
     raw = tomllib.loads(path.read_text())
     config = load_config(path)
-    assert set(raw) == {"out", "methods", "report_ingredients", "pool", "method", "resources"}
+    sections = {name: info.config for name, info in METHOD_INFO.items()
+                if info.config is not None and name != "manifold_mix"}
+    assert set(raw) == {"out", "methods", "report_ingredients", "pool", "method", "resources",
+                        *sections}
     for name, cls, parsed in [("method", ManifoldMixConfig, config.method),
-                              ("resources", ResourcesConfig, config.resources)]:
+                              ("resources", ResourcesConfig, config.resources),
+                              *((n, c, config.options[n]) for n, c in sections.items())]:
         assert set(raw[name]) == {f.name for f in fields(cls)}, name
         assert parsed == cls(), name
     assert config.methods == ("manifold_mix",) and config.report_ingredients is False
@@ -168,5 +175,29 @@ def test_a_report_set_of_another_image_size_is_refused_naming_it(tiny_zoo, tmp_p
     path.write_text(config_text(zoo))
     with pytest.raises(RaysoupError, match=r"evaluation set 'rgb': images are 3x32x32 .*"
                                            r"the model takes 1x28x28"):
+        validate_run(load_config(path), resume=False)
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("method", ["model_stock", "task_arithmetic", "ties_merging"])
+def test_a_method_that_needs_pretrained_refuses_a_pool_without_it(tiny_zoo, tmp_path, method):
+    zoo = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo, zoo)
+    manifest = json.loads((zoo / "manifest.json").read_text())
+    del manifest["pretrained"]
+    (zoo / "manifest.json").write_text(json.dumps(manifest))
+    path = tmp_path / "run.toml"
+    path.write_text(config_text(zoo, extra=f"methods = ['greedy_soup', '{method}']"))
+    with pytest.raises(RaysoupError, match=rf"methods {method} need the pretrained weights, "
+                                           r"but .*manifest.json has no `pretrained` entry"):
+        validate_run(load_config(path), resume=False)
+    assert not ray.is_initialized()
+
+
+def test_learned_soup_too_large_for_its_memory_limit_is_refused_before_ray(tiny_zoo, tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(config_text(tiny_zoo, extra="methods = ['learned_soup']") +
+                    "[learned_soup]\nmax_memory_gb = 0.000001\n")
+    with pytest.raises(RaysoupError, match="learned_soup holds every ingredient"):
         validate_run(load_config(path), resume=False)
     assert not ray.is_initialized()

@@ -99,7 +99,9 @@ class SoupDriver:
         ranking, ranking_s, state = self._ranking(judge)
         logger.info("[driver] ranking on val: " + ", ".join(f"{n} {100 * a:.2f}"
                     for n, a in ranking))
-        ctx = SoupContext(pool, judge, ranking, self.prepared.components, self.search)
+        pretrained = load_pretrained(config.pool.zoo)
+        ctx = SoupContext(pool, judge, ranking, self.prepared.components, self.search,
+                          pretrained, self.judge.learn_soup)
         judged = Judged(self.judge)
         if config.report_ingredients:
             ingredients = {n: {**judged.add(n, pool.load(n)), "ingredients": [n]}
@@ -107,9 +109,10 @@ class SoupDriver:
         else:
             ingredients = {n: {"val": acc, "id": None, "ood": {}, "ood_avg": None,
                                "ingredients": [n]} for n, acc in ranking}
-        options = {"manifold_mix": dict(
-            config=config.method, state=state,
-            on_step=lambda s: save_state(self.state_dir, s, config.fingerprint(), ranking))}
+        options = {name: {"config": c} for name, c in config.method_configs().items()}
+        options.setdefault("manifold_mix", {}).update(
+            state=state,
+            on_step=lambda s: save_state(self.state_dir, s, config.fingerprint(), ranking))
         rows, fused = {}, None
         for name in config.methods:
             t0 = time.perf_counter()
@@ -117,7 +120,8 @@ class SoupDriver:
             details = result.details_dict()
             if name == "manifold_mix":
                 fused = to_numpy(result.state_dict)
-                details["config"] = config.method.to_dict()
+            if "config" in options.get(name, {}):
+                details["config"] = options[name]["config"].to_dict()
             wall = time.perf_counter() - t0 + (ranking_s if result.ranked else 0.0)
             rows[name] = {**judged.add(name, result.state_dict),
                           "ingredients": result.ingredients,
@@ -135,7 +139,6 @@ class SoupDriver:
                                            name == "best_individual" else
                                            {"best_individual": best,
                                             "greedy_soup": "greedy_soup"})
-        pretrained = load_pretrained(config.pool.zoo)
         references = {} if pretrained is None else \
             {"pretrained": judged.add("pretrained", pretrained)}
         return {"methods": rows, "ingredients": ingredients, "references": references,

@@ -15,7 +15,7 @@ from ray.tune.search.nevergrad import NevergradSearch
 
 from ..errors import RaysoupError
 from ..mixing import StateDict, to_numpy
-from ..search import Mixer, PassResult, best_index, chosen_name, make_optimizer
+from ..search import Bound, Mixer, PassResult, best_index, chosen_name, make_optimizer
 from .evaluators import EvaluatorSpec
 from .workers import METRIC, evaluate_point, mixing_trial
 
@@ -101,7 +101,7 @@ class TuneSearch:
         return evaluate_point(self.actors, self.evaluators.mode, self.refs, np.asarray(x), 0,
                               self.evaluators.timeout_s)
 
-    def optimise(self, start: np.ndarray, lower: float, upper: float, budget: int,
+    def optimise(self, start: np.ndarray, lower: Bound, upper: Bound, budget: int,
                  seed: int, name: str) -> PassResult:
         optimizer = make_optimizer(name, start, lower, upper, budget, self.num_workers, seed)
         searcher = PenalizingNevergradSearch(optimizer=optimizer, space=None, metric=METRIC,

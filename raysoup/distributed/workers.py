@@ -34,10 +34,12 @@ class EvaluatorActor:
                  shards: int, components, threads: int, autocast_bf16: bool):
         import torch
 
+        from ..console import console_logging
         from ..inputs.data import EvalSet, read_eval_set, shard_rows
         from ..evaluate import Evaluator
         from ..inputs.model import allow_models_here
         allow_models_here()
+        console_logging()  # learned soup's progress lines reach the driver's console
         torch.set_num_threads(max(1, threads))
         full = read_eval_set(sources[VAL], spec.num_classes)
         rows = shard_rows(len(full), val_shard, val_shards)
@@ -45,6 +47,7 @@ class EvaluatorActor:
         self.evaluator = Evaluator(spec, [part], autocast_bf16=autocast_bf16)
         self.spec, self.sources, self.shard, self.shards = spec, sources, shard, shards
         self.components = components
+        self.whole_val = None  # an evaluator with every validation row, for learned soup
         self.model_ids: tuple = ()
         self.models: list = []
         self.mixer = None
@@ -81,6 +84,21 @@ class EvaluatorActor:
         batches = iter_shard(source, self.spec.num_classes, self.shard, self.shards,
                              self.evaluator.batch_size)
         return self.evaluator.score(batches, source.class_map).cpu().numpy()
+
+
+    def learn_soup(self, model_refs: Sequence[ray.ObjectRef], config) -> np.ndarray:
+        """Learned soup's mixing logits, learned on every validation row (read again here:
+        this actor may hold only its shard)."""
+        from ..evaluate import Evaluator
+        from ..inputs.data import read_eval_set
+        from ..methods.learned_soup import learn_mixing_logits
+        from ..mixing import from_numpy
+        if self.whole_val is None:
+            self.whole_val = Evaluator(self.spec, [read_eval_set(self.sources[VAL],
+                                                                 self.spec.num_classes)],
+                                       device=str(self.evaluator.device))
+        models = [from_numpy(m) for m in ray.get(list(model_refs))]
+        return learn_mixing_logits(self.whole_val, VAL, models, self.components, config)
 
 
 def evaluate_point(actors: list, mode: str, models: list, x: np.ndarray, slot: int,

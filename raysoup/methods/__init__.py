@@ -1,6 +1,8 @@
 """Merge methods behind one registry: ``METHODS[name](ctx, **options) -> MethodResult``."""
 
-from . import baselines, manifold_mix  # noqa: F401  (registers the methods)
-from .base import METHODS, MethodResult, SoupContext, ValidationJudge, register
+from . import (baselines, learned_soup, manifold_mix, model_stock,  # noqa: F401  (register)
+               task_arithmetic, ties_merging)
+from .base import METHOD_INFO, METHODS, MethodResult, SoupContext, ValidationJudge, register
 
-__all__ = ["METHODS", "MethodResult", "SoupContext", "ValidationJudge", "register"]
+__all__ = ["METHODS", "METHOD_INFO", "MethodResult", "SoupContext", "ValidationJudge",
+           "register"]

@@ -1,15 +1,24 @@
-"""What every merge method gets (a pool, a validation judge, the ranking, the components
-and a search) and returns: ``METHODS[name](ctx, **options) -> MethodResult``."""
+"""What every merge method gets (a pool, a validation judge, the ranking, the components,
+a search, the pretrained weights and a learner) and returns:
+``METHODS[name](ctx, **options) -> MethodResult``. ``METHOD_INFO[name]`` says what a method
+needs before a run starts (its config class, the pretrained weights, a memory check)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import numpy as np
 
 from ..components import Components
+from ..errors import RaysoupError
 from ..mixing import StateDict
 from ..inputs.pool import IngredientPool
-from ..search import Search
+from ..search import Mixer, Search, check_optimizer
+
+logger = logging.getLogger(__name__)
 
 
 class ValidationJudge:
@@ -31,6 +40,10 @@ class SoupContext:
     ranking: list[tuple[str, float]]  # (ingredient, val accuracy), best first
     components: Components | None = None  # the weights' partition, for per-component mixing
     search: Search | None = None          # evaluates and optimises mixing points
+    pretrained: StateDict | None = None   # the manifest's `pretrained` (task-vector methods)
+    # Learns per-(ingredient, component) mixing logits by gradient on the validation split
+    # (learned soup): on Ray, in one evaluator actor; in-process in tests.
+    learner: Callable[[Sequence[StateDict], object], np.ndarray] | None = None
 
     @classmethod
     def rank(cls, pool: IngredientPool, judge: ValidationJudge, **rest) -> "SoupContext":
@@ -55,8 +68,76 @@ Method = Callable[..., MethodResult]
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str) -> Callable[[Method], Method]:
+@dataclass(frozen=True)
+class MethodInfo:
+    """What a run checks before any cluster work: the method's config (a TOML section of
+    its name), whether it needs the manifest's `pretrained`, and a check of the pool."""
+    config: type | None = None
+    needs_pretrained: bool = False
+    check: Callable[[IngredientPool, object], None] | None = None
+
+
+METHOD_INFO: dict[str, MethodInfo] = {}
+
+
+def register(name: str, **info) -> Callable[[Method], Method]:
     def wrap(fn: Method) -> Method:
-        METHODS[name] = fn
+        METHODS[name], METHOD_INFO[name] = fn, MethodInfo(**info)
         return fn
     return wrap
+
+
+@dataclass(frozen=True)
+class KnobSearch:
+    """A merge method's continuous knobs chosen on val by the run's search (Tune +
+    nevergrad on the evaluator pool, as ManifoldMix's passes). Subclasses name their TOML
+    section and check their bounds in `check`."""
+    SECTION: ClassVar[str] = ""
+    optimizer: str = "NGOpt"
+    budget: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        check_optimizer(self.optimizer, 1)
+        if self.budget < 1:
+            raise RaysoupError(f"{self.SECTION}.budget must be >= 1, got {self.budget}")
+        self.check()
+
+    def check(self) -> None:
+        pass
+
+    def check_bounds(self, key: str, low: float = float("-inf"),
+                     high: float = float("inf")) -> None:
+        bounds = getattr(self, key)
+        if not (len(bounds) == 2 and low <= bounds[0] < bounds[1] <= high):
+            raise RaysoupError(f"{self.SECTION}.{key} must be [lower, upper] with {low:g} <= "
+                               f"lower < upper <= {high:g}, got {list(bounds)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class KnobDetails:
+    knobs: dict[str, float]       # the chosen values
+    val_accuracy: float
+    optimizer: str
+    trace: list[float]            # val accuracy per evaluation, in tell order
+
+
+def tune_knobs(ctx: SoupContext, models: Sequence[StateDict], mixer: Mixer, names: list[str],
+               start: Sequence[float], lower: Sequence[float], upper: Sequence[float],
+               search: KnobSearch) -> KnobDetails:
+    """The best knob values the search finds for `mixer` over `models` within the bounds."""
+    if ctx.search is None:
+        raise RaysoupError("tuning a merge method's knobs needs the context's search")
+    ctx.search.set_models(models, mixer)
+    result = ctx.search.optimise(np.asarray(start, dtype=np.float64), np.asarray(lower),
+                                 np.asarray(upper), search.budget, search.seed,
+                                 search.optimizer)
+    knobs = {n: float(v) for n, v in zip(names, result.x)}
+    logger.info(f"[{search.SECTION}] {result.evaluations} evaluations ({result.optimizer}): "
+                + ", ".join(f"{n} {v:.4g}" for n, v in knobs.items())
+                + f", val {100 * result.accuracy:.2f}")
+    return KnobDetails(knobs, result.accuracy, result.optimizer,
+                       [float(a) for a in result.trace])

@@ -1,0 +1,121 @@
+"""Learned soup (Wortsman et al. 2022, arXiv 2203.05482, "learned soup" by layer): mixing
+weights per ingredient and component, softmax-normalised over the ingredients, learned by
+gradient steps on the validation split through the mixed model. Runs on one evaluator
+(gradients need the mixed model there) and holds every ingredient at once."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import psutil
+import torch
+import torch.nn.functional as F
+
+from ..errors import RaysoupError
+from ..inputs.pool import IngredientPool
+from ..mixing import StateDict, weighted_sum
+from .base import MethodResult, SoupContext, register
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LearnedSoupConfig:
+    epochs: int = 5            # passes over the validation split (forward and backward)
+    lr: float = 0.05           # Adam, on the mixing logits
+    batch_size: int = 256
+    seed: int = 0              # batch order
+    max_memory_gb: float = 0.0  # 0: the memory this machine has available
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.max_memory_gb < 0:
+            raise RaysoupError(f"learned_soup needs epochs >= 1, batch_size >= 1, lr > 0 and "
+                               f"max_memory_gb >= 0; got {self}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def memory_estimate(pool: IngredientPool) -> tuple[int, int]:
+    """(bytes learned soup holds, bytes of one ingredient): every ingredient twice (as
+    received and stacked per weight), plus the mixed weights, their gradients and Adam's
+    state; activations of one batch are small next to that."""
+    one = sum(v.numel() * v.element_size() for v in pool.load(pool.names[0]).values())
+    return one * (2 * len(pool) + 3), one
+
+
+def check_memory(pool: IngredientPool, config: LearnedSoupConfig) -> None:
+    need, one = memory_estimate(pool)
+    limit = config.max_memory_gb * 2**30 or psutil.virtual_memory().available
+    if need > limit:
+        where = "learned_soup.max_memory_gb" if config.max_memory_gb else \
+            "available on this machine"
+        raise RaysoupError(
+            f"learned_soup holds every ingredient in one evaluator: about {need / 2**30:.1f} "
+            f"GiB for {len(pool)} ingredients of {one / 2**20:.0f} MiB, more than the "
+            f"{limit / 2**30:.1f} GiB {where}; leave it out of `methods` or raise "
+            f"learned_soup.max_memory_gb")
+
+
+def learn_mixing_logits(evaluator, set_name: str, models: Sequence[StateDict], components,
+                        config: LearnedSoupConfig) -> np.ndarray:
+    """Logits (ingredients x components) learned by Adam on cross-entropy over the
+    `set_name` rows that `evaluator` holds; the mixed weights of component i are
+    sum_j softmax(logits[:, i])_j w_j. Unmixed and non-float keys take ingredient 0's."""
+    from torch.func import functional_call
+
+    device = evaluator.device
+    images, labels, class_map = evaluator.sets[set_name]
+    stacked = {key: (i, torch.stack([sd[key].to(device) for sd in models]))
+               for i, keys in enumerate(components.keys) for key in keys
+               if models[0][key].is_floating_point()}
+    fixed = {k: v.to(device) for k, v in models[0].items() if k not in stacked}
+    logits = torch.zeros(len(models), len(components), device=device, requires_grad=True)
+    optimizer = torch.optim.Adam([logits], lr=config.lr)
+    order = torch.Generator().manual_seed(config.seed)
+    model = evaluator.model
+    for epoch in range(config.epochs):
+        total = 0.0
+        for idx in torch.randperm(len(labels), generator=order).split(config.batch_size):
+            idx = idx.to(device)
+            weights = torch.softmax(logits, dim=0)
+            mixed = {key: torch.tensordot(weights[:, i].to(w.dtype), w, dims=1)
+                     for key, (i, w) in stacked.items()}
+            out = evaluator.project(functional_call(model, {**mixed, **fixed},
+                                                    (images[idx],)), class_map)
+            loss = F.cross_entropy(out, labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(idx)
+        logger.info(f"[learned_soup] epoch {epoch + 1}/{config.epochs}: val loss "
+                    f"{total / len(labels):.4f}")
+    return logits.detach().cpu().numpy().astype(np.float64)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Over the ingredients (axis 0): every component's weights sum to 1."""
+    e = np.exp(logits - logits.max(axis=0, keepdims=True))
+    return e / e.sum(axis=0, keepdims=True)
+
+
+@dataclass
+class LearnedSoupDetails:
+    components: list[str]
+    betas: list[list[float]]   # ingredients x components, columns sum to 1
+
+
+@register("learned_soup", config=LearnedSoupConfig, check=check_memory)
+def learned_soup(ctx: SoupContext, config: LearnedSoupConfig = LearnedSoupConfig()
+                 ) -> MethodResult:
+    if ctx.learner is None or ctx.components is None:
+        raise RaysoupError("learned_soup needs the context's learner and components")
+    names = ctx.pool.names
+    betas = softmax(ctx.learner([ctx.pool.load(n) for n in names], config))
+    merged = weighted_sum(lambda j: ctx.pool.load(names[j]), betas, ctx.components)
+    details = LearnedSoupDetails(list(ctx.components.names), betas.tolist())
+    # Its cost in validation passes: one forward and backward pass over val per epoch.
+    return MethodResult(merged, names, config.epochs, ranked=False, details=details)

@@ -1,0 +1,179 @@
+"""Model Stock, task arithmetic, TIES-merging and learned soup: each method's defining
+arithmetic against a hand computation on tiny weights, and each run in-process on the tiny
+zoo through the same registry as the others."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from raysoup.components import partition
+from raysoup.errors import RaysoupError
+from raysoup.evaluate import VAL
+from raysoup.inputs.pool import IngredientPool, load_pretrained
+from raysoup.methods import METHODS, SoupContext, ValidationJudge
+from raysoup.methods.learned_soup import (LearnedSoupConfig, check_memory, learn_mixing_logits,
+                                          softmax)
+from raysoup.methods.model_stock import model_stock_merge
+from raysoup.methods.task_arithmetic import TaskArithmeticConfig, task_arithmetic_merge
+from raysoup.methods.ties_merging import TiesMergingConfig, ties_merge
+from raysoup.mixing import weighted_sum
+from raysoup.search import LocalSearch
+
+from .helpers import val_evaluator
+
+
+def t(*values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def test_model_stock_ratio_follows_the_angle_between_the_deltas():
+    w0 = {"orthogonal": t(1.0, 1.0), "aligned": t(0.0, 0.0), "sixty": t(0.0, 0.0),
+          "step": torch.tensor(7)}
+    w1 = {"orthogonal": t(2.0, 1.0), "aligned": t(1.0, 1.0), "sixty": t(1.0, 0.0),
+          "step": torch.tensor(1)}
+    w2 = {"orthogonal": t(1.0, 2.0), "aligned": t(2.0, 2.0),
+          "sixty": t(0.5, math.sqrt(3) / 2), "step": torch.tensor(2)}
+    merged = model_stock_merge(w0, [w1, w2])
+    # cos 0 -> t = 0: the pretrained weights
+    torch.testing.assert_close(merged["orthogonal"], t(1.0, 1.0))
+    # cos 1 -> t = 2 / 2 = 1: the average
+    torch.testing.assert_close(merged["aligned"], t(1.5, 1.5))
+    # cos 1/2 -> t = 2 * 0.5 / 1.5 = 2/3 of the average delta (0.75, sqrt(3)/4)
+    torch.testing.assert_close(merged["sixty"], t(0.5, math.sqrt(3) / 6))
+    assert int(merged["step"]) == 7
+
+
+def test_model_stock_streams_the_mean_pairwise_cosine_of_n_deltas():
+    gen = torch.Generator().manual_seed(0)
+    w0 = {"w": torch.randn(5, 3, generator=gen)}
+    shared = torch.randn(5, 3, generator=gen)
+    fine = [{"w": w0["w"] + shared + 0.7 * torch.randn(5, 3, generator=gen)} for _ in range(4)]
+    deltas = [(f["w"] - w0["w"]).flatten().double() for f in fine]
+    cosines = [float(a @ b / (a.norm() * b.norm())) for i, a in enumerate(deltas)
+               for b in deltas[i + 1:]]
+    cos = sum(cosines) / len(cosines)
+    ratio = 4 * cos / (1 + 3 * cos)
+    expected = ratio * torch.stack([f["w"] for f in fine]).mean(0) + (1 - ratio) * w0["w"]
+    torch.testing.assert_close(model_stock_merge(w0, iter(fine))["w"], expected)
+
+
+def test_model_stock_needs_two_ingredients():
+    with pytest.raises(RaysoupError, match="at least 2 ingredients"):
+        model_stock_merge({"w": t(0.0)}, [{"w": t(1.0)}])
+
+
+def test_task_arithmetic_adds_the_scaled_sum_of_task_vectors():
+    w0 = {"w": t(1.0, 2.0), "n": torch.tensor(3)}
+    ingredients = [{"w": t(2.0, 2.0), "n": torch.tensor(0)},
+                   {"w": t(1.0, 5.0), "n": torch.tensor(0)}]
+    merged = task_arithmetic_merge(w0, ingredients, 0.5)
+    # tau = (1, 0) + (0, 3) = (1, 3); w0 + 0.5 tau
+    torch.testing.assert_close(merged["w"], t(1.5, 3.5))
+    assert int(merged["n"]) == 3
+
+
+def test_ties_trims_elects_a_sign_and_averages_the_agreeing_entries():
+    w0 = {"a": t(1.0, 1.0), "b": t(0.0, 0.0), "n": torch.tensor(5)}
+    taus = [(3.0, -1.0, 0.5, 2.0), (-2.0, -2.0, 1.0, 0.1), (1.0, 4.0, -0.2, -3.0)]
+    ingredients = [{"a": w0["a"] + t(*tau[:2]), "b": t(*tau[2:]), "n": torch.tensor(0)}
+                   for tau in taus]
+    merged = ties_merge(w0, ingredients, scale=0.5, density=0.5)
+    # Keep 2 of 4 per task vector: (3, 0, 0, 2), (-2, -2, 0, 0), (0, 4, 0, -3).
+    # Elected signs of the sums (1, 2, 0, -1): +, +, 0, -. Agreeing means: 3, 4, 0, -3.
+    torch.testing.assert_close(merged["a"], t(1.0 + 0.5 * 3, 1.0 + 0.5 * 4))
+    torch.testing.assert_close(merged["b"], t(0.0, -1.5))
+    assert int(merged["n"]) == 5 and list(merged) == ["a", "b", "n"]
+
+
+def test_ties_at_full_density_and_agreeing_signs_is_the_scaled_mean():
+    w0 = {"w": t(0.0, 0.0, 0.0)}
+    ingredients = [{"w": t(1.0, 2.0, -1.0)}, {"w": t(3.0, 4.0, -2.0)}]
+    torch.testing.assert_close(ties_merge(w0, ingredients, 1.0, 1.0)["w"], t(2.0, 3.0, -1.5))
+
+
+def test_learned_soup_softmax_columns_sum_to_one_and_zero_logits_are_uniform():
+    betas = softmax(np.array([[0.0, 2.0], [0.0, 0.0], [0.0, -1.0]]))
+    np.testing.assert_allclose(betas.sum(axis=0), 1.0)
+    np.testing.assert_allclose(betas[:, 0], 1 / 3)
+    e = np.exp([2.0, 0.0, -1.0])
+    np.testing.assert_allclose(betas[:, 1], e / e.sum())
+
+
+@pytest.fixture(scope="module")
+def context(tiny_zoo):
+    pool = IngredientPool.from_zoo(tiny_zoo)
+    evaluator = val_evaluator(tiny_zoo)
+    judge = ValidationJudge(evaluator.accuracy)
+    components = partition(list(pool.load(pool.names[0])), "granularity-1")
+
+    def learner(models, config):
+        return learn_mixing_logits(evaluator, VAL, models, components, config)
+
+    return SoupContext.rank(pool, judge, components=components,
+                            search=LocalSearch(judge, components),
+                            pretrained=load_pretrained(str(tiny_zoo)), learner=learner)
+
+
+def test_learned_soup_lowers_the_validation_loss_of_the_uniform_soup(context, tiny_zoo):
+    """Gradient steps move the logits away from the uniform soup (zero logits) towards a
+    lower validation loss; the soup is sum_j softmax(logits)_j w_j per component."""
+    evaluator = val_evaluator(tiny_zoo)
+    pool, components = context.pool, context.components
+    models = [pool.load(n) for n in pool.names]
+    logits = learn_mixing_logits(evaluator, VAL, models, components,
+                                 LearnedSoupConfig(epochs=3, lr=0.1))
+    assert logits.shape == (len(pool), len(components)) and np.isfinite(logits).all()
+
+    def loss(betas):
+        evaluator.load(weighted_sum(lambda j: models[j], betas, components))
+        images, labels, _ = evaluator.sets[VAL]
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(evaluator.model(images), labels))
+
+    assert loss(softmax(logits)) < loss(softmax(np.zeros_like(logits)))
+
+
+@pytest.mark.parametrize("name, options", [
+    ("model_stock", {}),
+    ("task_arithmetic", {"config": TaskArithmeticConfig(budget=4)}),
+    ("ties_merging", {"config": TiesMergingConfig(budget=4)}),
+    ("learned_soup", {"config": LearnedSoupConfig(epochs=1)}),
+])
+def test_each_method_runs_behind_the_registry(context, name, options):
+    judge_before = context.judge.evaluations
+    result = METHODS[name](context, **options)
+    assert result.ingredients == context.pool.names and not result.ranked
+    assert set(result.state_dict) == set(context.pool.load(context.pool.names[0]))
+    assert all(torch.isfinite(v).all() for v in result.state_dict.values()
+               if v.is_floating_point())
+    if name in ("task_arithmetic", "ties_merging"):
+        # Knobs chosen on val by the search, every evaluation counted and traced.
+        details = result.details
+        assert result.evaluations == len(details.trace) == 4
+        assert details.val_accuracy == max(details.trace)
+        assert context.judge.evaluations - judge_before == 4
+        bounds = {"lambda": options["config"].scale_bounds,
+                  "density": getattr(options["config"], "density_bounds", (0, 1))}
+        assert all(bounds[k][0] <= v <= bounds[k][1] for k, v in details.knobs.items())
+
+
+def test_learned_soup_refuses_a_pool_that_does_not_fit(tiny_zoo):
+    pool = IngredientPool.from_zoo(tiny_zoo)
+    with pytest.raises(RaysoupError, match=r"learned_soup holds every ingredient.*GiB.*"
+                                           r"learned_soup.max_memory_gb"):
+        check_memory(pool, LearnedSoupConfig(max_memory_gb=1e-6))
+    check_memory(pool, LearnedSoupConfig())  # the tiny pool fits this machine
+
+
+@pytest.mark.parametrize("config, message", [
+    (lambda: TaskArithmeticConfig(scale_bounds=(1.0, 0.5)), "task_arithmetic.scale_bounds"),
+    (lambda: TiesMergingConfig(density_bounds=(0.0, 1.5)), "ties_merging.density_bounds"),
+    (lambda: TiesMergingConfig(budget=0), "ties_merging.budget must be >= 1"),
+    (lambda: TaskArithmeticConfig(optimizer="NoSuchOpt"), "unknown nevergrad optimizer"),
+    (lambda: LearnedSoupConfig(epochs=0), "learned_soup needs epochs >= 1"),
+])
+def test_bad_method_settings_are_refused_by_name(config, message):
+    with pytest.raises(RaysoupError, match=message):
+        config()
