@@ -21,6 +21,13 @@ def _run(args: argparse.Namespace) -> None:
     execute(load_config(args.config), resume=args.resume, address=args.address)
 
 
+def _check(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .run import plan, validate_run
+    print(plan(validate_run(load_config(args.config), resume=args.resume)))
+    print(f"[check] {args.config}: ok (nothing was started)")
+
+
 def _bench(args: argparse.Namespace) -> None:
     from .tools.bench import load_grid, run_bench
     from .tools.bench_plots import write_all
@@ -84,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="an existing Ray cluster (auto, HOST:PORT or "
                      "ray://HOST:PORT); default: start a local one")
     run.set_defaults(func=_run)
+
+    check = sub.add_parser("check", help="validate a run config, its zoo and its data as "
+                           "`run` would, without starting Ray, and print what the run would do")
+    check.add_argument("config", type=Path, help="TOML file (see examples/run.toml)")
+    check.add_argument("--resume", action="store_true", help="check it as a --resume")
+    check.set_defaults(func=_check)
 
     bench = sub.add_parser("bench", help="benchmark optimisers, budgets, parallel trials and "
                            "component granularity on a zoo (resumable)")

@@ -1,21 +1,30 @@
 """`raysoup run` configuration: a TOML file read into typed sections.
 
-Unknown sections or keys (typos) are errors that name the file and the key, raised before
-any cluster work starts. Relative paths are relative to the config file.
+Every key of every section has a type, bounds and a default (the dataclasses below and
+each method's config); a TOML file is validated against them by pydantic in strict mode,
+so a wrong type, a value out of bounds or an unknown key is one error naming the file, the
+key, the expected type and the value given, raised before any cluster work starts.
+Relative paths are relative to the config file.
 """
 
 from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field
 
 from .inputs import storage
 from .errors import RaysoupError
 from .methods.manifold_mix import ManifoldMixConfig
+from .typed import field_types, validate
 
 Location = str  # a path (shared by every node) or a URI that pyarrow.fs reads (s3://, gs://)
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[int, Field(ge=0)]
 
 
 @dataclass(frozen=True)
@@ -26,15 +35,15 @@ class PoolConfig:
 
 @dataclass(frozen=True)
 class ResourcesConfig:
-    evaluators: int = 0           # 0: one per GPU, or one per CPU on a CPU-only cluster
-    evaluation: str = "auto"      # auto | sharded | whole
-    cpus_per_evaluator: float = 1.0
-    gpus_per_evaluator: float = -1.0  # -1: 1 when the cluster has GPUs, else 0
+    evaluators: NonNegative = 0   # 0: one per GPU, or one per CPU on a CPU-only cluster
+    evaluation: Literal["auto", "sharded", "whole"] = "auto"
+    cpus_per_evaluator: Positive = 1.0
+    gpus_per_evaluator: Annotated[float, Field(ge=-1)] = -1.0  # -1: 1 if the cluster has GPUs
     bf16: bool = False            # bf16 autocast on GPU evaluators
-    eval_timeout_s: float = 600.0
-    max_failures: int = 2         # retries of a failed trial before it is scored 0
+    eval_timeout_s: Positive = 600.0
+    max_failures: NonNegative = 2  # retries of a failed trial before it is scored 0
     wait_for_autoscaler: bool = False  # evaluators may wait for nodes the cluster adds
-    start_timeout_s: float = 600.0     # evaluators not up by then: fail loudly
+    start_timeout_s: Positive = 600.0  # evaluators not up by then: fail loudly
 
     def __post_init__(self):
         if self.evaluation not in ("auto", "sharded", "whole"):
@@ -86,26 +95,23 @@ class RunConfig:
                                       "method": self.method.to_dict()}))
 
 
+@dataclass(frozen=True)
+class TopLevel:
+    """The keys outside any section."""
+    out: str
+    methods: Annotated[tuple[str, ...], Field(min_length=1)] = ("manifold_mix",)
+    report_ingredients: bool = False
+
+
 def section(cls, table: dict, name: str, where: str, base: Path):
-    """One TOML table into the dataclass `cls`; unknown keys name the file and the key."""
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(table) - set(known))
-    if unknown:
-        raise RaysoupError(f"{where}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}"
-                           f"; known keys of [{name}]: {', '.join(sorted(known))}")
-    values = {}
-    for key, value in table.items():
-        if known[key].type == "Location":
-            value = storage.resolve(value, base)
-        elif known[key].type in ("Path", "Path | None"):
-            value = base / Path(value).expanduser()
-        elif isinstance(value, list):
-            value = tuple(value)
-        values[key] = value
-    try:
-        return cls(**values)
-    except TypeError as e:
-        raise RaysoupError(f"{where}: bad [{name}] section: {e}") from e
+    """One TOML table into the dataclass `cls` (raysoup.typed.validate), paths resolved
+    relative to the config file."""
+    if isinstance(table, dict):
+        location = {f.name for f in fields(cls) if f.type == "Location"}
+        table = {k: storage.resolve(v, base) if k in location and isinstance(v, str) else v
+                 for k, v in table.items()}
+    return validate(cls, table, where, f"{name}." if name else "",
+                    f"[{name}]" if name else "the top level")
 
 
 def load_config(path: Path) -> RunConfig:
@@ -114,6 +120,8 @@ def load_config(path: Path) -> RunConfig:
         raw = tomllib.loads(path.read_text())
     except OSError as e:
         raise RaysoupError(f"cannot read config {path}: {e}") from e
+    except UnicodeDecodeError as e:
+        raise RaysoupError(f"{path} is not UTF-8 text: {e}") from e
     except tomllib.TOMLDecodeError as e:
         raise RaysoupError(f"{path} is not valid TOML: {e}") from e
     from .methods import METHOD_INFO
@@ -121,22 +129,58 @@ def load_config(path: Path) -> RunConfig:
                        if info.config is not None and name != "manifold_mix"}
     sections = {"pool": PoolConfig, "method": ManifoldMixConfig, "resources": ResourcesConfig,
                 **method_sections}
-    top_level = {"out", "methods", "report_ingredients"}
+    top_level = {f.name for f in fields(TopLevel)}
     unknown = sorted(set(raw) - set(sections) - top_level)
     if unknown:
         raise RaysoupError(f"{path}: unknown key(s) or section(s) {unknown}; known: "
                            f"{sorted([*sections, *top_level])}")
     if "pool" not in raw or "out" not in raw:
         raise RaysoupError(f"{path}: needs `out = \"DIR\"` and a [pool] section with `zoo`")
-    base = path.parent
+    where, base = str(path), path.parent
+    top = section(TopLevel, {k: v for k, v in raw.items() if k in top_level}, "", where, base)
     return RunConfig(
-        pool=section(PoolConfig, raw["pool"], "pool", str(path), base),
-        out=base / Path(raw["out"]).expanduser(),
-        method=section(ManifoldMixConfig, raw.get("method", {}), "method", str(path), base),
-        resources=section(ResourcesConfig, raw.get("resources", {}), "resources", str(path),
-                           base),
+        pool=section(PoolConfig, raw["pool"], "pool", where, base),
+        out=base / Path(top.out).expanduser(),
+        method=section(ManifoldMixConfig, raw.get("method", {}), "method", where, base),
+        resources=section(ResourcesConfig, raw.get("resources", {}), "resources", where, base),
         source=path,
-        methods=tuple(raw.get("methods", ("manifold_mix",))),
-        report_ingredients=bool(raw.get("report_ingredients", False)),
-        options={name: section(cls, raw[name], name, str(path), base)
+        methods=top.methods,
+        report_ingredients=top.report_ingredients,
+        options={name: section(cls, raw[name], name, where, base)
                  for name, cls in method_sections.items() if name in raw})
+
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "run.toml"
+
+
+def reference_table(example: Path = EXAMPLE) -> str:
+    """The README's configuration reference: every section and key of the typed models,
+    with its type and default, and its meaning from the comment beside it in
+    examples/run.toml (a test keeps the README's copy equal to this)."""
+    from .methods import METHOD_INFO
+    meanings, current, last = {}, "", None
+    for line in example.read_text().splitlines():
+        code, _, comment = line.partition("#")
+        code = code.strip()
+        if code.startswith("["):
+            current, last = code.split("]")[0].strip("["), None
+        elif "=" in code:
+            last = (current, code.split("=")[0].strip())
+            meanings[last] = comment.strip()
+        elif line.startswith(" ") and comment and last:  # a comment's continuation line
+            meanings[last] += " " + comment.strip()
+        else:
+            last = None
+    sections = [("", TopLevel), ("pool", PoolConfig), ("method", ManifoldMixConfig),
+                ("resources", ResourcesConfig),
+                *((name, info.config) for name, info in METHOD_INFO.items()
+                  if info.config is not None and name != "manifold_mix")]
+    rows = ["| section | key | type | default | meaning |", "|---|---|---|---|---|"]
+    for name, cls in sections:
+        types = field_types(cls)
+        for f in fields(cls):
+            default = "required" if f.default is MISSING else json.dumps(f.default)
+            cells = [name and f"[{name}]", f"`{f.name}`", types[f.name], default,
+                     meanings.get((name, f.name), "")]
+            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
 import torch
 
+from .cache import KeyedArrays
 from .inputs.data import ClassMap, EvalSet, EvalSetSource, read_eval_set
 from .inputs.model import ModelSpec, build_classifier
 from .inputs.pool import state_dict_sha256
@@ -23,29 +23,10 @@ VAL = "val"
 ID = "id"
 
 
-class JudgementCache:
+class JudgementCache(KeyedArrays):
     """Per-image correctness by content: the same weights (sha256) on the same evaluation
     set (its fingerprint) by the same kind of evaluator are judged once, for every later
     run."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-
-    def _path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.npy"
-
-    def get(self, key: str) -> np.ndarray | None:
-        try:
-            return np.load(self._path(key), allow_pickle=False)
-        except (OSError, ValueError):  # absent, or a torn file: judge again
-            return None
-
-    def put(self, key: str, hits: np.ndarray) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, hits)
-        tmp.replace(path)
 
     def correctness(self, state_dict: Mapping[str, torch.Tensor], set_keys: Mapping[str, str],
                     sets: list[str], judge) -> dict[str, np.ndarray]:

@@ -70,7 +70,8 @@ def validate_run(config: RunConfig, resume: bool, pool: IngredientPool | None = 
         raise RaysoupError(f"zoo {config.pool.zoo} has no '{VAL}' evaluation set")
     shape = (pool.spec.in_channels, pool.spec.image_size, pool.spec.image_size)
     for name, source in eval_sources.items():  # labels, classes, maps, shapes; images unread
-        check_eval_set(source, pool.spec.num_classes, shape, name)
+        check_eval_set(source, pool.spec.num_classes, shape, name,
+                       min_classes=2 if name == VAL else 1)
         if config.pool.verify_sha256:
             verify_eval_set(source, name)
     pretrained = load_pretrained(config.pool.zoo)
@@ -79,6 +80,8 @@ def validate_run(config: RunConfig, resume: bool, pool: IngredientPool | None = 
                          "manifest.json pretrained", pool.spec.arch)
     check_methods(config, pool, pretrained is not None)
     out = config.out
+    if out.exists() and not out.is_dir():
+        raise RaysoupError(f"out = {str(out)!r} is a file; `out` names the run directory")
     if (out / "report.json").exists() and not resume:
         raise RaysoupError(f"{out} already holds a finished run; choose another `out`")
     if (out / "driver" / "state.json").exists() and not resume:
@@ -102,6 +105,49 @@ def check_methods(config: RunConfig, pool: IngredientPool, has_pretrained: bool)
     for name, method_config in config.method_configs().items():
         if METHOD_INFO[name].check is not None:
             METHOD_INFO[name].check(pool, method_config)
+
+
+def plan(prepared: Prepared) -> str:
+    """What a run of this config would do: `raysoup check` prints it, nothing started."""
+    config, pool = prepared.config, prepared.pool
+    mm, r = config.method, config.resources
+    n, m = len(pool), len(prepared.components)
+    budget = m * mm.evals_per_component
+    passes = 3 if mm.later_passes else 1
+    lines = [f"pool: {n} ingredients of {pool.spec.arch or 'the testbed ViT'} from "
+             f"{config.pool.zoo}; evaluation sets {', '.join(prepared.eval_sources)}",
+             f"components ({config.method.components}, {m}): "
+             f"{', '.join(prepared.components.names)}",
+             f"ranking: {n} validation evaluations, shared by every method"]
+    for name, method_config in {**{m: None for m in config.methods},
+                                **config.method_configs()}.items():
+        if name == "manifold_mix":
+            most = (n - 1) * (1 + passes * budget) + \
+                (n * m * mm.phase2_evals_per_weight if mm.phase2 else 0)
+            lines.append(f"manifold_mix: {mm.optimizer}, {budget} evaluations per pass "
+                         f"({m} components x {mm.evals_per_component}); at most {most} "
+                         f"evaluations after the ranking (each of {n - 1} candidates: a "
+                         f"promise test and up to {passes} pass(es))"
+                         + (", phase 2 included" if mm.phase2 else ""))
+        elif name == "greedy_soup":
+            lines.append(f"greedy_soup: {n - 1} evaluations")
+        elif hasattr(method_config, "budget"):
+            lines.append(f"{name}: {method_config.optimizer}, {method_config.budget} "
+                         f"evaluations")
+        elif name == "learned_soup":
+            lines.append(f"learned_soup: {method_config.epochs} passes over val with "
+                         f"gradients, on one evaluator")
+        else:
+            lines.append(f"{name}: no validation search")
+    count = r.evaluators or "one per GPU (or per CPU on a CPU-only cluster)"
+    gpus = "1 GPU if the cluster has GPUs, else none" if r.gpus_per_evaluator < 0 else \
+        f"{r.gpus_per_evaluator:g} GPU"
+    mode = r.evaluation if r.evaluation != "auto" else \
+        ("sharded" if mm.num_workers == 1 else "whole")
+    lines.append(f"evaluators: {count}, each {r.cpus_per_evaluator:g} CPU and {gpus}; "
+                 f"{mode} evaluation, {mm.num_workers} trial(s) in flight")
+    lines.append(f"out: {config.out}")
+    return "\n".join(lines)
 
 
 def evaluator_spec(config: RunConfig) -> EvaluatorSpec:

@@ -148,11 +148,11 @@ def tune_search(pair, tiny_zoo, tmp_path):
     pool, _, _, components = pair
     started = []
 
-    def make(mode="sharded", count=2, gpus=0.0, num_workers=1):
+    def make(mode="sharded", count=2, gpus=0.0, num_workers=1, **cache):
         spec = EvaluatorSpec(count=count, mode=mode, cpus=0.25, gpus=gpus, timeout_s=120)
         actors = start_evaluators(pool.spec, eval_set_sources(tiny_zoo), components, spec)
         started.extend(actors)
-        return TuneSearch(actors, spec, num_workers, tmp_path / "tune")
+        return TuneSearch(actors, spec, num_workers, tmp_path / "tune", **cache)
 
     yield make
     for actor in started:
@@ -283,3 +283,50 @@ def test_no_model_is_built_outside_the_evaluators(soup_zoo, tmp_path):
                for n, r in report["methods"].items() if n != "best_individual")
     assert report["references"]["pretrained"]["ood_avg"] is not None
     assert all(r["id"] is not None for r in report["ingredients"].values())
+
+
+@pytest.mark.parametrize("resources, message", [
+    ({"eval_timeout_s": 0.001}, r"judging a model on \['val'\] took longer than "
+                                r"resources.eval_timeout_s = 0.001 s"),
+    ({"evaluators": 64}, r"64 evaluator\(s\) need 32 CPU and 0 GPU, but the cluster has 2 CPU"),
+])
+def test_a_run_the_cluster_cannot_serve_fails_with_one_line(soup_zoo, tmp_path, resources,
+                                                            message):
+    """An evaluation slower than the timeout in the ranking (no Tune retry there), and more
+    evaluators than the cluster holds. The zoo gets an ingredient no test judged before, so
+    its ranking is not in the judgement cache."""
+    import shutil
+
+    from raysoup.inputs.pool import load_state_dict, save_state_dict
+    zoo = tmp_path / "zoo"
+    shutil.copytree(soup_zoo, zoo)
+    manifest = json.loads((zoo / "manifest.json").read_text())
+    state = load_state_dict(zoo / "ingredients" / "ft-00.safetensors")
+    state["classification_head.bias"] = state["classification_head.bias"] + 1e-3
+    save_state_dict(state, zoo / "ingredients" / "new.safetensors")
+    manifest["ingredients"].append({"name": "new", "file": "ingredients/new.safetensors"})
+    (zoo / "manifest.json").write_text(json.dumps(manifest))
+    config = load_config(write_config(tmp_path / "run.toml", zoo, "out", resources))
+    with pytest.raises(RaysoupError, match=message):
+        execute(config)
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_a_measured_point_is_read_back_not_evaluated_again(pair, tune_search, tmp_path):
+    """The promise point is pass 1's start: the pass reads it from the point cache (the
+    history still lists it, with the same accuracy), and a rerun of the same pass reads
+    every point and makes the same decisions."""
+    pool, a, c, components = pair
+    search = tune_search(cache_root=tmp_path / "points", val_key="tiny-val")
+    search.set_models([a, c], lerp_mixer)
+    start = np.full(len(components), 0.5)
+    promise = search.accuracy(start)
+    first = search.optimise(start, 0.25, 0.75, 5, 0, "Cobyla")
+    assert np.array_equal(first.points[0], start) and first.trace[0] == promise
+    assert search.cached_points == 1
+    again = search.optimise(start, 0.25, 0.75, 5, 0, "Cobyla")
+    assert search.cached_points == 1 + 5
+    assert again.trace == first.trace and np.array_equal(again.x, first.x)
+    search.set_models([c, a], lerp_mixer)  # other resident models: nothing is reused
+    search.accuracy(start)
+    assert search.cached_points == 6 and search.cache.scope != ""

@@ -22,8 +22,11 @@ def config_text(zoo, out="out", method="", resources="", extra=""):
 
 @pytest.mark.parametrize("method, resources, extra, message", [
     ("optimizer = 'NGOptt'", "", "", "unknown nevergrad optimizer 'NGOptt'"),
-    ("evals_per_component = 0", "", "", "budget"),
-    ("tau = 1.5", "", "", r"tau must be in \(0, 1\]"),
+    ("evals_per_component = 0", "", "",
+     r"method.evals_per_component = 0: expected int, >= 1 \(input should be greater than or "
+     r"equal to 1\)"),
+    ("tau = 1.5", "", "",
+     r"method.tau = 1.5: expected float, > 0, <= 1 \(input should be less than or equal to 1\)"),
     ("later_pass_bounds = [0.3, 1.5]", "", "", "later_pass_bounds"),
     ("components = 'granularity-9'", "", "", "unknown components preset 'granularity-9'"),
     ("optimiser = 'NGOpt'", "", "", "unknown key.*method.optimiser"),
@@ -31,7 +34,8 @@ def config_text(zoo, out="out", method="", resources="", extra=""):
     ("", "", "seed = 3", r"unknown key\(s\) or section\(s\) \['seed'\]"),
     ("", "", "methods = ['greedy_soup', 'greedier_soup']",
      r"unknown method\(s\) \['greedier_soup'\]"),
-    ("", "", "methods = []", "methods: unknown method"),
+    ("", "", "methods = []",
+     r"methods = \[\]: expected tuple\[str, \.\.\.\], length >= 1 \(tuple should have at least"),
     ("", "", "[ties_merging]\ndensity = 0.3", r"unknown key.*ties_merging.density"),
     ("", "", "[task_arithmetic]\nscale_bounds = [0.5, 0.5]", "task_arithmetic.scale_bounds"),
 ])
@@ -201,3 +205,15 @@ def test_learned_soup_too_large_for_its_memory_limit_is_refused_before_ray(tiny_
     with pytest.raises(RaysoupError, match="learned_soup holds every ingredient"):
         validate_run(load_config(path), resume=False)
     assert not ray.is_initialized()
+
+
+def test_the_readme_configuration_reference_is_the_typed_models_table():
+    """README's table of every key (type, bounds, default, meaning) is generated from the
+    typed config models and examples/run.toml's comments; it must not drift from them."""
+    from pathlib import Path
+
+    from raysoup.config import reference_table
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    begin, end = "<!-- config-reference:begin -->\n", "\n<!-- config-reference:end -->"
+    assert begin in readme and end in readme
+    assert readme.split(begin)[1].split(end)[0] == reference_table()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
@@ -16,7 +17,7 @@ import ray
 from ..checkpoint import load_state, save_state
 from ..console import console_logging
 from ..errors import RaysoupError
-from ..evaluate import JudgementCache, accuracy_row, ood_sets
+from ..evaluate import VAL, JudgementCache, accuracy_row, ood_sets
 from ..inputs.pool import load_pretrained
 from ..inputs.storage import cache_dir
 from ..methods import METHODS, SoupContext, ValidationJudge
@@ -76,7 +77,8 @@ class SoupDriver:
         self.judge = EvaluatorPool(actors, evaluators, prepared.pool.spec,
                                    prepared.eval_sources, judgement_cache())
         self.search = TuneSearch(actors, evaluators, config.method.num_workers,
-                                 config.out / "tune", config.resources.max_failures)
+                                 config.out / "tune", config.resources.max_failures,
+                                 cache_dir() / "points", self.judge.set_keys.get(VAL))
         self.state_dir = config.out / "driver"
 
     def _ranking(self, judge: ValidationJudge) -> tuple[list, float, MixState | None]:
@@ -115,7 +117,7 @@ class SoupDriver:
             on_step=lambda s: save_state(self.state_dir, s, config.fingerprint(), ranking))
         rows, fused = {}, None
         for name in config.methods:
-            t0 = time.perf_counter()
+            t0, cached = time.perf_counter(), self.search.cached_points
             result = METHODS[name](ctx, **options.get(name, {}))
             details = result.details_dict()
             if name == "manifold_mix":
@@ -127,9 +129,13 @@ class SoupDriver:
                           "ingredients": result.ingredients,
                           "evaluations": result.evaluations + (len(pool) if result.ranked
                                                                else 0),
-                          "ranked": result.ranked, "wall_s": round(wall, 2), **details}
+                          "ranked": result.ranked, "wall_s": round(wall, 2),
+                          # evaluations answered by the point cache (measured before)
+                          "cached_evaluations": self.search.cached_points - cached, **details}
             logger.info(f"[driver] {name}: val {100 * rows[name]['val']:.2f}, "
-                        f"{len(result.ingredients)} ingredient(s)")
+                        f"{len(result.ingredients)} ingredient(s)"
+                        + (f", {rows[name]['cached_evaluations']} of its evaluations from the "
+                           f"point cache" if rows[name]["cached_evaluations"] else ""))
         # Every method against the best ingredient and greedy soup, paired on the same images.
         best = ranking[0][0]
         if best not in judged.correctness:
@@ -165,6 +171,18 @@ def is_loopback(address: str) -> bool:
     return host in ("127.0.0.1", "localhost")
 
 
+def reachable(address: str, timeout_s: float = 5.0) -> bool:
+    """Does anything accept a TCP connection at HOST:PORT (ray:// or not)?"""
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return True  # not HOST:PORT: let Ray judge the address
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def connect(address: str | None, log_to_driver: bool = True) -> None:
     """Join a cluster, or start a private local one whose services bind 127.0.0.1 only.
 
@@ -178,6 +196,11 @@ def connect(address: str | None, log_to_driver: bool = True) -> None:
             ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver)
         return
     target = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
+    if target and not reachable(target):  # ray.init would retry for minutes
+        raise RaysoupError(f"cannot connect to the Ray cluster at {address!r}: nothing answers "
+                           f"at {target.split('://')[-1]} (is it running? `--address "
+                           f"HOST:PORT` works from a cluster node, ray://HOST:PORT from "
+                           f"elsewhere)")
     # A loopback cluster (cluster/local.py) is reachable only under its own address.
     try:
         with loopback_kept() if is_loopback(target) else nullcontext():

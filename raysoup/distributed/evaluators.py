@@ -4,6 +4,7 @@ pool that judges whole models on every evaluation set through them."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +52,17 @@ def start_evaluators(spec: ModelSpec, sources: Mapping[str, EvalSetSource],
     return actors
 
 
+@contextmanager
+def timeout_as_error(timeout_s: float, what: str):
+    """An evaluation past resources.eval_timeout_s outside a Tune trial (which would retry
+    it): one clear error instead of Ray's traceback."""
+    try:
+        yield
+    except ray.exceptions.GetTimeoutError:
+        raise RaysoupError(f"{what} took longer than resources.eval_timeout_s = {timeout_s:g} "
+                           f"s; raise it for slow evaluators or large sets") from None
+
+
 class EvaluatorPool:
     """The evaluator actors as one judge of whole models: per-image correctness on any
     evaluation set, every set's rows split across all actors and joined here in row order,
@@ -75,8 +87,9 @@ class EvaluatorPool:
         calls = {name: [a.judge.remote(refs, np.zeros(0), name) for a in
                         (self.actors[:1] if name == VAL and whole_val else self.actors)]
                  for name in sets}
-        return {name: np.concatenate(ray.get(parts, timeout=self.evaluators.timeout_s))
-                for name, parts in calls.items()}
+        with timeout_as_error(self.evaluators.timeout_s, f"judging a model on {sets}"):
+            return {name: np.concatenate(ray.get(parts, timeout=self.evaluators.timeout_s))
+                    for name, parts in calls.items()}
 
     def correctness(self, state_dict: StateDict, sets: list[str] | None = None
                     ) -> dict[str, np.ndarray]:

@@ -3,6 +3,7 @@ mixing points scored by the evaluator actors."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -14,10 +15,11 @@ from ray import tune
 from ray.tune.search.nevergrad import NevergradSearch
 
 from ..errors import RaysoupError
+from ..inputs.pool import state_dict_sha256
 from ..mixing import StateDict, to_numpy
 from ..search import Bound, Mixer, PassResult, best_index, chosen_name, make_optimizer
-from .evaluators import EvaluatorSpec
-from .workers import METRIC, evaluate_point, mixing_trial
+from .evaluators import EvaluatorSpec, timeout_as_error
+from .workers import METRIC, PointCache, evaluate_point, mixing_trial
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class PenalizingNevergradSearch(NevergradSearch):
         super().__init__(*args, **kwargs)
         self.told: list[tuple[np.ndarray, float]] = []  # (x, accuracy) in tell order
         self.penalized = 0
+        self.cached = 0  # points whose accuracy came from the point cache
         self.suggested = 0
 
     def suggest(self, trial_id: str) -> dict | None:
@@ -63,6 +66,7 @@ class PenalizingNevergradSearch(NevergradSearch):
         if error or not result or METRIC not in result:
             self.penalized += 1
             result = {METRIC: PENALTY}
+        self.cached += bool(result.get("cached"))
         self.told.append((self._live_trial_mapping[trial_id].kwargs["x"], result[METRIC]))
         super().on_trial_complete(trial_id, result, error=False)
 
@@ -81,9 +85,15 @@ class TuneSearch:
     """The Search of raysoup.search on Ray: one Tune run per optimiser pass."""
 
     def __init__(self, actors: list, evaluators: EvaluatorSpec, num_workers: int,
-                 storage_path: Path, max_failures: int = 2):
+                 storage_path: Path, max_failures: int = 2, cache_root: Path | None = None,
+                 val_key: str | None = None):
+        """`cache_root` and `val_key` (the validation set's judgement key): keep measured
+        points in a PointCache there; None: measure every point."""
         self.actors = actors
         self.evaluators = evaluators
+        self.cache_root, self.val_key = cache_root, val_key
+        self.cache: PointCache | None = None
+        self.cached_points = 0  # evaluations answered by the point cache, over every pass
         self.num_workers = num_workers
         self.storage_path = Path(storage_path).resolve()
         self.storage_path.mkdir(parents=True, exist_ok=True)
@@ -96,10 +106,19 @@ class TuneSearch:
     def set_models(self, models: Sequence[StateDict], mixer: Mixer) -> None:
         # Once per step into the object store, shared by every trial and evaluator.
         self.refs = [*(ray.put(to_numpy(m)) for m in models), ray.put(mixer)]
+        if self.cache_root is not None and self.val_key is not None:
+            e = self.evaluators
+            scope = [self.val_key, e.count, e.mode, e.gpus > 0, e.autocast_bf16,
+                     ray.cloudpickle.dumps(mixer).hex(), *map(state_dict_sha256, models)]
+            self.cache = PointCache(str(self.cache_root), json.dumps(scope))
 
     def accuracy(self, x: np.ndarray) -> float:
-        return evaluate_point(self.actors, self.evaluators.mode, self.refs, np.asarray(x), 0,
-                              self.evaluators.timeout_s)
+        with timeout_as_error(self.evaluators.timeout_s, "an evaluation (a promise test)"):
+            accuracy, cached = evaluate_point(self.actors, self.evaluators.mode, self.refs,
+                                              np.asarray(x), 0, self.evaluators.timeout_s,
+                                              self.cache)
+        self.cached_points += cached
+        return accuracy
 
     def optimise(self, start: np.ndarray, lower: Bound, upper: Bound, budget: int,
                  seed: int, name: str) -> PassResult:
@@ -108,7 +127,7 @@ class TuneSearch:
                                              mode="max")
         trainable = tune.with_parameters(
             mixing_trial, actors=self.actors, mode=self.evaluators.mode, models=self.refs,
-            timeout_s=self.evaluators.timeout_s)
+            timeout_s=self.evaluators.timeout_s, cache=self.cache)
         self.passes += 1
         retries = RetryCounter()
         tuner = tune.Tuner(
@@ -135,6 +154,7 @@ class TuneSearch:
         if searcher.penalized:
             logger.info(f"[tune] pass {self.passes}: {searcher.penalized} trial(s) failed after "
                         f"retries and were scored {PENALTY}")
+        self.cached_points += searcher.cached
         accuracies = [float(acc) for _, acc in searcher.told]
         best = best_index(accuracies)
         points = [np.asarray(x) for x, _ in searcher.told]

@@ -8,11 +8,15 @@ Here that costs ray and numpy only; importing torch and open_clip as well would 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import ray
 from ray import tune
+
+from ..cache import KeyedArrays
 
 METRIC = "accuracy"
 VAL = "val"  # the evaluation set every decision uses (raysoup.evaluate.VAL)
@@ -101,19 +105,43 @@ class EvaluatorActor:
         return learn_mixing_logits(self.whole_val, VAL, models, self.components, config)
 
 
+@dataclass(frozen=True)
+class PointCache:
+    """Validation accuracies of mixing points by content: `scope` fixes the resident
+    models, the mixer, the validation set and the evaluators' layout, so a point measured
+    once (a promise point that is pass 1's start, a rerun of the same step) is read back,
+    not evaluated again. The optimiser is told the same value either way."""
+    root: str
+    scope: str
+
+    def key(self, x: np.ndarray) -> str:
+        x = np.ascontiguousarray(np.asarray(x, dtype=np.float64))
+        return hashlib.sha256(self.scope.encode() + x.tobytes()).hexdigest()
+
+
 def evaluate_point(actors: list, mode: str, models: list, x: np.ndarray, slot: int,
-                   timeout_s: float) -> float:
-    """Validation accuracy at x: summed over every evaluator's shard ("sharded"), or on
-    the whole validation set of one evaluator chosen by slot ("whole").
+                   timeout_s: float, cache: PointCache | None = None) -> tuple[float, bool]:
+    """(validation accuracy at x, read from the cache?): summed over every evaluator's
+    shard ("sharded"), or on the whole validation set of one evaluator chosen by slot
+    ("whole").
 
     `models` are object refs (the resident models and the mixer), passed through
     untouched: only the evaluators fetch them.
     """
+    store = KeyedArrays(cache.root) if cache is not None else None
+    key = cache.key(x) if cache is not None else ""
+    if store is not None and (hit := store.get(key)) is not None:
+        return float(hit[0]), True
     chosen = actors if mode == "sharded" else [actors[slot % len(actors)]]
     counts = ray.get([a.correct.remote(models, x) for a in chosen], timeout=timeout_s)
-    return sum(c for c, _ in counts) / sum(t for _, t in counts)
+    accuracy = sum(c for c, _ in counts) / sum(t for _, t in counts)
+    if store is not None:
+        store.put(key, np.array([accuracy]))
+    return accuracy, False
 
 
-def mixing_trial(config: dict, actors: list, mode: str, models: list, timeout_s: float) -> None:
-    tune.report({METRIC: evaluate_point(actors, mode, models, np.asarray(config["x"]),
-                                        config["slot"], timeout_s)})
+def mixing_trial(config: dict, actors: list, mode: str, models: list, timeout_s: float,
+                 cache: PointCache | None = None) -> None:
+    accuracy, cached = evaluate_point(actors, mode, models, np.asarray(config["x"]),
+                                      config["slot"], timeout_s, cache)
+    tune.report({METRIC: accuracy, "cached": cached})

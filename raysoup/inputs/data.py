@@ -237,17 +237,24 @@ def verify_eval_set(source: EvalSetSource, name: str) -> None:
 
 
 def check_eval_set(source: EvalSetSource, num_classes: int,
-                   image_shape: tuple[int, ...] | None = None, name: str = "") -> int:
+                   image_shape: tuple[int, ...] | None = None, name: str = "",
+                   min_classes: int = 1) -> int:
     """Rows the set would give, from its labels and schema alone (images stay unread on
     local files): the up-front check of a run. With `image_shape`, the set's images must
-    have it (channels, height, width)."""
+    have it (channels, height, width); its kept rows must span `min_classes` classes (a
+    validation set of one class cannot tell models apart)."""
     labels, shape = _labels_and_shape(_part_locations(source.location)[1])
+    what = f"evaluation set {name or source.location!r}"
     if image_shape is not None and tuple(shape) != tuple(image_shape):
-        raise DataError(f"evaluation set {name or source.location!r}: images are "
-                        f"{'x'.join(map(str, shape))} (channels x height x width), the model "
-                        f"takes {'x'.join(map(str, image_shape))}; prepare it for this model")
+        raise DataError(f"{what}: images are {'x'.join(map(str, shape))} (channels x height x "
+                        f"width), the model takes {'x'.join(map(str, image_shape))}; prepare "
+                        f"it for this model")
     keep = _rows_kept(labels, source, num_classes)
-    return len(labels) if keep is None else int(keep.sum())
+    kept = labels if keep is None else labels[keep]
+    if len(np.unique(kept)) < min_classes:
+        raise DataError(f"{what}: its {len(kept)} rows hold {len(np.unique(kept))} class(es); "
+                        f"it needs at least {min_classes} to rank and select models")
+    return len(kept)
 
 
 def _labels_and_shape(parts: list[str]) -> tuple[np.ndarray, tuple[int, ...]]:

@@ -16,13 +16,17 @@ import logging
 import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
+from typing import Annotated
 
 import open_clip
 import torch
 from open_clip.transformer import VisionTransformer
+from pydantic import Field
 from torch import nn
 
 from ..errors import RaysoupError
+
+AtLeastOne = Annotated[int, Field(ge=1)]
 
 # The model soups wrapper deletes CLIP's text transformer; checkpoints saved with it kept
 # ("keep_lang") carry these keys, which no image classifier uses.
@@ -35,17 +39,17 @@ class ModelSpec:
     """Architecture of an ingredient; stored in every zoo manifest (`model`)."""
 
     arch: str = ""            # an open_clip model name; "" = the custom tower below
-    image_size: int = 28
-    in_channels: int = 1
-    patch_size: int = 7
-    width: int = 96
-    layers: int = 4
-    heads: int = 4
-    embed_dim: int = 64
-    num_classes: int = 10
+    image_size: AtLeastOne = 28
+    in_channels: AtLeastOne = 1
+    patch_size: AtLeastOne = 7
+    width: AtLeastOne = 96
+    layers: AtLeastOne = 4
+    heads: AtLeastOne = 4
+    embed_dim: AtLeastOne = 64
+    num_classes: Annotated[int, Field(ge=2)] = 10
     normalize_features: bool = True
-    mean: tuple[float, ...] = (0.2860,)
-    std: tuple[float, ...] = (0.3530,)
+    mean: Annotated[tuple[float, ...], Field(min_length=1)] = (0.2860,)
+    std: Annotated[tuple[float, ...], Field(min_length=1)] = (0.3530,)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -54,15 +58,10 @@ class ModelSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown model spec keys: {sorted(unknown)}")
-        d = dict(d)
-        for key in ("mean", "std"):
-            if key in d:
-                d[key] = tuple(d[key])
-        spec = cls(**d)
+    def from_dict(cls, d: dict, where: str = "manifest.json") -> "ModelSpec":
+        """A manifest's `model` entry, validated strictly (types, bounds, no unknown keys)."""
+        from ..typed import validate
+        spec = validate(cls, d, where, "model.", "model")
         return spec.with_arch_defaults() if spec.arch else spec
 
     def with_arch_defaults(self) -> "ModelSpec":

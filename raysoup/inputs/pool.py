@@ -138,13 +138,32 @@ def read_manifest(zoo: str | Path) -> dict:
         raise CheckpointError(f"{zoo}: no manifest.json there (build a zoo with "
                               f"`raysoup zoo build --out DIR`)")
     try:
-        manifest = json.loads(storage.read_bytes(location))
+        manifest = json.loads(storage.read_bytes(location).decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"zoo manifest {location} is not UTF-8 text ({e})") from None
     except (RaysoupError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read zoo manifest {location}: {e}") from e
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"zoo manifest {location} must be a JSON object with model, "
+                              f"ingredients and eval_sets; got a {type(manifest).__name__}")
     missing = [k for k in ("model", "ingredients", "eval_sets") if k not in manifest]
     if missing:
         raise CheckpointError(f"zoo manifest {location} lacks key(s) {missing}")
     return manifest
+
+
+def ingredient_entries(entries, where: str) -> list[dict]:
+    """The manifest's `ingredients` list: each entry an object with a string name and file
+    (and optionally a sha256)."""
+    if not isinstance(entries, list):
+        raise CheckpointError(f"{where} ingredients must be a list of {{\"name\", \"file\"}} "
+                              f"objects or a glob pattern, got {type(entries).__name__}")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str)
+                                                  for k in ("name", "file")):
+            raise CheckpointError(f"{where} ingredients[{i}] = {json.dumps(entry)[:80]}: "
+                                  f"needs \"name\" and \"file\" strings")
+    return entries
 
 
 def load_pretrained(zoo: str) -> StateDict | None:
@@ -170,6 +189,8 @@ class Ingredient:
 
 def check_sha256(path: str, expected: str, what: str) -> None:
     """Refuse a file whose bytes are not the ones the manifest recorded."""
+    if not storage.is_file(path):
+        raise CheckpointError(f"{what} {path}: no such file")
     if storage.is_uri(path):
         got = hashlib.sha256(storage.read_bytes(path)).hexdigest()
     else:
@@ -200,7 +221,8 @@ class IngredientPool:
         "checkpoints/*.pt"; names are the file stems)."""
         zoo = storage.resolve(zoo)
         manifest = read_manifest(zoo)
-        spec = ModelSpec.from_dict(manifest["model"])
+        where = storage.join(zoo, "manifest.json")
+        spec = ModelSpec.from_dict(manifest["model"], where)
         entries = manifest["ingredients"]
         if isinstance(entries, str):
             files = storage.glob(zoo, entries, "manifest.json ingredients")
@@ -208,6 +230,7 @@ class IngredientPool:
                 raise CheckpointError(f"manifest.json ingredients = {entries!r} matches no file "
                                       f"in {zoo}")
             entries = [{"name": PurePosixPath(f).stem, "file": f} for f in files]
+        entries = ingredient_entries(entries, where)
         return cls(spec, [Ingredient(i["name"], storage.within(
             zoo, i["file"], f"manifest.json ingredient {i['name']!r} file"), i.get("sha256"))
             for i in entries])

@@ -34,12 +34,20 @@ def resolve(location: str | Path, base: Path | None = None) -> str:
 
 
 def within(root: str, relative: str, what: str) -> str:
-    """`root`/`relative`, refusing a `relative` that is absolute or climbs out of `root`."""
+    """`root`/`relative`, refusing a `relative` that is absolute or climbs out of `root`,
+    by its text or, on a local filesystem, through a symlink (resolved before the check)."""
     rel = PurePosixPath(str(relative))
     if rel.is_absolute() or is_uri(str(relative)) or ".." in rel.parts or not rel.parts:
         raise RaysoupError(f"{what} = {relative!r}: must be a path inside {root} "
                            f"(no absolute paths, URIs or '..')")
-    return f"{root.rstrip('/')}/{rel}"
+    path = f"{root.rstrip('/')}/{rel}"
+    if not is_uri(root) and not any(c in str(rel) for c in "*?["):  # a glob's matches are
+        real_root = os.path.realpath(root)                         # checked one by one
+        if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+            raise RaysoupError(f"{what} = {relative!r}: a symlink to "
+                               f"{os.path.realpath(path)}, outside {root}; copy the file into "
+                               f"the zoo instead")
+    return path
 
 
 def join(location: str, name: str) -> str:
@@ -65,7 +73,10 @@ def glob(root: str, pattern: str, what: str) -> list[str]:
         raise RaysoupError(f"cannot list {root}: {e}") from e
     relative = (str(PurePosixPath(i.path).relative_to(base)) for i in infos
                 if i.type == pafs.FileType.File)
-    return sorted(r for r in relative if fnmatch.fnmatchcase(r, pattern))
+    matches = sorted(r for r in relative if fnmatch.fnmatchcase(r, pattern))
+    for match in matches:
+        within(root, match, what)  # a match that is a symlink out of root is refused
+    return matches
 
 
 def is_file(location: str) -> bool:

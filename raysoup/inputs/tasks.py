@@ -29,7 +29,10 @@ def _inline_or_file(zoo: str, value, what: str):
     per line."""
     if not isinstance(value, str):
         return value
-    text = storage.read_bytes(storage.within(zoo, value, what)).decode()
+    try:
+        text = storage.read_bytes(storage.within(zoo, value, what)).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{what} = {value!r}: not UTF-8 text ({e})") from None
     if value.endswith(".json"):
         try:
             return json.loads(text)
@@ -125,7 +128,8 @@ def eval_set_sources(zoo: str | Path) -> dict[str, EvalSetSource]:
     root = storage.resolve(zoo)
     manifest = read_manifest(root)
     classes = model_classes(root, manifest)
-    num_classes = ModelSpec.from_dict(manifest["model"]).num_classes
+    num_classes = ModelSpec.from_dict(manifest["model"], storage.join(root, "manifest.json")
+                                      ).num_classes
     if classes is not None and len(classes) != num_classes:
         raise DataError(f"manifest.json: {len(classes)} classes listed, but model.num_classes "
                         f"is {num_classes}")

@@ -8,9 +8,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import numpy as np
+from pydantic import Field
 
 from ..components import Components
 from ..errors import RaysoupError
@@ -94,8 +95,8 @@ class KnobSearch:
     section and check their bounds in `check`."""
     SECTION: ClassVar[str] = ""
     optimizer: str = "NGOpt"
-    budget: int = 10
-    seed: int = 0
+    budget: Annotated[int, Field(ge=1)] = 10    # validation evaluations of the search
+    seed: Annotated[int, Field(ge=0)] = 0
 
     def __post_init__(self):
         check_optimizer(self.optimizer, 1)

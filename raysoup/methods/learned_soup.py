@@ -8,9 +8,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Annotated
 
 import numpy as np
 import psutil
+from pydantic import Field
 import torch
 import torch.nn.functional as F
 
@@ -24,11 +26,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LearnedSoupConfig:
-    epochs: int = 5            # passes over the validation split (forward and backward)
-    lr: float = 0.05           # Adam, on the mixing logits
-    batch_size: int = 256
-    seed: int = 0              # batch order
-    max_memory_gb: float = 0.0  # 0: the memory this machine has available
+    epochs: Annotated[int, Field(ge=1)] = 5  # passes over val (forward and backward)
+    lr: Annotated[float, Field(gt=0)] = 0.05  # Adam, on the mixing logits
+    batch_size: Annotated[int, Field(ge=1)] = 256
+    seed: Annotated[int, Field(ge=0)] = 0     # batch order
+    max_memory_gb: Annotated[float, Field(ge=0)] = 0.0  # 0: what this machine has available
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.max_memory_gb < 0:

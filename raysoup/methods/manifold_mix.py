@@ -24,8 +24,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field
 
 from ..components import Components
 from ..errors import RaysoupError
@@ -34,6 +36,7 @@ from ..search import ScaledBetaMixer, Search, check_optimizer, lerp_mixer
 from .base import MethodResult, SoupContext, register
 
 logger = logging.getLogger(__name__)
+AtLeastOne = Annotated[int, Field(ge=1)]
 
 
 @dataclass(frozen=True)
@@ -42,18 +45,20 @@ class ManifoldMixConfig:
     components: str = "granularity-1"  # a preset of raysoup.components
     drop_unused: bool = False          # leave out weights the classifier never uses
     optimizer: str = "NGOpt"           # any name in nevergrad.optimizers.registry
-    evals_per_component: int = 30      # budget per pass = components x this
-    num_workers: int = 1               # trials in flight at once (1: sequential optimisers)
-    tau: float = 0.998                 # promise test threshold
-    bounds_delta: float = 0.5          # pass 1 bounds: lambda0 +- delta (1 - lambda0)
+    evals_per_component: AtLeastOne = 30  # budget per pass = components x this
+    num_workers: AtLeastOne = 1        # trials in flight at once (1: sequential optimisers)
+    tau: Annotated[float, Field(gt=0, le=1)] = 0.998  # promise test threshold
+    # pass 1 bounds: lambda0 +- delta (1 - lambda0)
+    bounds_delta: Annotated[float, Field(gt=0, le=1)] = 0.5
     later_pass_bounds: tuple[float, float] = (0.3, 1.0)
     later_passes: bool = True          # passes 2 and 3 after an acceptance
-    third_pass_gain: float = 0.3       # pass 3 if pass 2 gained >= 1 + this (1 - tau)
+    # pass 3 if pass 2 gained >= 1 + this (1 - tau)
+    third_pass_gain: Annotated[float, Field(ge=0)] = 0.3
     strict: bool = False               # accept on > instead of >=
-    seed: int = 0                      # optimiser seed (the same for every pass)
+    seed: Annotated[int, Field(ge=0)] = 0  # optimiser seed (the same for every pass)
     phase2: bool = False
     mu_bounds: tuple[float, float] = (0.7, 1.4)
-    phase2_evals_per_weight: int = 50  # phase 2 budget = ingredients x components x this
+    phase2_evals_per_weight: AtLeastOne = 50  # phase 2 budget = ingredients x components x this
 
     def __post_init__(self):
         check_optimizer(self.optimizer, self.num_workers)
@@ -65,8 +70,8 @@ class ManifoldMixConfig:
                                f"{self.phase2_evals_per_weight}")
         if not 0.0 < self.tau <= 1.0:
             raise RaysoupError(f"tau must be in (0, 1], got {self.tau}")
-        if not 0.0 <= self.bounds_delta <= 1.0:
-            raise RaysoupError(f"bounds_delta must be in [0, 1], got {self.bounds_delta}")
+        if not 0.0 < self.bounds_delta <= 1.0:  # 0 would leave pass 1 nothing to search
+            raise RaysoupError(f"bounds_delta must be in (0, 1], got {self.bounds_delta}")
         lo, hi = self.later_pass_bounds
         if not 0.0 <= lo < hi <= 1.0:
             raise RaysoupError(f"later_pass_bounds must satisfy 0 <= lower < upper <= 1, got "

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from ..components import Components
 from ..mixing import StateDict
@@ -56,7 +57,7 @@ def ties_mixer(models: Sequence[StateDict], x: np.ndarray, components: Component
 class TiesMergingConfig(KnobSearch):
     """The search starts at the paper's defaults (lambda 1, density 0.2)."""
     SECTION: ClassVar[str] = "ties_merging"
-    budget: int = 20
+    budget: Annotated[int, Field(ge=1)] = 20
     scale_bounds: tuple[float, float] = (0.0, 2.0)
     density_bounds: tuple[float, float] = (0.05, 1.0)
     start: tuple[float, float] = (1.0, 0.2)   # (lambda, density)
