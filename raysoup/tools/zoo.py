@@ -61,8 +61,8 @@ class ZooConfig:
     # label smoothing, weight decay, light augmentation and data order add to that.
     # Mixup (alpha drawn from `finetune_mixup`, for half the fine-tunes) is off by default:
     # it cost 0.5-1 point of val here.
-    finetune_data_fraction: float = 0.5
-    finetune_epochs: tuple[float, float] = (1.8, 2.2)   # over the fine-tune's part
+    finetune_data_fraction: float = 0.25
+    finetune_epochs: tuple[float, float] = (3.6, 4.4)   # over the fine-tune's part
     finetune_lr: tuple[float, float] = (2.8e-4, 3.2e-4)  # log-uniform
     finetune_weight_decay: tuple[float, float] = (0.0, 0.1)
     finetune_label_smoothing: tuple[float, float] = (0.0, 0.1)
