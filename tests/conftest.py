@@ -21,7 +21,7 @@ from .helpers import val_evaluator  # noqa: E402
 TINY_SPEC = ModelSpec(width=32, layers=2, heads=2, embed_dim=32)
 TINY_ZOO = ZooConfig(ingredients=4, val_size=500, train_size=3000, test_size=500,
                      pretrain_epochs=4.0, pretrain_lr=3e-3, finetune_epochs=(1.0, 1.0),
-                     finetune_lr=(3e-4, 1e-3), model=TINY_SPEC)
+                     finetune_lr=(3e-4, 1e-3), finetune_data_fraction=0.5, model=TINY_SPEC)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -81,7 +81,8 @@ class ZooConfig:
 
 
 QUICK_ZOO = ZooConfig(ingredients=6, val_size=2000, train_size=20000, test_size=2000,
-                      pretrain_epochs=4.0, finetune_epochs=(1.0, 1.5))
+                      pretrain_epochs=4.0, finetune_epochs=(1.0, 1.5),
+                      finetune_data_fraction=0.5)
 
 
 def pretrain_augment() -> v2.Transform:
