@@ -6,6 +6,7 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from raysoup.tools.bench import QUICK_GRID, BenchGrid, best_so_far, load_grid
 from raysoup.errors import RaysoupError
@@ -77,3 +78,21 @@ def test_bench_quick_writes_table_figures_and_resumes(soup_zoo, tmp_path):
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and f"{len(rows)} cell(s) already" in again.stdout
     assert len(pq.read_table(out / "bench.parquet")) == len(rows)
+
+
+def test_a_bench_table_of_another_zoo_is_refused_before_any_cell(tmp_path):
+    from raysoup.report import append_rows
+    from raysoup.tools.bench import run_bench
+    append_rows(tmp_path / "bench.parquet", [{"cell": "reference/uniform_soup",
+                                              "zoo": "/elsewhere/zoo"}])
+    with pytest.raises(RaysoupError, match=r"holds cells of zoo \['/elsewhere/zoo'\], not "
+                                           r"/this/zoo: choose another --out"):
+        run_bench("/this/zoo", tmp_path, QUICK_GRID)
+    assert not ray.is_initialized()
+
+
+def test_a_bench_grid_value_of_the_wrong_type_names_it(tmp_path):
+    path = tmp_path / "bench.toml"
+    path.write_text('[grid]\nbudgets = [5, 2.5]\n')
+    with pytest.raises(RaysoupError, match=r"grid.budgets = \[5, 2.5\]: expected tuple\[int"):
+        load_grid(path, quick=False)
