@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -26,6 +27,25 @@ def _check(args: argparse.Namespace) -> None:
     from .run import plan, validate_run
     print(plan(validate_run(load_config(args.config), resume=args.resume)))
     print(f"[check] {args.config}: ok (nothing was started)")
+
+
+def _report(args: argparse.Namespace) -> None:
+    if (args.run_dir / "bench.parquet").is_file():  # a benchmark folder
+        from .tools.bench_plots import write_all
+        paths = write_all(args.run_dir / "bench.parquet", args.run_dir)
+        print((args.run_dir / "summary.md").read_text())
+    else:
+        from .api import load_report
+        from .run import redraw
+        print(load_report(args.run_dir).table())
+        paths = redraw(args.run_dir)
+    for path in paths:
+        print(f"[report] wrote {path}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .export import export_like
+    print(f"[export] wrote {export_like(args.run_dir, args.like, args.out)}")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -73,9 +93,17 @@ def _zoo_build(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raysoup", description=(
         "Fuse fine-tuned checkpoints of one model into a robust soup (ManifoldMixMS on Ray)."))
+    verbosity = argparse.ArgumentParser(add_help=False)  # on every command
+    loud = verbosity.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only "
+                      "on the console (a run's raysoup.log keeps everything)")
+    loud.add_argument("-v", "--verbose", action="store_true", help="debug lines too")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run every method on the embedded Fashion-MNIST zoo")
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[verbosity], **kwargs)
+
+    demo = command("demo", help="run every method on the embedded Fashion-MNIST zoo")
     demo.add_argument("--out", type=Path, help="run directory (default: a fresh runs/demo-*)")
     demo.add_argument("--quick", action="store_true", help="smaller zoo and budget (smoke run)")
     demo.add_argument("--zoo", type=Path, help="zoo directory (default: the shipped zoo, "
@@ -84,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "differs from the manifest's")
     demo.set_defaults(func=_demo)
 
-    run = sub.add_parser("run", help="run ManifoldMix from a TOML config on a Ray cluster")
+    run = command("run", help="run ManifoldMix from a TOML config on a Ray cluster")
     run.add_argument("config", type=Path, help="TOML file (see examples/run.toml)")
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted run from its last completed step")
@@ -92,13 +120,25 @@ def build_parser() -> argparse.ArgumentParser:
                      "ray://HOST:PORT); default: start a local one")
     run.set_defaults(func=_run)
 
-    check = sub.add_parser("check", help="validate a run config, its zoo and its data as "
+    check = command("check", help="validate a run config, its zoo and its data as "
                            "`run` would, without starting Ray, and print what the run would do")
     check.add_argument("config", type=Path, help="TOML file (see examples/run.toml)")
     check.add_argument("--resume", action="store_true", help="check it as a --resume")
     check.set_defaults(func=_check)
 
-    bench = sub.add_parser("bench", help="benchmark optimisers, budgets, parallel trials and "
+    report = command("report", help="re-print a finished run's table and redraw its "
+                            "figures (or a benchmark folder's) from its files")
+    report.add_argument("run_dir", type=Path)
+    report.set_defaults(func=_report)
+
+    export = command("export", help="write a run's fused model in an ingredient's own "
+                            "format (keys, prefixes, dtypes, container)")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--like", required=True, help="the ingredient whose format to copy")
+    export.add_argument("--out", type=Path, required=True, help="the checkpoint to write")
+    export.set_defaults(func=_export)
+
+    bench = command("bench", help="benchmark optimisers, budgets, parallel trials and "
                            "component granularity on a zoo (resumable)")
     bench.add_argument("--quick", action="store_true", help="a tiny grid (CI smoke run)")
     bench.add_argument("--config", type=Path, help="TOML with a [grid] section (see "
@@ -109,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--address", help="an existing Ray cluster (default: a local one)")
     bench.set_defaults(func=_bench)
 
-    prep = sub.add_parser("prepare", help="images (a folder per class, or a CSV/Parquet of "
+    prep = command("prepare", help="images (a folder per class, or a CSV/Parquet of "
                           "path,label) to preprocessed Arrow shards for evaluation (resumable)")
     prep.add_argument("src", type=Path, help="image folder, or .csv/.parquet with path,label")
     prep.add_argument("--out", type=Path, required=True)
@@ -129,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fail on an unreadable image instead of skipping it")
     prep.set_defaults(func=_prepare)
 
-    zs = sub.add_parser("zeroshot", help="a CLIP classifier with a zero-shot head from class "
+    zs = command("zeroshot", help="a CLIP classifier with a zero-shot head from class "
                         "names and prompts (an ingredient / the pretrained reference)")
     zs.add_argument("--arch", required=True, help="open_clip model name, e.g. ViT-B-32-quickgelu")
     zs.add_argument("--pretrained", required=True, help="a checkpoint file, or an open_clip "
@@ -141,9 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("--out", type=Path, required=True, help="output .safetensors")
     zs.set_defaults(func=_zeroshot)
 
-    zoo = sub.add_parser("zoo", help="the Fashion-MNIST testbed").add_subparsers(
+    zoo = command("zoo", help="the Fashion-MNIST testbed").add_subparsers(
         dest="zoo_command", required=True)
-    build = zoo.add_parser("build", help="build (or finish) a zoo; cached and deterministic")
+    build = zoo.add_parser("build", parents=[verbosity], help="build (or finish) a zoo; cached and deterministic")
     build.add_argument("--out", type=Path, required=True)
     build.add_argument("--ingredients", type=int)
     build.add_argument("--seed", type=int)
@@ -154,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console_logging()
+    console_logging(logging.WARNING if args.quiet else
+                    logging.DEBUG if args.verbose else logging.INFO)
     try:
         args.func(args)
     except RaysoupError as e:

@@ -100,7 +100,7 @@ def scatter_plot(methods: dict[str, dict], ingredients: dict[str, dict], path: P
                c="0.6", s=22, label="ingredients (fine-tunes)")
     for name, r in (references or {}).items():
         ax.scatter(100 * r["id"], 100 * r["ood_avg"], marker="x", c="k", s=50, label=name)
-    markers = iter("o^sDPv*")
+    markers = iter("o^sDPv*Xh<>p")
     for name, r in methods.items():
         ax.scatter(100 * r["id"], 100 * r["ood_avg"], marker=next(markers, "o"), s=70,
                    label=name, edgecolors="k", zorder=3)
@@ -112,6 +112,16 @@ def scatter_plot(methods: dict[str, dict], ingredients: dict[str, dict], path: P
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def draw_scatter(report: dict, path: Path) -> bool:
+    """scatter.png of a report, if its manifest has both ID and OOD sets (else False)."""
+    points = [*report["methods"].values(), *report.get("ingredients", {}).values()]
+    if not all(r["id"] is not None and r["ood_avg"] is not None for r in points):
+        return False
+    scatter_plot(report["methods"], report.get("ingredients", {}), path,
+                 report.get("references"))
+    return True
 
 
 def write_report(run_dir: Path, report: dict,
@@ -126,11 +136,7 @@ def write_report(run_dir: Path, report: dict,
     if correctness:
         pq.write_table(correctness_table(correctness), run_dir / "correctness.parquet.tmp")
     png_tmp = run_dir / "scatter.tmp.png"
-    points = [*report["methods"].values(), *report.get("ingredients", {}).values()]
-    plotted = all(r["id"] is not None and r["ood_avg"] is not None for r in points)
-    if plotted:  # ID vs OOD needs both kinds of set in the manifest
-        scatter_plot(report["methods"], report.get("ingredients", {}), png_tmp,
-                     report.get("references"))
+    plotted = draw_scatter(report, png_tmp)
     json_tmp = run_dir / "report.json.tmp"
     json_tmp.write_text(json.dumps(report, indent=2))
     parquet_tmp.replace(run_dir / "results.parquet")

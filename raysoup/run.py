@@ -25,6 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from .checkpoint import load_state
 from .components import Components, partition, unused_keys
 from .config import RunConfig
+from .console import file_logging
 from .distributed.driver import SoupDriver, connect
 from .distributed.evaluators import EvaluatorSpec, start_evaluators
 from .errors import RaysoupError
@@ -198,6 +199,19 @@ def write_betas(out: Path, betas: np.ndarray, ingredients: list[str], components
     (out / "beta.tmp.png").replace(out / "beta.png")
 
 
+def redraw(run_dir: Path) -> list[Path]:
+    """`raysoup report`: a finished run's figures drawn again from its report.json."""
+    from .api import load_report
+    from .report import draw_scatter
+    report = load_report(run_dir).raw
+    drawn = [run_dir / "scatter.png"] if draw_scatter(report, run_dir / "scatter.png") else []
+    row = report["methods"].get("manifold_mix")
+    if row is not None:
+        write_betas(run_dir, np.array(row["betas"]), row["ingredients"], row["components"])
+        drawn += [run_dir / "beta.parquet", run_dir / "beta.png"]
+    return drawn
+
+
 def write_manifold_mix(out: Path, row: dict, fused: dict) -> None:
     """fused.safetensors, beta.parquet + beta.png and history.json of a ManifoldMix run."""
     save_state_dict(from_numpy(fused), out / "fused.safetensors")
@@ -214,6 +228,7 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
     prepared = validate_run(config, resume)
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
+    file_logging(out)
     connect(address)
     evaluators = evaluator_spec(config)
     logger.info(f"[run] {evaluators.count} evaluator(s), {evaluators.mode} evaluation, "
@@ -223,7 +238,10 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
     # On this node: the driver writes its step checkpoints and Tune folders under `out`,
     # which must be where this process (and a later --resume) can read them.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    driver = SoupDriver.options(scheduling_strategy=here).remote(prepared, evaluators, actors)
+    console = [h for h in logging.getLogger("raysoup").handlers
+               if getattr(h, "raysoup_tag", "") == "console"]
+    driver = SoupDriver.options(scheduling_strategy=here).remote(
+        prepared, evaluators, actors, console[0].level if console else logging.INFO)
     try:
         result = ray.get(driver.run.remote())
     except ray.exceptions.RayTaskError as e:

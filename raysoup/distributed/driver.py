@@ -15,7 +15,7 @@ import numpy as np
 import ray
 
 from ..checkpoint import load_state, save_state
-from ..console import console_logging
+from ..console import console_logging, file_logging
 from ..errors import RaysoupError
 from ..evaluate import VAL, JudgementCache, accuracy_row, ood_sets
 from ..inputs.pool import load_pretrained
@@ -70,8 +70,10 @@ class SoupDriver:
     Every forward pass goes to the evaluator actors; a ManifoldMix step checkpoint is
     written after every candidate."""
 
-    def __init__(self, prepared: Prepared, evaluators: EvaluatorSpec, actors: list):
-        console_logging()  # this actor's lines reach the driver's console through Ray
+    def __init__(self, prepared: Prepared, evaluators: EvaluatorSpec, actors: list,
+                 log_level: int = logging.INFO):
+        console_logging(log_level)  # this actor's lines reach the driver's console via Ray
+        file_logging(prepared.config.out)  # on the driver's node, as `out` is
         self.prepared = prepared
         config = prepared.config
         self.judge = EvaluatorPool(actors, evaluators, prepared.pool.spec,

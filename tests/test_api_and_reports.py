@@ -1,0 +1,120 @@
+"""The Python API, `raysoup report`, `raysoup export`, the run's log file and -q/-v, on a
+real local Ray run of the tiny zoo."""
+
+import json
+import logging
+import shutil
+
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+
+import raysoup
+from raysoup.cli import build_parser, main
+from raysoup.console import console_logging
+from raysoup.inputs.pool import load_state_dict
+
+from .helpers import write_config
+
+
+@pytest.fixture(scope="module")
+def finished(soup_zoo, tmp_path_factory):
+    """One run of greedy soup and ManifoldMix through the Python API."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    path = write_config(tmp_path_factory.mktemp("api") / "run.toml", soup_zoo, "out")
+    path.write_text("methods = ['greedy_soup', 'manifold_mix']\nreport_ingredients = true\n" +
+                    path.read_text())
+    try:
+        report = raysoup.run(path)
+    finally:
+        ray.shutdown()
+    return path.parent / "out", report
+
+
+@pytest.mark.slow
+def test_run_returns_a_typed_report_equal_to_the_one_reloaded(finished):
+    out, report = finished
+    assert isinstance(report, raysoup.Report) and set(report.methods) == {"greedy_soup",
+                                                                          "manifold_mix"}
+    mm = report.methods["manifold_mix"]
+    assert isinstance(mm, raysoup.MethodRow) and 0 < mm.val <= 1 and "twin" in mm.ingredients
+    assert mm.vs["greedy_soup"]["val"]["lo"] <= mm.vs["greedy_soup"]["val"]["diff"]
+    again = raysoup.load_report(out)
+    assert again.methods == report.methods and again.ranking == report.ranking
+    assert report.best("val") in report.methods
+    assert report.table().splitlines()[0].split()[:3] == ["method", "val", "id"]
+
+
+@pytest.mark.slow
+def test_the_run_directory_has_a_log_file_from_the_driver_and_the_soup_driver(finished):
+    out, _ = finished
+    log = (out / "raysoup.log").read_text()
+    assert "[run] " in log and "[driver] ranking on val" in log and "[manifold_mix]" in log
+    assert " INFO raysoup." in log
+
+
+@pytest.mark.slow
+def test_report_reprints_the_table_and_redraws_every_figure(finished, tmp_path, capsys):
+    out, report = finished
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    for figure in ("scatter.png", "beta.png"):
+        (copy / figure).unlink()
+    assert main(["report", str(copy)]) == 0
+    printed = capsys.readouterr().out
+    assert report.table() in printed
+    assert (copy / "scatter.png").read_bytes()[:4] == b"\x89PNG"
+    assert (copy / "beta.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_export_writes_the_fused_model_in_an_ingredients_own_format(finished, soup_zoo,
+                                                                     tmp_path):
+    """An ingredient saved as a model soups user would (torch.save of a DataParallel state
+    dict, half precision, its text transformer kept): the export has its keys, prefix,
+    dtype and container, and loads back as the fused weights."""
+    out, _ = finished
+    zoo = tmp_path / "zoo"
+    shutil.copytree(soup_zoo, zoo)
+    theirs = {f"module.{k}": v.half() for k, v in
+              load_state_dict(zoo / "ingredients" / "ft-00.safetensors").items()}
+    theirs["module.model.transformer.resblocks.0.attn.in_proj_weight"] = torch.ones(3, 3)
+    torch.save(theirs, zoo / "theirs.pt")
+    manifest = json.loads((zoo / "manifest.json").read_text())
+    manifest["ingredients"].append({"name": "theirs", "file": "theirs.pt"})
+    (zoo / "manifest.json").write_text(json.dumps(manifest))
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    report = json.loads((run / "report.json").read_text())
+    report["zoo"]["dir"] = str(zoo)
+    (run / "report.json").write_text(json.dumps(report))
+
+    assert main(["export", str(run), "--like", "theirs", "--out", str(tmp_path / "x.pt")]) == 0
+    exported = torch.load(tmp_path / "x.pt", weights_only=True)  # as they load theirs
+    assert set(exported) == set(theirs)
+    fused = load_file(out / "fused.safetensors")
+    for key, tensor in exported.items():
+        assert tensor.dtype == theirs[key].dtype, key
+        ours = key.removeprefix("module.")
+        expected = fused[ours].half() if ours in fused else theirs[key]
+        assert torch.equal(tensor, expected), key
+    assert main(["export", str(run), "--like", "nobody", "--out", str(tmp_path / "y.pt")]) == 2
+
+
+def test_quiet_and_verbose_are_on_every_command(capsys):
+    parser = build_parser()
+    for command in (["demo"], ["run", "x.toml"], ["check", "x.toml"], ["report", "d"],
+                    ["export", "d", "--like", "a", "--out", "b"], ["bench"],
+                    ["prepare", "src", "--out", "o", "--image-size", "28"],
+                    ["zeroshot", "--arch", "a", "--pretrained", "p", "--classes", "c",
+                     "--out", "o"], ["zoo", "build", "--out", "o"]):
+        assert parser.parse_args([*command, "-q"]).quiet
+        assert parser.parse_args([*command, "-v"]).verbose
+    console_logging(logging.WARNING)
+    log = logging.getLogger("raysoup.test")
+    log.info("an info line")
+    log.warning("a warning line")
+    console_logging(logging.INFO)
+    out = capsys.readouterr().out
+    assert "a warning line" in out and "an info line" not in out
