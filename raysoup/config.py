@@ -20,6 +20,7 @@ from pydantic import Field
 from .inputs import storage
 from .errors import RaysoupError
 from .methods.manifold_mix import ManifoldMixConfig
+from .tracking import TrackingConfig
 from .typed import field_types, validate
 
 Location = str  # a path (shared by every node) or a URI that pyarrow.fs reads (s3://, gs://)
@@ -71,6 +72,7 @@ class RunConfig:
     report_ingredients: bool = False
     # The other methods' configs, by method name (a TOML section each); defaults if absent.
     options: dict = field(default_factory=dict)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):
         from .methods import METHODS
@@ -128,7 +130,7 @@ def load_config(path: Path) -> RunConfig:
     method_sections = {name: info.config for name, info in METHOD_INFO.items()
                        if info.config is not None and name != "manifold_mix"}
     sections = {"pool": PoolConfig, "method": ManifoldMixConfig, "resources": ResourcesConfig,
-                **method_sections}
+                "tracking": TrackingConfig, **method_sections}
     top_level = {f.name for f in fields(TopLevel)}
     unknown = sorted(set(raw) - set(sections) - top_level)
     if unknown:
@@ -147,7 +149,8 @@ def load_config(path: Path) -> RunConfig:
         methods=top.methods,
         report_ingredients=top.report_ingredients,
         options={name: section(cls, raw[name], name, where, base)
-                 for name, cls in method_sections.items() if name in raw})
+                 for name, cls in method_sections.items() if name in raw},
+        tracking=section(TrackingConfig, raw.get("tracking", {}), "tracking", where, base))
 
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "run.toml"
@@ -172,7 +175,7 @@ def reference_table(example: Path = EXAMPLE) -> str:
         else:
             last = None
     sections = [("", TopLevel), ("pool", PoolConfig), ("method", ManifoldMixConfig),
-                ("resources", ResourcesConfig),
+                ("resources", ResourcesConfig), ("tracking", TrackingConfig),
                 *((name, info.config) for name, info in METHOD_INFO.items()
                   if info.config is not None and name != "manifold_mix")]
     rows = ["| section | key | type | default | meaning |", "|---|---|---|---|---|"]

@@ -264,6 +264,7 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
                          "report_ingredients": config.report_ingredients,
                          "pool": str(config.pool.zoo),
                          **{name: c.to_dict() for name, c in config.method_configs().items()},
+                         "tracking": config.tracking.to_dict(),
                          "evaluators": evaluators.count, "evaluation": evaluators.mode}}
     write_report(out, report, result["correctness"])
     logger.info(format_table(report["methods"], report["references"]))

@@ -118,3 +118,54 @@ def test_quiet_and_verbose_are_on_every_command(capsys):
     console_logging(logging.INFO)
     out = capsys.readouterr().out
     assert "a warning line" in out and "an info line" not in out
+
+
+def read_events(path):
+    """(tag, step, value or text) of a TensorBoard event file: TFRecords of Event protos."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    data, records, at = path.read_bytes(), [], 0
+    while at < len(data):
+        (length,) = struct.unpack("<Q", data[at:at + 8])
+        event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+        at += 12 + length + 4
+        for v in event.summary.value:
+            text = v.tensor.string_val[0].decode() if v.tensor.string_val else None
+            records.append((v.tag, event.step, v.simple_value if text is None else text))
+    return records
+
+
+@pytest.mark.slow
+def test_tracking_writes_tensorboard_passes_callbacks_through_and_shows_progress(
+        soup_zoo, tmp_path, capfd):
+    """[tracking]: TensorBoard events of every pass's trials (Tune's TBX logger) and of the
+    driver's steps, read back; another Tune callback (the CSV logger) passed through by
+    name; progress lines while passes run."""
+    path = write_config(tmp_path / "run.toml", soup_zoo, "out")
+    path.write_text(path.read_text() + "[tracking]\ntensorboard = true\ncallbacks = "
+                    "['ray.tune.logger:CSVLoggerCallback']\nprogress_interval_s = 0.001\n")
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        report = raysoup.run(path)
+    finally:
+        ray.shutdown()
+    out = tmp_path / "out"
+    history = report.raw["methods"]["manifold_mix"]["history"]
+    driver = read_events(next((out / "tracking").glob("events.out.tfevents.*")))
+    promise = {step: v for tag, step, v in driver if tag == "manifold_mix/promise_accuracy"}
+    assert promise == {i + 1: pytest.approx(h["promise_accuracy"]) for i, h in
+                       enumerate(history)}
+    assert ("methods/manifold_mix/val", 0, pytest.approx(report.methods["manifold_mix"].val)
+            ) in driver
+    passes = sum(len(h["passes"]) for h in history)
+    trial_events = list((out / "tune").glob("pass-*/*/events.out.tfevents.*"))
+    trial_csvs = list((out / "tune").glob("pass-*/*/progress.csv"))
+    assert passes > 0 and len(list((out / "tune").glob("pass-*"))) == passes
+    told = [a for h in history for p in h["passes"] for a in p["trace"]]
+    assert len(trial_events) == len(trial_csvs) == len(told)
+    logged = sorted(v for f in trial_events for tag, _, v in read_events(f)
+                    if tag == "ray/tune/accuracy")
+    assert logged == pytest.approx(sorted(told))
+    printed = capfd.readouterr().out
+    assert "trials, best" in printed and "evals/s, ETA" in printed

@@ -151,15 +151,17 @@ def test_the_example_config_lists_every_key_at_its_default():
     from raysoup.config import ResourcesConfig
     from raysoup.methods import METHOD_INFO
     from raysoup.methods.manifold_mix import ManifoldMixConfig
+    from raysoup.tracking import TrackingConfig
     path = Path(__file__).parents[1] / "examples" / "run.toml"
     raw = tomllib.loads(path.read_text())
     config = load_config(path)
     sections = {name: info.config for name, info in METHOD_INFO.items()
                 if info.config is not None and name != "manifold_mix"}
     assert set(raw) == {"out", "methods", "report_ingredients", "pool", "method", "resources",
-                        *sections}
+                        "tracking", *sections}
     for name, cls, parsed in [("method", ManifoldMixConfig, config.method),
                               ("resources", ResourcesConfig, config.resources),
+                              ("tracking", TrackingConfig, config.tracking),
                               *((n, c, config.options[n]) for n, c in sections.items())]:
         assert set(raw[name]) == {f.name for f in fields(cls)}, name
         assert parsed == cls(), name

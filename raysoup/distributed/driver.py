@@ -24,6 +24,7 @@ from ..methods import METHODS, SoupContext, ValidationJudge
 from ..methods.manifold_mix import MixState
 from ..mixing import to_numpy
 from ..stats import compare
+from ..tracking import StepMetrics
 from .evaluators import EvaluatorPool, EvaluatorSpec
 from .tune_search import TuneSearch
 
@@ -80,7 +81,10 @@ class SoupDriver:
                                    prepared.eval_sources, judgement_cache())
         self.search = TuneSearch(actors, evaluators, config.method.num_workers,
                                  config.out / "tune", config.resources.max_failures,
-                                 cache_dir() / "points", self.judge.set_keys.get(VAL))
+                                 cache_dir() / "points", self.judge.set_keys.get(VAL),
+                                 config.tracking.pass_callbacks,
+                                 config.tracking.progress_interval_s)
+        self.metrics = StepMetrics(config.out, config.tracking.tensorboard)
         self.state_dir = config.out / "driver"
 
     def _ranking(self, judge: ValidationJudge) -> tuple[list, float, MixState | None]:
@@ -114,9 +118,12 @@ class SoupDriver:
             ingredients = {n: {"val": acc, "id": None, "ood": {}, "ood_avg": None,
                                "ingredients": [n]} for n, acc in ranking}
         options = {name: {"config": c} for name, c in config.method_configs().items()}
-        options.setdefault("manifold_mix", {}).update(
-            state=state,
-            on_step=lambda s: save_state(self.state_dir, s, config.fingerprint(), ranking))
+        def on_step(state: MixState) -> None:
+            save_state(self.state_dir, state, config.fingerprint(), ranking)
+            self.metrics.step(state.next_candidate - 1, state.history[-1], state.accuracy,
+                              len(state.accepted), state.evaluations)
+
+        options.setdefault("manifold_mix", {}).update(state=state, on_step=on_step)
         rows, fused = {}, None
         for name in config.methods:
             t0, cached = time.perf_counter(), self.search.cached_points
@@ -134,6 +141,7 @@ class SoupDriver:
                           "ranked": result.ranked, "wall_s": round(wall, 2),
                           # evaluations answered by the point cache (measured before)
                           "cached_evaluations": self.search.cached_points - cached, **details}
+            self.metrics.method(name, rows[name])
             logger.info(f"[driver] {name}: val {100 * rows[name]['val']:.2f}, "
                         f"{len(result.ingredients)} ingredient(s)"
                         + (f", {rows[name]['cached_evaluations']} of its evaluations from the "
@@ -147,6 +155,7 @@ class SoupDriver:
                                            name == "best_individual" else
                                            {"best_individual": best,
                                             "greedy_soup": "greedy_soup"})
+        self.metrics.close()
         references = {} if pretrained is None else \
             {"pretrained": judged.add("pretrained", pretrained)}
         return {"methods": rows, "ingredients": ingredients, "references": references,

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -81,14 +82,46 @@ class RetryCounter(tune.Callback):
         self.retried += 1
 
 
+class PassProgress(tune.Callback):
+    """Progress of one optimiser pass as plain log lines (a terminal and `ray job logs`
+    show them alike): trials done of the budget, the best accuracy so far, evaluations per
+    second and an ETA; every `interval_s` while the pass runs, and once at its end (a
+    debug line: short passes stay quiet on the console, the run's log file keeps it)."""
+
+    def __init__(self, name: str, budget: int, interval_s: float):
+        self.name, self.budget, self.interval_s = name, budget, interval_s
+        self.done, self.best = 0, float("nan")
+        self.start = self.last = time.perf_counter()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if METRIC in result and not result[METRIC] <= self.best:  # NaN-safe max
+            self.best = result[METRIC]
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        now = time.perf_counter()
+        if now - self.last >= self.interval_s or self.done == self.budget:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            line = (f"[tune] {self.name}: {self.done}/{self.budget} trials, best "
+                    f"{100 * self.best:.2f}, {rate:.1f} evals/s, ETA "
+                    f"{(self.budget - self.done) / rate:.0f} s")
+            logger.log(logging.DEBUG if self.done == self.budget else logging.INFO, line)
+
+    on_trial_error = on_trial_complete
+
+
 class TuneSearch:
     """The Search of raysoup.search on Ray: one Tune run per optimiser pass."""
 
     def __init__(self, actors: list, evaluators: EvaluatorSpec, num_workers: int,
                  storage_path: Path, max_failures: int = 2, cache_root: Path | None = None,
-                 val_key: str | None = None):
+                 val_key: str | None = None, callbacks: Callable[[], list] = list,
+                 progress_interval_s: float = 10.0):
         """`cache_root` and `val_key` (the validation set's judgement key): keep measured
-        points in a PointCache there; None: measure every point."""
+        points in a PointCache there; None: measure every point. `callbacks` makes the
+        extra Tune callbacks of each pass (tracking)."""
+        self.callbacks, self.progress_interval_s = callbacks, progress_interval_s
         self.actors = actors
         self.evaluators = evaluators
         self.cache_root, self.val_key = cache_root, val_key
@@ -140,7 +173,9 @@ class TuneSearch:
                 name=f"pass-{self.passes:04d}", storage_path=str(self.storage_path),
                 verbose=0, failure_config=tune.FailureConfig(max_failures=self.max_failures),
                 checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
-                callbacks=[retries]))
+                callbacks=[retries, PassProgress(f"pass {self.passes}", budget,
+                                                 self.progress_interval_s),
+                           *self.callbacks()]))
         results = tuner.fit()
         if retries.retried:
             logger.info(f"[tune] pass {self.passes}: {retries.retried} retry(ies) of failed "
