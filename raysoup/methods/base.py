@@ -111,8 +111,10 @@ class KnobSearch:
                      high: float = float("inf")) -> None:
         bounds = getattr(self, key)
         if not (len(bounds) == 2 and low <= bounds[0] < bounds[1] <= high):
-            raise RaysoupError(f"{self.SECTION}.{key} must be [lower, upper] with {low:g} <= "
-                               f"lower < upper <= {high:g}, got {list(bounds)}")
+            rule = "lower < upper" if low == float("-inf") else \
+                f"{low:g} <= lower < upper <= {high:g}"
+            raise RaysoupError(f"{self.SECTION}.{key} must be [lower, upper] with {rule}, got "
+                               f"{list(bounds)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
