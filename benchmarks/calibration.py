@@ -28,7 +28,7 @@ from raysoup.config import PoolConfig, RunConfig
 from raysoup.console import console_logging
 from raysoup.tools.demo import DEMO_EVALS_PER_COMPONENT, DEMO_METHODS, DEMO_RESOURCES
 from raysoup.methods.manifold_mix import ManifoldMixConfig
-from raysoup.run import execute
+from raysoup.runner import execute
 from raysoup.stats import OOD_AVG, format_difference
 from raysoup.tools.zoo import ZooConfig, build_zoo
 

@@ -74,7 +74,7 @@ def load_report(run_dir: str | Path) -> Report:
 def run(config, resume: bool = False, address: str | None = None) -> Report:
     """Run a config (a TOML path or a raysoup.config.RunConfig) and return its report."""
     from .config import RunConfig, load_config
-    from .run import execute
+    from .runner import execute
     if not isinstance(config, RunConfig):
         config = load_config(Path(config))
     execute(config, resume=resume, address=address)

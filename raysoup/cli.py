@@ -18,13 +18,13 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .run import execute
+    from .runner import execute
     execute(load_config(args.config), resume=args.resume, address=args.address)
 
 
 def _check(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .run import plan, validate_run
+    from .runner import plan, validate_run
     print(plan(validate_run(load_config(args.config), resume=args.resume)))
     print(f"[check] {args.config}: ok (nothing was started)")
 
@@ -36,7 +36,7 @@ def _report(args: argparse.Namespace) -> None:
         print((args.run_dir / "summary.md").read_text())
     else:
         from .api import load_report
-        from .run import redraw
+        from .runner import redraw
         print(load_report(args.run_dir).table())
         paths = redraw(args.run_dir)
     for path in paths:

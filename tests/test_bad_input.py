@@ -13,7 +13,7 @@ from raysoup.cli import main
 from raysoup.config import load_config
 from raysoup.errors import RaysoupError
 from raysoup.inputs.data import EvalSet, write_eval_set
-from raysoup.run import validate_run
+from raysoup.runner import validate_run
 
 
 def write(tmp_path, zoo, top="", sections=""):

@@ -21,7 +21,7 @@ from raysoup.errors import RaysoupError
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
 from raysoup.mixing import to_numpy
 from raysoup.inputs.pool import IngredientPool
-from raysoup.run import execute
+from raysoup.runner import execute
 from raysoup.search import LocalSearch, lerp_mixer
 from raysoup.inputs.tasks import eval_set_sources
 

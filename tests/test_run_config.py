@@ -12,7 +12,7 @@ from raysoup.config import load_config
 from raysoup.inputs.data import EvalSet, write_eval_set
 from raysoup.errors import RaysoupError
 from raysoup.inputs.pool import load_state_dict, save_state_dict
-from raysoup.run import validate_run
+from raysoup.runner import validate_run
 
 
 def config_text(zoo, out="out", method="", resources="", extra=""):
@@ -125,7 +125,7 @@ def test_resume_from_a_run_with_another_config_is_refused(tiny_zoo, tmp_path):
 
 
 def test_resume_of_a_run_without_manifold_mix_is_refused(tiny_zoo, tmp_path):
-    from raysoup.run import execute
+    from raysoup.runner import execute
     path = tmp_path / "run.toml"
     path.write_text(config_text(tiny_zoo, extra="methods = ['greedy_soup', 'uniform_soup']"))
     with pytest.raises(RaysoupError, match=r"--resume continues manifold_mix.*"

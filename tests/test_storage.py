@@ -11,7 +11,7 @@ from raysoup.config import load_config
 from raysoup.errors import RaysoupError
 from raysoup.evaluate import load_eval_sets
 from raysoup.inputs.pool import IngredientPool
-from raysoup.run import validate_run
+from raysoup.runner import validate_run
 from raysoup.inputs.tasks import eval_set_sources
 
 

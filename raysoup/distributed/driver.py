@@ -29,7 +29,7 @@ from .evaluators import EvaluatorPool, EvaluatorSpec
 from .tune_search import TuneSearch
 
 if TYPE_CHECKING:
-    from ..run import Prepared
+    from ..runner import Prepared
 
 logger = logging.getLogger(__name__)
 

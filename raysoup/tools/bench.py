@@ -115,7 +115,7 @@ def run_cell(cell: dict, zoo: str, out: Path) -> tuple[dict, dict]:
     """One cell as a whole run (the run path of `raysoup run`, every forward pass on the
     evaluators, the ranking and the ingredients' judgements from the judgement cache):
     its table row and its per-image correctness per set."""
-    from ..run import execute
+    from ..runner import execute
     cell_dir = out / "cells" / cell["cell"].replace("/", "_")
     shutil.rmtree(cell_dir, ignore_errors=True)  # an interrupted cell starts over
     reference = cell["kind"] == "reference"

@@ -12,7 +12,7 @@ from ..config import PoolConfig, ResourcesConfig, RunConfig
 from ..errors import RaysoupError
 from ..inputs.storage import cache_dir
 from ..methods.manifold_mix import ManifoldMixConfig
-from ..run import execute
+from ..runner import execute
 from .zoo import QUICK_ZOO, SHIPPED_ZOO, ZooConfig, build_zoo, install_shipped_zoo
 
 logger = logging.getLogger(__name__)
