@@ -8,6 +8,8 @@ import ray
 from safetensors.torch import load_file, save_file
 
 from raysoup.cli import main
+from raysoup.methods import METHODS
+from raysoup.tools.demo import DEMO_METHODS
 from raysoup.tools.zoo import build_zoo
 
 from .conftest import TINY_ZOO
@@ -25,8 +27,7 @@ def test_demo_writes_report_parquet_and_scatter(tiny_zoo, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["demo", "--zoo", str(tiny_zoo), "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert set(report["methods"]) == {"best_individual", "uniform_soup", "greedy_soup",
-                                      "manifold_mix"}
+    assert tuple(report["methods"]) == DEMO_METHODS and set(DEMO_METHODS) == set(METHODS)
     for row in report["methods"].values():
         assert {"val", "id", "ood", "ood_avg", "ingredients", "evaluations", "wall_s"} <= set(row)
         assert all(0 <= v <= 1 for v in [row["val"], row["id"], *row["ood"].values()])
