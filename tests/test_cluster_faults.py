@@ -29,8 +29,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cluster():
     # The head has no CPU, so evaluators land on workers; drivers attach to the head.
+    # A generous start limit: on a loaded 2-core machine the head (with its dashboard) once
+    # took over 60 s to register.
     with local.LocalCluster(head=local.NodeSpec(cpus=0), workers=[local.NodeSpec(cpus=1)] * 3,
-                            fast_failure_detection=True, dashboard=True) as c:
+                            fast_failure_detection=True, dashboard=True,
+                            start_timeout=180) as c:
         yield c
 
 
