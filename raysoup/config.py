@@ -116,6 +116,14 @@ def section(cls, table: dict, name: str, where: str, base: Path):
                     f"[{name}]" if name else "the top level")
 
 
+def method_sections() -> dict[str, type]:
+    """The TOML section of every method with a config of its own, by method name
+    (ManifoldMix's is `[method]`)."""
+    from .methods import METHOD_INFO
+    return {name: info.config for name, info in METHOD_INFO.items()
+            if info.config is not None and name != "manifold_mix"}
+
+
 def load_config(path: Path) -> RunConfig:
     path = Path(path)
     try:
@@ -126,11 +134,9 @@ def load_config(path: Path) -> RunConfig:
         raise RaysoupError(f"{path} is not UTF-8 text: {e}") from e
     except tomllib.TOMLDecodeError as e:
         raise RaysoupError(f"{path} is not valid TOML: {e}") from e
-    from .methods import METHOD_INFO
-    method_sections = {name: info.config for name, info in METHOD_INFO.items()
-                       if info.config is not None and name != "manifold_mix"}
+    by_method = method_sections()
     sections = {"pool": PoolConfig, "method": ManifoldMixConfig, "resources": ResourcesConfig,
-                "tracking": TrackingConfig, **method_sections}
+                "tracking": TrackingConfig, **by_method}
     top_level = {f.name for f in fields(TopLevel)}
     unknown = sorted(set(raw) - set(sections) - top_level)
     if unknown:
@@ -149,7 +155,7 @@ def load_config(path: Path) -> RunConfig:
         methods=top.methods,
         report_ingredients=top.report_ingredients,
         options={name: section(cls, raw[name], name, where, base)
-                 for name, cls in method_sections.items() if name in raw},
+                 for name, cls in by_method.items() if name in raw},
         tracking=section(TrackingConfig, raw.get("tracking", {}), "tracking", where, base))
 
 
@@ -160,7 +166,6 @@ def reference_table(example: Path = EXAMPLE) -> str:
     """The README's configuration reference: every section and key of the typed models,
     with its type and default, and its meaning from the comment beside it in
     examples/run.toml (a test keeps the README's copy equal to this)."""
-    from .methods import METHOD_INFO
     meanings, current, last = {}, "", None
     for line in example.read_text().splitlines():
         code, _, comment = line.partition("#")
@@ -176,8 +181,7 @@ def reference_table(example: Path = EXAMPLE) -> str:
             last = None
     sections = [("", TopLevel), ("pool", PoolConfig), ("method", ManifoldMixConfig),
                 ("resources", ResourcesConfig), ("tracking", TrackingConfig),
-                *((name, info.config) for name, info in METHOD_INFO.items()
-                  if info.config is not None and name != "manifold_mix")]
+                *method_sections().items()]
     rows = ["| section | key | type | default | meaning |", "|---|---|---|---|---|"]
     for name, cls in sections:
         types = field_types(cls)

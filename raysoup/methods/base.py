@@ -130,8 +130,9 @@ class KnobDetails:
 
 def tune_knobs(ctx: SoupContext, models: Sequence[StateDict], mixer: Mixer, names: list[str],
                start: Sequence[float], lower: Sequence[float], upper: Sequence[float],
-               search: KnobSearch) -> KnobDetails:
-    """The best knob values the search finds for `mixer` over `models` within the bounds."""
+               search: KnobSearch) -> tuple[StateDict, KnobDetails]:
+    """The merged model at the best knob values the search finds for `mixer` over `models`
+    within the bounds, and the search's record."""
     if ctx.search is None:
         raise RaysoupError("tuning a merge method's knobs needs the context's search")
     ctx.search.set_models(models, mixer)
@@ -142,5 +143,5 @@ def tune_knobs(ctx: SoupContext, models: Sequence[StateDict], mixer: Mixer, name
     logger.info(f"[{search.SECTION}] {result.evaluations} evaluations ({result.optimizer}): "
                 + ", ".join(f"{n} {v:.4g}" for n, v in knobs.items())
                 + f", val {100 * result.accuracy:.2f}")
-    return KnobDetails(knobs, result.accuracy, result.optimizer,
-                       [float(a) for a in result.trace])
+    return mixer(models, np.asarray(result.x), ctx.components), KnobDetails(
+        knobs, result.accuracy, result.optimizer, [float(a) for a in result.trace])

@@ -53,7 +53,6 @@ def task_arithmetic(ctx: SoupContext, config: TaskArithmeticConfig = TaskArithme
     ingredients = [ctx.pool.load(n) for n in names]
     lo, hi = config.scale_bounds
     start = min(hi, max(lo, 1.0 / len(names)))
-    details = tune_knobs(ctx, [ctx.pretrained, *ingredients], task_arithmetic_mixer,
-                         ["lambda"], [start], [lo], [hi], config)
-    merged = task_arithmetic_merge(ctx.pretrained, ingredients, details.knobs["lambda"])
+    merged, details = tune_knobs(ctx, [ctx.pretrained, *ingredients], task_arithmetic_mixer,
+                                 ["lambda"], [start], [lo], [hi], config)
     return MethodResult(merged, names, len(details.trace), ranked=False, details=details)

@@ -75,8 +75,6 @@ def ties_merging(ctx: SoupContext, config: TiesMergingConfig = TiesMergingConfig
     lower = [config.scale_bounds[0], config.density_bounds[0]]
     upper = [config.scale_bounds[1], config.density_bounds[1]]
     start = np.clip(config.start, lower, upper)
-    details = tune_knobs(ctx, [ctx.pretrained, *ingredients], ties_mixer,
-                         ["lambda", "density"], start, lower, upper, config)
-    merged = ties_merge(ctx.pretrained, ingredients, details.knobs["lambda"],
-                        details.knobs["density"])
+    merged, details = tune_knobs(ctx, [ctx.pretrained, *ingredients], ties_mixer,
+                                 ["lambda", "density"], start, lower, upper, config)
     return MethodResult(merged, names, len(details.trace), ranked=False, details=details)
