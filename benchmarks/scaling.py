@@ -4,10 +4,13 @@ Evaluator actors here cost a fixed time per validation row (a sleep), so the
 measurement isolates raysoup's fan-out from model speed:
 - sharded: one trial's evaluation split over N evaluators (one fake GPU each);
   speed-up of a single evaluation vs N = 1 (target >= 0.8 N).
-- parallel: k trials in flight (TwoPointsDE, num_workers = k), each whole on one of
+- parallel: k points in flight (TwoPointsDE, num_workers = k), each whole on one of
   k evaluators, through the real Tune path; throughput vs k = 1 (target >= 0.8 k).
+- null: what the Tune path itself costs per point, with evaluators that cost nothing
+  (k = 1: NGOpt sharded over the largest N; k = N: TwoPointsDE, whole on N evaluators);
+  target <= 40 ms per point at k = 8.
 
-    python benchmarks/scaling.py [--eval-s 0.4] [--sizes 1 4 8]
+    python benchmarks/scaling.py [--eval-s 0.4] [--sizes 1 4 8] [--null-points 120]
 Appends rows to benchmarks/results/scaling.parquet and prints them.
 """
 
@@ -23,7 +26,7 @@ import ray
 from common import append_result, machine
 from raysoup.distributed.evaluators import EvaluatorSpec
 from raysoup.distributed.tune_search import TuneSearch
-from raysoup.distributed.workers import evaluate_point
+from raysoup.distributed.workers import evaluate_points
 
 ROWS = 6000  # validation rows of the demo zoo
 
@@ -48,26 +51,28 @@ def sharded(n: int, eval_s: float, repeats: int) -> float:
     ray.get([a.ready.remote() for a in actors])
     t0 = time.perf_counter()
     for _ in range(repeats):
-        evaluate_point(actors, "sharded", [], np.zeros(3), 0, 60)
+        evaluate_points(actors, "sharded", [], [np.zeros(3)], 60)
     seconds = (time.perf_counter() - t0) / repeats
     for a in actors:
         ray.kill(a)
     return seconds
 
 
-def parallel(k: int, eval_s: float, trials: int) -> float:
-    actors = [SyntheticEvaluator.remote(ROWS, eval_s) for _ in range(k)]
+def tune_pass(n: int, k: int, eval_s: float, points: int, optimizer: str) -> float:
+    """Seconds per point of one Tune pass: k points in flight on n evaluators."""
+    actors = [SyntheticEvaluator.remote(ROWS // n if k == 1 else ROWS, eval_s)
+              for _ in range(n)]
     ray.get([a.ready.remote() for a in actors])
-    spec = EvaluatorSpec(count=k, mode="whole", cpus=0.01, gpus=1.0)
+    spec = EvaluatorSpec(count=n, mode="sharded" if k == 1 else "whole", cpus=0.01, gpus=1.0)
     search = TuneSearch(actors, spec, k, Path("/tmp/raysoup-bench-scaling") / str(time.time()))
     search.refs = []
     t0 = time.perf_counter()
-    result = search.optimise(np.full(3, 0.5), 0.25, 0.75, trials, 0, "TwoPointsDE")
+    result = search.optimise(np.full(3, 0.5), 0.25, 0.75, points, 0, optimizer)
     seconds = time.perf_counter() - t0
-    assert result.evaluations == trials
+    assert result.evaluations == points
     for a in actors:
         ray.kill(a)
-    return trials / seconds
+    return seconds / points
 
 
 def main() -> None:
@@ -76,19 +81,28 @@ def main() -> None:
                         help="synthetic cost of one whole validation pass (s)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--trials-per-worker", type=int, default=8)
+    parser.add_argument("--null-points", type=int, default=120)
     args = parser.parse_args()
     ray.init(num_cpus=2, num_gpus=max(args.sizes), include_dashboard=False,
              log_to_driver=False)
     base = {**machine(), "eval_s": args.eval_s, "fake_gpus": True}
 
+    largest = max(args.sizes)
+    for k, optimizer in ((1, "NGOpt"), (largest, "TwoPointsDE")):
+        ms = 1000 * tune_pass(largest, k, 0.0, args.null_points, optimizer)
+        row = {**base, "eval_s": 0.0, "mode": "null", "n": largest, "k": k,
+               "optimizer": optimizer, "ms_per_point": ms}
+        append_result("scaling", row)
+        print(f"null     k={k} on {largest} evaluators ({optimizer}): {ms:.1f} ms per point")
+
     one_eval = sharded(1, args.eval_s, 10)
-    one_rate = parallel(1, args.eval_s, args.trials_per_worker * 2)
+    one_rate = 1 / tune_pass(1, 1, args.eval_s, args.trials_per_worker * 2, "TwoPointsDE")
     for n in args.sizes:
         seconds = sharded(n, args.eval_s, 10)
-        rate = parallel(n, args.eval_s, args.trials_per_worker * n)
+        rate = 1 / tune_pass(n, n, args.eval_s, args.trials_per_worker * n, "TwoPointsDE")
         rows = [{**base, "mode": "sharded", "n": n, "seconds_per_eval": seconds,
                  "speedup": one_eval / seconds, "efficiency": one_eval / seconds / n},
-                {**base, "mode": "parallel", "n": n, "trials_per_s": rate,
+                {**base, "mode": "parallel", "n": n, "k": n, "trials_per_s": rate,
                  "speedup": rate / one_rate, "efficiency": rate / one_rate / n}]
         for row in rows:
             append_result("scaling", row)

@@ -137,14 +137,17 @@ def read_events(path):
 
 
 @pytest.mark.slow
-def test_tracking_writes_tensorboard_passes_callbacks_through_and_shows_progress(
-        soup_zoo, tmp_path, capfd):
+def test_tracking_writes_tensorboard_and_mlflow_passes_callbacks_through_and_shows_progress(
+        soup_zoo, tmp_path, capfd, monkeypatch):
     """[tracking]: TensorBoard events of every pass's trials (Tune's TBX logger) and of the
-    driver's steps, read back; another Tune callback (the CSV logger) passed through by
-    name; progress lines while passes run."""
+    driver's steps, and MLflow runs in a local file store (one per pass under one for the
+    run), read back; another Tune callback (the CSV logger) passed through by name;
+    progress lines while passes run."""
+    from mlflow.tracking import MlflowClient
     path = write_config(tmp_path / "run.toml", soup_zoo, "out")
-    path.write_text(path.read_text() + "[tracking]\ntensorboard = true\ncallbacks = "
-                    "['ray.tune.logger:CSVLoggerCallback']\nprogress_interval_s = 0.001\n")
+    path.write_text(path.read_text() + "[tracking]\ntensorboard = true\nmlflow = true\n"
+                    "callbacks = ['ray.tune.logger:CSVLoggerCallback']\n"
+                    "progress_interval_s = 0.001\n")
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         report = raysoup.run(path)
@@ -167,5 +170,26 @@ def test_tracking_writes_tensorboard_passes_callbacks_through_and_shows_progress
     logged = sorted(v for f in trial_events for tag, _, v in read_events(f)
                     if tag == "ray/tune/accuracy")
     assert logged == pytest.approx(sorted(told))
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient((out / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("raysoup")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    whole = runs.pop("out")
+    assert sorted(runs) == [f"pass-{i:04d}" for i in range(1, passes + 1)]
+    assert all(r.data.tags["mlflow.parentRunId"] == whole.info.run_id and
+               r.info.status == "FINISHED" for r in runs.values())
+    assert runs["pass-0001"].data.params["optimizer"] == report.raw["config"]["manifold_mix"][
+        "optimizer"]
+
+    def series(run, key):
+        return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key),
+                                        key=lambda m: m.step)]
+    assert [a for name in sorted(runs) for a in series(runs[name], "accuracy")] == \
+        pytest.approx(told)
+    assert series(whole, "manifold_mix/promise_accuracy") == \
+        pytest.approx([h["promise_accuracy"] for h in history])
+    assert series(whole, "methods/manifold_mix/val") == \
+        pytest.approx([report.methods["manifold_mix"].val])
     printed = capfd.readouterr().out
-    assert "trials, best" in printed and "evals/s, ETA" in printed
+    assert "evaluations, best" in printed and "evals/s, ETA" in printed

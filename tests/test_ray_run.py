@@ -219,16 +219,27 @@ def test_object_store_buffers_are_never_written(pair, tune_search):
             np.testing.assert_array_equal(v, original[k])
 
 
-def test_parallel_optimizer_runs_k_trials_on_fake_gpus(pair, tiny_zoo, tune_search):
+@pytest.mark.parametrize("mode, count", [("whole", 4), ("sharded", 2)])
+def test_k_points_in_flight_make_the_plain_loops_decisions(pair, tiny_zoo, tune_search,
+                                                           mode, count):
+    """num_workers = 4: the optimiser sees exactly the asks and tells of the plain loop with
+    4 workers (batches of 4 asked, then told in ask order), each batch one Tune trial whose
+    points run at once: one per evaluator (one fake GPU each), or each over every shard."""
     pool, a, c, components = pair
-    search = tune_search(mode="whole", count=4, gpus=1.0, num_workers=4)
+    search = tune_search(mode=mode, count=count, gpus=1.0, num_workers=4)
     search.set_models([a, c], lerp_mixer)
-    local = LocalSearch(ValidationJudge(val_evaluator(tiny_zoo).accuracy), components)
+    local = LocalSearch(ValidationJudge(val_evaluator(tiny_zoo).accuracy), components,
+                        num_workers=4)
     local.set_models([a, c], lerp_mixer)
-    result = search.optimise(np.full(len(components), 0.5), 0.25, 0.75, 12, 0, "TwoPointsDE")
-    assert result.evaluations == 12 and result.optimizer == "TwoPointsDE"
-    assert result.accuracy == pytest.approx(local.accuracy(result.x))
-    assert ray.available_resources().get("GPU", 0) == 0  # four evaluators, one fake GPU each
+    start = np.full(len(components), 0.5)
+    tuned = search.optimise(start, 0.25, 0.75, 14, 0, "TwoPointsDE")
+    plain = local.optimise(start, 0.25, 0.75, 14, 0, "TwoPointsDE")
+    assert tuned.evaluations == 14 and tuned.optimizer == "TwoPointsDE"
+    assert tuned.trace == plain.trace and np.array_equal(tuned.x, plain.x)
+    assert all(np.array_equal(p, q) for p, q in zip(tuned.points, plain.points))
+    trials = list((search.storage_path / "pass-0001").glob("mixing_trial_*"))
+    assert len(trials) == 4  # batches of 4, 4, 4 and 2 points
+    assert ray.available_resources().get("GPU", 0) == 4 - count  # one fake GPU each
 
 
 def test_the_pool_judges_every_set_like_one_evaluator_and_survives_a_crash(pair, tiny_zoo):

@@ -24,7 +24,7 @@ from ..methods import METHODS, SoupContext, ValidationJudge
 from ..methods.manifold_mix import MixState
 from ..mixing import to_numpy
 from ..stats import compare
-from ..tracking import StepMetrics
+from ..tracking import Tracker
 from .evaluators import EvaluatorPool, EvaluatorSpec
 from .tune_search import TuneSearch
 
@@ -79,12 +79,14 @@ class SoupDriver:
         config = prepared.config
         self.judge = EvaluatorPool(actors, evaluators, prepared.pool.spec,
                                    prepared.eval_sources, judgement_cache())
+        self.metrics = Tracker(config.out, config.tracking,
+                               {"zoo": str(config.pool.zoo), "methods": ",".join(config.methods),
+                                "out": str(config.out)})
         self.search = TuneSearch(actors, evaluators, config.method.num_workers,
                                  config.out / "tune", config.resources.max_failures,
                                  cache_dir() / "points", self.judge.set_keys.get(VAL),
-                                 config.tracking.pass_callbacks,
+                                 self.metrics.pass_callbacks,
                                  config.tracking.progress_interval_s)
-        self.metrics = StepMetrics(config.out, config.tracking.tensorboard)
         self.state_dir = config.out / "driver"
 
     def _ranking(self, judge: ValidationJudge) -> tuple[list, float, MixState | None]:

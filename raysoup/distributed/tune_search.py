@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import ray
 from ray import tune
-from ray.tune.search.nevergrad import NevergradSearch
+from ray.tune.search import Searcher
 
 from ..errors import RaysoupError
 from ..inputs.pool import state_dict_sha256
 from ..mixing import StateDict, to_numpy
 from ..search import Bound, Mixer, PassResult, best_index, chosen_name, make_optimizer
 from .evaluators import EvaluatorSpec, timeout_as_error
-from .workers import METRIC, PointCache, evaluate_point, mixing_trial
+from .workers import METRIC, PointCache, evaluate_points, mixing_trial
 
 logger = logging.getLogger(__name__)
 
@@ -39,37 +40,57 @@ def quiet_tune() -> None:
 PENALTY = 0.0  # accuracy told to the optimiser for a trial that failed for good
 
 
-class PenalizingNevergradSearch(NevergradSearch):
-    """NevergradSearch that always tells the optimiser something.
+class BatchNevergradSearch(Searcher):
+    """A nevergrad optimiser behind Tune, one trial per batch of points asked together.
 
-    Sequential nevergrad optimisers (Cobyla, and NGOpt when it picks Cobyla) block the
-    next ask() until the previous point is told; a trial that failed for good would leave
-    them waiting forever. It is told the worst accuracy instead.
+    Each trial is `batch` points asked before any is told (the optimiser's num_workers),
+    evaluated at once on the evaluators and told back point by point in ask order, and
+    trials run one at a time. The optimiser thus sees exactly the asks and tells of
+    LocalSearch's plain loop with the same num_workers, and Tune starts one trial (not one
+    actor) per batch: parallel optimisers pay no trial start-up per point.
+
+    A trial that failed for good is told the worst accuracy for each of its points:
+    sequential optimisers (Cobyla, and NGOpt when it picks Cobyla) block the next ask()
+    until the previous point is told, and would otherwise wait forever.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.told: list[tuple[np.ndarray, float]] = []  # (x, accuracy) in tell order
-        self.penalized = 0
-        self.cached = 0  # points whose accuracy came from the point cache
+    def __init__(self, optimizer, budget: int, batch: int):
+        super().__init__(metric=METRIC, mode="max")
+        self.optimizer, self.budget, self.batch = optimizer, budget, batch
+        self.asked: dict[str, list] = {}  # trial id -> its candidates, in ask order
         self.suggested = 0
+        self.told: list[tuple[np.ndarray, float]] = []  # (x, accuracy) in tell order
+        self.penalized = 0  # points of trials that failed for good
+        self.cached = 0  # points whose accuracy came from the point cache
 
-    def suggest(self, trial_id: str) -> dict | None:
-        config = super().suggest(trial_id)
-        if config is not None:
-            # Which evaluator a "whole" trial uses: round robin over the trials in flight.
-            config["slot"] = self.suggested
-            self.suggested += 1
-        return config
+    def suggest(self, trial_id: str) -> dict | str:
+        if self.suggested >= self.budget:
+            return Searcher.FINISHED
+        n = min(self.batch, self.budget - self.suggested)
+        self.asked[trial_id] = [self.optimizer.ask() for _ in range(n)]
+        self.suggested += n
+        return {"points": [c.kwargs["x"] for c in self.asked[trial_id]]}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
-        if error or not result or METRIC not in result:
-            self.penalized += 1
-            result = {METRIC: PENALTY}
-        self.cached += bool(result.get("cached"))
-        self.told.append((self._live_trial_mapping[trial_id].kwargs["x"], result[METRIC]))
-        super().on_trial_complete(trial_id, result, error=False)
+        candidates = self.asked.pop(trial_id)
+        if error or not result or "accuracies" not in result:
+            self.penalized += len(candidates)
+            accuracies = [PENALTY] * len(candidates)
+        else:
+            accuracies = result["accuracies"]
+            self.cached += result.get("cached", 0)
+        for candidate, accuracy in zip(candidates, accuracies):
+            self.optimizer.tell(candidate, -accuracy)  # nevergrad minimises
+            self.told.append((candidate.kwargs["x"], accuracy))
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
 
 
 class RetryCounter(tune.Callback):
@@ -84,9 +105,10 @@ class RetryCounter(tune.Callback):
 
 class PassProgress(tune.Callback):
     """Progress of one optimiser pass as plain log lines (a terminal and `ray job logs`
-    show them alike): trials done of the budget, the best accuracy so far, evaluations per
-    second and an ETA; every `interval_s` while the pass runs, and once at its end (a
-    debug line: short passes stay quiet on the console, the run's log file keeps it)."""
+    show them alike): evaluations done of the budget, the best accuracy so far,
+    evaluations per second and an ETA; every `interval_s` while the pass runs, and once at
+    its end (a debug line: short passes stay quiet on the console, the run's log file
+    keeps it)."""
 
     def __init__(self, name: str, budget: int, interval_s: float):
         self.name, self.budget, self.interval_s = name, budget, interval_s
@@ -98,12 +120,12 @@ class PassProgress(tune.Callback):
             self.best = result[METRIC]
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.done += 1
+        self.done += len(trial.config["points"])
         now = time.perf_counter()
         if now - self.last >= self.interval_s or self.done == self.budget:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
-            line = (f"[tune] {self.name}: {self.done}/{self.budget} trials, best "
+            line = (f"[tune] {self.name}: {self.done}/{self.budget} evaluations, best "
                     f"{100 * self.best:.2f}, {rate:.1f} evals/s, ETA "
                     f"{(self.budget - self.done) / rate:.0f} s")
             logger.log(logging.DEBUG if self.done == self.budget else logging.INFO, line)
@@ -116,11 +138,12 @@ class TuneSearch:
 
     def __init__(self, actors: list, evaluators: EvaluatorSpec, num_workers: int,
                  storage_path: Path, max_failures: int = 2, cache_root: Path | None = None,
-                 val_key: str | None = None, callbacks: Callable[[], list] = list,
+                 val_key: str | None = None,
+                 callbacks: Callable[[str, dict], list] = lambda name, params: [],
                  progress_interval_s: float = 10.0):
         """`cache_root` and `val_key` (the validation set's judgement key): keep measured
         points in a PointCache there; None: measure every point. `callbacks` makes the
-        extra Tune callbacks of each pass (tracking)."""
+        extra Tune callbacks of a pass from its name and settings (tracking)."""
         self.callbacks, self.progress_interval_s = callbacks, progress_interval_s
         self.actors = actors
         self.evaluators = evaluators
@@ -147,35 +170,37 @@ class TuneSearch:
 
     def accuracy(self, x: np.ndarray) -> float:
         with timeout_as_error(self.evaluators.timeout_s, "an evaluation (a promise test)"):
-            accuracy, cached = evaluate_point(self.actors, self.evaluators.mode, self.refs,
-                                              np.asarray(x), 0, self.evaluators.timeout_s,
-                                              self.cache)
+            (accuracy,), cached = evaluate_points(self.actors, self.evaluators.mode,
+                                                  self.refs, [np.asarray(x)],
+                                                  self.evaluators.timeout_s, self.cache)
         self.cached_points += cached
         return accuracy
 
     def optimise(self, start: np.ndarray, lower: Bound, upper: Bound, budget: int,
                  seed: int, name: str) -> PassResult:
         optimizer = make_optimizer(name, start, lower, upper, budget, self.num_workers, seed)
-        searcher = PenalizingNevergradSearch(optimizer=optimizer, space=None, metric=METRIC,
-                                             mode="max")
+        searcher = BatchNevergradSearch(optimizer, budget, self.num_workers)
         trainable = tune.with_parameters(
             mixing_trial, actors=self.actors, mode=self.evaluators.mode, models=self.refs,
             timeout_s=self.evaluators.timeout_s, cache=self.cache)
         self.passes += 1
+        pass_name = f"pass-{self.passes:04d}"
+        settings = {"optimizer": name, "budget": budget, "seed": seed,
+                    "num_workers": self.num_workers, "dimensions": len(start)}
         retries = RetryCounter()
         tuner = tune.Tuner(
             # Trials only dispatch to the evaluators: no CPU, a token bundle so Tune can place them.
             tune.with_resources(trainable, {"cpu": 0, "memory": 1}),
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=budget,
-                                        max_concurrent_trials=self.num_workers,
-                                        reuse_actors=True),
+            tune_config=tune.TuneConfig(search_alg=searcher,
+                                        num_samples=-(-budget // self.num_workers),
+                                        max_concurrent_trials=1, reuse_actors=True),
             run_config=tune.RunConfig(
-                name=f"pass-{self.passes:04d}", storage_path=str(self.storage_path),
+                name=pass_name, storage_path=str(self.storage_path),
                 verbose=0, failure_config=tune.FailureConfig(max_failures=self.max_failures),
                 checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
                 callbacks=[retries, PassProgress(f"pass {self.passes}", budget,
                                                  self.progress_interval_s),
-                           *self.callbacks()]))
+                           *self.callbacks(pass_name, settings)]))
         results = tuner.fit()
         if retries.retried:
             logger.info(f"[tune] pass {self.passes}: {retries.retried} retry(ies) of failed "
@@ -184,10 +209,10 @@ class TuneSearch:
             # Nothing was measured: a result built on penalties alone would be meaningless.
             first = str(results.errors[0]).strip().splitlines()[-1] if results.errors else "?"
             raise RaysoupError(f"every trial of optimiser pass {self.passes} failed "
-                               f"({searcher.penalized} trial(s), max_failures = "
+                               f"({searcher.penalized} point(s), max_failures = "
                                f"{self.max_failures}); last line of the first error: {first}")
         if searcher.penalized:
-            logger.info(f"[tune] pass {self.passes}: {searcher.penalized} trial(s) failed after "
+            logger.info(f"[tune] pass {self.passes}: {searcher.penalized} point(s) failed after "
                         f"retries and were scored {PENALTY}")
         self.cached_points += searcher.cached
         accuracies = [float(acc) for _, acc in searcher.told]

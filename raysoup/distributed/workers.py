@@ -119,29 +119,45 @@ class PointCache:
         return hashlib.sha256(self.scope.encode() + x.tobytes()).hexdigest()
 
 
-def evaluate_point(actors: list, mode: str, models: list, x: np.ndarray, slot: int,
-                   timeout_s: float, cache: PointCache | None = None) -> tuple[float, bool]:
-    """(validation accuracy at x, read from the cache?): summed over every evaluator's
-    shard ("sharded"), or on the whole validation set of one evaluator chosen by slot
-    ("whole").
+def evaluate_points(actors: list, mode: str, models: list, points: Sequence[np.ndarray],
+                    timeout_s: float, cache: PointCache | None = None
+                    ) -> tuple[list[float], int]:
+    """(validation accuracy at each point, how many were read from the cache). Every point
+    not in the cache is dispatched at once: summed over every evaluator's shard
+    ("sharded"), or on the whole validation set of one evaluator each, point i on
+    evaluator i mod N ("whole").
 
     `models` are object refs (the resident models and the mixer), passed through
     untouched: only the evaluators fetch them.
     """
     store = KeyedArrays(cache.root) if cache is not None else None
-    key = cache.key(x) if cache is not None else ""
-    if store is not None and (hit := store.get(key)) is not None:
-        return float(hit[0]), True
-    chosen = actors if mode == "sharded" else [actors[slot % len(actors)]]
-    counts = ray.get([a.correct.remote(models, x) for a in chosen], timeout=timeout_s)
-    accuracy = sum(c for c, _ in counts) / sum(t for _, t in counts)
+    keys = [cache.key(x) for x in points] if cache is not None else []
+    accuracies: list[float | None] = [None] * len(points)
     if store is not None:
-        store.put(key, np.array([accuracy]))
-    return accuracy, False
+        for i, key in enumerate(keys):
+            if (hit := store.get(key)) is not None:
+                accuracies[i] = float(hit[0])
+    todo = [i for i, a in enumerate(accuracies) if a is None]
+    calls = {i: [a.correct.remote(models, points[i]) for a in
+                 (actors if mode == "sharded" else [actors[j % len(actors)]])]
+             for j, i in enumerate(todo)}
+    # timeout_s bounds one evaluation; an evaluator may queue several of this batch's.
+    queued = len(todo) if mode == "sharded" else -(-len(todo) // len(actors))
+    counts = ray.get([ref for refs in calls.values() for ref in refs],
+                     timeout=timeout_s * max(1, queued))
+    at = 0
+    for i, refs in calls.items():
+        part = counts[at:at + len(refs)]
+        at += len(refs)
+        accuracies[i] = sum(c for c, _ in part) / sum(t for _, t in part)
+        if store is not None:
+            store.put(keys[i], np.array([accuracies[i]]))
+    return accuracies, len(points) - len(todo)
 
 
 def mixing_trial(config: dict, actors: list, mode: str, models: list, timeout_s: float,
                  cache: PointCache | None = None) -> None:
-    accuracy, cached = evaluate_point(actors, mode, models, np.asarray(config["x"]),
-                                      config["slot"], timeout_s, cache)
-    tune.report({METRIC: accuracy, "cached": cached})
+    """One Tune trial: a batch of points the optimiser asked together, evaluated at once."""
+    accuracies, cached = evaluate_points(actors, mode, models, config["points"], timeout_s,
+                                         cache)
+    tune.report({METRIC: max(accuracies), "accuracies": accuracies, "cached": cached})
