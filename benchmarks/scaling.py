@@ -41,6 +41,9 @@ class SyntheticEvaluator:
     def ready(self) -> bool:
         return True
 
+    def val_rows(self) -> int:
+        return self.rows
+
     def correct(self, refs, x) -> tuple[int, int]:
         time.sleep(self.eval_s * self.rows / ROWS)
         return int(self.rows * 0.5), self.rows

@@ -116,8 +116,12 @@ class Evaluator:
             hits.append(logits.argmax(dim=1) == torch.as_tensor(labels).to(self.device))
         return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
 
-    def hits(self, set_name: str) -> torch.Tensor:
+    def hits(self, set_name: str, rows: np.ndarray | None = None) -> torch.Tensor:
+        """Per image of a set (or of its `rows`, in that order): right or wrong."""
         images, labels, class_map = self.sets[set_name]
+        if rows is not None:
+            index = torch.as_tensor(rows, device=self.device)
+            images, labels = images[index], labels[index]
         return self.score(((images[i:i + self.batch_size], labels[i:i + self.batch_size])
                            for i in range(0, len(labels), self.batch_size)), class_map)
 

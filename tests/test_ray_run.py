@@ -148,11 +148,11 @@ def tune_search(pair, tiny_zoo, tmp_path):
     pool, _, _, components = pair
     started = []
 
-    def make(mode="sharded", count=2, gpus=0.0, num_workers=1, **cache):
+    def make(mode="sharded", count=2, gpus=0.0, num_workers=1, **options):
         spec = EvaluatorSpec(count=count, mode=mode, cpus=0.25, gpus=gpus, timeout_s=120)
         actors = start_evaluators(pool.spec, eval_set_sources(tiny_zoo), components, spec)
         started.extend(actors)
-        return TuneSearch(actors, spec, num_workers, tmp_path / "tune", **cache)
+        return TuneSearch(actors, spec, num_workers, tmp_path / "tune", **options)
 
     yield make
     for actor in started:
@@ -341,3 +341,32 @@ def test_a_measured_point_is_read_back_not_evaluated_again(pair, tune_search, tm
     search.set_models([c, a], lerp_mixer)  # other resident models: nothing is reused
     search.accuracy(start)
     assert search.cached_points == 6 and search.cache.scope != ""
+
+
+def test_racing_stops_hopeless_points_and_keeps_the_pass_best(pair, tiny_zoo, tune_search):
+    """RandomSearch asks the same points whatever it is told, so a raced pass and a full
+    one see the same points: the same best point and accuracy, every point evaluated to
+    the end scored exactly, every stopped one told at most the best so far (and truly no
+    better than it), with fewer validation forwards."""
+    from raysoup.distributed.racing import Racing
+    pool, a, c, components = pair
+    local = LocalSearch(ValidationJudge(val_evaluator(tiny_zoo).accuracy), components)
+    local.set_models([a, c], lerp_mixer)
+    start = np.full(len(components), 0.5)
+    full = tune_search()
+    full.set_models([a, c], lerp_mixer)
+    expected = full.optimise(start, 0.0, 1.0, 16, 0, "RandomSearch")
+    raced = tune_search(racing=Racing(chunks=5, confidence=0.9))
+    raced.set_models([a, c], lerp_mixer)
+    got = raced.optimise(start, 0.0, 1.0, 16, 0, "RandomSearch")
+    assert all(np.array_equal(p, q) for p, q in zip(got.points, expected.points))
+    assert np.array_equal(got.x, expected.x) and got.accuracy == expected.accuracy
+    assert full.forwards == 16 * full.val_rows == 16 * 500
+    assert 0 < raced.stopped_points and raced.forwards < full.forwards
+    stopped = [i for i, (p, q) in enumerate(zip(got.trace, expected.trace)) if p != q]
+    assert len(stopped) == raced.stopped_points
+    for i in stopped:
+        best_before = max(got.trace[:i])
+        assert got.trace[i] <= best_before and expected.trace[i] <= best_before
+    with pytest.raises(RaysoupError, match="racing scores one point at a time"):
+        tune_search(num_workers=2, racing=Racing(chunks=5, confidence=0.9))

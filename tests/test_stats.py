@@ -60,3 +60,25 @@ def test_format_marks_intervals_that_exclude_zero():
     assert format_difference({"diff": 0.0005, "lo": -0.001, "hi": 0.002}) == \
         "+0.05 [-0.10, +0.20] "
     assert format_difference(None) == "-"
+
+
+def test_racings_bound_is_exact_on_the_whole_set_and_covers_at_its_level():
+    """largest_difference: with every image seen it is the observed difference; on random
+    samples of a known population it falls below the true difference at most about
+    2 alpha of the time (one alpha per count), and it tightens as more is seen."""
+    from raysoup.distributed.racing import largest_difference
+    assert largest_difference(7, 19, 500, 500, 0.01) == 7 - 19
+    rng = np.random.default_rng(0)
+    total, alpha = 1000, 0.05
+    population = np.array([1] * 20 + [-1] * 35 + [0] * (total - 55))  # difference -15
+    misses, bounds = 0, {250: [], 750: []}
+    for _ in range(400):
+        order = rng.permutation(population)
+        for seen in bounds:
+            drawn = order[:seen]
+            bound = largest_difference(int((drawn == 1).sum()), int((drawn == -1).sum()),
+                                       seen, total, alpha)
+            bounds[seen].append(bound)
+            misses += bound < -15
+    assert misses / 800 <= 2 * alpha
+    assert np.mean(bounds[750]) < np.mean(bounds[250])

@@ -26,6 +26,7 @@ from ..mixing import to_numpy
 from ..stats import compare
 from ..tracking import Tracker
 from .evaluators import EvaluatorPool, EvaluatorSpec
+from .racing import Racing
 from .tune_search import TuneSearch
 
 if TYPE_CHECKING:
@@ -86,7 +87,10 @@ class SoupDriver:
                                  config.out / "tune", config.resources.max_failures,
                                  cache_dir() / "points", self.judge.set_keys.get(VAL),
                                  self.metrics.pass_callbacks,
-                                 config.tracking.progress_interval_s)
+                                 config.tracking.progress_interval_s,
+                                 Racing(config.method.racing_chunks,
+                                        config.method.racing_confidence)
+                                 if config.method.racing else None)
         self.state_dir = config.out / "driver"
 
     def _ranking(self, judge: ValidationJudge) -> tuple[list, float, MixState | None]:
@@ -129,6 +133,7 @@ class SoupDriver:
         rows, fused = {}, None
         for name in config.methods:
             t0, cached = time.perf_counter(), self.search.cached_points
+            stopped = self.search.stopped_points
             result = METHODS[name](ctx, **options.get(name, {}))
             details = result.details_dict()
             if name == "manifold_mix":
@@ -142,7 +147,9 @@ class SoupDriver:
                                                                else 0),
                           "ranked": result.ranked, "wall_s": round(wall, 2),
                           # evaluations answered by the point cache (measured before)
-                          "cached_evaluations": self.search.cached_points - cached, **details}
+                          "cached_evaluations": self.search.cached_points - cached,
+                          **({"stopped_evaluations": self.search.stopped_points - stopped}
+                             if config.method.racing else {}), **details}
             self.metrics.method(name, rows[name])
             logger.info(f"[driver] {name}: val {100 * rows[name]['val']:.2f}, "
                         f"{len(result.ingredients)} ingredient(s)"

@@ -21,7 +21,8 @@ from ..inputs.pool import state_dict_sha256
 from ..mixing import StateDict, to_numpy
 from ..search import Bound, Mixer, PassResult, best_index, chosen_name, make_optimizer
 from .evaluators import EvaluatorSpec, timeout_as_error
-from .workers import METRIC, PointCache, evaluate_points, mixing_trial
+from .racing import Racing, RacingScheduler
+from .workers import METRIC, PointCache, evaluate_points, mixing_trial, racing_trial
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +53,25 @@ class BatchNevergradSearch(Searcher):
     A trial that failed for good is told the worst accuracy for each of its points:
     sequential optimisers (Cobyla, and NGOpt when it picks Cobyla) block the next ask()
     until the previous point is told, and would otherwise wait forever.
+
+    Racing (batches of one): each trial gets the incumbent, the best point evaluated in
+    full so far with its per-image results; a trial stopped early is told its paired
+    estimate (raysoup.distributed.racing).
     """
 
-    def __init__(self, optimizer, budget: int, batch: int):
+    def __init__(self, optimizer, budget: int, batch: int, val_rows: int,
+                 racing: bool = False):
         super().__init__(metric=METRIC, mode="max")
         self.optimizer, self.budget, self.batch = optimizer, budget, batch
+        self.val_rows, self.racing = val_rows, racing
         self.asked: dict[str, list] = {}  # trial id -> its candidates, in ask order
         self.suggested = 0
         self.told: list[tuple[np.ndarray, float]] = []  # (x, accuracy) in tell order
         self.penalized = 0  # points of trials that failed for good
         self.cached = 0  # points whose accuracy came from the point cache
+        self.stopped = 0  # raced points stopped before their last chunk
+        self.forwards = 0  # validation images evaluated
+        self.incumbent: tuple[float, np.ndarray] | None = None  # (accuracy, packed hits)
 
     def suggest(self, trial_id: str) -> dict | str:
         if self.suggested >= self.budget:
@@ -69,17 +79,28 @@ class BatchNevergradSearch(Searcher):
         n = min(self.batch, self.budget - self.suggested)
         self.asked[trial_id] = [self.optimizer.ask() for _ in range(n)]
         self.suggested += n
-        return {"points": [c.kwargs["x"] for c in self.asked[trial_id]]}
+        config = {"points": [c.kwargs["x"] for c in self.asked[trial_id]],
+                  "val_rows": self.val_rows}
+        if self.racing:
+            config["incumbent"] = self.incumbent
+        return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
         candidates = self.asked.pop(trial_id)
-        if error or not result or "accuracies" not in result:
+        if error or not result or not ("accuracies" in result or "estimate" in result):
             self.penalized += len(candidates)
             accuracies = [PENALTY] * len(candidates)
-        else:
+        elif "accuracies" in result:
             accuracies = result["accuracies"]
             self.cached += result.get("cached", 0)
+            if "hits" in result and (self.incumbent is None or
+                                     accuracies[0] > self.incumbent[0]):
+                self.incumbent = (accuracies[0], result["hits"])
+        else:  # a raced point stopped early
+            accuracies = [result["estimate"]]
+            self.stopped += 1
+        self.forwards += result.get("seen", 0) if result and not error else 0
         for candidate, accuracy in zip(candidates, accuracies):
             self.optimizer.tell(candidate, -accuracy)  # nevergrad minimises
             self.told.append((candidate.kwargs["x"], accuracy))
@@ -140,11 +161,20 @@ class TuneSearch:
                  storage_path: Path, max_failures: int = 2, cache_root: Path | None = None,
                  val_key: str | None = None,
                  callbacks: Callable[[str, dict], list] = lambda name, params: [],
-                 progress_interval_s: float = 10.0):
+                 progress_interval_s: float = 10.0, racing: Racing | None = None):
         """`cache_root` and `val_key` (the validation set's judgement key): keep measured
         points in a PointCache there; None: measure every point. `callbacks` makes the
-        extra Tune callbacks of a pass from its name and settings (tracking)."""
+        extra Tune callbacks of a pass from its name and settings (tracking). `racing`:
+        race every pass's points against the pass's best (num_workers = 1)."""
+        if racing is not None and num_workers != 1:
+            raise RaysoupError(f"racing scores one point at a time; num_workers is "
+                               f"{num_workers}")
         self.callbacks, self.progress_interval_s = callbacks, progress_interval_s
+        self.racing = racing
+        rows = ray.get([a.val_rows.remote() for a in actors])
+        self.val_rows = sum(rows) if evaluators.mode == "sharded" else rows[0]
+        self.forwards = 0  # validation images evaluated, over every pass and promise test
+        self.stopped_points = 0  # raced points stopped early, over every pass
         self.actors = actors
         self.evaluators = evaluators
         self.cache_root, self.val_key = cache_root, val_key
@@ -174,15 +204,21 @@ class TuneSearch:
                                                   self.refs, [np.asarray(x)],
                                                   self.evaluators.timeout_s, self.cache)
         self.cached_points += cached
+        self.forwards += self.val_rows * (1 - cached)
         return accuracy
 
     def optimise(self, start: np.ndarray, lower: Bound, upper: Bound, budget: int,
                  seed: int, name: str) -> PassResult:
         optimizer = make_optimizer(name, start, lower, upper, budget, self.num_workers, seed)
-        searcher = BatchNevergradSearch(optimizer, budget, self.num_workers)
-        trainable = tune.with_parameters(
-            mixing_trial, actors=self.actors, mode=self.evaluators.mode, models=self.refs,
-            timeout_s=self.evaluators.timeout_s, cache=self.cache)
+        searcher = BatchNevergradSearch(optimizer, budget, self.num_workers, self.val_rows,
+                                        racing=self.racing is not None)
+        common = dict(actors=self.actors, mode=self.evaluators.mode, models=self.refs,
+                      timeout_s=self.evaluators.timeout_s, cache=self.cache)
+        if self.racing is None:
+            trainable, scheduler = tune.with_parameters(mixing_trial, **common), None
+        else:
+            trainable = tune.with_parameters(racing_trial, chunks=self.racing.chunks, **common)
+            scheduler = RacingScheduler(self.racing)
         self.passes += 1
         pass_name = f"pass-{self.passes:04d}"
         settings = {"optimizer": name, "budget": budget, "seed": seed,
@@ -193,7 +229,8 @@ class TuneSearch:
             tune.with_resources(trainable, {"cpu": 0, "memory": 1}),
             tune_config=tune.TuneConfig(search_alg=searcher,
                                         num_samples=-(-budget // self.num_workers),
-                                        max_concurrent_trials=1, reuse_actors=True),
+                                        max_concurrent_trials=1, reuse_actors=True,
+                                        scheduler=scheduler),
             run_config=tune.RunConfig(
                 name=pass_name, storage_path=str(self.storage_path),
                 verbose=0, failure_config=tune.FailureConfig(max_failures=self.max_failures),
@@ -215,6 +252,11 @@ class TuneSearch:
             logger.info(f"[tune] pass {self.passes}: {searcher.penalized} point(s) failed after "
                         f"retries and were scored {PENALTY}")
         self.cached_points += searcher.cached
+        self.forwards += searcher.forwards
+        self.stopped_points += searcher.stopped
+        if self.racing is not None:
+            logger.debug(f"[tune] pass {self.passes}: racing stopped {searcher.stopped} of "
+                         f"{budget} points early; {searcher.forwards} validation forwards")
         accuracies = [float(acc) for _, acc in searcher.told]
         best = best_index(accuracies)
         points = [np.asarray(x) for x, _ in searcher.told]

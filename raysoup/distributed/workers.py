@@ -52,12 +52,18 @@ class EvaluatorActor:
         self.spec, self.sources, self.shard, self.shards = spec, sources, shard, shards
         self.components = components
         self.whole_val = None  # an evaluator with every validation row, for learned soup
+        # Racing's chunks: a fixed random order of this shard's rows, split in parts.
+        self.race_order = np.random.default_rng(val_shard).permutation(len(part.labels))
         self.model_ids: tuple = ()
         self.models: list = []
         self.mixer = None
+        self.loaded: tuple = ((), None)  # (model ids, x) of the weights in the evaluator
 
     def ready(self) -> bool:
         return True
+
+    def val_rows(self) -> int:
+        return len(self.race_order)
 
     def _resident(self, refs: Sequence[ray.ObjectRef]) -> None:
         ids = tuple(r.hex() for r in refs)
@@ -71,17 +77,33 @@ class EvaluatorActor:
             self.mixer = ray.get(mixer_ref)
             self.model_ids = ids
 
-    def correct(self, refs: Sequence[ray.ObjectRef], x: np.ndarray) -> tuple[int, int]:
+    def _load(self, refs: Sequence[ray.ObjectRef], x: np.ndarray) -> None:
+        """The mix at x in the evaluator; mixed once for consecutive calls at one point
+        (racing's chunks)."""
         self._resident(refs)
-        self.evaluator.load(self.mixer(self.models, np.asarray(x), self.components))
+        x = np.asarray(x)
+        ids, loaded = self.loaded
+        if ids != self.model_ids or loaded is None or not np.array_equal(loaded, x):
+            self.evaluator.load(self.mixer(self.models, x, self.components))
+            self.loaded = (self.model_ids, x.copy())
+
+    def correct(self, refs: Sequence[ray.ObjectRef], x: np.ndarray) -> tuple[int, int]:
+        self._load(refs, x)
         return self.evaluator.correct(VAL)
+
+    def chunk_hits(self, refs: Sequence[ray.ObjectRef], x: np.ndarray, chunk: int,
+                   chunks: int) -> np.ndarray:
+        """Per-image correctness at x on part `chunk` of `chunks` of this shard's rows, in
+        a fixed random order (racing)."""
+        self._load(refs, x)
+        rows = np.array_split(self.race_order, chunks)[chunk]
+        return self.evaluator.hits(VAL, rows).cpu().numpy()
 
     def judge(self, refs: Sequence[ray.ObjectRef], x: np.ndarray, set_name: str) -> np.ndarray:
         """Per-image correctness at x: on the resident validation shard, or on this
         actor's share of another set's rows, streamed."""
         from ..inputs.data import iter_shard
-        self._resident(refs)
-        self.evaluator.load(self.mixer(self.models, np.asarray(x), self.components))
+        self._load(refs, x)
         if set_name == VAL:
             return self.evaluator.hits(VAL).cpu().numpy()
         source = self.sources[set_name]
@@ -118,6 +140,13 @@ class PointCache:
         x = np.ascontiguousarray(np.asarray(x, dtype=np.float64))
         return hashlib.sha256(self.scope.encode() + x.tobytes()).hexdigest()
 
+    def get(self, x: np.ndarray) -> float | None:
+        hit = KeyedArrays(self.root).get(self.key(x))
+        return None if hit is None else float(hit[0])
+
+    def put(self, x: np.ndarray, accuracy: float) -> None:
+        KeyedArrays(self.root).put(self.key(x), np.array([accuracy]))
+
 
 def evaluate_points(actors: list, mode: str, models: list, points: Sequence[np.ndarray],
                     timeout_s: float, cache: PointCache | None = None
@@ -130,13 +159,7 @@ def evaluate_points(actors: list, mode: str, models: list, points: Sequence[np.n
     `models` are object refs (the resident models and the mixer), passed through
     untouched: only the evaluators fetch them.
     """
-    store = KeyedArrays(cache.root) if cache is not None else None
-    keys = [cache.key(x) for x in points] if cache is not None else []
-    accuracies: list[float | None] = [None] * len(points)
-    if store is not None:
-        for i, key in enumerate(keys):
-            if (hit := store.get(key)) is not None:
-                accuracies[i] = float(hit[0])
+    accuracies = [cache.get(x) if cache is not None else None for x in points]
     todo = [i for i, a in enumerate(accuracies) if a is None]
     calls = {i: [a.correct.remote(models, points[i]) for a in
                  (actors if mode == "sharded" else [actors[j % len(actors)]])]
@@ -150,8 +173,8 @@ def evaluate_points(actors: list, mode: str, models: list, points: Sequence[np.n
         part = counts[at:at + len(refs)]
         at += len(refs)
         accuracies[i] = sum(c for c, _ in part) / sum(t for _, t in part)
-        if store is not None:
-            store.put(keys[i], np.array([accuracies[i]]))
+        if cache is not None:
+            cache.put(points[i], accuracies[i])
     return accuracies, len(points) - len(todo)
 
 
@@ -160,4 +183,41 @@ def mixing_trial(config: dict, actors: list, mode: str, models: list, timeout_s:
     """One Tune trial: a batch of points the optimiser asked together, evaluated at once."""
     accuracies, cached = evaluate_points(actors, mode, models, config["points"], timeout_s,
                                          cache)
-    tune.report({METRIC: max(accuracies), "accuracies": accuracies, "cached": cached})
+    tune.report({METRIC: max(accuracies), "accuracies": accuracies, "cached": cached,
+                 "seen": (len(accuracies) - cached) * config.get("val_rows", 0)})
+
+
+def racing_trial(config: dict, actors: list, mode: str, models: list, timeout_s: float,
+                 chunks: int, cache: PointCache | None = None) -> None:
+    """One Tune trial that races one point against the pass's incumbent: the validation
+    set in `chunks` chunks (each a random part of every evaluator's rows), and after each
+    one the running accuracy and, on the images seen so far, how many the point gets right
+    and the incumbent wrong (`favourable`) and the other way round (`unfavourable`). A
+    scheduler may stop the trial after any chunk (raysoup.distributed.racing)."""
+    x = config["points"][0]
+    if cache is not None and (accuracy := cache.get(x)) is not None:
+        tune.report({METRIC: accuracy, "accuracies": [accuracy], "cached": 1, "seen": 0})
+        return
+    incumbent = config.get("incumbent")  # (accuracy, packed per-image hits) or None
+    chosen = actors if mode == "sharded" else actors[:1]
+    seen: list[np.ndarray] = []
+    for chunk in range(chunks):
+        seen += ray.get([a.chunk_hits.remote(models, x, chunk, chunks) for a in chosen],
+                        timeout=timeout_s)
+        hits = np.concatenate(seen)
+        accuracy = float(hits.mean())
+        if chunk == chunks - 1:
+            if cache is not None:
+                cache.put(x, accuracy)
+            tune.report({METRIC: accuracy, "accuracies": [accuracy], "cached": 0,
+                         "seen": len(hits), "hits": np.packbits(hits)})
+        elif incumbent is not None:
+            best, packed = incumbent
+            theirs = np.unpackbits(packed, count=len(hits)).astype(bool)
+            favourable, unfavourable = int((hits & ~theirs).sum()), int((~hits & theirs).sum())
+            tune.report({METRIC: accuracy, "seen": len(hits), "total": config["val_rows"],
+                         "favourable": favourable, "unfavourable": unfavourable,
+                         # the paired estimate of its accuracy: what a stopped point is told
+                         "estimate": best + (favourable - unfavourable) / len(hits)})
+        else:
+            tune.report({METRIC: accuracy, "seen": len(hits)})

@@ -56,12 +56,20 @@ class ManifoldMixConfig:
     third_pass_gain: Annotated[float, Field(ge=0)] = 0.3
     strict: bool = False               # accept on > instead of >=
     seed: Annotated[int, Field(ge=0)] = 0  # optimiser seed (the same for every pass)
+    # Racing (opt-in, on Ray, num_workers = 1): stop scoring a point once it cannot beat
+    # the pass's best at racing_confidence, after any of racing_chunks validation chunks.
+    racing: bool = False
+    racing_chunks: Annotated[int, Field(ge=2, le=100)] = 8
+    racing_confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.99
     phase2: bool = False
     mu_bounds: tuple[float, float] = (0.7, 1.4)
     phase2_evals_per_weight: AtLeastOne = 50  # phase 2 budget = ingredients x components x this
 
     def __post_init__(self):
         check_optimizer(self.optimizer, self.num_workers)
+        if self.racing and self.num_workers != 1:
+            raise RaysoupError(f"method.racing scores one point at a time: it needs "
+                               f"num_workers = 1, got {self.num_workers}")
         if self.evals_per_component < 1:
             raise RaysoupError(f"evals_per_component (the budget) must be >= 1, got "
                                f"{self.evals_per_component}")
