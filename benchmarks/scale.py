@@ -188,8 +188,8 @@ def main() -> None:
     ray.get([x.timings.remote() for x in actors])  # from here: the passes' calls only
     _, short_s = timed(search.optimise, start, 0.25, 0.75, args.trials, 0, "NGOpt")
     _, long_s = timed(search.optimise, start, 0.25, 0.75, 2 * args.trials, 1, "NGOpt")
-    times = {k: np.concatenate([t[k] for t in ray.get([x.timings.remote() for x in actors])])
-             for k in ("mix_load", "forward")}
+    recorded = ray.get([x.timings.remote() for x in actors])
+    times = {k: np.concatenate([t[k] for t in recorded]) for k in ("mix_load", "forward")}
     state = MixState(a, [pool.names[0]], 0.5, [[0.5] * len(components)], 2)
     _, checkpoint_s = timed(save_state, args.dir / "driver", state, {}, [])
 

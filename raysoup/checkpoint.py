@@ -19,8 +19,17 @@ STATE_FILE = "state.json"
 def save_state(directory: Path, state: MixState, fingerprint: dict, ranking: list) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights = f"accumulator-{state.next_candidate:04d}.safetensors"
-    save_state_dict(state.accumulator, directory / weights)
+    path = directory / STATE_FILE
+    previous = json.loads(path.read_text()) if path.is_file() else None
+    if (previous and previous["fingerprint"] == fingerprint and
+            previous["state"]["accepted"] == state.accepted and
+            (directory / previous["weights"]).is_file()):
+        # The accumulator changes only when a candidate is accepted: after a rejected or
+        # skipped step only the JSON is rewritten (a model-sized write saved per step).
+        weights = previous["weights"]
+    else:
+        weights = f"accumulator-{state.next_candidate:04d}.safetensors"
+        save_state_dict(state.accumulator, directory / weights)
     write_json(directory / STATE_FILE, {"fingerprint": fingerprint, "ranking": ranking,
                                         "weights": weights, "state": state.summary()}, indent=1)
     for old in directory.glob("accumulator-*.safetensors"):

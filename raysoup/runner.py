@@ -146,7 +146,7 @@ def plan(prepared: Prepared) -> str:
     mode = r.evaluation if r.evaluation != "auto" else \
         ("sharded" if mm.num_workers == 1 else "whole")
     lines.append(f"evaluators: {count}, each {r.cpus_per_evaluator:g} CPU and {gpus}; "
-                 f"{mode} evaluation, {mm.num_workers} trial(s) in flight")
+                 f"{mode} evaluation, {mm.num_workers} point(s) in flight")
     lines.append(f"out: {config.out}")
     return "\n".join(lines)
 

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import ray
+import torch
 
 from raysoup.cli import main
 from raysoup.config import load_config
@@ -219,3 +220,29 @@ def test_the_readme_configuration_reference_is_the_typed_models_table():
     begin, end = "<!-- config-reference:begin -->\n", "\n<!-- config-reference:end -->"
     assert begin in readme and end in readme
     assert readme.split(begin)[1].split(end)[0] == reference_table()
+
+
+def test_step_checkpoints_write_the_weights_only_when_a_candidate_is_accepted(tiny_zoo,
+                                                                              tmp_path):
+    """After a rejected step only state.json changes; an accepted one writes the new
+    accumulator and removes the old; another config's checkpoint is never reused."""
+    from raysoup.checkpoint import load_state, save_state
+    from raysoup.inputs.pool import IngredientPool
+    from raysoup.methods.manifold_mix import MixState
+    pool = IngredientPool.from_zoo(tiny_zoo)
+    a, b = pool.load("ft-00"), pool.load("ft-01")
+    driver, fingerprint = tmp_path / "driver", {"method": {"tau": 0.99}}
+    save_state(driver, MixState(a, ["ft-00"], 0.5, next_candidate=2), fingerprint, [])
+    first = driver / "accumulator-0002.safetensors"
+    written = first.stat().st_mtime_ns
+    save_state(driver, MixState(a, ["ft-00"], 0.5, next_candidate=3), fingerprint, [])
+    assert [p.name for p in driver.glob("accumulator-*")] == [first.name]
+    assert first.stat().st_mtime_ns == written
+    state, _ = load_state(driver, fingerprint)
+    assert state.next_candidate == 3 and all(torch.equal(state.accumulator[k], a[k]) for k in a)
+    save_state(driver, MixState(b, ["ft-00", "ft-01"], 0.6, next_candidate=4), fingerprint, [])
+    assert [p.name for p in driver.glob("accumulator-*")] == ["accumulator-0004.safetensors"]
+    assert all(torch.equal(load_state(driver, fingerprint)[0].accumulator[k], b[k]) for k in b)
+    other = {"method": {"tau": 0.9}}
+    save_state(driver, MixState(a, ["ft-00", "ft-01"], 0.6, next_candidate=5), other, [])
+    assert all(torch.equal(load_state(driver, other)[0].accumulator[k], a[k]) for k in a)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Annotated
 
 import numpy as np
@@ -46,7 +46,7 @@ class ManifoldMixConfig:
     drop_unused: bool = False          # leave out weights the classifier never uses
     optimizer: str = "NGOpt"           # any name in nevergrad.optimizers.registry
     evals_per_component: AtLeastOne = 30  # budget per pass = components x this
-    num_workers: AtLeastOne = 1        # trials in flight at once (1: sequential optimisers)
+    num_workers: AtLeastOne = 1        # points in flight at once (1: sequential optimisers)
     tau: Annotated[float, Field(gt=0, le=1)] = 0.998  # promise test threshold
     # pass 1 bounds: lambda0 +- delta (1 - lambda0)
     bounds_delta: Annotated[float, Field(gt=0, le=1)] = 0.5
@@ -109,7 +109,8 @@ class MixState:
 
     def summary(self) -> dict:
         """Everything but the weights (JSON-friendly)."""
-        return {k: v for k, v in asdict(self).items() if k != "accumulator"}
+        # Not asdict(): it would deep-copy the accumulator's tensors first.
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "accumulator"}
 
 
 def run_pass(search: Search, config: ManifoldMixConfig, start: np.ndarray, lower: float,

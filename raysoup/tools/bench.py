@@ -38,7 +38,7 @@ class BenchGrid:
     optimizers: tuple[str, ...] = ("NGOpt", "Cobyla", "CMA", "TwoPointsDE", "OnePlusOne",
                                    "RandomSearch")
     budgets: tuple[int, ...] = (5, 10, 20, 30)   # evaluations per component per pass
-    parallel: tuple[int, ...] = (1, 2, 4)        # trials in flight (where the optimiser allows)
+    parallel: tuple[int, ...] = (1, 2, 4)        # points in flight (where the optimiser allows)
     seeds: tuple[int, ...] = (0, 1, 2)
     components: str = "granularity-1"            # the grid's components (the reference's)
     # The ablation: each partition at one optimiser and budget, plus unused weights left out.

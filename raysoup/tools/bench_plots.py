@@ -3,7 +3,7 @@
 accuracy_vs_budget.png   final val and OOD accuracy vs budget per optimiser, seed spread
 best_so_far.png          best val accuracy seen vs evaluations
 cost_quality.png         val and OOD accuracy vs wall time (the cost-quality frontier)
-parallel.png             final val and OOD accuracy vs trials in flight (k), same budget
+parallel.png             final val and OOD accuracy vs points in flight (k), same budget
 betas.png                beta heatmaps, one per optimiser (its best cell on val)
 granularity.png          the component-granularity ablation
 """
@@ -142,7 +142,7 @@ def parallel(rows: list[dict], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks_run, [str(k) for k in ks_run])
 
-    _panels(rows, path, draw, "trials in flight (k)",
+    _panels(rows, path, draw, "points in flight (k)",
             "final fused model vs parallel trials (mean over shared seeds)")
 
 
