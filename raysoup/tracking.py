@@ -97,7 +97,8 @@ class MlflowRun:
 
 class MlflowPass(tune.Callback):
     """One optimiser pass as an MLflow run, a child of the whole run's: every evaluated
-    point's accuracy and the best so far, by evaluation index, and the pass's settings."""
+    point's accuracy (as told to the optimiser) and the best so far, by evaluation index,
+    and the pass's settings."""
 
     def __init__(self, parent: MlflowRun, name: str, params: dict):
         self.parent, self.name, self.params = parent, name, params
@@ -109,8 +110,11 @@ class MlflowPass(tune.Callback):
         experiment = mlflow_client(p.uri).get_experiment(p.experiment_id).name
         self.run = MlflowRun.start(p.uri, experiment, self.name, self.params, parent=p)
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        for accuracy in result.get("accuracies", []):
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result
+        # A raced point stopped early is told (and logged as) its paired estimate.
+        told = result.get("accuracies") or [result[k] for k in ("estimate",) if k in result]
+        for accuracy in told:
             self.evaluations += 1
             self.best = max(self.best, accuracy)
             self.run.log({"accuracy": accuracy, "best_so_far": self.best}, self.evaluations)
