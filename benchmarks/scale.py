@@ -191,7 +191,8 @@ def main() -> None:
     recorded = ray.get([x.timings.remote() for x in actors])
     times = {k: np.concatenate([t[k] for t in recorded]) for k in ("mix_load", "forward")}
     state = MixState(a, [pool.names[0]], 0.5, [[0.5] * len(components)], 2)
-    _, checkpoint_s = timed(save_state, args.dir / "driver", state, {}, [])
+    # A fresh folder: an earlier run's checkpoint of the same state would be reused.
+    _, checkpoint_s = timed(save_state, args.dir / f"driver-{time.time()}", state, {}, [])
 
     # The report's dispatch: one model on every report set.
     _, report_s = timed(judge.correctness, a, list(REPORT_SETS))
