@@ -16,6 +16,7 @@ from typing import Annotated
 from pydantic import Field
 from ray import tune
 
+from .distributed.workers import told_accuracies
 from .errors import RaysoupError
 
 TRACKING_DIR = "tracking"  # the driver's TensorBoard events, in the run directory
@@ -111,10 +112,8 @@ class MlflowPass(tune.Callback):
         self.run = MlflowRun.start(p.uri, experiment, self.name, self.params, parent=p)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        result = trial.last_result
         # A raced point stopped early is told (and logged as) its paired estimate.
-        told = result.get("accuracies") or [result[k] for k in ("estimate",) if k in result]
-        for accuracy in told:
+        for accuracy in told_accuracies(trial.last_result) or []:
             self.evaluations += 1
             self.best = max(self.best, accuracy)
             self.run.log({"accuracy": accuracy, "best_so_far": self.best}, self.evaluations)

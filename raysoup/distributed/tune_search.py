@@ -22,7 +22,8 @@ from ..mixing import StateDict, to_numpy
 from ..search import Bound, Mixer, PassResult, best_index, chosen_name, make_optimizer
 from .evaluators import EvaluatorSpec, timeout_as_error
 from .racing import Racing, RacingScheduler
-from .workers import METRIC, PointCache, evaluate_points, mixing_trial, racing_trial
+from .workers import (METRIC, PointCache, evaluate_points, mixing_trial, racing_trial,
+                      told_accuracies)
 
 logger = logging.getLogger(__name__)
 
@@ -88,19 +89,17 @@ class BatchNevergradSearch(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
         candidates = self.asked.pop(trial_id)
-        if error or not result or not ("accuracies" in result or "estimate" in result):
+        accuracies = None if error else told_accuracies(result)
+        if accuracies is None:
             self.penalized += len(candidates)
             accuracies = [PENALTY] * len(candidates)
-        elif "accuracies" in result:
-            accuracies = result["accuracies"]
+        else:
             self.cached += result.get("cached", 0)
+            self.stopped += "accuracies" not in result  # a raced point stopped early
+            self.forwards += result.get("seen", 0)
             if "hits" in result and (self.incumbent is None or
                                      accuracies[0] > self.incumbent[0]):
                 self.incumbent = (accuracies[0], result["hits"])
-        else:  # a raced point stopped early
-            accuracies = [result["estimate"]]
-            self.stopped += 1
-        self.forwards += result.get("seen", 0) if result and not error else 0
         for candidate, accuracy in zip(candidates, accuracies):
             self.optimizer.tell(candidate, -accuracy)  # nevergrad minimises
             self.told.append((candidate.kwargs["x"], accuracy))

@@ -178,13 +178,24 @@ def evaluate_points(actors: list, mode: str, models: list, points: Sequence[np.n
     return accuracies, len(points) - len(todo)
 
 
+def told_accuracies(result: dict | None) -> list[float] | None:
+    """What a finished trial's last result tells the optimiser, one value per point: the
+    accuracies, or a raced point's paired estimate when it was stopped early; None when it
+    holds neither (the trial failed)."""
+    if result and "accuracies" in result:
+        return list(result["accuracies"])
+    if result and "estimate" in result:
+        return [result["estimate"]]
+    return None
+
+
 def mixing_trial(config: dict, actors: list, mode: str, models: list, timeout_s: float,
                  cache: PointCache | None = None) -> None:
     """One Tune trial: a batch of points the optimiser asked together, evaluated at once."""
     accuracies, cached = evaluate_points(actors, mode, models, config["points"], timeout_s,
                                          cache)
     tune.report({METRIC: max(accuracies), "accuracies": accuracies, "cached": cached,
-                 "seen": (len(accuracies) - cached) * config.get("val_rows", 0)})
+                 "seen": (len(accuracies) - cached) * config["val_rows"]})
 
 
 def racing_trial(config: dict, actors: list, mode: str, models: list, timeout_s: float,
