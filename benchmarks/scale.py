@@ -6,12 +6,15 @@ The reference (arXiv 2309.08610): 72 CLIP ViT-B/32 fine-tunes in the model soups
 and 5 OOD report sets, NGOpt at 30 evaluations per component per pass. Real and measured
 here: the pool's validation (sha256 of every file), the ranking of all 72 (each loaded by
 the driver, put in the object store, fetched and loaded by every evaluator), one
-ManifoldMix step (two resident models in the object store, a promise test, one Tune pass
-of --trials points, each mixing and loading 88M parameters in every evaluator), the step
-checkpoint, and the report's dispatch (one model judged on every report set). The
-evaluators are real Ray actors holding a real ViT-B/32 classifier; only its forward pass
-is a wait of rows / --images-per-s (default: the README's H200 bf16 evaluator, 22,710
-images/s). Distinct weight files are few (--distinct), hard-linked under 72 names.
+ManifoldMix step (two resident models in the object store, a promise test, Tune passes of
+T = --trials and 2T points, each mixing and loading 114M parameters in every evaluator),
+the step checkpoint, and the report's dispatch (one model judged on every report set).
+The evaluators are real Ray actors holding a real ViT-B/32 classifier; only its forward
+pass is a wait of rows / --images-per-s (default: the README's H200 bf16 evaluator,
+22,710 images/s). The passes run twice: mixing for real on the evaluators' CPU threads,
+and mixing as a GPU would (a wait of --gpu-mix-load-s that leaves the host's cores to
+Ray and Tune), so each projection carries the Tune and dispatch costs measured under its
+own assumption. Distinct weight files are few (--distinct), hard-linked under 72 names.
 
 From those unit costs, the wall time of the reference's run (71 promise tests; 27 first,
 6 second and 6 third passes, the reference's 27 optimised and 6 accepted candidates) is
@@ -33,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
+from ray import tune
 
 from common import append_result, machine
 from raysoup.checkpoint import save_state
@@ -63,12 +67,23 @@ class RehearsalEvaluator:
     wait of rows / images_per_s. Records the time of each part."""
 
     def __init__(self, spec: ModelSpec, components, rows: dict[str, int], images_per_s: float):
+        # Heavy imports here, as in raysoup's EvaluatorActor: this class travels by value
+        # (it is __main__'s), and each pass's Tune trial that unpickles a handle would
+        # otherwise import torch and open_clip first (3 s per pass on 2 cores).
+        import torch
+
+        from raysoup.inputs.model import build_classifier
         torch.set_num_threads(1)
         self.model = build_classifier(spec).eval()
         self.components, self.rows, self.images_per_s = components, rows, images_per_s
         self.ids: tuple = ()
         self.models, self.mixer = [], None
         self.times: dict[str, list[float]] = {"fetch": [], "mix_load": [], "forward": []}
+        self.mix_load_wait: float | None = None  # mix for real (None) or wait this long
+
+    def simulate_mixing(self, seconds: float | None) -> None:
+        """Mixing on a GPU leaves the host's cores free: wait instead of mixing on them."""
+        self.mix_load_wait = seconds
 
     def ready(self) -> bool:
         return True
@@ -85,7 +100,10 @@ class RehearsalEvaluator:
             self.mixer, self.ids = ray.get(mixer_ref), tuple(r.hex() for r in refs)
             self.times["fetch"].append(time.perf_counter() - t0)
         t1 = time.perf_counter()
-        self.model.load_state_dict(self.mixer(self.models, np.asarray(x), self.components))
+        if self.mix_load_wait is None:
+            self.model.load_state_dict(self.mixer(self.models, np.asarray(x), self.components))
+        else:
+            time.sleep(self.mix_load_wait)
         t2 = time.perf_counter()
         time.sleep(self.rows[set_name] / self.images_per_s)
         self.times["mix_load"].append(t2 - t1)
@@ -103,6 +121,48 @@ class RehearsalEvaluator:
         """The times recorded since the last call."""
         times, self.times = self.times, {k: [] for k in self.times}
         return times
+
+
+class PassClock(tune.Callback):
+    """When each trial of a pass ended, and how long Tune timed its run. A trial's share
+    of the pass is the gap since the previous trial ended (its start, the point's
+    evaluation, its result); the first trial's gap also holds the trial actor's start-up,
+    so it counts to the pass's fixed cost with the Tune run's start and end."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+        self.in_trials: list[float] = []  # time_this_iter_s: the trial function's run
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.in_trials.append(result["time_this_iter_s"])
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ends.append(time.perf_counter())
+
+
+def measure_passes(search: TuneSearch, clocks: list[PassClock], actors: list,
+                   start: np.ndarray, trials: int) -> dict[str, float]:
+    """Two passes of T and 2T points (one point per trial): the time per point from the
+    gaps between trials after the first, the rest of each pass is its fixed cost."""
+    ray.get([x.timings.remote() for x in actors])  # from here: the passes' calls only
+    walls = [timed(search.optimise, start, 0.25, 0.75, points, seed, "NGOpt")[1]
+             for seed, points in enumerate((trials, 2 * trials))]
+    recorded = ray.get([x.timings.remote() for x in actors])
+    passes = clocks[-2:]
+    gaps = np.concatenate([np.diff(clock.ends) for clock in passes])
+    per_point = float(np.mean(gaps))
+    in_trial = float(np.mean([t for clock in passes for t in clock.in_trials[1:]]))
+    # A sharded point waits for its slowest evaluator: the mean over the passes' points of
+    # the longest mixing + loading + forward among the evaluators (each scored every point).
+    slowest = float(np.mean(np.max([np.add(t["mix_load"], t["forward"]) for t in recorded],
+                                   axis=0)))
+    return {"pass_fixed_s": (sum(walls) - 3 * trials * per_point) / 2,
+            "trial_s": per_point,  # per point: Tune, dispatch, mixing, forward
+            "mix_load_s": float(np.median(np.concatenate([t["mix_load"] for t in recorded]))),
+            "slowest_evaluator_s": slowest,
+            # Tune and dispatch per point, beyond the evaluators' work; Tune's share of it
+            "orchestration_per_point_s": per_point - slowest,
+            "tune_between_trials_s": per_point - in_trial}
 
 
 def make_zoo(root: Path, spec: ModelSpec, distinct: int) -> Path:
@@ -177,19 +237,25 @@ def main() -> None:
     ranking_s = time.perf_counter() - t0
 
     # One ManifoldMix step: resident models, a promise test, one pass, the checkpoint.
-    search = TuneSearch(actors, evaluators, 1, args.dir / f"tune-{time.time()}")
+    clocks: list[PassClock] = []
+
+    def clock_the_pass(name: str, settings: dict) -> list:
+        clocks.append(PassClock())
+        return clocks[-1:]
+
+    search = TuneSearch(actors, evaluators, 1, args.dir / f"tune-{time.time()}",
+                        callbacks=clock_the_pass)
     a, c = pool.load(pool.names[0]), pool.load(pool.names[1])
     _, set_models_s = timed(search.set_models, [a, c], lerp_mixer)
     start = np.full(len(components), 0.5)
     _, promise_s = timed(search.accuracy, start)
-    # Two passes of T and 2T points: their difference is the cost per point, the rest of
-    # the first is a pass's fixed cost (a Tune run's start and end).
     search.optimise(start, 0.25, 0.75, 2, 2, "NGOpt")  # Tune's one-time start in a process
-    ray.get([x.timings.remote() for x in actors])  # from here: the passes' calls only
-    _, short_s = timed(search.optimise, start, 0.25, 0.75, args.trials, 0, "NGOpt")
-    _, long_s = timed(search.optimise, start, 0.25, 0.75, 2 * args.trials, 1, "NGOpt")
-    recorded = ray.get([x.timings.remote() for x in actors])
-    times = {k: np.concatenate([t[k] for t in recorded]) for k in ("mix_load", "forward")}
+    # Mixing for real on the evaluators' CPU threads, then as a GPU would (a wait that
+    # leaves the cores to Ray and Tune): each projection below uses its own measurement.
+    cpu = measure_passes(search, clocks, actors, start, args.trials)
+    ray.get([x.simulate_mixing.remote(args.gpu_mix_load_s) for x in actors])
+    gpu = measure_passes(search, clocks, actors, start, args.trials)
+    ray.get([x.simulate_mixing.remote(None) for x in actors])
     state = MixState(a, [pool.names[0]], 0.5, [[0.5] * len(components)], 2)
     # A fresh folder: an earlier run's checkpoint of the same state would be reused.
     _, checkpoint_s = timed(save_state, args.dir / f"driver-{time.time()}", state, {}, [])
@@ -200,20 +266,15 @@ def main() -> None:
 
     forward_val = VAL_ROWS / args.images_per_s  # one whole validation pass on one GPU
     forward_val_shard = forward_val / n
-    mix_load = float(np.median(times["mix_load"]))
-    busy = float(np.median(times["mix_load"] + times["forward"]))  # an evaluator per point
-    trial = (long_s - short_s) / args.trials  # per point: Tune, dispatch, mix/load, wait
-    pass_fixed = short_s - args.trials * trial
-    orchestration = trial - busy  # Tune and dispatch per point, beyond the evaluators' work
     per_ingredient = ranking_s / INGREDIENTS - forward_val_shard  # load, put, fetch, load
     report_images = sum(REPORT_SETS.values())
     report_dispatch = report_s - report_images / args.images_per_s / n
     measured = {"pool_validate_s": pool_s + validate_s, "driver_load_s": load_s / INGREDIENTS,
                 "ranking_per_ingredient_s": per_ingredient, "set_models_s": set_models_s,
-                "promise_s": promise_s, "pass_fixed_s": pass_fixed, "trial_s": trial,
-                "mix_load_s": mix_load,
-                "orchestration_per_point_s": orchestration, "checkpoint_s": checkpoint_s,
-                "report_dispatch_s": report_dispatch}
+                "promise_s": promise_s, "checkpoint_s": checkpoint_s,
+                "report_dispatch_s": report_dispatch,
+                **{f"cpu_mixing_{k}": v for k, v in cpu.items()},
+                **{f"gpu_mixing_{k}": v for k, v in gpu.items()}}
     print(f"measured on {n} evaluators ({params / 1e6:.1f}M parameters, {len(components)} "
           f"components, {args.trials} trials):")
     for key, value in measured.items():
@@ -230,10 +291,13 @@ def main() -> None:
           "checkpoint, pass start) | search | report | total | vs 59 h |")
     print("|---|---|---|---|---|---|---|---|---|")
     # Mixing runs where the evaluator's models are resident: on its GPU in a real run. The
-    # CPU time measured here bounds it from above; the GPU figure is an assumption.
-    for mixing, mix_s in ((f"measured here (CPU, 1 thread): {mix_load:.2f} s", mix_load),
-                          (f"assumed on the GPU: {args.gpu_mix_load_s:.2f} s",
-                           args.gpu_mix_load_s)):
+    # CPU time measured here bounds it from above; the GPU figure is an assumption, and
+    # its Tune and dispatch costs were measured with the cores left free as a GPU would.
+    for mixing, mix_s, costs in (
+            (f"measured here (CPU, 1 thread): {cpu['mix_load_s']:.2f} s", cpu["mix_load_s"],
+             cpu),
+            (f"assumed on the GPU: {args.gpu_mix_load_s:.2f} s", args.gpu_mix_load_s, gpu)):
+        orchestration, pass_fixed = costs["orchestration_per_point_s"], costs["pass_fixed_s"]
         for gpus in (1, 8, 64):
             val = forward_val / gpus
             ranking = measured["pool_validate_s"] + INGREDIENTS * (per_ingredient + val)

@@ -68,7 +68,6 @@ def tune_pass(n: int, k: int, eval_s: float, points: int, optimizer: str) -> flo
     ray.get([a.ready.remote() for a in actors])
     spec = EvaluatorSpec(count=n, mode="sharded" if k == 1 else "whole", cpus=0.01, gpus=1.0)
     search = TuneSearch(actors, spec, k, Path("/tmp/raysoup-bench-scaling") / str(time.time()))
-    search.refs = []
     t0 = time.perf_counter()
     result = search.optimise(np.full(3, 0.5), 0.25, 0.75, points, 0, optimizer)
     seconds = time.perf_counter() - t0

@@ -151,8 +151,9 @@ def tune_search(pair, tiny_zoo, tmp_path):
     def make(mode="sharded", count=2, gpus=0.0, num_workers=1, **options):
         spec = EvaluatorSpec(count=count, mode=mode, cpus=0.25, gpus=gpus, timeout_s=120)
         actors = start_evaluators(pool.spec, eval_set_sources(tiny_zoo), components, spec)
-        started.extend(actors)
-        return TuneSearch(actors, spec, num_workers, tmp_path / "tune", **options)
+        search = TuneSearch(actors, spec, num_workers, tmp_path / "tune", **options)
+        started.extend([*actors, search.resident])
+        return search
 
     yield make
     for actor in started:
@@ -217,6 +218,29 @@ def test_object_store_buffers_are_never_written(pair, tune_search):
         for k, v in stored.items():
             assert not v.flags.writeable  # zero-copy view: writing would corrupt the store
             np.testing.assert_array_equal(v, original[k])
+
+
+def test_a_steps_models_are_released_once_the_next_step_has_run(pair, tune_search):
+    """Tune pickles a trainable's parameters out of band, which pins what they refer to for
+    the driver's lifetime: were the models among them, every step's resident models would
+    stay in the object store (0.9 GB a step at ViT-B/32)."""
+    pool, a, c, components = pair
+    search = tune_search()
+    start = np.full(len(components), 0.5)
+    search.set_models([a, c], lerp_mixer)
+    first_step = [ref.hex().encode() for ref in search.refs]
+    search.optimise(start, 0.25, 0.75, 3, 0, "NGOpt")
+    search.set_models([c, a], lerp_mixer)
+    search.optimise(start, 0.25, 0.75, 3, 0, "NGOpt")
+
+    def still_referenced() -> list:
+        counts = ray._private.worker.global_worker.core_worker.get_all_reference_counts()
+        return [ref for ref in first_step if ref in counts]
+
+    deadline = time.monotonic() + 30  # borrowers report their releases asynchronously
+    while still_referenced() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert still_referenced() == []
 
 
 @pytest.mark.parametrize("mode, count", [("whole", 4), ("sharded", 2)])

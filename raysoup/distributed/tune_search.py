@@ -15,6 +15,7 @@ import numpy as np
 import ray
 from ray import tune
 from ray.tune.search import Searcher
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..errors import RaysoupError
 from ..inputs.pool import state_dict_sha256
@@ -22,8 +23,8 @@ from ..mixing import StateDict, to_numpy
 from ..search import Bound, Mixer, PassResult, best_index, chosen_name, make_optimizer
 from .evaluators import EvaluatorSpec, timeout_as_error
 from .racing import Racing, RacingScheduler
-from .workers import (METRIC, PointCache, evaluate_points, mixing_trial, racing_trial,
-                      told_accuracies)
+from .workers import (METRIC, PointCache, ResidentModels, evaluate_points, mixing_trial,
+                      racing_trial, told_accuracies)
 
 logger = logging.getLogger(__name__)
 
@@ -185,12 +186,16 @@ class TuneSearch:
         self.max_failures = max_failures
         quiet_tune()
         self.refs: list[ray.ObjectRef] = []  # the resident models, then the mixer
+        # On the driver's node: it fails only with the driver, which a resume restarts.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.resident = ResidentModels.options(scheduling_strategy=here).remote()
         # Continue numbering after earlier (or pre-resume) passes: names never collide.
         self.passes = len([p for p in self.storage_path.iterdir() if p.is_dir()])
 
     def set_models(self, models: Sequence[StateDict], mixer: Mixer) -> None:
         # Once per step into the object store, shared by every trial and evaluator.
         self.refs = [*(ray.put(to_numpy(m)) for m in models), ray.put(mixer)]
+        ray.get(self.resident.set.remote(self.refs))  # what the trials will evaluate
         if self.cache_root is not None and self.val_key is not None:
             e = self.evaluators
             scope = [self.val_key, e.count, e.mode, e.gpus > 0, e.autocast_bf16,
@@ -211,7 +216,7 @@ class TuneSearch:
         optimizer = make_optimizer(name, start, lower, upper, budget, self.num_workers, seed)
         searcher = BatchNevergradSearch(optimizer, budget, self.num_workers, self.val_rows,
                                         racing=self.racing is not None)
-        common = dict(actors=self.actors, mode=self.evaluators.mode, models=self.refs,
+        common = dict(actors=self.actors, mode=self.evaluators.mode, resident=self.resident,
                       timeout_s=self.evaluators.timeout_s, cache=self.cache)
         if self.racing is None:
             trainable, scheduler = tune.with_parameters(mixing_trial, **common), None

@@ -1,4 +1,5 @@
-"""What runs in the cluster's worker processes: the Tune trial and the evaluator actor.
+"""What runs in the cluster's worker processes: the Tune trials, the evaluator actor and
+the holder of a step's models for the trials.
 
 Kept apart, with light imports, on purpose: each Tune run starts a fresh trial actor,
 and unpickling a trial's actor handles imports the module that defines the actor class.
@@ -127,6 +128,26 @@ class EvaluatorActor:
         return learn_mixing_logits(self.whole_val, VAL, models, self.components, config)
 
 
+@ray.remote(num_cpus=0, max_restarts=0)
+class ResidentModels:
+    """The current step's resident models and mixer, as object refs, for the Tune trials.
+
+    Trials ask this actor for them rather than receive them from Tune: Tune pickles a
+    trainable's parameters out of band, and Ray pins every object such a pickle refers to
+    for the driver's lifetime, so each step's models (0.9 GB at ViT-B/32) would never
+    leave the object store. Passed here as a call's argument, the refs are counted, and
+    the previous step's are released when the next step's arrive."""
+
+    def __init__(self):
+        self.refs: list = []
+
+    def set(self, refs: list) -> None:
+        self.refs = refs
+
+    def get(self) -> list:
+        return self.refs
+
+
 @dataclass(frozen=True)
 class PointCache:
     """Validation accuracies of mixing points by content: `scope` fixes the resident
@@ -189,17 +210,18 @@ def told_accuracies(result: dict | None) -> list[float] | None:
     return None
 
 
-def mixing_trial(config: dict, actors: list, mode: str, models: list, timeout_s: float,
-                 cache: PointCache | None = None) -> None:
+def mixing_trial(config: dict, actors: list, mode: str, resident: ray.actor.ActorHandle,
+                 timeout_s: float, cache: PointCache | None = None) -> None:
     """One Tune trial: a batch of points the optimiser asked together, evaluated at once."""
+    models = ray.get(resident.get.remote(), timeout=timeout_s)
     accuracies, cached = evaluate_points(actors, mode, models, config["points"], timeout_s,
                                          cache)
     tune.report({METRIC: max(accuracies), "accuracies": accuracies, "cached": cached,
                  "seen": (len(accuracies) - cached) * config["val_rows"]})
 
 
-def racing_trial(config: dict, actors: list, mode: str, models: list, timeout_s: float,
-                 chunks: int, cache: PointCache | None = None) -> None:
+def racing_trial(config: dict, actors: list, mode: str, resident: ray.actor.ActorHandle,
+                 timeout_s: float, chunks: int, cache: PointCache | None = None) -> None:
     """One Tune trial that races one point against the pass's incumbent: the validation
     set in `chunks` chunks (each a random part of every evaluator's rows), and after each
     one the running accuracy and, on the images seen so far, how many the point gets right
@@ -210,6 +232,7 @@ def racing_trial(config: dict, actors: list, mode: str, models: list, timeout_s:
         tune.report({METRIC: accuracy, "accuracies": [accuracy], "cached": 1, "seen": 0})
         return
     incumbent = config.get("incumbent")  # (accuracy, packed per-image hits) or None
+    models = ray.get(resident.get.remote(), timeout=timeout_s)
     chosen = actors if mode == "sharded" else actors[:1]
     seen: list[np.ndarray] = []
     for chunk in range(chunks):
