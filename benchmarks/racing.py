@@ -2,9 +2,10 @@
 
 ManifoldMix with the demo's settings (NGOpt, 10 evaluations per component, 2 sharded
 evaluators) runs twice per optimiser seed on each zoo through the Tune path, without the
-point cache: every point evaluated in full, and raced (method.racing). Records the validation images
-forwarded (promise tests and passes) and whether every step's accept/reject decision and
-the final ingredients are the same. Target: at least 2x fewer forwards, same decisions.
+point cache: every point evaluated in full, and raced (method.racing). Records the
+validation images forwarded (promise tests and passes) and whether every step's
+accept/reject decision and the final ingredients are the same. Target: at least 2x fewer
+forwards, same decisions.
 
 The full run's traces also bound what any racing rule could save on its path: a point
 that does not beat the pass's best so far could at best be stopped before its first
