@@ -16,7 +16,9 @@ from .inputs.pool import load_state_dict, save_state_dict, write_json
 STATE_FILE = "state.json"
 
 
-def save_state(directory: Path, state: MixState, fingerprint: dict, ranking: list) -> None:
+def save_state(directory: Path, state: MixState, fingerprint: dict, ranking: list,
+               domain: str) -> None:
+    """`domain`: the numeric domain the steps were evaluated in (raysoup.numerics)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / STATE_FILE
@@ -30,15 +32,19 @@ def save_state(directory: Path, state: MixState, fingerprint: dict, ranking: lis
     else:
         weights = f"accumulator-{state.next_candidate:04d}.safetensors"
         save_state_dict(state.accumulator, directory / weights)
-    write_json(directory / STATE_FILE, {"fingerprint": fingerprint, "ranking": ranking,
-                                        "weights": weights, "state": state.summary()}, indent=1)
+    write_json(directory / STATE_FILE, {"fingerprint": fingerprint, "numerics": domain,
+                                        "ranking": ranking, "weights": weights,
+                                        "state": state.summary()}, indent=1)
     for old in directory.glob("accumulator-*.safetensors"):
         if old.name != weights:
             old.unlink()
 
 
-def load_state(directory: Path, fingerprint: dict) -> tuple[MixState, list] | None:
-    """The last completed step, or None when the run has not completed one yet."""
+def load_state(directory: Path, fingerprint: dict, domain: str | None = None
+               ) -> tuple[MixState, list] | None:
+    """The last completed step, or None when the run has not completed one yet. With
+    `domain`, a run whose steps were evaluated in another numeric domain is refused: its
+    decisions would not be the ones this domain makes."""
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         return None
@@ -48,6 +54,12 @@ def load_state(directory: Path, fingerprint: dict) -> tuple[MixState, list] | No
                          if fingerprint.get(k) != saved["fingerprint"].get(k))
         raise RaysoupError(f"cannot resume {directory}: it was started with a different "
                            f"config (differs in: {', '.join(changed)})")
+    if domain is not None and saved.get("numerics") != domain:
+        raise RaysoupError(f"cannot resume {directory}: its steps were evaluated in the "
+                           f"numeric domain {saved.get('numerics')!r}, but the evaluators "
+                           f"now compute in {domain!r}; resume with the same "
+                           f"resources.numerics on the same kind of CPU (\"portable\" "
+                           f"runs on any AVX2 CPU), or start a fresh run")
     state = MixState(accumulator=load_state_dict(Path(directory) / saved["weights"]),
                      **saved["state"])
     return state, [tuple(r) for r in saved["ranking"]]

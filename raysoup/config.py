@@ -20,6 +20,7 @@ from pydantic import Field
 from .inputs import storage
 from .errors import RaysoupError
 from .methods.manifold_mix import ManifoldMixConfig
+from .numerics import Numerics
 from .tracking import TrackingConfig
 from .typed import field_types, validate
 
@@ -45,6 +46,7 @@ class ResourcesConfig:
     max_failures: NonNegative = 2  # retries of a failed trial before it is scored 0
     wait_for_autoscaler: bool = False  # evaluators may wait for nodes the cluster adds
     start_timeout_s: Positive = 600.0  # evaluators not up by then: fail loudly
+    numerics: Numerics = "portable"  # CPU kernels: the same bits on any AVX2 CPU, or native
 
     def __post_init__(self):
         if self.evaluation not in ("auto", "sharded", "whole"):

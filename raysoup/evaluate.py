@@ -18,6 +18,7 @@ from .cache import KeyedArrays
 from .inputs.data import ClassMap, EvalSet, EvalSetSource, read_eval_set
 from .inputs.model import ModelSpec, build_classifier
 from .inputs.pool import state_dict_sha256
+from .numerics import describe
 
 VAL = "val"
 ID = "id"
@@ -46,20 +47,24 @@ class JudgementCache(KeyedArrays):
 
 
 def set_key(sha256: str | None, spec: ModelSpec, class_map: ClassMap | None, bf16: bool,
-            device_type: str) -> str | None:
-    """What decides a set's per-image results besides the weights (None: the set has no
-    recorded fingerprint, so its judgements are not cached)."""
+            domain: str) -> str | None:
+    """What decides a set's per-image results besides the weights: the set, the model,
+    bf16 and the numeric domain of the kernels (raysoup.numerics). None: the set has no
+    recorded fingerprint, so its judgements are not cached."""
     if not sha256:
         return None
-    return hashlib.sha256(json.dumps([sha256, spec.to_dict(), class_map, bf16, device_type])
+    return hashlib.sha256(json.dumps([sha256, spec.to_dict(), class_map, bf16, domain])
                           .encode()).hexdigest()
 
 
 class Evaluator:
     def __init__(self, spec: ModelSpec, eval_sets: list[EvalSet], batch_size: int = 1000,
                  device: str | None = None, autocast_bf16: bool = False,
-                 cache: JudgementCache | None = None):
+                 cache: JudgementCache | None = None, domain: str | None = None):
+        """`domain`: the numeric domain this process was set up for (raysoup.numerics);
+        default, this process's own kernels as they are."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        domain = domain or describe("native", torch.get_num_threads(), str(self.device))
         self.model = build_classifier(spec).to(self.device).eval()
         self.batch_size = batch_size
         self.autocast_bf16 = autocast_bf16 and self.device.type == "cuda"
@@ -70,7 +75,7 @@ class Evaluator:
                      for s in eval_sets}
         self.cache = cache
         self.set_keys = {s.name: key for s in eval_sets if (key := set_key(
-            s.sha256, spec, s.class_map, self.autocast_bf16, self.device.type))}
+            s.sha256, spec, s.class_map, self.autocast_bf16, domain))}
         self._projections: dict = {}
 
     def _projection(self, class_map: ClassMap | None):

@@ -37,6 +37,7 @@ from .inputs.pool import (IngredientPool, check_state_dict, load_pretrained, rea
 from .inputs.tasks import dataset_records, eval_set_sources
 from .methods import METHOD_INFO
 from .mixing import from_numpy
+from .numerics import runtime_env
 from .report import format_table, write_report
 
 logger = logging.getLogger(__name__)
@@ -171,7 +172,8 @@ def evaluator_spec(config: RunConfig) -> EvaluatorSpec:
     if mode == "auto":
         mode = "sharded" if config.method.num_workers == 1 else "whole"
     return EvaluatorSpec(count=count, mode=mode, cpus=r.cpus_per_evaluator, gpus=gpus,
-                         autocast_bf16=r.bf16, timeout_s=r.eval_timeout_s)
+                         autocast_bf16=r.bf16, timeout_s=r.eval_timeout_s,
+                         numerics=r.numerics)
 
 
 def write_betas(out: Path, betas: np.ndarray, ingredients: list[str], components: list[str]) -> None:
@@ -240,7 +242,8 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     console = [h for h in logging.getLogger("raysoup").handlers
                if getattr(h, "raysoup_tag", "") == "console"]
-    driver = SoupDriver.options(scheduling_strategy=here).remote(
+    driver = SoupDriver.options(scheduling_strategy=here,
+                                runtime_env=runtime_env(evaluators.numerics)).remote(
         prepared, evaluators, actors, console[0].level if console else logging.INFO)
     try:
         result = ray.get(driver.run.remote())
@@ -265,7 +268,8 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
                          "pool": str(config.pool.zoo),
                          **{name: c.to_dict() for name, c in config.method_configs().items()},
                          "tracking": config.tracking.to_dict(),
-                         "evaluators": evaluators.count, "evaluation": evaluators.mode}}
+                         "evaluators": evaluators.count, "evaluation": evaluators.mode,
+                         "numerics": result["numerics"]}}
     write_report(out, report, result["correctness"])
     logger.info(format_table(report["methods"], report["references"]))
     written = ["report.json", "results.parquet", "correctness.parquet", "scatter.png",

@@ -115,6 +115,7 @@ def test_a_run_with_baselines_resumes_manifold_mix_from_its_checkpoint(soup_zoo,
     baseline and continues ManifoldMix after its last saved step instead of starting over."""
     from raysoup.checkpoint import save_state
     from raysoup.methods.manifold_mix import MixState
+    from raysoup.numerics import describe
     path = write_config(tmp_path / "run.toml", soup_zoo, "out")
     path.write_text("methods = ['greedy_soup', 'manifold_mix']\n" + path.read_text())
     config = load_config(path)
@@ -125,7 +126,8 @@ def test_a_run_with_baselines_resumes_manifold_mix_from_its_checkpoint(soup_zoo,
     # (a fresh run accepts "twin", the exact copy of the best).
     save_state(config.out / "driver", MixState(pool.load(best), [best], acc,
                                                next_candidate=len(ranking)),
-               config.fingerprint(), ranking)
+               config.fingerprint(), ranking,
+               describe(config.resources.numerics, threads=1))  # 0.5 CPU: one thread
     with pytest.raises(RaysoupError, match="unfinished run; continue it with --resume"):
         execute(config)
     report = execute(config, resume=True)

@@ -15,6 +15,8 @@ from raysoup.errors import RaysoupError
 from raysoup.inputs.pool import load_state_dict, save_state_dict
 from raysoup.runner import validate_run
 
+DOMAIN = "a numeric domain"  # what the evaluators of the saved run computed in
+
 
 def config_text(zoo, out="out", method="", resources="", extra=""):
     return (f'out = "{out}"\n{extra}\n[pool]\nzoo = "{zoo}"\n[method]\n{method}\n'
@@ -116,7 +118,7 @@ def test_resume_from_a_run_with_another_config_is_refused(tiny_zoo, tmp_path):
     config = load_config(path)
     pool = IngredientPool.from_zoo(tiny_zoo)
     save_state(config.out / "driver", MixState(pool.load("ft-00"), ["ft-00"], 0.5),
-               config.fingerprint(), [("ft-00", 0.5)])
+               config.fingerprint(), [("ft-00", 0.5)], DOMAIN)
     with pytest.raises(RaysoupError, match="unfinished run; continue it with --resume"):
         validate_run(config, resume=False)
     validate_run(config, resume=True)  # same config: fine
@@ -232,17 +234,19 @@ def test_step_checkpoints_write_the_weights_only_when_a_candidate_is_accepted(ti
     pool = IngredientPool.from_zoo(tiny_zoo)
     a, b = pool.load("ft-00"), pool.load("ft-01")
     driver, fingerprint = tmp_path / "driver", {"method": {"tau": 0.99}}
-    save_state(driver, MixState(a, ["ft-00"], 0.5, next_candidate=2), fingerprint, [])
+    save_state(driver, MixState(a, ["ft-00"], 0.5, next_candidate=2), fingerprint, [], DOMAIN)
     first = driver / "accumulator-0002.safetensors"
     written = first.stat().st_mtime_ns
-    save_state(driver, MixState(a, ["ft-00"], 0.5, next_candidate=3), fingerprint, [])
+    save_state(driver, MixState(a, ["ft-00"], 0.5, next_candidate=3), fingerprint, [], DOMAIN)
     assert [p.name for p in driver.glob("accumulator-*")] == [first.name]
     assert first.stat().st_mtime_ns == written
-    state, _ = load_state(driver, fingerprint)
+    state, _ = load_state(driver, fingerprint, DOMAIN)
     assert state.next_candidate == 3 and all(torch.equal(state.accumulator[k], a[k]) for k in a)
-    save_state(driver, MixState(b, ["ft-00", "ft-01"], 0.6, next_candidate=4), fingerprint, [])
+    save_state(driver, MixState(b, ["ft-00", "ft-01"], 0.6, next_candidate=4), fingerprint, [],
+               DOMAIN)
     assert [p.name for p in driver.glob("accumulator-*")] == ["accumulator-0004.safetensors"]
-    assert all(torch.equal(load_state(driver, fingerprint)[0].accumulator[k], b[k]) for k in b)
+    assert all(torch.equal(load_state(driver, fingerprint, DOMAIN)[0].accumulator[k], b[k])
+               for k in b)
     other = {"method": {"tau": 0.9}}
-    save_state(driver, MixState(a, ["ft-00", "ft-01"], 0.6, next_candidate=5), other, [])
-    assert all(torch.equal(load_state(driver, other)[0].accumulator[k], a[k]) for k in a)
+    save_state(driver, MixState(a, ["ft-00", "ft-01"], 0.6, next_candidate=5), other, [], DOMAIN)
+    assert all(torch.equal(load_state(driver, other, DOMAIN)[0].accumulator[k], a[k]) for k in a)

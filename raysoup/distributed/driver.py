@@ -23,6 +23,7 @@ from ..inputs.storage import cache_dir
 from ..methods import METHODS, SoupContext, ValidationJudge
 from ..methods.manifold_mix import MixState
 from ..mixing import to_numpy
+from ..numerics import enter
 from ..stats import compare
 from ..tracking import Tracker
 from .evaluators import EvaluatorPool, EvaluatorSpec
@@ -76,6 +77,9 @@ class SoupDriver:
                  log_level: int = logging.INFO):
         console_logging(log_level)  # this actor's lines reach the driver's console via Ray
         file_logging(prepared.config.out)  # on the driver's node, as `out` is
+        # The merges computed here (Model Stock's angles, TIES's trims, ...) use the
+        # evaluators' kernels too; a head that cannot is only logged: it judges nothing.
+        enter(evaluators.numerics, threads=1, strict=False)
         self.prepared = prepared
         config = prepared.config
         self.judge = EvaluatorPool(actors, evaluators, prepared.pool.spec,
@@ -96,7 +100,7 @@ class SoupDriver:
     def _ranking(self, judge: ValidationJudge) -> tuple[list, float, MixState | None]:
         """The ranking on val (from ManifoldMix's checkpoint when resuming) and its cost."""
         config, pool = self.prepared.config, self.prepared.pool
-        saved = load_state(self.state_dir, config.fingerprint()) \
+        saved = load_state(self.state_dir, config.fingerprint(), self.judge.domain) \
             if "manifold_mix" in config.methods else None
         if saved is not None:
             state, ranking = saved
@@ -125,7 +129,7 @@ class SoupDriver:
                                "ingredients": [n]} for n, acc in ranking}
         options = {name: {"config": c} for name, c in config.method_configs().items()}
         def on_step(state: MixState) -> None:
-            save_state(self.state_dir, state, config.fingerprint(), ranking)
+            save_state(self.state_dir, state, config.fingerprint(), ranking, self.judge.domain)
             self.metrics.step(state.next_candidate - 1, state.history[-1], state.accuracy,
                               len(state.accepted), state.evaluations)
 
@@ -168,7 +172,8 @@ class SoupDriver:
         references = {} if pretrained is None else \
             {"pretrained": judged.add("pretrained", pretrained)}
         return {"methods": rows, "ingredients": ingredients, "references": references,
-                "ranking": ranking, "correctness": judged.correctness, "fused": fused}
+                "ranking": ranking, "correctness": judged.correctness, "fused": fused,
+                "numerics": self.judge.domain}
 
 
 @contextmanager

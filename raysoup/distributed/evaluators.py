@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import ray
+from ray.exceptions import RayTaskError
 
 from ..components import Components
 from ..errors import RaysoupError
@@ -16,6 +17,7 @@ from ..evaluate import VAL, JudgementCache, set_key
 from ..inputs.data import EvalSetSource
 from ..inputs.model import ModelSpec
 from ..mixing import StateDict, to_numpy
+from ..numerics import Numerics, runtime_env
 from ..search import first_model
 from .workers import EvaluatorActor
 
@@ -29,6 +31,7 @@ class EvaluatorSpec:
     gpus: float = 0.0
     autocast_bf16: bool = False
     timeout_s: float = 600.0  # one evaluation; past it the trial fails loudly and is retried
+    numerics: Numerics = "portable"  # which CPU kernels compute (raysoup.numerics)
 
 
 def start_evaluators(spec: ModelSpec, sources: Mapping[str, EvalSetSource],
@@ -37,9 +40,12 @@ def start_evaluators(spec: ModelSpec, sources: Mapping[str, EvalSetSource],
     """The evaluator actors: each holds its validation rows (all of them in "whole" mode)
     and streams its share of every other set's rows when a model is judged."""
     val_shards = evaluators.count if evaluators.mode == "sharded" else 1
-    actors = [EvaluatorActor.options(num_cpus=evaluators.cpus, num_gpus=evaluators.gpus).remote(
+    actors = [EvaluatorActor.options(
+        num_cpus=evaluators.cpus, num_gpus=evaluators.gpus,
+        runtime_env=runtime_env(evaluators.numerics)).remote(
         spec, dict(sources), i % val_shards, val_shards, i, evaluators.count, components,
-        int(max(1, evaluators.cpus)), evaluators.autocast_bf16) for i in range(evaluators.count)]
+        int(max(1, evaluators.cpus)), evaluators.autocast_bf16, evaluators.numerics)
+        for i in range(evaluators.count)]
     ready, pending = ray.wait([a.ready.remote() for a in actors], num_returns=len(actors),
                               timeout=start_timeout_s)
     if pending:
@@ -48,8 +54,27 @@ def start_evaluators(spec: ModelSpec, sources: Mapping[str, EvalSetSource],
         raise RaysoupError(f"only {len(ready)} of {len(actors)} evaluator actors started "
                            f"within {start_timeout_s:g} s (each asks for {evaluators.cpus:g} "
                            f"CPU, {evaluators.gpus:g} GPU); check the cluster's resources")
-    ray.get(ready)  # surfaces a failed start (e.g. an unreadable validation file)
+    try:
+        ray.get(ready)  # surfaces a failed start (e.g. an unreadable validation file)
+    except RayTaskError as e:
+        for actor in actors:
+            ray.kill(actor)
+        if isinstance(e.cause, RaysoupError):  # one clear line: a CPU the numerics refuse
+            raise e.cause from None
+        raise
     return actors
+
+
+def evaluator_domain(actors: list) -> str:
+    """The numeric domain the evaluators compute in; one, or they would not agree on a
+    model's results."""
+    domains = sorted(set(ray.get([a.ready.remote() for a in actors])))
+    if len(domains) > 1:
+        raise RaysoupError(f"the evaluators compute in {len(domains)} numeric domains "
+                           f"({'; '.join(domains)}): their results would depend on which "
+                           f"node judged which rows; use resources.numerics = \"portable\" "
+                           f"or nodes of one CPU model")
+    return domains[0]
 
 
 @contextmanager
@@ -72,10 +97,10 @@ class EvaluatorPool:
                  sources: Mapping[str, EvalSetSource], cache: JudgementCache | None = None):
         self.actors, self.evaluators, self.cache = actors, evaluators, cache
         self.sources = dict(sources)
-        device = "cuda" if evaluators.gpus > 0 else "cpu"
+        self.domain = evaluator_domain(actors)
         self.set_keys = {name: key for name, source in self.sources.items() if (key := set_key(
             source.sha256, spec, source.class_map, evaluators.autocast_bf16 and
-            device == "cuda", device))}
+            evaluators.gpus > 0, self.domain))}
 
     @property
     def set_names(self) -> list[str]:

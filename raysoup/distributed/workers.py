@@ -36,20 +36,29 @@ class EvaluatorActor:
     """
 
     def __init__(self, spec, sources: dict, val_shard: int, val_shards: int, shard: int,
-                 shards: int, components, threads: int, autocast_bf16: bool):
+                 shards: int, components, threads: int, autocast_bf16: bool,
+                 numerics: str = "portable"):
         import torch
 
+        from .. import numerics as numeric_domains
         from ..console import console_logging
         from ..inputs.data import EvalSet, read_eval_set, shard_rows
         from ..evaluate import Evaluator
         from ..inputs.model import allow_models_here
         allow_models_here()
         console_logging()  # learned soup's progress lines reach the driver's console
-        torch.set_num_threads(max(1, threads))
+        from ..errors import RaysoupError
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            self.domain = numeric_domains.enter(numerics, threads, device)
+        except RaysoupError as e:  # ready() raises it: one line, not an actor's death
+            self.domain = e
+            return
         full = read_eval_set(sources[VAL], spec.num_classes)
         rows = shard_rows(len(full), val_shard, val_shards)
         part = EvalSet(VAL, full.images[rows], full.labels[rows], full.class_map)
-        self.evaluator = Evaluator(spec, [part], autocast_bf16=autocast_bf16)
+        self.evaluator = Evaluator(spec, [part], device=device, autocast_bf16=autocast_bf16,
+                                   domain=self.domain)
         self.spec, self.sources, self.shard, self.shards = spec, sources, shard, shards
         self.components = components
         self.whole_val = None  # an evaluator with every validation row, for learned soup
@@ -60,8 +69,11 @@ class EvaluatorActor:
         self.mixer = None
         self.loaded: tuple = ((), None)  # (model ids, x) of the weights in the evaluator
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> str:
+        """The numeric domain this evaluator computes in (raysoup.numerics)."""
+        if isinstance(self.domain, Exception):
+            raise self.domain
+        return self.domain
 
     def val_rows(self) -> int:
         return len(self.race_order)
@@ -123,7 +135,7 @@ class EvaluatorActor:
         if self.whole_val is None:
             self.whole_val = Evaluator(self.spec, [read_eval_set(self.sources[VAL],
                                                                  self.spec.num_classes)],
-                                       device=str(self.evaluator.device))
+                                       device=str(self.evaluator.device), domain=self.domain)
         models = [from_numpy(m) for m in ray.get(list(model_refs))]
         return learn_mixing_logits(self.whole_val, VAL, models, self.components, config)
 

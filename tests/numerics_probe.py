@@ -1,0 +1,39 @@
+"""One evaluation in a process set up as an evaluator actor is (raysoup.numerics), run by
+tests/test_numerics.py under other kernel settings: `python numerics_probe.py ZOO
+NUMERICS OUT.npz`. Writes the mixed model's val logits and per-image hits."""
+
+import os
+import sys
+
+from raysoup.numerics import runtime_env
+
+zoo, numerics, out = sys.argv[1], sys.argv[2], sys.argv[3]
+os.environ.update((runtime_env(numerics) or {}).get("env_vars", {}))  # as Ray does for the actor
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from raysoup.components import partition  # noqa: E402
+from raysoup.errors import RaysoupError  # noqa: E402
+from raysoup.evaluate import VAL, Evaluator, load_eval_sets  # noqa: E402
+from raysoup.inputs.pool import IngredientPool  # noqa: E402
+from raysoup.inputs.tasks import eval_set_sources  # noqa: E402
+from raysoup.mixing import mix  # noqa: E402
+from raysoup.numerics import enter  # noqa: E402
+
+try:
+    domain = enter(numerics, threads=1)
+except RaysoupError as e:
+    print(e)
+    sys.exit(3)
+pool = IngredientPool.from_zoo(zoo)
+evaluator = Evaluator(pool.spec, load_eval_sets({VAL: eval_set_sources(zoo)[VAL]},
+                                                pool.spec.num_classes), domain=domain)
+a, c = pool.load(pool.names[0]), pool.load(pool.names[1])
+components = partition(list(a), "granularity-1")
+evaluator.load(mix(a, c, np.linspace(0.3, 0.7, len(components)), components))
+images = evaluator.sets[VAL][0]
+with torch.inference_mode():
+    logits = evaluator.model(images).numpy()
+np.savez(out, logits=logits, hits=evaluator.hits(VAL).numpy(),
+         capability=torch.backends.cpu.get_cpu_capability(), domain=domain)
