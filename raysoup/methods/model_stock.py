@@ -19,8 +19,8 @@ from .base import MethodResult, SoupContext, register
 
 @dataclass(frozen=True)
 class ModelStockConfig:
-    """The defaults are raysoup's since its first release (mergekit's reading of the
-    paper for N > 2, with t clipped); docs/merge_methods.md compares the peers."""
+    """The defaults: mergekit's reading of the paper for N > 2, with t clipped (the demo's
+    table comes from them); docs/merge_methods.md compares the peers."""
     clip: bool = True    # clip t to [0, 1]: opposed deltas give w_0, never an extrapolation
     average: Literal["cosine", "angle"] = "cosine"  # mean pairwise cosine, or cos(mean angle)
 

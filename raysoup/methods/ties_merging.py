@@ -108,9 +108,9 @@ class TiesMixer:
 
 @dataclass(frozen=True)
 class TiesMergingConfig(KnobSearch):
-    """The search starts at the paper's defaults (lambda 1, density 0.2). The conventions'
-    defaults are raysoup's since its first release: a global trim to round(density * P)
-    entries (ties at the cutoff kept), and a zero sign sum electing nothing."""
+    """The search starts at the paper's defaults (lambda 1, density 0.2). The conventions
+    default to a global trim to round(density * P) entries (ties at the cutoff kept) and a
+    zero sign sum electing nothing (the demo's table comes from them)."""
     SECTION: ClassVar[str] = "ties_merging"
     budget: Annotated[int, Field(ge=1)] = 20
     scale_bounds: tuple[float, float] = (0.0, 2.0)
