@@ -74,3 +74,12 @@ def validate(cls, table, where: str, prefix: str = "", what: str = ""):
             error["msg"][0].lower() + error["msg"][1:]
         raise RaysoupError(f"{where}: {prefix}{key} = {json.dumps(table.get(key), default=str)}"
                            f": expected {field_types(cls).get(key, '?')} ({message})") from None
+
+
+def check_choices(obj, section: str) -> None:
+    """A dataclass's Literal fields hold one of their choices (for configs built in Python;
+    a TOML file is checked by `validate` first)."""
+    for name, annotation in typing.get_type_hints(type(obj)).items():
+        value = getattr(obj, name, None)
+        if typing.get_origin(annotation) is Literal and value not in typing.get_args(annotation):
+            raise RaysoupError(f"{section}.{name} must be {type_name(annotation)}, got {value!r}")

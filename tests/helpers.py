@@ -36,3 +36,18 @@ def load_local_cluster():
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses need it
     spec.loader.exec_module(module)
     return module
+
+
+class MemoryPool:
+    """An ingredient pool of hand-written state dicts, in the order given (for methods on
+    tiny hand-worked examples; IngredientPool reads a zoo's files)."""
+
+    def __init__(self, ingredients: dict):
+        self.ingredients = ingredients
+        self.names = list(ingredients)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def load(self, name: str) -> dict:
+        return {k: v.clone() for k, v in self.ingredients[name].items()}

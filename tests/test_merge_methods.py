@@ -14,14 +14,14 @@ from raysoup.evaluate import VAL
 from raysoup.inputs.pool import IngredientPool, load_pretrained
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
 from raysoup.methods.learned_soup import (LearnedSoupConfig, check_memory, learn_mixing_logits,
-                                          softmax)
-from raysoup.methods.model_stock import model_stock_merge
+                                          mixing_components, softmax)
+from raysoup.methods.model_stock import ModelStockConfig, model_stock_merge
 from raysoup.methods.task_arithmetic import TaskArithmeticConfig, task_arithmetic_merge
 from raysoup.methods.ties_merging import TiesMergingConfig, ties_merge
 from raysoup.mixing import weighted_sum
 from raysoup.search import LocalSearch
 
-from .helpers import val_evaluator
+from .helpers import MemoryPool, val_evaluator
 
 
 def t(*values):
@@ -122,9 +122,10 @@ def test_learned_soup_lowers_the_validation_loss_of_the_uniform_soup(context, ti
     evaluator = val_evaluator(tiny_zoo)
     pool, components = context.pool, context.components
     models = [pool.load(n) for n in pool.names]
-    logits = learn_mixing_logits(evaluator, VAL, models, components,
-                                 LearnedSoupConfig(epochs=3, lr=0.1))
+    logits, scale = learn_mixing_logits(evaluator, VAL, models, components,
+                                        LearnedSoupConfig(epochs=3, lr=0.1))
     assert logits.shape == (len(pool), len(components)) and np.isfinite(logits).all()
+    assert scale == 1.0  # not learned by default
 
     def loss(betas):
         evaluator.load(weighted_sum(lambda j: models[j], betas, components))
@@ -175,5 +176,151 @@ def test_learned_soup_refuses_a_pool_that_does_not_fit(tiny_zoo):
     (lambda: LearnedSoupConfig(epochs=0), "learned_soup needs epochs >= 1"),
 ])
 def test_bad_method_settings_are_refused_by_name(config, message):
+    with pytest.raises(RaysoupError, match=message):
+        config()
+
+
+# The conventions where mergekit, FusionBench and the authors' code differ
+# (docs/merge_methods.md): each option on a hand-worked example.
+
+def one_task_vector(tau, **conventions):
+    """TIES of a single ingredient w_0 + tau at lambda 1: the trimmed tau itself (its own
+    signs are elected, every kept entry agrees)."""
+    w0 = {"w": torch.zeros(len(tau))}
+    return ties_merge(w0, [{"w": t(*tau)}], 1.0, conventions.pop("density"),
+                      **conventions)["w"]
+
+
+@pytest.mark.parametrize("density, topk, kept", [
+    (0.3, "round", (5, 4, 0, 0, 0)),            # round(1.5) = 2
+    (0.3, "floor", (5, 0, 0, 0, 0)),            # int(1.5) = 1 (mergekit's count)
+    (0.3, "floor_plus_one", (5, 4, 0, 0, 0)),   # int(1.5) + 1 = 2 (the authors')
+    (0.5, "round", (5, 4, 0, 0, 0)),            # round(2.5) = 2: half to even
+    (0.5, "floor", (5, 4, 0, 0, 0)),
+    (0.5, "floor_plus_one", (5, 4, 3, 0, 0)),   # int(2.5) + 1 = 3
+])
+def test_ties_topk_counts(density, topk, kept):
+    torch.testing.assert_close(one_task_vector((5.0, 4.0, 3.0, 2.0, 1.0), density=density,
+                                               topk=topk), t(*kept))
+
+
+def test_ties_keeps_every_entry_tied_at_the_cutoff():
+    # round(0.3 * 5) = 2 entries, the 2nd largest magnitude is 4: -4 and 4 both kept
+    torch.testing.assert_close(one_task_vector((5.0, -4.0, 4.0, 1.0, 0.5), density=0.3),
+                               t(5.0, -4.0, 4.0, 0.0, 0.0))
+
+
+def test_ties_trims_the_whole_vector_or_each_tensor():
+    w0 = {"a": t(0.0, 0.0), "b": t(0.0, 0.0)}
+    fine = [{"a": t(4.0, 3.0), "b": t(0.1, -0.2)}]
+    whole = ties_merge(w0, fine, 1.0, 0.5)                        # 2 of the 4 entries
+    per_tensor = ties_merge(w0, fine, 1.0, 0.5, "per_tensor")     # 1 of each tensor's 2
+    torch.testing.assert_close([whole["a"], whole["b"]], [t(4.0, 3.0), t(0.0, 0.0)])
+    torch.testing.assert_close([per_tensor["a"], per_tensor["b"]], [t(4.0, 0.0), t(0.0, -0.2)])
+
+
+@pytest.mark.parametrize("zero_sign, first", [
+    ("zero", 0.0),       # sign sum 0 elects nothing: the parameter keeps w_0
+    ("positive", 2.0),   # mergekit: sum >= 0 elects +, the mean of the positive entries
+    ("majority", -2.0),  # authors, FusionBench: the sign of the elected signs' sum (-1 - 1)
+])
+def test_ties_exact_zero_sign_sum(zero_sign, first):
+    w0 = {"w": t(0.0, 0.0, 0.0)}
+    fine = [{"w": t(2.0, -1.0, -1.0)}, {"w": t(-2.0, -1.0, -1.0)}]  # sums 0, -2, -2
+    merged = ties_merge(w0, fine, 1.0, 1.0, zero_sign=zero_sign)["w"]
+    torch.testing.assert_close(merged, t(first, -1.0, -1.0))
+
+
+def test_ties_conventions_reach_the_merge_through_the_registry(context):
+    config = TiesMergingConfig(budget=2, trim="per_tensor", topk="floor_plus_one",
+                               zero_sign="positive")
+    result = METHODS["ties_merging"](context, config=config)
+    knobs = result.details.knobs
+    models = [context.pool.load(n) for n in context.pool.names]
+    args = (context.pretrained, models, knobs["lambda"], knobs["density"])
+    expected = ties_merge(*args, "per_tensor", "floor_plus_one", "positive")
+    default = ties_merge(*args)
+    assert all(torch.equal(result.state_dict[k], expected[k]) for k in expected)
+    assert not all(torch.equal(default[k], expected[k]) for k in expected)
+
+
+def stock_context(*deltas, w0=(0.0, 0.0)) -> SoupContext:
+    pool = MemoryPool({f"ft-{i}": {"w": t(*w0) + t(*d)} for i, d in enumerate(deltas)})
+    return SoupContext(pool, ValidationJudge(lambda sd: 0.0), [],
+                       pretrained={"w": t(*w0)})
+
+
+def test_model_stock_clips_or_extrapolates_a_negative_cosine():
+    # deltas (1, 0) and (-1, sqrt 3): cos = -1/2, t = 2(-1/2) / (1 - 1/2) = -2
+    ctx = stock_context((1.0, 0.0), (-1.0, math.sqrt(3)), w0=(1.0, 1.0))
+    clipped = METHODS["model_stock"](ctx).state_dict["w"]
+    torch.testing.assert_close(clipped, t(1.0, 1.0))  # t clipped to 0: w_0
+    free = METHODS["model_stock"](ctx, config=ModelStockConfig(clip=False)).state_dict["w"]
+    # -2 * mean (1, 1 + sqrt(3)/2) + 3 * w_0
+    torch.testing.assert_close(free, t(1.0, 1.0 - math.sqrt(3)))
+
+
+def test_model_stock_averages_cosines_or_angles():
+    # pairwise angles 0, 90, 90 degrees: mean cosine 1/3 -> t = 1 / (5/3) = 0.6;
+    # mean angle 60 -> cos 1/2 -> t = 1.5 / 2 = 0.75; the mean of the fine-tunes (1, 1/3)
+    ctx = stock_context((1.0, 0.0), (2.0, 0.0), (0.0, 1.0))
+    cosine = METHODS["model_stock"](ctx).state_dict["w"]
+    angle = METHODS["model_stock"](ctx, config=ModelStockConfig(average="angle"))
+    torch.testing.assert_close(cosine, t(0.6, 0.2))
+    torch.testing.assert_close(angle.state_dict["w"], t(0.75, 0.25))
+
+
+def test_model_stock_refuses_deltas_that_cancel_out_when_unclipped():
+    ctx = stock_context((1.0, 0.0), (-2.0, 0.0))  # cos = -1: t = -2 / 0
+    with pytest.raises(RaysoupError, match="'w' cancel out"):
+        METHODS["model_stock"](ctx, config=ModelStockConfig(clip=False))
+
+
+def test_learned_soup_weighs_each_tensor_with_granularity_tensor():
+    """Two tensors in one component: "tensor" gives each its own column of logits."""
+    pool = MemoryPool({"a": {"x.u": t(1.0), "x.v": t(2.0), "x.n": torch.tensor(7)},
+                       "b": {"x.u": t(3.0), "x.v": t(6.0), "x.n": torch.tensor(9)}})
+    components = partition(list(pool.load("a")), "whole-model")
+    seen = []
+
+    def learner(models, config):  # a stand-in: fixed logits, softmax (1/2, 1/2), (3/4, 1/4)
+        seen.append(config.granularity)
+        return np.array([[0.0, math.log(3.0)], [0.0, 0.0]]), 1.0
+
+    ctx = SoupContext(pool, ValidationJudge(lambda sd: 0.0), [], components=components,
+                      learner=learner)
+    result = METHODS["learned_soup"](ctx, config=LearnedSoupConfig(granularity="tensor"))
+    assert result.details.components == ["x.u", "x.v"] and seen == ["tensor"]
+    torch.testing.assert_close(result.state_dict["x.u"], t(2.0))  # (1 + 3) / 2
+    torch.testing.assert_close(result.state_dict["x.v"], t(3.0))  # 3/4 2 + 1/4 6
+    assert int(result.state_dict["x.n"]) == 7  # non-float: ingredient 0's
+
+
+def test_learned_soup_per_tensor_with_a_learned_scale_lowers_the_loss(context, tiny_zoo):
+    evaluator = val_evaluator(tiny_zoo)
+    pool, components = context.pool, context.components
+    models = [pool.load(n) for n in pool.names]
+    config = LearnedSoupConfig(epochs=2, lr=0.1, granularity="tensor", scale=True)
+    logits, scale = learn_mixing_logits(evaluator, VAL, models, components, config)
+    tensors = mixing_components(components, config, models[0])
+    assert len(tensors) == sum(v.is_floating_point() for v in models[0].values()) > 3
+    assert logits.shape == (len(pool), len(tensors)) and scale != 1.0
+
+    def loss(betas):
+        evaluator.load(weighted_sum(lambda j: models[j], betas, tensors))
+        images, labels, _ = evaluator.sets[VAL]
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(evaluator.model(images), labels))
+
+    assert loss(softmax(logits)) < loss(softmax(np.zeros_like(logits)))
+
+
+@pytest.mark.parametrize("config, message", [
+    (lambda: TiesMergingConfig(trim="layer"),
+     r"ties_merging.trim must be 'global' \| 'per_tensor', got 'layer'"),
+    (lambda: ModelStockConfig(average="median"), r"model_stock.average must be"),
+    (lambda: LearnedSoupConfig(granularity="layer"), r"learned_soup.granularity must be"),
+])
+def test_unknown_conventions_are_refused_by_name(config, message):
     with pytest.raises(RaysoupError, match=message):
         config()

@@ -203,6 +203,30 @@ def test_a_method_that_needs_pretrained_refuses_a_pool_without_it(tiny_zoo, tmp_
     assert not ray.is_initialized()
 
 
+def test_the_conventions_are_read_from_the_config_and_checked(tiny_zoo, tmp_path, capsys):
+    """`raysoup check` accepts every convention option; the run hands them to the methods."""
+    path = tmp_path / "run.toml"
+    path.write_text(config_text(tiny_zoo, extra="methods = ['greedy_soup', 'model_stock', "
+                                "'ties_merging', 'learned_soup']") +
+                    "[greedy_soup]\nstrict = true\nrank_ties = 'reverse'\n"
+                    "[model_stock]\nclip = false\naverage = 'angle'\n"
+                    "[ties_merging]\ntrim = 'per_tensor'\ntopk = 'floor_plus_one'\n"
+                    "zero_sign = 'majority'\n"
+                    "[learned_soup]\ngranularity = 'tensor'\nscale = true\n")
+    assert main(["check", str(path)]) == 0
+    assert "nothing was started" in capsys.readouterr().out and not ray.is_initialized()
+    configs = load_config(path).method_configs()
+    assert (configs["greedy_soup"].strict, configs["greedy_soup"].rank_ties) == (True, "reverse")
+    assert (configs["model_stock"].clip, configs["model_stock"].average) == (False, "angle")
+    ties = configs["ties_merging"]
+    assert (ties.trim, ties.topk, ties.zero_sign) == ("per_tensor", "floor_plus_one", "majority")
+    assert (configs["learned_soup"].granularity, configs["learned_soup"].scale) == ("tensor", True)
+    path.write_text(path.read_text().replace("'angle'", "'mean'"))
+    assert main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model_stock.average" in err and "Traceback" not in err
+
+
 def test_learned_soup_too_large_for_its_memory_limit_is_refused_before_ray(tiny_zoo, tmp_path):
     path = tmp_path / "run.toml"
     path.write_text(config_text(tiny_zoo, extra="methods = ['learned_soup']") +

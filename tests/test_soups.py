@@ -8,9 +8,12 @@ import torch
 
 from raysoup.evaluate import VAL, Evaluator, load_eval_sets
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
+from raysoup.methods.baselines import GreedySoupConfig
 from raysoup.mixing import average
 from raysoup.inputs.pool import Ingredient, IngredientPool
 from raysoup.inputs.tasks import eval_set_sources
+
+from .helpers import MemoryPool
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +99,8 @@ def test_greedy_tie_rule(tiny_zoo, tmp_path, evaluator):
     twins = IngredientPool(pool.spec, [pool.ingredients[best], Ingredient("copy", copy)])
     ctx = SoupContext.rank(twins, judge)
     assert METHODS["greedy_soup"](ctx).ingredients == [best, "copy"]
-    assert METHODS["greedy_soup"](ctx, strict=True).ingredients == [best]
+    strict = GreedySoupConfig(strict=True)
+    assert METHODS["greedy_soup"](ctx, config=strict).ingredients == [best]
 
 
 def test_judgements_are_cached_by_weights_and_set_content(tiny_zoo, tmp_path):
@@ -127,3 +131,29 @@ def test_judgements_are_cached_by_weights_and_set_content(tiny_zoo, tmp_path):
     for torn in tmp_path.rglob("*.npy"):
         torn.write_bytes(b"torn")
     assert (again.correctness(sd)[VAL] == hits[VAL]).all() and len(calls) > 0
+
+
+# Hand-worked: weights are one number, val accuracy a table of the soups it may meet.
+GREEDY_POOL = {"a": 0.0, "b": 1.0, "c": 4.0, "d": 10.0}   # pool order a, b, c, d
+GREEDY_VAL = {0.0: 0.5, 1.0: 0.8, 4.0: 0.8, 10.0: 0.6,     # b and c tie on val
+              2.5: 0.7, 5.5: 0.85, round(11 / 3, 6): 0.8,  # b+c, b+d, b+d+a
+              7.0: 0.75, 2.0: 0.8}                         # c+d, c+a
+
+
+@pytest.mark.parametrize("config, ingredients, soup", [
+    # ranking b, c, d, a: b+c 0.7 no, b+d 0.85 yes, b+d+a 0.8 no
+    (GreedySoupConfig(), ["b", "d"], 5.5),
+    (GreedySoupConfig(strict=True), ["b", "d"], 5.5),
+    # model soups code's order c, b, d, a: c+b 0.7 no, c+d 0.75 no, c+a 0.8 ties c: >= adds it
+    (GreedySoupConfig(rank_ties="reverse"), ["c", "a"], 2.0),
+    (GreedySoupConfig(rank_ties="reverse", strict=True), ["c"], 4.0),
+])
+def test_greedy_rank_ties_and_strict_on_a_hand_worked_pool(config, ingredients, soup):
+    pool = MemoryPool({n: {"w": torch.tensor([w], dtype=torch.float64)}
+                       for n, w in GREEDY_POOL.items()})
+    judge = ValidationJudge(lambda sd: GREEDY_VAL[round(float(sd["w"]), 6)])
+    ctx = SoupContext.rank(pool, judge)
+    assert [n for n, _ in ctx.ranking] == ["b", "c", "d", "a"]  # the shared ranking
+    result = METHODS["greedy_soup"](ctx, config=config)
+    assert result.ingredients == ingredients and result.evaluations == 3
+    assert float(result.state_dict["w"]) == pytest.approx(soup)

@@ -127,7 +127,8 @@ class EvaluatorPool:
     def accuracy(self, state_dict: StateDict, set_name: str = VAL) -> float:
         return float(self.correctness(state_dict, [set_name])[set_name].mean())
 
-    def learn_soup(self, models: list[StateDict], config) -> np.ndarray:
-        """Learned soup's mixing logits, learned by the first evaluator on all of val."""
+    def learn_soup(self, models: list[StateDict], config) -> tuple[np.ndarray, float]:
+        """Learned soup's mixing logits and logit scale, learned by the first evaluator on
+        all of val."""
         refs = [ray.put(to_numpy(m)) for m in models]
         return ray.get(self.actors[0].learn_soup.remote(refs, config))

@@ -125,9 +125,10 @@ class EvaluatorActor:
         return self.evaluator.score(batches, source.class_map).cpu().numpy()
 
 
-    def learn_soup(self, model_refs: Sequence[ray.ObjectRef], config) -> np.ndarray:
-        """Learned soup's mixing logits, learned on every validation row (read again here:
-        this actor may hold only its shard)."""
+    def learn_soup(self, model_refs: Sequence[ray.ObjectRef], config
+                   ) -> tuple[np.ndarray, float]:
+        """Learned soup's mixing logits and logit scale, learned on every validation row
+        (read again here: this actor may hold only its shard)."""
         from ..evaluate import Evaluator
         from ..inputs.data import read_eval_set
         from ..methods.learned_soup import learn_mixing_logits

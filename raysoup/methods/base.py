@@ -42,9 +42,9 @@ class SoupContext:
     components: Components | None = None  # the weights' partition, for per-component mixing
     search: Search | None = None          # evaluates and optimises mixing points
     pretrained: StateDict | None = None   # the manifest's `pretrained` (task-vector methods)
-    # Learns per-(ingredient, component) mixing logits by gradient on the validation split
-    # (learned soup): on Ray, in one evaluator actor; in-process in tests.
-    learner: Callable[[Sequence[StateDict], object], np.ndarray] | None = None
+    # Learns per-(ingredient, component) mixing logits and a logit scale by gradient on
+    # the validation split (learned soup): on Ray, in one evaluator actor; in-process in tests.
+    learner: Callable[[Sequence[StateDict], object], tuple[np.ndarray, float]] | None = None
 
     @classmethod
     def rank(cls, pool: IngredientPool, judge: ValidationJudge, **rest) -> "SoupContext":

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from typing import Literal
+
 from ..mixing import RunningSum, average
+from ..typed import check_choices
 from .base import MethodResult, SoupContext, register
 
 
@@ -18,21 +22,39 @@ def uniform_soup(ctx: SoupContext) -> MethodResult:
     return MethodResult(average(ctx.pool.load(n) for n in names), names, 0, ranked=False)
 
 
-@register("greedy_soup")
-def greedy_soup(ctx: SoupContext, strict: bool = False) -> MethodResult:
-    """Add a candidate when the soup with it scores >= on val (the paper's rule), or > with
-    ``strict`` (the model soups code's rule)."""
-    names = [ctx.ranking[0][0]]
-    soup, best = ctx.pool.load(names[0]), ctx.ranking[0][1]
+@dataclass(frozen=True)
+class GreedySoupConfig:
+    """The defaults are the paper's rule and raysoup's shared ranking."""
+    strict: bool = False     # accept on > instead of >= (as ManifoldMix's method.strict)
+    # ingredients tied on val: in pool order (the shared ranking), or in reverse pool order
+    # (the model soups code: an ascending stable sort, reversed)
+    rank_ties: Literal["pool_order", "reverse"] = "pool_order"
+
+    def __post_init__(self):
+        check_choices(self, "greedy_soup")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@register("greedy_soup", config=GreedySoupConfig)
+def greedy_soup(ctx: SoupContext, config: GreedySoupConfig = GreedySoupConfig()
+                ) -> MethodResult:
+    """From the best ingredient, in ranking order, add a candidate when the soup with it
+    scores >= on val (the paper's rule), or > with `strict` (the model soups code's)."""
+    ranking = ctx.ranking if config.rank_ties == "pool_order" else \
+        sorted(ctx.ranking[::-1], key=lambda s: -s[1])  # stable: ties end reversed
+    names = [ranking[0][0]]
+    soup, best = ctx.pool.load(names[0]), ranking[0][1]
     running = RunningSum()
     running.add(soup)
     evaluations = 0
-    for candidate, _ in ctx.ranking[1:]:
+    for candidate, _ in ranking[1:]:
         weights = ctx.pool.load(candidate)
         trial = running.mean(extra=weights)
         acc = ctx.judge(trial)
         evaluations += 1
-        if acc > best or (acc == best and not strict):
+        if acc > best or (acc == best and not config.strict):
             running.add(weights)
             names, soup, best = [*names, candidate], trial, acc
     return MethodResult(soup, names, evaluations)

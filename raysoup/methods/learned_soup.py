@@ -1,6 +1,9 @@
-"""Learned soup (Wortsman et al. 2022, arXiv 2203.05482, "learned soup" by layer): mixing
-weights per ingredient and component, softmax-normalised over the ingredients, learned by
-gradient steps on the validation split through the mixed model. Runs on one evaluator
+"""Learned soup (Wortsman et al. 2022, arXiv 2203.05482): mixing weights per ingredient and
+component (`granularity = "component"`, the default: ManifoldMix's partition) or per weight
+tensor ("tensor", the paper's "learned soup by layer"), softmax-normalised over the
+ingredients, learned by Adam on cross-entropy over the validation split through the mixed
+model; with `scale`, a scale beta on the output logits is learned with them (the paper's
+temperature: it shapes the loss; the soup does not include it). Runs on one evaluator
 (gradients need the mixed model there) and holds every ingredient at once."""
 
 from __future__ import annotations
@@ -8,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import psutil
@@ -16,9 +19,11 @@ from pydantic import Field
 import torch
 import torch.nn.functional as F
 
+from ..components import Components
 from ..errors import RaysoupError
 from ..inputs.pool import IngredientPool
 from ..mixing import StateDict, weighted_sum
+from ..typed import check_choices
 from .base import MethodResult, SoupContext, register
 
 logger = logging.getLogger(__name__)
@@ -31,8 +36,11 @@ class LearnedSoupConfig:
     batch_size: Annotated[int, Field(ge=1)] = 256
     seed: Annotated[int, Field(ge=0)] = 0     # batch order
     max_memory_gb: Annotated[float, Field(ge=0)] = 0.0  # 0: what this machine has available
+    granularity: Literal["component", "tensor"] = "component"  # a weight per component or tensor
+    scale: bool = False  # also learn a scale of the output logits (model soups' temperature)
 
     def __post_init__(self):
+        check_choices(self, "learned_soup")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.max_memory_gb < 0:
             raise RaysoupError(f"learned_soup needs epochs >= 1, batch_size >= 1, lr > 0 and "
                                f"max_memory_gb >= 0; got {self}")
@@ -62,21 +70,36 @@ def check_memory(pool: IngredientPool, config: LearnedSoupConfig) -> None:
             f"learned_soup.max_memory_gb")
 
 
+def mixing_components(components: Components, config: LearnedSoupConfig,
+                      state_dict: StateDict) -> Components:
+    """What learned soup weighs: `components` as they are, or ("tensor") one component per
+    float tensor of them, named by its key; other keys stay unmixed."""
+    if config.granularity == "component":
+        return components
+    keys = [k for group in components.keys for k in group]
+    floats = tuple(k for k in keys if state_dict[k].is_floating_point())
+    return Components(floats, tuple((k,) for k in floats),
+                      (*components.unmixed, *(k for k in keys if k not in floats)))
+
+
 def learn_mixing_logits(evaluator, set_name: str, models: Sequence[StateDict], components,
-                        config: LearnedSoupConfig) -> np.ndarray:
-    """Logits (ingredients x components) learned by Adam on cross-entropy over the
-    `set_name` rows that `evaluator` holds; the mixed weights of component i are
-    sum_j softmax(logits[:, i])_j w_j. Unmixed and non-float keys take ingredient 0's."""
+                        config: LearnedSoupConfig) -> tuple[np.ndarray, float]:
+    """Logits (ingredients x mixing_components) learned by Adam on cross-entropy over the
+    `set_name` rows that `evaluator` holds, and the learned logit scale (1 without
+    `config.scale`); the mixed weights of component i are sum_j softmax(logits[:, i])_j w_j.
+    Unmixed and non-float keys take ingredient 0's."""
     from torch.func import functional_call
 
     device = evaluator.device
+    components = mixing_components(components, config, models[0])
     images, labels, class_map = evaluator.sets[set_name]
     stacked = {key: (i, torch.stack([sd[key].to(device) for sd in models]))
                for i, keys in enumerate(components.keys) for key in keys
                if models[0][key].is_floating_point()}
     fixed = {k: v.to(device) for k, v in models[0].items() if k not in stacked}
     logits = torch.zeros(len(models), len(components), device=device, requires_grad=True)
-    optimizer = torch.optim.Adam([logits], lr=config.lr)
+    scale = torch.ones((), device=device, requires_grad=config.scale)
+    optimizer = torch.optim.Adam([logits, scale] if config.scale else [logits], lr=config.lr)
     order = torch.Generator().manual_seed(config.seed)
     model = evaluator.model
     for epoch in range(config.epochs):
@@ -88,14 +111,17 @@ def learn_mixing_logits(evaluator, set_name: str, models: Sequence[StateDict], c
                      for key, (i, w) in stacked.items()}
             out = evaluator.project(functional_call(model, {**mixed, **fixed},
                                                     (images[idx],)), class_map)
+            if config.scale:
+                out = scale * out
             loss = F.cross_entropy(out, labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(idx)
         logger.info(f"[learned_soup] epoch {epoch + 1}/{config.epochs}: val loss "
-                    f"{total / len(labels):.4f}")
-    return logits.detach().cpu().numpy().astype(np.float64)
+                    f"{total / len(labels):.4f}" + (f", scale {float(scale.detach()):.4g}"
+                                                    if config.scale else ""))
+    return logits.detach().cpu().numpy().astype(np.float64), float(scale.detach())
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -106,8 +132,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 @dataclass
 class LearnedSoupDetails:
-    components: list[str]
+    components: list[str]      # what was weighed: components, or tensors by key
     betas: list[list[float]]   # ingredients x components, columns sum to 1
+    scale: float               # the learned logit scale (1: not learned)
 
 
 @register("learned_soup", config=LearnedSoupConfig, check=check_memory)
@@ -116,8 +143,12 @@ def learned_soup(ctx: SoupContext, config: LearnedSoupConfig = LearnedSoupConfig
     if ctx.learner is None or ctx.components is None:
         raise RaysoupError("learned_soup needs the context's learner and components")
     names = ctx.pool.names
-    betas = softmax(ctx.learner([ctx.pool.load(n) for n in names], config))
-    merged = weighted_sum(lambda j: ctx.pool.load(names[j]), betas, ctx.components)
-    details = LearnedSoupDetails(list(ctx.components.names), betas.tolist())
+    models = [ctx.pool.load(n) for n in names]
+    components = mixing_components(ctx.components, config, models[0])
+    logits, scale = ctx.learner(models, config)
+    del models  # the soup below loads one ingredient at a time
+    betas = softmax(logits)
+    merged = weighted_sum(lambda j: ctx.pool.load(names[j]), betas, components)
+    details = LearnedSoupDetails(list(components.names), betas.tolist(), scale)
     # Its cost in validation passes: one forward and backward pass over val per epoch.
     return MethodResult(merged, names, config.epochs, ranked=False, details=details)

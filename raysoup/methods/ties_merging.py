@@ -1,13 +1,22 @@
 """TIES-merging (Yadav et al. 2023, arXiv 2306.01708): trim each task vector to its
 largest entries, elect a sign per parameter, average the entries that agree with it, and
 add the result, scaled, to the pretrained weights. The scale and the density are chosen on
-val by the run's search (Tune + nevergrad on the evaluator pool)."""
+val by the run's search (Tune + nevergrad on the evaluator pool).
+
+The paper, per parameter p, with task vectors tau_i = w_i - w_0:
+    trim:  tau^_i = tau_i with all but its top-k% entries by magnitude set to 0
+    elect: gamma^p = sgn(sum_i tau^_i^p)
+    merge: A^p = {i : sgn(tau^_i^p) = gamma^p},  tau_m^p = (1 / |A^p|) sum_{i in A^p} tau^_i^p
+    w = w_0 + lambda tau_m
+It leaves three conventions open, each an option here (docs/merge_methods.md compares them
+with mergekit's, FusionBench's and the authors' code): where to trim (`trim`), how many
+entries top-k% is (`topk`), and what an exact zero sign sum elects (`zero_sign`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -15,26 +24,62 @@ from pydantic import Field
 
 from ..components import Components
 from ..mixing import StateDict
+from ..typed import check_choices
 from .base import KnobSearch, MethodResult, SoupContext, register, tune_knobs
+
+Trim = Literal["global", "per_tensor"]
+TopK = Literal["round", "floor", "floor_plus_one"]
+ZeroSign = Literal["zero", "positive", "majority"]
+
+
+def keep_count(density: float, size: int, topk: TopK) -> int:
+    """Entries of `size` that top-k% keeps, before ties at the cutoff, within [1, size]:
+    round(density * size) (half to even), int(density * size), or int(density * size) + 1."""
+    k = {"round": round(density * size), "floor": int(density * size),
+         "floor_plus_one": int(density * size) + 1}[topk]
+    return max(1, min(size, k))
+
+
+def trim(tau: torch.Tensor, density: float, topk: TopK) -> torch.Tensor:
+    """Each row of `tau` (N x P) with its entries below the k-th largest magnitude set to 0:
+    the kept count is keep_count(), plus every entry tied with the last one kept."""
+    magnitude = tau.abs()
+    keep = keep_count(density, tau.shape[1], topk)
+    threshold = magnitude.kthvalue(tau.shape[1] - keep + 1, dim=1, keepdim=True).values
+    return torch.where(magnitude >= threshold, tau, torch.zeros_like(tau))
+
+
+def elect(trimmed: torch.Tensor, zero_sign: ZeroSign) -> torch.Tensor:
+    """gamma = sgn(sum_i trimmed_i) per parameter; where the sum is exactly 0: 0 ("zero":
+    nothing agrees, the parameter keeps w_0), +1 ("positive"), or the sign of the sum of
+    all elected signs ("majority")."""
+    total = trimmed.sum(dim=0)
+    if zero_sign == "positive":
+        return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+    elected = torch.sign(total)
+    if zero_sign == "majority":
+        elected[elected == 0] = torch.sign(elected.sum())
+    return elected
 
 
 def ties_merge(pretrained: StateDict, ingredients: Sequence[StateDict], scale: float,
-               density: float) -> StateDict:
-    """w_0 + lambda * tau_m, where, over every float tensor flattened into one task vector
-    tau_i = w_i - w_0 per ingredient:
-    1. trim: keep the round(density * P) entries of largest magnitude of each tau_i;
-    2. elect: gamma = sign(sum_i trimmed tau_i) per parameter;
-    3. disjoint mean: tau_m = mean of the trimmed entries whose sign is gamma (0 if none).
+               density: float, trim_over: Trim = "global", topk: TopK = "round",
+               zero_sign: ZeroSign = "zero") -> StateDict:
+    """w_0 + lambda * tau_m over every float tensor, the task vectors flattened into one
+    vector per ingredient; `trim_over` "global" ranks magnitudes over that whole vector,
+    "per_tensor" within each tensor. The disjoint mean is 0 where no entry agrees.
     Holds N x P floats (the task vectors) at once. Non-float tensors keep w_0's values."""
     keys = [k for k, v in pretrained.items() if v.is_floating_point()]
     w0 = torch.cat([pretrained[k].flatten().float() for k in keys])
     tau = torch.stack([torch.cat([sd[k].flatten().float() for k in keys]) - w0
                        for sd in ingredients])
-    keep = max(1, min(tau.shape[1], int(round(density * tau.shape[1]))))
-    magnitude = tau.abs()
-    threshold = magnitude.kthvalue(tau.shape[1] - keep + 1, dim=1, keepdim=True).values
-    trimmed = torch.where(magnitude >= threshold, tau, torch.zeros_like(tau))
-    elected = torch.sign(trimmed.sum(dim=0))
+    if trim_over == "global":
+        trimmed = trim(tau, density, topk)
+    else:
+        sizes = [pretrained[k].numel() for k in keys]
+        trimmed = torch.cat([trim(part, density, topk) for part in tau.split(sizes, dim=1)],
+                            dim=1)
+    elected = elect(trimmed, zero_sign)
     agrees = (torch.sign(trimmed) == elected) & (trimmed != 0)
     merged_tau = (trimmed * agrees).sum(dim=0) / agrees.sum(dim=0).clamp(min=1)
     merged: StateDict = {k: v.clone() for k, v in pretrained.items()
@@ -48,21 +93,35 @@ def ties_merge(pretrained: StateDict, ingredients: Sequence[StateDict], scale: f
     return {k: merged[k] for k in pretrained}
 
 
-def ties_mixer(models: Sequence[StateDict], x: np.ndarray, components: Components) -> StateDict:
-    """models = [pretrained, *ingredients]; x = [lambda, density]."""
-    return ties_merge(models[0], models[1:], float(x[0]), float(x[1]))
+@dataclass(frozen=True)
+class TiesMixer:
+    """models = [pretrained, *ingredients]; x = [lambda, density]; the conventions fixed."""
+    trim: Trim = "global"
+    topk: TopK = "round"
+    zero_sign: ZeroSign = "zero"
+
+    def __call__(self, models: Sequence[StateDict], x: np.ndarray,
+                 components: Components) -> StateDict:
+        return ties_merge(models[0], models[1:], float(x[0]), float(x[1]), self.trim,
+                          self.topk, self.zero_sign)
 
 
 @dataclass(frozen=True)
 class TiesMergingConfig(KnobSearch):
-    """The search starts at the paper's defaults (lambda 1, density 0.2)."""
+    """The search starts at the paper's defaults (lambda 1, density 0.2). The conventions
+    default to a global trim to round(density * P) entries (ties at the cutoff kept) and a
+    zero sign sum electing nothing (the demo's table comes from them)."""
     SECTION: ClassVar[str] = "ties_merging"
     budget: Annotated[int, Field(ge=1)] = 20
     scale_bounds: tuple[float, float] = (0.0, 2.0)
     density_bounds: tuple[float, float] = (0.05, 1.0)
     start: tuple[float, float] = (1.0, 0.2)   # (lambda, density)
+    trim: Trim = "global"
+    topk: TopK = "round"
+    zero_sign: ZeroSign = "zero"
 
     def check(self) -> None:
+        check_choices(self, self.SECTION)
         self.check_bounds("scale_bounds")
         self.check_bounds("density_bounds", 0.0, 1.0)
 
@@ -75,6 +134,7 @@ def ties_merging(ctx: SoupContext, config: TiesMergingConfig = TiesMergingConfig
     lower = [config.scale_bounds[0], config.density_bounds[0]]
     upper = [config.scale_bounds[1], config.density_bounds[1]]
     start = np.clip(config.start, lower, upper)
-    merged, details = tune_knobs(ctx, [ctx.pretrained, *ingredients], ties_mixer,
+    mixer = TiesMixer(config.trim, config.topk, config.zero_sign)
+    merged, details = tune_knobs(ctx, [ctx.pretrained, *ingredients], mixer,
                                  ["lambda", "density"], start, lower, upper, config)
     return MethodResult(merged, names, len(details.trace), ranked=False, details=details)
