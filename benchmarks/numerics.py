@@ -1,0 +1,168 @@
+"""Numeric domains: does ManifoldMix decide the same under other CPU kernels, and what does
+the portable domain cost?
+
+decisions: the demo's ManifoldMix (shipped zoo, 10 evaluations per component, 2
+single-thread evaluators) as a `raysoup run`, once per setting, each in a fresh process with
+its own empty cache. A setting is a `resources.numerics` and the kernel variables of the
+environment Ray starts in: ATEN_CPU_CAPABILITY (ATen's vectorised kernels),
+MKL_ENABLE_INSTRUCTIONS and ONEDNN_MAX_CPU_ISA (what another CPU would give MKL and
+oneDNN). Records each step's verdict, the kept ingredients, the validation accuracy and the
+per-image val results of the fused model, and whether they equal the first setting's of
+the same numerics.
+
+throughput: the evaluator's images/s on the testbed tower and on ViT-B-32 at 224 px
+(random weights), native and portable, in alternating fresh processes (the domains are
+per process); the ratio of the medians.
+
+    python benchmarks/numerics.py decisions [--settings native:this native:default ...]
+    python benchmarks/numerics.py throughput [--repeats 3]
+Appends rows to benchmarks/results/numerics_{decisions,throughput}.parquet and prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from common import append_result, default_zoo, machine
+
+KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS",
+                    "ONEDNN_MAX_CPU_ISA")
+# What another machine would run, as far as this one can show it.
+MACHINES = {
+    "this": {},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+             "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "default": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                "ONEDNN_MAX_CPU_ISA": "AVX2"},
+}
+DEFAULT_SETTINGS = ("native:this", "native:avx2", "native:default", "portable:this",
+                    "portable:default")
+
+
+def environment(machine_name: str, cache: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in KERNEL_VARIABLES}
+    return {**env, **MACHINES[machine_name], "RAYSOUP_CACHE": cache, "HF_HUB_OFFLINE": "1"}
+
+
+def run_manifold_mix(zoo: Path, numerics: str, machine_name: str, work: Path) -> dict:
+    from raysoup.tools.demo import DEMO_EVALS_PER_COMPONENT, DEMO_RESOURCES
+    out = work / f"{numerics}-{machine_name}"
+    config = work / f"{numerics}-{machine_name}.toml"
+    config.write_text("\n".join([
+        f'out = "{out}"', 'methods = ["manifold_mix"]', "[pool]", f'zoo = "{zoo}"',
+        "[method]", f"evals_per_component = {DEMO_EVALS_PER_COMPONENT}", "[resources]",
+        f"evaluators = {DEMO_RESOURCES.evaluators}",
+        f"cpus_per_evaluator = {DEMO_RESOURCES.cpus_per_evaluator}",
+        f'numerics = "{numerics}"']) + "\n")
+    done = subprocess.run([sys.executable, "-m", "raysoup.cli", "run", "-q", str(config)],
+                          env=environment(machine_name, str(work / f"cache-{out.name}")),
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{numerics}:{machine_name} failed:\n{done.stderr[-3000:]}")
+    from raysoup.api import load_report
+    report = load_report(out).raw
+    row = report["methods"]["manifold_mix"]
+    import pyarrow.parquet as pq
+    hits = pq.read_table(out / "correctness.parquet").to_pylist()
+    fused_val = next(r for r in hits if r["name"] == "manifold_mix" and r["set"] == "val")
+    return {"numerics": numerics, "machine": machine_name,
+            "domain": report["config"]["numerics"],
+            "verdicts": [s["accepted"] if s["passes"] else None for s in row["history"]],
+            "accuracies": [s.get("accuracy", s["promise_accuracy"]) for s in row["history"]],
+            "ingredients": row["ingredients"], "val": row["val"], "id": row["id"],
+            "ood_avg": row["ood_avg"], "evaluations": row["evaluations"],
+            "val_hits": np.packbits(np.asarray(fused_val["correct"], dtype=bool)).tobytes()}
+
+
+def decisions(args) -> None:
+    zoo = default_zoo()
+    where = machine()
+    first: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="raysoup-numerics-") as tmp:
+        for setting in args.settings:
+            numerics, machine_name = setting.split(":")
+            result = run_manifold_mix(zoo, numerics, machine_name, Path(tmp))
+            ref = first.setdefault(numerics, result)
+            same = {k: result[k] == ref[k] for k in ("verdicts", "ingredients", "val_hits")}
+            row = {**where, **{k: v for k, v in result.items() if k != "val_hits"},
+                   "verdicts": json.dumps(result["verdicts"]),
+                   "accuracies": json.dumps(result["accuracies"]),
+                   "ingredients": ",".join(result["ingredients"]),
+                   "same_as": f"{numerics}:{ref['machine']}", **{f"same_{k}": v
+                                                                for k, v in same.items()}}
+            append_result("numerics_decisions", row)
+            print(f"{setting:18} {row['ingredients']:24} val {100 * row['val']:.2f} id "
+                  f"{100 * row['id']:.2f} ood {100 * row['ood_avg']:.2f} evals "
+                  f"{row['evaluations']}  same as {row['same_as']}: {same}", flush=True)
+
+
+THROUGHPUT_PROBE = """
+import os, sys, time
+from raysoup.numerics import runtime_env
+os.environ.update((runtime_env(sys.argv[1]) or {}).get("env_vars", {}))
+import torch
+from raysoup.inputs.model import ModelSpec, build_classifier
+from raysoup.numerics import enter
+enter(sys.argv[1], threads=1)
+spec = ModelSpec() if sys.argv[2] == "testbed" else ModelSpec(arch=sys.argv[2]).with_arch_defaults()
+model = build_classifier(spec).eval()
+batch = int(sys.argv[3])
+images = torch.randint(0, 256, (batch, spec.in_channels, spec.image_size, spec.image_size),
+                       dtype=torch.uint8)
+with torch.inference_mode():
+    model(images)
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < float(sys.argv[4]):
+        model(images)
+        n += batch
+print(n / (time.perf_counter() - t0))
+"""
+
+
+def throughput(args) -> None:
+    where = machine()
+    for arch, batch, seconds in (("testbed", 1000, 4.0), ("ViT-B-32", 16, 8.0)):
+        rates: dict[str, list[float]] = {"native": [], "portable": []}
+        for _ in range(args.repeats):
+            for numerics in rates:  # alternating, so that load drifts hit both alike
+                done = subprocess.run([sys.executable, "-c", THROUGHPUT_PROBE, numerics, arch,
+                                       str(batch), str(seconds)], capture_output=True,
+                                      text=True, env=environment("this", ""))
+                if done.returncode != 0:
+                    raise SystemExit(done.stderr[-3000:])
+                rates[numerics].append(float(done.stdout.split()[-1]))
+        native, portable = (statistics.median(rates[k]) for k in ("native", "portable"))
+        row = {**where, "model": arch, "batch": batch, "native_images_s": native,
+               "portable_images_s": portable, "portable_over_native": portable / native,
+               "repeats": args.repeats}
+        append_result("numerics_throughput", row)
+        print(f"{arch:10} batch {batch:5}: native {native:8.1f} images/s, portable "
+              f"{portable:8.1f} images/s, ratio {portable / native:.3f} "
+              f"(median of {args.repeats}, 1 thread)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("decisions")
+    p.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS),
+                   help="NUMERICS:MACHINE, MACHINE one of " + ", ".join(MACHINES))
+    p.set_defaults(func=decisions)
+    p = sub.add_parser("throughput")
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=throughput)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
