@@ -27,7 +27,11 @@ ID = "id"
 class JudgementCache(KeyedArrays):
     """Per-image correctness by content: the same weights (sha256) on the same evaluation
     set (its fingerprint) by the same kind of evaluator are judged once, for every later
-    run."""
+    run. Counts the (model, set) judgements it answered and those it had measured."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.cached = self.measured = 0
 
     def correctness(self, state_dict: Mapping[str, torch.Tensor], set_keys: Mapping[str, str],
                     sets: list[str], judge) -> dict[str, np.ndarray]:
@@ -38,6 +42,8 @@ class JudgementCache(KeyedArrays):
                 for name in sets if name in set_keys}
         hits = {name: h for name, key in keys.items() if (h := self.get(key)) is not None}
         missing = [name for name in sets if name not in hits]
+        self.cached += len(hits)
+        self.measured += len(missing)
         if missing:
             hits.update(judge(missing))
             for name in missing:

@@ -40,6 +40,11 @@ def format_table(rows: dict[str, dict], references: dict[str, dict] | None = Non
                    f"{pct(r['ood_avg'])}" for name, r in (references or {}).items())
     table = "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)]
                       ) + f"\n(accuracies in %{refs}; only val decides, id and ood only report)"
+    close = [f"{name} {c['tie']} by a tie and {c['one image']} by one image"
+             for name, r in rows.items() if (c := r.get("close_decisions")) and any(c.values())]
+    if close:
+        table += ("\n(close verdicts on val, which another CPU's last bits could turn: "
+                  + "; ".join(close) + ")")
     differences = format_differences(rows)
     return table + ("\n\n" + differences if differences else "")
 

@@ -34,6 +34,7 @@ from .inputs.data import EvalSetSource, check_eval_set, verify_eval_set
 from .inputs.model import build_classifier, state_dict_template
 from .inputs.pool import (IngredientPool, check_state_dict, load_pretrained, read_manifest,
                           save_state_dict, write_json)
+from .inputs.storage import cache_dir
 from .inputs.tasks import dataset_records, eval_set_sources
 from .methods import METHOD_INFO
 from .mixing import from_numpy
@@ -258,6 +259,7 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
         write_manifold_mix(out, result["methods"]["manifold_mix"], result["fused"])
     manifest = read_manifest(config.pool.zoo)
     report = {"methods": result["methods"], "ingredients": result["ingredients"],
+              "cache": result["cache"],
               "references": result["references"], "ranking": result["ranking"],
               "zoo": {"dir": str(config.pool.zoo), "config": manifest.get("config"),
                       "build_seconds": manifest.get("build_seconds")},
@@ -272,6 +274,11 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
                          "numerics": result["numerics"]}}
     write_report(out, report, result["correctness"])
     logger.info(format_table(report["methods"], report["references"]))
+    cache = result["cache"]
+    logger.info(f"[run] from the cache ({cache_dir()}): {cache['points_cached']} mixing "
+                f"point(s) and {cache['judgements_cached']} of "
+                f"{cache['judgements_cached'] + cache['judgements_measured']} judgements "
+                f"(model x set); clear it to measure everything again")
     written = ["report.json", "results.parquet", "correctness.parquet", "scatter.png",
                "beta.parquet", "beta.png", "history.json", "fused.safetensors"]
     logger.info(f"[run] wrote {out}: " + ", ".join(f for f in written if (out / f).exists()))

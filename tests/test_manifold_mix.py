@@ -86,6 +86,22 @@ def test_acceptance_is_non_strict_by_default_and_strict_on_request(pool, compone
     assert accepted.ingredients == [a, pool.names[1]]
     rejected = run(pool, components, judge, ranking, evals_per_component=2, strict=True)
     assert rejected.ingredients == [a]
+    # Both verdicts were ties, and say so.
+    for result in (accepted, rejected):
+        assert [s["closeness"] for s in result.details.history] == ["tie"]
+        assert result.details.close_decisions == {"tie": 1, "one image": 0}
+
+
+def test_a_verdict_within_one_validation_image_is_marked(pool, components):
+    """With 200 validation images, 0.5 against 0.505 is one image: close, not a tie; two
+    images are not close."""
+    a, c = pool.names[0], pool.names[1]
+    for candidate_accuracy, closeness in ((0.505, "one image"), (0.51, None)):
+        judge = ValidationJudge(lambda sd: candidate_accuracy, rows=200)
+        result = run(pool, components, judge, [(a, 0.5), (c, 0.5)], evals_per_component=2,
+                     later_passes=False)
+        assert result.ingredients == [a, c]  # better than the best so far: accepted
+        assert result.details.history[0]["closeness"] == closeness
 
 
 def test_same_seed_same_result(pool, components):

@@ -98,9 +98,13 @@ def test_greedy_tie_rule(tiny_zoo, tmp_path, evaluator):
     shutil.copy(pool.ingredients[best].path, copy)
     twins = IngredientPool(pool.spec, [pool.ingredients[best], Ingredient("copy", copy)])
     ctx = SoupContext.rank(twins, judge)
-    assert METHODS["greedy_soup"](ctx).ingredients == [best, "copy"]
-    strict = GreedySoupConfig(strict=True)
-    assert METHODS["greedy_soup"](ctx, config=strict).ingredients == [best]
+    accepted = METHODS["greedy_soup"](ctx)
+    assert accepted.ingredients == [best, "copy"]
+    strict = METHODS["greedy_soup"](ctx, config=GreedySoupConfig(strict=True))
+    assert strict.ingredients == [best]
+    for result in (accepted, strict):  # both verdicts were a tie, and say so
+        assert [step["closeness"] for step in result.details.history] == ["tie"]
+        assert result.details.close_decisions == {"tie": 1, "one image": 0}
 
 
 def test_judgements_are_cached_by_weights_and_set_content(tiny_zoo, tmp_path):

@@ -113,7 +113,7 @@ class SoupDriver:
 
     def run(self) -> dict:
         config, pool = self.prepared.config, self.prepared.pool
-        judge = ValidationJudge(self.judge.accuracy)
+        judge = ValidationJudge(self.judge.accuracy, rows=self.search.val_rows)
         ranking, ranking_s, state = self._ranking(judge)
         logger.info("[driver] ranking on val: " + ", ".join(f"{n} {100 * a:.2f}"
                     for n, a in ranking))
@@ -171,9 +171,13 @@ class SoupDriver:
         self.metrics.close()
         references = {} if pretrained is None else \
             {"pretrained": judged.add("pretrained", pretrained)}
+        cache = self.judge.cache
         return {"methods": rows, "ingredients": ingredients, "references": references,
                 "ranking": ranking, "correctness": judged.correctness, "fused": fused,
-                "numerics": self.judge.domain}
+                "numerics": self.judge.domain,
+                "cache": {"points_cached": self.search.cached_points,
+                          "judgements_cached": cache.cached,
+                          "judgements_measured": cache.measured}}
 
 
 @contextmanager

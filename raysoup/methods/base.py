@@ -23,15 +23,36 @@ logger = logging.getLogger(__name__)
 
 
 class ValidationJudge:
-    """Validation accuracy of a state dict: the only signal any method may select on."""
+    """Validation accuracy of a state dict: the only signal any method may select on.
+    `rows`: the validation images behind it, where known (one image is 1 / rows)."""
 
-    def __init__(self, accuracy: Callable[[StateDict], float]):
+    def __init__(self, accuracy: Callable[[StateDict], float], rows: int | None = None):
         self._accuracy = accuracy
+        self.rows = rows
         self.evaluations = 0
 
     def __call__(self, state_dict: StateDict) -> float:
         self.evaluations += 1
         return self._accuracy(state_dict)
+
+
+def closeness(accuracy: float, best: float, rows: int | None) -> str | None:
+    """How close an accept/reject decision against the best so far was: "tie" (the same
+    count of correct images, where a non-strict rule accepts and a strict one rejects),
+    "one image" (one image either way: one flipped image on another CPU, or a run on
+    another numeric domain, would change it), else None."""
+    if accuracy == best:
+        return "tie"
+    if rows and round(abs(accuracy - best) * rows) <= 1:
+        return "one image"
+    return None
+
+
+def count_close(history: Sequence[dict]) -> dict[str, int]:
+    """How many of a method's decisions were a tie or one image (its history rows'
+    `closeness`)."""
+    return {kind: sum(step.get("closeness") == kind for step in history)
+            for kind in ("tie", "one image")}
 
 
 @dataclass

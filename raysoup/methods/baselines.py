@@ -7,7 +7,7 @@ from typing import Literal
 
 from ..mixing import RunningSum, average
 from ..typed import check_choices
-from .base import MethodResult, SoupContext, register
+from .base import MethodResult, SoupContext, closeness, count_close, register
 
 
 @register("best_individual")
@@ -37,6 +37,12 @@ class GreedySoupConfig:
         return asdict(self)
 
 
+@dataclass
+class GreedySoupDetails:
+    history: list[dict]            # one row per candidate: accuracy, verdict, closeness
+    close_decisions: dict[str, int]  # how many verdicts were a tie or one image
+
+
 @register("greedy_soup", config=GreedySoupConfig)
 def greedy_soup(ctx: SoupContext, config: GreedySoupConfig = GreedySoupConfig()
                 ) -> MethodResult:
@@ -48,13 +54,18 @@ def greedy_soup(ctx: SoupContext, config: GreedySoupConfig = GreedySoupConfig()
     soup, best = ctx.pool.load(names[0]), ranking[0][1]
     running = RunningSum()
     running.add(soup)
-    evaluations = 0
+    evaluations, history = 0, []
     for candidate, _ in ranking[1:]:
         weights = ctx.pool.load(candidate)
         trial = running.mean(extra=weights)
         acc = ctx.judge(trial)
         evaluations += 1
-        if acc > best or (acc == best and not config.strict):
+        accepted = acc > best or (acc == best and not config.strict)
+        history.append({"candidate": candidate, "accuracy": acc, "accuracy_before": best,
+                        "accepted": accepted,
+                        "closeness": closeness(acc, best, ctx.judge.rows)})
+        if accepted:
             running.add(weights)
             names, soup, best = [*names, candidate], trial, acc
-    return MethodResult(soup, names, evaluations)
+    return MethodResult(soup, names, evaluations,
+                        details=GreedySoupDetails(history, count_close(history)))

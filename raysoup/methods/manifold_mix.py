@@ -33,7 +33,7 @@ from ..components import Components
 from ..errors import RaysoupError
 from ..mixing import StateDict, lambdas_to_betas, mix, weighted_sum
 from ..search import ScaledBetaMixer, Search, check_optimizer, lerp_mixer
-from .base import MethodResult, SoupContext, register
+from .base import MethodResult, SoupContext, closeness, count_close, register
 
 logger = logging.getLogger(__name__)
 AtLeastOne = Annotated[int, Field(ge=1)]
@@ -123,8 +123,10 @@ def run_pass(search: Search, config: ManifoldMixConfig, start: np.ndarray, lower
 
 
 def try_candidate(state: MixState, name: str, candidate: StateDict, search: Search,
-                  components: Components, config: ManifoldMixConfig) -> tuple[dict, StateDict | None]:
-    """One step of phase 1. Returns the history row and the new accumulator if accepted."""
+                  components: Components, config: ManifoldMixConfig,
+                  rows: int | None = None) -> tuple[dict, StateDict | None]:
+    """One step of phase 1. Returns the history row and the new accumulator if accepted.
+    `rows`: the validation images, to mark a verdict within one image of the best."""
     m = len(components)
     K = len(state.accepted)
     lambda0 = K / (K + 1)
@@ -142,6 +144,7 @@ def try_candidate(state: MixState, name: str, candidate: StateDict, search: Sear
     step["passes"].append(best)
     accepted = best["accuracy"] > state.accuracy or (
         best["accuracy"] == state.accuracy and not config.strict)
+    step["closeness"] = closeness(best["accuracy"], state.accuracy, rows)
     if accepted and config.later_passes:
         lo, hi = config.later_pass_bounds
         second = run_pass(search, config, np.array(best["x"]), lo, hi, budget)
@@ -160,13 +163,15 @@ def try_candidate(state: MixState, name: str, candidate: StateDict, search: Sear
 
 def phase1(ranking: list[tuple[str, float]], load: Callable[[str], StateDict],
            components: Components, search: Search, config: ManifoldMixConfig,
-           state: MixState | None = None, on_step: Callable[[MixState], None] | None = None) -> MixState:
+           state: MixState | None = None, on_step: Callable[[MixState], None] | None = None,
+           rows: int | None = None) -> MixState:
     if state is None:
         best, accuracy = ranking[0]
         state = MixState(load(best), [best], accuracy)
     for position in range(state.next_candidate, len(ranking)):
         name = ranking[position][0]
-        step, accumulator = try_candidate(state, name, load(name), search, components, config)
+        step, accumulator = try_candidate(state, name, load(name), search, components, config,
+                                          rows)
         if accumulator is not None:
             state.accumulator, state.accuracy = accumulator, step["accuracy"]
             state.accepted.append(name)
@@ -182,6 +187,8 @@ def phase1(ranking: list[tuple[str, float]], load: Callable[[str], StateDict],
 def progress_line(position: int, total: int, step: dict, state: MixState) -> str:
     passes = " ".join(f"pass{i + 1} {100 * p['accuracy']:.2f}" for i, p in enumerate(step["passes"]))
     verdict = "accepted" if step["accepted"] else ("rejected" if step["passes"] else "skipped (promise)")
+    if step.get("closeness"):
+        verdict += f" (by {'a tie' if step['closeness'] == 'tie' else 'one image'})"
     return (f"[manifold_mix] {position}/{total - 1} {step['candidate']}: promise "
             f"{100 * step['promise_accuracy']:.2f}" + (f", {passes}" if passes else "") +
             f" -> {verdict}; best {100 * state.accuracy:.2f} with {len(state.accepted)} "
@@ -218,6 +225,7 @@ class ManifoldMixDetails:
     history: list[dict]             # one row per candidate step
     lambda_rows: list[list[float]]
     val_accuracy: float
+    close_decisions: dict[str, int]  # how many verdicts were a tie or one image
     phase2: dict | None = None
 
 
@@ -230,7 +238,8 @@ def manifold_mix(ctx: SoupContext, config: ManifoldMixConfig = ManifoldMixConfig
     components, search = ctx.components, ctx.search
     if components is None or search is None:
         raise RaysoupError("manifold_mix needs the context's components and search")
-    state = phase1(ctx.ranking, ctx.pool.load, components, search, config, state, on_step)
+    state = phase1(ctx.ranking, ctx.pool.load, components, search, config, state, on_step,
+                   ctx.judge.rows)
     betas = betas_of(state, len(components))
     fused, evaluations, phase2_record = state.accumulator, state.evaluations, None
     if config.phase2 and len(state.accepted) > 1:
@@ -240,5 +249,6 @@ def manifold_mix(ctx: SoupContext, config: ManifoldMixConfig = ManifoldMixConfig
         if phase2_record["kept"]:
             fused = weighted_sum(lambda j: ctx.pool.load(state.accepted[j]), betas, components)
     details = ManifoldMixDetails(list(components.names), betas.tolist(), state.history,
-                                 state.lambda_rows, state.accuracy, phase2_record)
+                                 state.lambda_rows, state.accuracy,
+                                 count_close(state.history), phase2_record)
     return MethodResult(fused, list(state.accepted), evaluations, details=details)
