@@ -159,7 +159,8 @@ def test_dockerfile_builds_on_the_installed_ray_with_the_torch_pins():
 
 def test_nothing_turns_token_auth_off():
     files = [*CLUSTER.glob("*.yaml"), *CLUSTER.glob("kuberay/*"), CLUSTER / "Dockerfile",
-             ROOT / "README.md"]
+             ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    assert ROOT / "docs" / "cluster.md" in files  # the cluster guide's commands are checked too
     # RAY_AUTH_MODE=disabled, an env entry `name: RAY_AUTH_MODE / value: disabled`, or
     # KubeRay's `authOptions: {mode: disabled}`.
     off = re.compile(r"RAY_AUTH_MODE[\s\"'=:]*(value[\s\"':]*)?disabled|mode:\s*[\"']?disabled",
