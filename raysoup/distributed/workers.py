@@ -40,7 +40,7 @@ class EvaluatorActor:
         import torch
 
         from ..console import console_logging
-        from ..inputs.data import EvalSet, read_eval_set, shard_rows
+        from ..inputs.data import EvalSet, read_eval_set, shard_rows, take
         from ..evaluate import Evaluator
         from ..inputs.model import allow_models_here
         allow_models_here()
@@ -48,7 +48,7 @@ class EvaluatorActor:
         torch.set_num_threads(max(1, threads))
         full = read_eval_set(sources[VAL], spec.num_classes)
         rows = shard_rows(len(full), val_shard, val_shards)
-        part = EvalSet(VAL, full.images[rows], full.labels[rows], full.class_map)
+        part = EvalSet(VAL, take(full.inputs, rows), full.labels[rows], full.class_map)
         self.evaluator = Evaluator(spec, [part], autocast_bf16=autocast_bf16)
         self.spec, self.sources, self.shard, self.shards = spec, sources, shard, shards
         self.components = components
@@ -108,8 +108,8 @@ class EvaluatorActor:
         if set_name == VAL:
             return self.evaluator.hits(VAL).cpu().numpy()
         source = self.sources[set_name]
-        batches = iter_shard(source, self.spec.num_classes, self.shard, self.shards,
-                             self.evaluator.batch_size)
+        batches = ((self.evaluator.encode(inputs), labels) for inputs, labels in iter_shard(
+            source, self.spec.num_classes, self.shard, self.shards, self.evaluator.batch_size))
         return self.evaluator.score(batches, source.class_map).cpu().numpy()
 
 
