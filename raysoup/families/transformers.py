@@ -32,8 +32,6 @@ from .base import Batch, Family, StateDict, register, relative_folder
 
 TASKS = {"sequence-classification": "AutoModelForSequenceClassification",
          "image-classification": "AutoModelForImageClassification"}
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -65,14 +63,21 @@ def hf_config(path: str):
                            f"config ({str(e).splitlines()[0]})") from None
 
 
+# Without one of these, AutoTokenizer builds an empty tokenizer of the config's model type.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model")
+
+
 @functools.cache
 def tokenizer(path: str):
+    missing = "none of " + ", ".join(TOKENIZER_FILES)
     try:
-        return _hf().AutoTokenizer.from_pretrained(path)
+        if any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+            return _hf().AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise RaysoupError(f"model folder {path}: no tokenizer for the text sets (save one "
-                           f"there with tokenizer.save_pretrained; {str(e).splitlines()[0]})"
-                           ) from None
+        missing = str(e).splitlines()[0]
+    raise RaysoupError(f"model folder {path}: no tokenizer for the text sets (save one there "
+                       f"with tokenizer.save_pretrained; {missing})")
 
 
 @functools.cache
@@ -86,23 +91,25 @@ def _normalisation(path: str, channels: int) -> tuple[tuple, tuple, float]:
     return tuple(mean), tuple(std), float(cfg.get("rescale_factor", 1 / 255))
 
 
-def _weights_of(folder: Path) -> StateDict:
-    """A save_pretrained folder's weights: one safetensors file, or its shards."""
-    from ..inputs.pool import CheckpointError, load_state_dict
-    if (folder / INDEX).is_file():
-        try:
-            shards = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise CheckpointError(f"{folder / INDEX}: not a safetensors index ({e})") from None
-        state: StateDict = {}
-        for shard in shards:
-            state.update(load_state_dict(folder / shard))
-        return dict(sorted(state.items()))
-    for name in (WEIGHTS, "pytorch_model.bin"):
-        if (folder / name).is_file():
-            return load_state_dict(folder / name)
-    raise CheckpointError(f"{folder}: no {WEIGHTS}, {INDEX} or pytorch_model.bin (a folder "
-                          f"written by save_pretrained)")
+def _from_pretrained(spec: TransformersSpec, folder: Path, dtype=torch.float32):
+    """A save_pretrained folder (one safetensors file or shards) through transformers' own
+    loading, which maps the names on disk to the model's (they differ for some models in
+    transformers 5); a folder that does not fill the model exactly is refused."""
+    from ..inputs.pool import CheckpointError
+    auto = getattr(_hf(), TASKS[spec.task])
+    try:
+        model, info = auto.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"{folder}: from_pretrained cannot load it as the model at "
+                              f"{spec.path} ({str(e).splitlines()[0][:300]})") from None
+    wrong = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys",
+                                                    "mismatched_keys") and v}
+    if wrong:
+        what, keys = next(iter(wrong.items()))
+        raise CheckpointError(f"{folder}: does not match the model at {spec.path} "
+                              f"({what.replace('_', ' ')}: {sorted(map(str, keys))[:3]}, "
+                              f"{len(keys)} in all)")
+    return model
 
 
 def as_float32(state: StateDict) -> StateDict:
@@ -188,14 +195,14 @@ class Transformers(Family):
             from .lora import merged_adapter
             return merged_adapter(spec, folder, self.base_weights(spec))
         if folder.is_dir():
-            return as_float32(_weights_of(folder))
+            return as_float32(_from_pretrained(spec, folder).state_dict())
         from ..inputs.pool import load_state_dict
         return as_float32(load_state_dict(path))
 
     @functools.lru_cache(maxsize=1)
     def base_weights(self, spec: TransformersSpec) -> StateDict:
         """The model folder's own weights: what LoRA adapters are deltas to."""
-        return as_float32(_weights_of(Path(spec.path)))
+        return as_float32(_from_pretrained(spec, Path(spec.path)).state_dict())
 
     def check_pool(self, spec: TransformersSpec, paths) -> None:
         from .lora import check_adapters
@@ -203,30 +210,23 @@ class Transformers(Family):
                               if (Path(p) / ADAPTER_CONFIG).is_file()})
 
     def export(self, spec: TransformersSpec, fused: StateDict, like: str, out: Path) -> Path:
-        """A save_pretrained folder (one model.safetensors, the config and tokenizer or
-        image processor files) in the dtype of ingredient `like`, which from_pretrained
-        loads; a LoRA adapter ingredient exports the whole merged model."""
-        from safetensors.torch import save_file
+        """A save_pretrained folder in the dtype of ingredient `like`, with the model
+        folder's tokenizer or image processor files, which from_pretrained loads; a LoRA
+        adapter ingredient exports the whole merged model."""
         like_folder = Path(like)
-        adapter = (like_folder / ADAPTER_CONFIG).is_file()
-        if adapter or not like_folder.is_dir():
-            source_folder, dtypes = Path(spec.path), _weights_of(Path(spec.path))
-        else:
-            source_folder, dtypes = like_folder, _weights_of(like_folder)
+        if (like_folder / ADAPTER_CONFIG).is_file() or not like_folder.is_dir():
+            like_folder = Path(spec.path)
+        model = _from_pretrained(spec, like_folder, dtype="auto")
+        model.load_state_dict(fused, strict=True)  # copies, cast to the model's dtypes
         out = Path(out)
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for file in Path(spec.path).iterdir():  # config, tokenizer, image processor
+        model.save_pretrained(tmp)
+        for file in Path(spec.path).iterdir():  # tokenizer, image processor
             if file.is_file() and file.suffix in (".json", ".txt", ".model") \
-                    and file.name != INDEX:
+                    and not (tmp / file.name).exists() and not file.name.startswith("model"):
                 shutil.copy(file, tmp / file.name)
-        if source_folder != Path(spec.path) and (source_folder / "config.json").is_file():
-            shutil.copy(source_folder / "config.json", tmp / "config.json")
-        save_file({k: v.to(dtypes[k].dtype if k in dtypes else v.dtype).contiguous()
-                   for k, v in fused.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        if out.exists():
-            shutil.rmtree(out)
+        shutil.rmtree(out, ignore_errors=True)
         tmp.replace(out)
         return out
 
