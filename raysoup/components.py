@@ -5,6 +5,8 @@ Every key belongs to exactly one component. Presets:
   the first L+1 dot-separated tokens of a key; granularity 3 is level 2 with one component
   per visual resblock. On the model soups ViT-B/32 layout: 2 / 8 / 15 / 26 components.
 - ``per-block``: one component per transformer block, everything else by level 2.
+- ``per-layer-type``: one component per kind of layer across blocks (every block's query
+  projection together, ...): block indices dropped, then the parameter name.
 - ``whole-model``: one component.
 - a user spec: ordered (name, regex) rules; a key goes to the first rule it matches.
 ``drop_unused`` leaves out keys the classifier's forward pass never uses (e.g. a CLIP text
@@ -16,7 +18,7 @@ from __future__ import annotations
 from .errors import RaysoupError
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,14 +64,25 @@ def _block_or_level(pattern: re.Pattern, level: int):
     return name_of
 
 
+def _layer_type(key: str) -> str:
+    return _depth_prefix(_BLOCK_INDEX.sub("*", key), len(key.split(".")) - 2)
+
+
+_BLOCK_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
+
 PRESETS = {
     "granularity-0": lambda key: _depth_prefix(key, 0),
     "granularity-1": lambda key: _depth_prefix(key, 1),
     "granularity-2": lambda key: _depth_prefix(key, 2),
     "granularity-3": _block_or_level(_VISUAL_RESBLOCK, 2),
     "per-block": _block_or_level(_RESBLOCK, 2),
+    "per-layer-type": _layer_type,
     "whole-model": lambda key: "model",
 }
+# Blocks of Hugging Face and timm layouts (encoder.layer.3., blocks.3., stages.1.blocks.2.,
+# h.3., layers.3.): their families' `per-block`.
+_ANY_BLOCK = re.compile(r"^((?:.*?\.)?(?:resblocks|layer|layers|blocks|block|h)\.\d+)\.")
+BLOCK_PRESETS = {**PRESETS, "per-block": _block_or_level(_ANY_BLOCK, 2)}
 
 
 def _rules_name_of(rules: Sequence[tuple[str, str]]):
@@ -87,13 +100,14 @@ def _rules_name_of(rules: Sequence[tuple[str, str]]):
 
 
 def partition(keys: Sequence[str], preset: str | Sequence[tuple[str, str]],
-              unused: Iterable[str] = ()) -> Components:
-    """Split `keys` into components by a preset name or ordered (name, regex) rules."""
+              unused: Iterable[str] = (), presets: Mapping = PRESETS) -> Components:
+    """Split `keys` into components by a preset name (of `presets`: the model family's) or
+    ordered (name, regex) rules."""
     if isinstance(preset, str):
-        if preset not in PRESETS:
+        if preset not in presets:
             raise ComponentError(f"unknown components preset {preset!r}; "
-                                 f"choose one of {sorted(PRESETS)} or give regex rules")
-        name_of = PRESETS[preset]
+                                 f"choose one of {sorted(presets)} or give regex rules")
+        name_of = presets[preset]
     else:
         name_of = _rules_name_of(preset)
     unused = set(unused)
@@ -125,10 +139,11 @@ def check_partition(components: Components, keys: Sequence[str]) -> None:
         raise ComponentError(f"components name keys the model does not have: {unknown[:5]}")
 
 
-def unused_keys(model: torch.nn.Module, example_input: torch.Tensor) -> list[str]:
-    """Parameters that receive no gradient from the classifier's forward pass."""
+def unused_keys(model: torch.nn.Module, example_input, forward=None) -> list[str]:
+    """Parameters that receive no gradient from the classifier's forward pass
+    (`forward(model, example_input)`, default `model(example_input)`)."""
     model.zero_grad(set_to_none=True)
-    model(example_input).sum().backward()
+    (forward(model, example_input) if forward else model(example_input)).sum().backward()
     unused = [name for name, p in model.named_parameters() if p.grad is None]
     model.zero_grad(set_to_none=True)
     return unused

@@ -16,7 +16,7 @@ import torch
 
 from .cache import KeyedArrays
 from .inputs.data import ClassMap, EvalSet, EvalSetSource, read_eval_set
-from .inputs.model import ModelSpec, build_classifier
+from .families import Batch, build_model, family_of, take_rows, to_device
 from .inputs.pool import state_dict_sha256
 from .numerics import describe
 
@@ -52,7 +52,7 @@ class JudgementCache(KeyedArrays):
         return {name: hits[name] for name in sets}
 
 
-def set_key(sha256: str | None, spec: ModelSpec, class_map: ClassMap | None, bf16: bool,
+def set_key(sha256: str | None, spec, class_map: ClassMap | None, bf16: bool,
             domain: str) -> str | None:
     """What decides a set's per-image results besides the weights: the set, the model,
     bf16 and the numeric domain of the kernels (raysoup.numerics). None: the set has no
@@ -64,18 +64,19 @@ def set_key(sha256: str | None, spec: ModelSpec, class_map: ClassMap | None, bf1
 
 
 class Evaluator:
-    def __init__(self, spec: ModelSpec, eval_sets: list[EvalSet], batch_size: int = 1000,
+    def __init__(self, spec, eval_sets: list[EvalSet], batch_size: int = 1000,
                  device: str | None = None, autocast_bf16: bool = False,
                  cache: JudgementCache | None = None, domain: str | None = None):
         """`domain`: the numeric domain this process was set up for (raysoup.numerics);
         default, this process's own kernels as they are."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         domain = domain or describe("native", torch.get_num_threads(), str(self.device))
-        self.model = build_classifier(spec).to(self.device).eval()
+        self.spec, self.family = spec, family_of(spec)
+        self.model = build_model(spec).to(self.device).eval()
         self.batch_size = batch_size
         self.autocast_bf16 = autocast_bf16 and self.device.type == "cuda"
-        # Resident copies: the Arrow buffers are read-only memory maps.
-        self.sets = {s.name: (torch.from_numpy(np.array(s.images)).to(self.device),
+        # Resident copies (encode copies: the Arrow buffers are read-only memory maps).
+        self.sets = {s.name: (self.encode(s.inputs),
                               torch.from_numpy(np.array(s.labels)).to(self.device),
                               s.class_map)
                      for s in eval_sets}
@@ -107,6 +108,15 @@ class Evaluator:
         index, mask = projection
         return logits[:, index].masked_fill(~mask, float("-inf")).amax(dim=2)
 
+    def encode(self, inputs) -> Batch:
+        """A set's rows (images, or text columns: tokenised here) as tensors on the device."""
+        return to_device(self.family.encode(self.spec, inputs), self.device)
+
+    def logits(self, batch: Batch, params: Mapping[str, torch.Tensor] | None = None
+               ) -> torch.Tensor:
+        """The model's per-example logits (with `params` in place of its weights)."""
+        return self.family.forward(self.spec, self.model, batch, params)
+
     @property
     def set_names(self) -> list[str]:
         return list(self.sets)
@@ -116,24 +126,25 @@ class Evaluator:
 
     @torch.inference_mode()
     def score(self, batches: Iterable[tuple], class_map: ClassMap | None) -> torch.Tensor:
-        """Per image of (images, labels) batches, on the device: does the loaded model get
-        it right?"""
+        """Per row of (inputs, labels) batches (inputs encoded), on the device: does the
+        loaded model get it right?"""
         hits = []
-        for images, labels in batches:
-            images = torch.as_tensor(images).to(self.device)
+        for inputs, labels in batches:
+            inputs = to_device(inputs, self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16,
                                 enabled=self.autocast_bf16):
-                logits = self.project(self.model(images), class_map)
+                logits = self.project(self.logits(inputs), class_map)
             hits.append(logits.argmax(dim=1) == torch.as_tensor(labels).to(self.device))
         return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
 
     def hits(self, set_name: str, rows: np.ndarray | None = None) -> torch.Tensor:
         """Per image of a set (or of its `rows`, in that order): right or wrong."""
-        images, labels, class_map = self.sets[set_name]
+        inputs, labels, class_map = self.sets[set_name]
         if rows is not None:
             index = torch.as_tensor(rows, device=self.device)
-            images, labels = images[index], labels[index]
-        return self.score(((images[i:i + self.batch_size], labels[i:i + self.batch_size])
+            inputs, labels = take_rows(inputs, index), labels[index]
+        return self.score(((take_rows(inputs, slice(i, i + self.batch_size)),
+                            labels[i:i + self.batch_size])
                            for i in range(0, len(labels), self.batch_size)), class_map)
 
     def correct(self, set_name: str) -> tuple[int, int]:

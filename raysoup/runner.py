@@ -30,8 +30,8 @@ from .distributed.driver import SoupDriver, connect
 from .distributed.evaluators import EvaluatorSpec, start_evaluators
 from .errors import RaysoupError
 from .evaluate import VAL
-from .inputs.data import EvalSetSource, check_eval_set, verify_eval_set
-from .inputs.model import build_classifier, state_dict_template
+from .families import family_of, state_dict_template
+from .inputs.data import EvalSetSource, check_eval_set, set_inputs, verify_eval_set
 from .inputs.pool import (IngredientPool, check_state_dict, load_pretrained, read_manifest,
                           save_state_dict, write_json)
 from .inputs.storage import cache_dir
@@ -60,27 +60,25 @@ def validate_run(config: RunConfig, resume: bool, pool: IngredientPool | None = 
         pool = IngredientPool.from_zoo(config.pool.zoo)
         pool.validate(config.pool.verify_sha256)
     keys = list(pool.load(pool.names[0]))
+    spec, family = pool.spec, family_of(pool.spec)
     unused = []
     if config.method.drop_unused:
-        import torch
-        spec = pool.spec  # shapes only: a meta model traces which weights the forward uses
-        with torch.device("meta"):
-            unused = unused_keys(build_classifier(spec, device="meta"), torch.zeros(
-                2, spec.in_channels, spec.image_size, spec.image_size, dtype=torch.uint8))
-    components = partition(keys, config.method.components, unused)
+        unused = traced_unused_keys(spec)
+    components = partition(keys, config.method.components, unused, family.presets)
     eval_sources = eval_set_sources(config.pool.zoo)
     if VAL not in eval_sources:
         raise RaysoupError(f"zoo {config.pool.zoo} has no '{VAL}' evaluation set")
-    shape = (pool.spec.in_channels, pool.spec.image_size, pool.spec.image_size)
     for name, source in eval_sources.items():  # labels, classes, maps, shapes; images unread
-        check_eval_set(source, pool.spec.num_classes, shape, name,
+        check_eval_set(source, spec.num_classes, family.inputs(spec), name,
                        min_classes=2 if name == VAL else 1)
+        if set_inputs(source) == "text":
+            family.check_text(spec)
         if config.pool.verify_sha256:
             verify_eval_set(source, name)
     pretrained = load_pretrained(config.pool.zoo)
     if pretrained is not None:
-        check_state_dict(pretrained, state_dict_template(pool.spec),
-                         "manifest.json pretrained", pool.spec.arch)
+        check_state_dict(pretrained, state_dict_template(spec),
+                         "manifest.json pretrained", family.architecture(spec))
     check_methods(config, pool, pretrained is not None)
     out = config.out
     if out.exists() and not out.is_dir():
@@ -97,6 +95,21 @@ def validate_run(config: RunConfig, resume: bool, pool: IngredientPool | None = 
                                f"without --resume, into a new `out`)")
         load_state(out / "driver", config.fingerprint())  # refuses a different config
     return Prepared(config, pool, components, eval_sources)
+
+
+def traced_unused_keys(spec) -> list[str]:
+    """Weights the family's forward pass never uses, traced on a shapes-only (meta) model."""
+    import torch
+    family = family_of(spec)
+    with torch.device("meta"):
+        model = family.build(spec, device="meta")
+        try:
+            return unused_keys(model, family.example_batch(spec),
+                               lambda m, batch: family.forward(spec, m, batch))
+        except (RuntimeError, NotImplementedError) as e:
+            raise RaysoupError(f"method.drop_unused: the {family.name} model cannot be traced "
+                               f"on shapes alone ({str(e).splitlines()[0]}); leave "
+                               f"drop_unused = false") from None
 
 
 def check_methods(config: RunConfig, pool: IngredientPool, has_pretrained: bool) -> None:
@@ -117,7 +130,7 @@ def plan(prepared: Prepared) -> str:
     n, m = len(pool), len(prepared.components)
     budget = m * mm.evals_per_component
     passes = 3 if mm.later_passes else 1
-    lines = [f"pool: {n} ingredients of {pool.spec.arch or 'the testbed ViT'} from "
+    lines = [f"pool: {n} ingredients of {family_of(pool.spec).describe(pool.spec)} from "
              f"{config.pool.zoo}; evaluation sets {', '.join(prepared.eval_sources)}",
              f"components ({config.method.components}, {m}): "
              f"{', '.join(prepared.components.names)}",

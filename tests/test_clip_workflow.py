@@ -21,7 +21,8 @@ from raysoup.components import partition, unused_keys
 from raysoup.inputs.data import EvalSetSource, load_fashion_mnist, read_eval_set
 from raysoup.errors import RaysoupError
 from raysoup.evaluate import Evaluator
-from raysoup.inputs.model import ModelSpec, build_classifier, clip_model, state_dict_template
+from raysoup.families import state_dict_template
+from raysoup.inputs.model import ModelSpec, build_classifier, clip_model
 from raysoup.inputs.pool import CheckpointError, IngredientPool, check_state_dict, load_state_dict
 from raysoup.tools.zeroshot import resolve_pretrained, zeroshot_classifier
 

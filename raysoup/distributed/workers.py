@@ -42,7 +42,7 @@ class EvaluatorActor:
 
         from .. import numerics as numeric_domains
         from ..console import console_logging
-        from ..inputs.data import EvalSet, read_eval_set, shard_rows
+        from ..inputs.data import EvalSet, read_eval_set, shard_rows, take
         from ..evaluate import Evaluator
         from ..inputs.model import allow_models_here
         allow_models_here()
@@ -56,7 +56,7 @@ class EvaluatorActor:
             return
         full = read_eval_set(sources[VAL], spec.num_classes)
         rows = shard_rows(len(full), val_shard, val_shards)
-        part = EvalSet(VAL, full.images[rows], full.labels[rows], full.class_map)
+        part = EvalSet(VAL, take(full.inputs, rows), full.labels[rows], full.class_map)
         self.evaluator = Evaluator(spec, [part], device=device, autocast_bf16=autocast_bf16,
                                    domain=self.domain)
         self.spec, self.sources, self.shard, self.shards = spec, sources, shard, shards
@@ -120,8 +120,8 @@ class EvaluatorActor:
         if set_name == VAL:
             return self.evaluator.hits(VAL).cpu().numpy()
         source = self.sources[set_name]
-        batches = iter_shard(source, self.spec.num_classes, self.shard, self.shards,
-                             self.evaluator.batch_size)
+        batches = ((self.evaluator.encode(inputs), labels) for inputs, labels in iter_shard(
+            source, self.spec.num_classes, self.shard, self.shards, self.evaluator.batch_size))
         return self.evaluator.score(batches, source.class_map).cpu().numpy()
 
 

@@ -2,7 +2,8 @@
 
 Every evaluation set is stored once as Arrow IPC (uint8 images + int64 labels): one file,
 or a folder of shards with a dataset.json (written by `raysoup prepare`), so no evaluation
-ever decodes or re-augments an image.
+ever decodes or re-augments an image. A text set holds a `text` (string) or a pre-tokenised
+`input_ids` (list<int>) column instead of `image`, tokenised in the evaluator.
 """
 
 from __future__ import annotations
@@ -49,10 +50,29 @@ class DataError(RaysoupError):
 ClassMap = tuple[tuple[int, ...], ...]
 
 
+TEXT_COLUMNS = ("text", "input_ids")
+# A set's rows: uint8 images (N, C, H, W), or a text set's column {"text": ...} or
+# {"input_ids": ...} (object arrays, one string or token list per row).
+Inputs = np.ndarray | dict[str, np.ndarray]
+
+
+def take(inputs: Inputs, rows) -> Inputs:
+    return inputs[rows] if not isinstance(inputs, dict) else \
+        {k: v[rows] for k, v in inputs.items()}
+
+
+def _concat(parts: list[Inputs]) -> Inputs:
+    if len(parts) == 1:
+        return parts[0]
+    if not isinstance(parts[0], dict):
+        return np.concatenate(parts)
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 @dataclass
 class EvalSet:
     name: str
-    images: np.ndarray  # uint8 (N, C, H, W)
+    inputs: Inputs
     labels: np.ndarray  # int64 (N,)
     # class_map[label] = the model's classes that count as that label: the prediction is
     # the label whose classes hold the highest logit (ImageNet-R's 200 of 1000 classes,
@@ -62,6 +82,12 @@ class EvalSet:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def images(self) -> np.ndarray:
+        if isinstance(self.inputs, dict):
+            raise DataError(f"evaluation set {self.name!r} holds text, not images")
+        return self.inputs
 
 
 @dataclass(frozen=True)
@@ -170,10 +196,17 @@ def make_shift(images: np.ndarray, shift: str, seed: int) -> np.ndarray:
 
 
 def content_sha256(eval_set: EvalSet) -> str:
-    """The set's fingerprint: its images' shape and bytes and its labels (not the Arrow
-    file's bytes, which may change with the pyarrow version)."""
-    h = hashlib.sha256(str(eval_set.images.shape).encode())
-    h.update(np.ascontiguousarray(eval_set.images).tobytes())
+    """The set's fingerprint: its images' shape and bytes (a text set: its column's name
+    and rows) and its labels (not the Arrow file's bytes, which may change with the pyarrow
+    version)."""
+    if isinstance(eval_set.inputs, dict):
+        (column, values), = eval_set.inputs.items()
+        h = hashlib.sha256(json.dumps([column, [v if isinstance(v, str) else
+                                                np.asarray(v).tolist() for v in values]
+                                       ]).encode())
+    else:
+        h = hashlib.sha256(str(eval_set.images.shape).encode())
+        h.update(np.ascontiguousarray(eval_set.images).tobytes())
     h.update(np.ascontiguousarray(eval_set.labels, dtype=np.int64).tobytes())
     return h.hexdigest()
 
@@ -193,12 +226,21 @@ def build_eval_sets(arrays: dict[str, np.ndarray], val_idx: np.ndarray,
 
 
 def write_eval_set(eval_set: EvalSet, path: Path) -> None:
-    n, *shape = eval_set.images.shape
-    flat = pa.array(eval_set.images.reshape(-1), type=pa.uint8())
-    images = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(shape)))
-    table = pa.table({"image": images, "label": pa.array(eval_set.labels, type=pa.int64())})
-    table = table.replace_schema_metadata({"name": eval_set.name,
-                                           "shape": ",".join(map(str, shape))})
+    labels = pa.array(eval_set.labels, type=pa.int64())
+    if isinstance(eval_set.inputs, dict):
+        (column, values), = eval_set.inputs.items()
+        kind = pa.string() if column == "text" else pa.list_(pa.int64())
+        table = pa.table({column: pa.array([v if isinstance(v, str) else
+                                            np.asarray(v).tolist() for v in values], kind),
+                          "label": labels})
+        table = table.replace_schema_metadata({"name": eval_set.name})
+    else:
+        n, *shape = eval_set.images.shape
+        flat = pa.array(eval_set.images.reshape(-1), type=pa.uint8())
+        images = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(shape)))
+        table = pa.table({"image": images, "label": labels})
+        table = table.replace_schema_metadata({"name": eval_set.name,
+                                               "shape": ",".join(map(str, shape))})
     tmp = path.with_suffix(".tmp")
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
@@ -215,13 +257,14 @@ def read_eval_set(source: EvalSetSource | str | Path, num_classes: int | None = 
     name, parts = _open_parts(source.location)
     labels = np.concatenate([p.labels for p in parts])
     keep = _rows_kept(labels, source, num_classes)
-    images = np.concatenate([p.images for p in parts]) if len(parts) > 1 else parts[0].images
+    inputs = _concat([p.inputs for p in parts])
     if keep is None:
-        return EvalSet(name, images, labels)
+        return EvalSet(name, inputs, labels)
     if not keep.all():
-        logger.info(f"[data] {name}: {int((~keep).sum())} of {len(keep)} images have classes "
+        rows = "rows" if isinstance(inputs, dict) else "images"
+        logger.info(f"[data] {name}: {int((~keep).sum())} of {len(keep)} {rows} have classes "
                     f"without a model counterpart; left out")
-    return EvalSet(name, images[keep], labels[keep], source.class_map)
+    return EvalSet(name, take(inputs, keep), labels[keep], source.class_map)
 
 
 def verify_eval_set(source: EvalSetSource, name: str) -> None:
@@ -236,16 +279,26 @@ def verify_eval_set(source: EvalSetSource, name: str) -> None:
             f"with `pool.verify_sha256 = false` (raysoup demo --no-verify)")
 
 
+def set_inputs(source: EvalSetSource) -> tuple[int, ...] | str:
+    """What a set holds, from its schema: its image shape, or its text column's name."""
+    return _labels_and_shape(_part_locations(source.location)[1][:1])[1]
+
+
 def check_eval_set(source: EvalSetSource, num_classes: int,
-                   image_shape: tuple[int, ...] | None = None, name: str = "",
+                   image_shape: tuple[int, ...] | str | None = None, name: str = "",
                    min_classes: int = 1) -> int:
     """Rows the set would give, from its labels and schema alone (images stay unread on
     local files): the up-front check of a run. With `image_shape`, the set's images must
-    have it (channels, height, width); its kept rows must span `min_classes` classes (a
-    validation set of one class cannot tell models apart)."""
+    have it (channels, height, width), or, given "text", the set must be a text set; its
+    kept rows must span `min_classes` classes (a validation set of one class cannot tell
+    models apart)."""
     labels, shape = _labels_and_shape(_part_locations(source.location)[1])
     what = f"evaluation set {name or source.location!r}"
-    if image_shape is not None and tuple(shape) != tuple(image_shape):
+    if image_shape is not None and isinstance(shape, str) != (image_shape == "text"):
+        raise DataError(f"{what} holds " + (f"text (column {shape!r}), the model takes images"
+                                            if isinstance(shape, str) else
+                                            "images, the model takes text"))
+    if isinstance(image_shape, tuple) and tuple(shape) != tuple(image_shape):
         raise DataError(f"{what}: images are {'x'.join(map(str, shape))} (channels x height x "
                         f"width), the model takes {'x'.join(map(str, image_shape))}; prepare "
                         f"it for this model")
@@ -257,9 +310,9 @@ def check_eval_set(source: EvalSetSource, num_classes: int,
     return len(kept)
 
 
-def _labels_and_shape(parts: list[str]) -> tuple[np.ndarray, tuple[int, ...]]:
+def _labels_and_shape(parts: list[str]) -> tuple[np.ndarray, tuple[int, ...] | str]:
     """Every row's label over a set's Arrow files (images unread) and the first file's
-    image shape."""
+    image shape (a text set: its column's name)."""
     labels, shape = [], None
     for path in parts:
         with _open_batches(path) as (reader, part_shape):
@@ -275,8 +328,8 @@ def shard_rows(n: int, shard: int, shards: int) -> slice:
 
 
 def iter_shard(source: EvalSetSource, num_classes: int, shard: int, shards: int,
-               batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(images, labels) of one shard of a set's rows (after the class map's filtering),
+               batch_rows: int) -> Iterator[tuple[Inputs, np.ndarray]]:
+    """(inputs, labels) of one shard of a set's rows (after the class map's filtering),
     `batch_rows` at a time, in row order: read from memory-mapped Arrow record batches, so
     only one batch of images is ever copied into memory."""
     parts = _part_locations(source.location)[1]
@@ -293,8 +346,7 @@ def iter_shard(source: EvalSetSource, num_classes: int, shard: int, shards: int,
                 offset += batch.num_rows
                 for start in range(0, len(rows), batch_rows):
                     taken = batch.take(pa.array(rows[start:start + batch_rows]))
-                    images = taken.column("image").flatten().to_numpy(zero_copy_only=False)
-                    yield (images.reshape((taken.num_rows, *shape)),
+                    yield (_inputs(taken, shape),
                            taken.column("label").to_numpy(zero_copy_only=False))
 
 
@@ -350,20 +402,34 @@ def _open_batches(path: str):
         with storage.open_random_access(path) as source:
             reader = pa.ipc.open_file(source)
             meta = reader.schema.metadata or {}
-            if b"shape" not in meta or set(reader.schema.names) != {"image", "label"}:
+            names = set(reader.schema.names)
+            text = [c for c in TEXT_COLUMNS if names == {c, "label"}]
+            if not text and (b"shape" not in meta or names != {"image", "label"}):
                 raise DataError(f"{path} is not a raysoup evaluation set (need columns image, "
-                                "label and 'shape' metadata)")
+                                "label and 'shape' metadata, or text (or input_ids) and label)")
             if sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches)) == 0:
                 raise DataError(f"evaluation set {path} is empty")
-            yield reader, tuple(int(s) for s in meta[b"shape"].decode().split(","))
+            yield reader, text[0] if text else \
+                tuple(int(s) for s in meta[b"shape"].decode().split(","))
     except (OSError, pa.ArrowInvalid) as e:
         raise DataError(f"cannot read evaluation set {path}: {e}") from e
+
+
+def _inputs(table, shape: tuple[int, ...] | str) -> Inputs:
+    """A table's (or record batch's) rows: images of `shape`, or its text column."""
+    if isinstance(shape, str):
+        values = table.column(shape).to_pylist()
+        column = np.empty(len(values), dtype=object)
+        column[:] = values if shape == "text" else [np.asarray(v, np.int64) for v in values]
+        return {shape: column}
+    column = table.column("image")
+    column = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    images = column.flatten().to_numpy(zero_copy_only=False)
+    return images.reshape((table.num_rows, *shape))
 
 
 def _read_arrow(path: str) -> EvalSet:
     with _open_batches(path) as (reader, shape):
         table = reader.read_all()
         name = (reader.schema.metadata or {}).get(b"name", Path(path).stem.encode()).decode()
-    images = table.column("image").combine_chunks().flatten().to_numpy()
-    labels = table.column("label").to_numpy()
-    return EvalSet(name, images.reshape((table.num_rows, *shape)), labels)
+    return EvalSet(name, _inputs(table, shape), table.column("label").to_numpy())

@@ -51,6 +51,10 @@ class ModelSpec:
     mean: Annotated[tuple[float, ...], Field(min_length=1)] = (0.2860,)
     std: Annotated[tuple[float, ...], Field(min_length=1)] = (0.3530,)
 
+    @property
+    def family(self) -> str:
+        return "open_clip" if self.arch else "testbed"
+
     def to_dict(self) -> dict:
         d = asdict(self)
         if not self.arch:  # the testbed's tower: the form every zoo manifest (and cache key) has
@@ -181,17 +185,15 @@ def allow_models_here() -> None:
     _models_allowed_here = True
 
 
-def build_classifier(spec: ModelSpec, device: str = "cpu") -> ImageClassifier:
+def check_models_allowed(device: str) -> None:
     if device != "meta" and os.environ.get(EVALUATORS_ONLY) == "1" and not _models_allowed_here:
         raise RuntimeError(f"a model was built outside the evaluator actors while "
                            f"{EVALUATORS_ONLY}=1")
+
+
+def build_classifier(spec: ModelSpec, device: str = "cpu") -> ImageClassifier:
+    check_models_allowed(device)
     return ImageClassifier(spec, device)
-
-
-def state_dict_template(spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """Keys, shapes and dtypes every ingredient of this architecture must have."""
-    with torch.device("meta"):  # shapes only: no memory, no random init
-        return build_classifier(spec, device="meta").state_dict()
 
 
 def to_classifier_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from . import storage
 from ..errors import RaysoupError
-from .model import ModelSpec, state_dict_template, to_classifier_layout
+from ..families import family_of, spec_from_dict, state_dict_template
 
 StateDict = dict[str, torch.Tensor]
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -176,8 +176,10 @@ def load_pretrained(zoo: str) -> StateDict | None:
     if not isinstance(file, str):
         raise CheckpointError(f"manifest.json pretrained = {entry!r}: give a file in the zoo, "
                               f"or {{\"file\": ...}}")
-    return to_classifier_layout(load_state_dict(storage.within(
-        storage.resolve(zoo), file, "manifest.json pretrained")))
+    root = storage.resolve(zoo)
+    spec = spec_from_dict(read_manifest(zoo)["model"], storage.join(root, "manifest.json"))
+    return family_of(spec).load_ingredient(spec, storage.within(
+        root, file, "manifest.json pretrained"))
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,7 @@ def check_sha256(path: str, expected: str, what: str) -> None:
 class IngredientPool:
     """Named ingredient checkpoints of one architecture, loaded lazily from disk."""
 
-    def __init__(self, spec: ModelSpec, ingredients: list[Ingredient]):
+    def __init__(self, spec, ingredients: list[Ingredient]):
         if len(ingredients) < 2:
             raise CheckpointError(f"need at least 2 ingredients to make a soup, got "
                                   f"{len(ingredients)}")
@@ -222,7 +224,7 @@ class IngredientPool:
         zoo = storage.resolve(zoo)
         manifest = read_manifest(zoo)
         where = storage.join(zoo, "manifest.json")
-        spec = ModelSpec.from_dict(manifest["model"], where)
+        spec = spec_from_dict(manifest["model"], where)
         entries = manifest["ingredients"]
         if isinstance(entries, str):
             files = storage.glob(zoo, entries, "manifest.json ingredients")
@@ -243,13 +245,15 @@ class IngredientPool:
         return len(self.ingredients)
 
     def load(self, name: str) -> StateDict:
-        return to_classifier_layout(load_state_dict(self.ingredients[name].path))
+        return family_of(self.spec).load_ingredient(self.spec, self.ingredients[name].path)
 
     def validate(self, verify_sha256: bool = True) -> None:
         """Check every ingredient before any evaluation; one resident at a time."""
+        family = family_of(self.spec)
         template = state_dict_template(self.spec)
+        family.check_pool(self.spec, {i.name: i.path for i in self.ingredients.values()})
         for ingredient in self.ingredients.values():
             if verify_sha256 and ingredient.sha256:
                 check_sha256(ingredient.path, ingredient.sha256, "ingredient")
             check_state_dict(self.load(ingredient.name), template, str(ingredient.path),
-                             self.spec.arch)
+                             family.architecture(self.spec))

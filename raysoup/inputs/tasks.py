@@ -19,8 +19,8 @@ import json
 from pathlib import Path
 
 from . import storage
+from ..families import spec_from_dict
 from .data import ClassMap, DataError, EvalSetSource
-from .model import ModelSpec
 from .pool import read_manifest
 
 
@@ -128,8 +128,8 @@ def eval_set_sources(zoo: str | Path) -> dict[str, EvalSetSource]:
     root = storage.resolve(zoo)
     manifest = read_manifest(root)
     classes = model_classes(root, manifest)
-    num_classes = ModelSpec.from_dict(manifest["model"], storage.join(root, "manifest.json")
-                                      ).num_classes
+    num_classes = spec_from_dict(manifest["model"], storage.join(root, "manifest.json")
+                                 ).num_classes
     if classes is not None and len(classes) != num_classes:
         raise DataError(f"manifest.json: {len(classes)} classes listed, but model.num_classes "
                         f"is {num_classes}")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..components import Components
 from ..errors import RaysoupError
+from ..families import take_rows
 from ..inputs.pool import IngredientPool
 from ..mixing import StateDict, weighted_sum
 from ..typed import check_choices
@@ -88,11 +89,9 @@ def learn_mixing_logits(evaluator, set_name: str, models: Sequence[StateDict], c
     `set_name` rows that `evaluator` holds, and the learned logit scale (1 without
     `config.scale`); the mixed weights of component i are sum_j softmax(logits[:, i])_j w_j.
     Unmixed and non-float keys take ingredient 0's."""
-    from torch.func import functional_call
-
     device = evaluator.device
     components = mixing_components(components, config, models[0])
-    images, labels, class_map = evaluator.sets[set_name]
+    inputs, labels, class_map = evaluator.sets[set_name]
     stacked = {key: (i, torch.stack([sd[key].to(device) for sd in models]))
                for i, keys in enumerate(components.keys) for key in keys
                if models[0][key].is_floating_point()}
@@ -101,7 +100,6 @@ def learn_mixing_logits(evaluator, set_name: str, models: Sequence[StateDict], c
     scale = torch.ones((), device=device, requires_grad=config.scale)
     optimizer = torch.optim.Adam([logits, scale] if config.scale else [logits], lr=config.lr)
     order = torch.Generator().manual_seed(config.seed)
-    model = evaluator.model
     for epoch in range(config.epochs):
         total = 0.0
         for idx in torch.randperm(len(labels), generator=order).split(config.batch_size):
@@ -109,8 +107,8 @@ def learn_mixing_logits(evaluator, set_name: str, models: Sequence[StateDict], c
             weights = torch.softmax(logits, dim=0)
             mixed = {key: torch.tensordot(weights[:, i].to(w.dtype), w, dims=1)
                      for key, (i, w) in stacked.items()}
-            out = evaluator.project(functional_call(model, {**mixed, **fixed},
-                                                    (images[idx],)), class_map)
+            out = evaluator.project(evaluator.logits(take_rows(inputs, idx),
+                                                     {**mixed, **fixed}), class_map)
             if config.scale:
                 out = scale * out
             loss = F.cross_entropy(out, labels[idx])

@@ -1,0 +1,79 @@
+"""`open_clip`: an open_clip CLIP-layout vision tower by name (``arch``) plus a linear head,
+the model soups layout (raysoup.inputs.model). A manifest `model` entry with `arch` and no
+`family` means this family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .base import Family, StateDict, register
+
+
+class ImageClassifierFamily(Family):
+    """raysoup's own image classifier (inputs.model.ImageClassifier) and its files: one
+    safetensors or torch.save'd state dict per ingredient."""
+
+    def spec_from_dict(self, entry: dict, where: str):
+        from ..inputs.model import ModelSpec
+        return ModelSpec.from_dict(entry, where)
+
+    def build(self, spec, device: str = "cpu"):
+        from ..inputs.model import build_classifier
+        return build_classifier(spec, device)
+
+    def inputs(self, spec) -> tuple[int, ...]:
+        return (spec.in_channels, spec.image_size, spec.image_size)
+
+    def load_ingredient(self, spec, path: str) -> StateDict:
+        from ..inputs.model import to_classifier_layout
+        from ..inputs.pool import load_state_dict
+        return to_classifier_layout(load_state_dict(path))
+
+    def export(self, spec, fused: StateDict, like: str, out: Path) -> Path:
+        """The keys, `module.` prefix, dtypes and container (safetensors, or a torch.save'd
+        state dict) of `like`; tensors the fused model does not hold (a kept text
+        transformer) are the ingredient's own."""
+        from safetensors.torch import save_file
+
+        from ..errors import RaysoupError
+        from ..inputs.model import DATA_PARALLEL_PREFIX
+        from ..inputs.pool import load_state_dict
+        original = load_state_dict(like)
+        prefix = DATA_PARALLEL_PREFIX if original and all(
+            k.startswith(DATA_PARALLEL_PREFIX) for k in original) else ""
+        exported = {}
+        for key, tensor in original.items():
+            ours = key[len(prefix):]
+            exported[key] = fused[ours].to(tensor.dtype) if ours in fused else tensor
+        missing = sorted(set(fused) - {k[len(prefix):] for k in original})
+        if missing:
+            raise RaysoupError(f"ingredient {like} lacks {len(missing)} key(s) of the fused "
+                               f"model (e.g. {missing[0]}): not the same architecture")
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        if like.endswith(".safetensors"):
+            save_file({k: v.contiguous() for k, v in exported.items()}, str(tmp))
+        else:
+            torch.save(exported, tmp)
+        tmp.replace(out)
+        return out
+
+
+class OpenClip(ImageClassifierFamily):
+    name = "open_clip"
+
+    def spec_from_dict(self, entry: dict, where: str):
+        if not entry.get("arch"):
+            from ..errors import RaysoupError
+            raise RaysoupError(f"{where}: model.family = 'open_clip' needs model.arch, an "
+                               f"open_clip architecture name (e.g. \"ViT-B-32\")")
+        return super().spec_from_dict(entry, where)
+
+    def describe(self, spec) -> str:
+        return spec.arch
+
+
+register(OpenClip())

@@ -1,0 +1,303 @@
+"""Model families: tiny Hugging Face models (random init, saved with save_pretrained) through
+the whole run path, LoRA adapters merged as peft merges them, and bad input in one line."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from raysoup.errors import RaysoupError
+from raysoup.families import FAMILIES, spec_from_dict
+from raysoup.inputs.data import EvalSet, write_eval_set
+from raysoup.inputs.pool import IngredientPool
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = {0: "cat dog bird fish horse", 1: "car bus train plane boat", 2: "red blue green pink gold"}
+
+
+def _sentences(rng, n):
+    labels = rng.integers(0, 3, n)
+    noise = "the a of on in".split()
+    text = [" ".join(rng.choice(WORDS[int(y)].split() + noise, 6)) for y in labels]
+    return text, labels.astype(np.int64)
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", *" ".join(WORDS.values()).split(),
+             *"the a of on in".split()]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]")
+
+
+def _perturbed(model, seed, std=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def _lora(base_folder, out, seed, target=("query", "value")):
+    from peft import LoraConfig, get_peft_model
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(base_folder)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=list(target),
+                                                 task_type="SEQ_CLS"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "classifier" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    peft_model.save_pretrained(out)
+    return peft_model
+
+
+@pytest.fixture(scope="module")
+def text_zoo(tmp_path_factory):
+    """pretrained + 4 ingredients: fp32, bf16, sharded, and a LoRA adapter of pretrained;
+    val/id as text, one OOD set pre-tokenised."""
+    zoo = tmp_path_factory.mktemp("textzoo")
+    torch.manual_seed(0)
+    tokenizer = _tokenizer()
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32,
+                                     num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32,
+                                     num_labels=3, pad_token_id=0)
+    pretrained = transformers.AutoModelForSequenceClassification.from_config(config)
+    pretrained.save_pretrained(zoo / "pretrained")
+    tokenizer.save_pretrained(zoo / "pretrained")
+    ingredients = zoo / "ingredients"
+    _perturbed(pretrained, 1).save_pretrained(ingredients / "ft-00")
+    pretrained = transformers.AutoModelForSequenceClassification.from_pretrained(zoo / "pretrained")
+    _perturbed(pretrained, 2).to(torch.bfloat16).save_pretrained(ingredients / "ft-01")
+    pretrained = transformers.AutoModelForSequenceClassification.from_pretrained(zoo / "pretrained")
+    _perturbed(pretrained, 3).save_pretrained(ingredients / "ft-02", max_shard_size="40KB")
+    _lora(zoo / "pretrained", ingredients / "ft-03", 4)
+    rng = np.random.default_rng(0)
+    (zoo / "data").mkdir()
+    for name, n in (("val", 60), ("id", 40), ("typos", 40)):
+        text, labels = _sentences(rng, n)
+        column = {"text": np.array(text, dtype=object)}
+        if name == "typos":  # pre-tokenised, as a user may ship it
+            column = {"input_ids": np.array([np.array(tokenizer(t)["input_ids"]) for t in text]
+                                            + [None], dtype=object)[:-1]}
+        write_eval_set(EvalSet(name, column, labels), zoo / "data" / f"{name}.arrow")
+    manifest = {
+        "model": {"family": "transformers", "task": "sequence-classification",
+                  "path": "pretrained", "num_classes": 3, "max_length": 12},
+        "pretrained": {"file": "pretrained"},
+        "ingredients": [{"name": f"ft-0{i}", "file": f"ingredients/ft-0{i}"} for i in range(4)],
+        "eval_sets": {n: {"file": f"data/{n}.arrow"} for n in ("val", "id", "typos")}}
+    (zoo / "manifest.json").write_text(json.dumps(manifest))
+    return zoo
+
+
+def test_lora_ingredient_is_peft_merge_and_unload(text_zoo, tmp_path):
+    from peft import PeftModel
+    pool = IngredientPool.from_zoo(text_zoo)
+    ours = pool.load("ft-03")
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(
+        text_zoo / "pretrained")
+    merged = PeftModel.from_pretrained(base, text_zoo / "ingredients/ft-03").merge_and_unload()
+    theirs = merged.state_dict()
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key].float(), rtol=1e-5, atol=1e-6)
+    changed = [k for k in theirs if not torch.equal(ours[k], pool.load("ft-00")[k])]
+    assert any("query" in k for k in changed) and "classifier.weight" in changed
+
+
+def test_ingredients_of_every_dtype_and_layout_load_in_fp32(text_zoo):
+    pool = IngredientPool.from_zoo(text_zoo)
+    pool.validate()
+    fp32 = transformers.AutoModelForSequenceClassification.from_pretrained(
+        text_zoo / "ingredients/ft-02").state_dict()  # sharded
+    loaded = pool.load("ft-02")
+    assert all(torch.equal(loaded[k], fp32[k]) for k in fp32)
+    assert all(v.dtype == torch.float32 for v in pool.load("ft-01").values()
+               if v.is_floating_point())
+
+
+def test_text_set_batches_match_the_model_called_directly(text_zoo):
+    from raysoup.evaluate import Evaluator, load_eval_sets
+    from raysoup.inputs.tasks import eval_set_sources
+    pool = IngredientPool.from_zoo(text_zoo)
+    sets = load_eval_sets(eval_set_sources(text_zoo), 3)
+    evaluator = Evaluator(pool.spec, sets, batch_size=7)
+    weights = pool.load("ft-00")
+    hits = evaluator.correctness(weights)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        text_zoo / "ingredients/ft-00").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(text_zoo / "pretrained")
+    val = next(s for s in sets if s.name == "val")
+    enc = tokenizer(list(val.inputs["text"]), padding="max_length", truncation=True,
+                    max_length=12, return_tensors="pt")
+    with torch.no_grad():
+        direct = model(**enc).logits.argmax(1).numpy() == val.labels
+    np.testing.assert_array_equal(hits["val"], direct)
+    assert len(hits["typos"]) == 40
+
+
+def _run_config(tmp_path, zoo, methods, out="out"):
+    from raysoup.config import load_config
+    path = tmp_path / "run.toml"
+    path.write_text("\n".join([
+        f'out = "{tmp_path / out}"', f"methods = {json.dumps(methods)}",
+        "[pool]", f'zoo = "{zoo}"',
+        "[method]", 'components = "per-block"', "evals_per_component = 2", "tau = 0.9",
+        "[task_arithmetic]", "budget = 3", "[ties_merging]", "budget = 3",
+        "[learned_soup]", "epochs = 2",
+        "[resources]", "evaluators = 2", "cpus_per_evaluator = 0.5",
+        "gpus_per_evaluator = 0"]) + "\n")
+    return load_config(path)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_text_pool_runs_every_method_and_exports_a_from_pretrained_folder(
+        text_zoo, tmp_path, local_ray):
+    from raysoup.export import export_like
+    from raysoup.methods import METHODS
+    from raysoup.runner import execute
+    config = _run_config(tmp_path, text_zoo, list(METHODS))
+    report = execute(config)
+    assert set(report["methods"]) == set(METHODS)
+    for row in report["methods"].values():
+        assert 0 <= row["val"] <= 1 and set(row["ood"]) == {"typos"}
+    out = export_like(config.out, "ft-01", tmp_path / "exported")  # a bf16 ingredient
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    out = export_like(config.out, "ft-00", tmp_path / "exported32")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)  # copied beside it
+    from raysoup.inputs.data import read_eval_set
+    val = read_eval_set(text_zoo / "data/val.arrow")
+    enc = tokenizer(list(val.inputs["text"]), padding="max_length", truncation=True,
+                    max_length=12, return_tensors="pt")
+    with torch.no_grad():
+        accuracy = float((model(**enc).logits.argmax(1).numpy() == val.labels).mean())
+    assert accuracy == pytest.approx(report["methods"]["manifold_mix"]["val"])
+
+
+@pytest.fixture(scope="module")
+def vit_zoo(tmp_path_factory):
+    zoo = tmp_path_factory.mktemp("vitzoo")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
+                                    num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=32, num_labels=3)
+    model = transformers.AutoModelForImageClassification.from_config(config)
+    model.save_pretrained(zoo / "pretrained")
+    for i in range(3):
+        _perturbed(model, 10 + i, 0.2).save_pretrained(zoo / f"ingredients/ft-0{i}",
+                                                       max_shard_size="20KB" if i else "1GB")
+    rng = np.random.default_rng(1)
+    (zoo / "data").mkdir()
+    for name in ("val", "id", "noise"):
+        write_eval_set(EvalSet(name, rng.integers(0, 256, (30, 1, 8, 8), dtype=np.uint8),
+                               rng.integers(0, 3, 30)), zoo / "data" / f"{name}.arrow")
+    (zoo / "manifest.json").write_text(json.dumps({
+        "model": {"family": "transformers", "task": "image-classification",
+                  "path": "pretrained", "num_classes": 3},
+        "pretrained": "pretrained",
+        "ingredients": [{"name": f"ft-0{i}", "file": f"ingredients/ft-0{i}"} for i in range(3)],
+        "eval_sets": {n: f"data/{n}.arrow" for n in ("val", "id", "noise")}}))
+    return zoo
+
+
+@pytest.mark.slow
+def test_image_pool_runs_every_method_and_exports(vit_zoo, tmp_path, local_ray):
+    from raysoup.export import export_like
+    from raysoup.methods import METHODS
+    from raysoup.runner import execute
+    config = _run_config(tmp_path, vit_zoo, list(METHODS))
+    report = execute(config)
+    assert set(report["methods"]) == set(METHODS)
+    out = export_like(config.out, "ft-01", tmp_path / "exported")  # a sharded ingredient
+    model = transformers.AutoModelForImageClassification.from_pretrained(out)
+    fused = IngredientPool.from_zoo(vit_zoo)  # the exported weights are the fused model's
+    from safetensors.torch import load_file
+    for key, value in load_file(config.out / "fused.safetensors").items():
+        assert torch.equal(model.state_dict()[key], value)
+    assert fused.spec.task == "image-classification"
+
+
+def _edit(zoo, tmp_path, change):
+    copy = tmp_path / "zoo"
+    shutil.copytree(zoo, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    change(manifest, copy)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_unknown_family_suggests_the_close_one(tmp_path):
+    with pytest.raises(RaysoupError, match=r"model.family = 'transformer' .*'transformers'"):
+        spec_from_dict({"family": "transformer", "num_classes": 3}, str(tmp_path / "m.json"))
+    assert {"testbed", "open_clip", "transformers"} <= set(FAMILIES)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m, z: (z / "pretrained/config.json").write_text('{"model_type": "nonsense"}'),
+     "config.json does not build"),
+    (lambda m, z: m["model"].update(num_classes=5), "num_classes = 5, but .* 3 labels"),
+    (lambda m, z: m["model"].update(path="nowhere"), "model.path = 'nowhere': no such folder"),
+    (lambda m, z: m["model"].update(task="translation"), "model.task = \"translation\""),
+])
+def test_a_bad_model_entry_is_one_line(text_zoo, tmp_path, change, message):
+    zoo = _edit(text_zoo, tmp_path, change)
+    with pytest.raises(RaysoupError, match=message) as e:
+        IngredientPool.from_zoo(zoo).validate()
+    assert "\n" not in str(e.value)
+
+
+def _other_base_adapter(m, zoo):
+    other = zoo / "other"
+    shutil.copytree(zoo / "pretrained", other)
+    _lora(other, zoo / "ingredients/ft-04", 5)
+    m["ingredients"].append({"name": "ft-04", "file": "ingredients/ft-04"})
+
+
+def _wider_ingredient(m, zoo):
+    config = transformers.AutoConfig.from_pretrained(zoo / "pretrained")
+    config.intermediate_size = 48
+    transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(
+        zoo / "ingredients/ft-00")
+
+
+@pytest.mark.parametrize("change, message", [
+    (_other_base_adapter, "LoRA adapters of different base models"),
+    (_wider_ingredient, "ft-00: key .*intermediate.dense.weight has shape"),
+])
+def test_a_pool_that_disagrees_is_refused_in_one_line(text_zoo, tmp_path, change, message):
+    zoo = _edit(text_zoo, tmp_path, change)
+    with pytest.raises(RaysoupError, match=message) as e:
+        IngredientPool.from_zoo(zoo).validate()
+    assert "\n" not in str(e.value)
+
+
+def test_a_text_set_without_a_tokenizer_is_refused_before_ray(text_zoo, tmp_path):
+    from raysoup.runner import validate_run
+
+    def drop_tokenizer(m, zoo):
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (zoo / "pretrained" / f).unlink()
+    zoo = _edit(text_zoo, tmp_path, drop_tokenizer)
+    with pytest.raises(RaysoupError, match="no tokenizer for the text sets") as e:
+        validate_run(_run_config(tmp_path, zoo, ["uniform_soup"]), resume=False)
+    assert "\n" not in str(e.value)
