@@ -14,9 +14,15 @@ throughput: the evaluator's images/s on the testbed tower and on ViT-B-32 at 224
 (random weights), native and portable, in alternating fresh processes (the domains are
 per process); the ratio of the medians.
 
+logits: one mixed model of the shipped zoo on val under each setting, in a fresh process:
+the largest difference of its weights and logits from those of the first setting of the
+same numerics, and how many predictions differ.
+
     python benchmarks/numerics.py decisions [--settings native:this native:default ...]
+    python benchmarks/numerics.py logits [--settings native:this ...]
     python benchmarks/numerics.py throughput [--repeats 3]
-Appends rows to benchmarks/results/numerics_{decisions,throughput}.parquet and prints them.
+Appends rows to benchmarks/results/numerics_{decisions,logits,throughput}.parquet and
+prints them.
 """
 
 from __future__ import annotations
@@ -105,6 +111,64 @@ def decisions(args) -> None:
                   f"{row['evaluations']}  same as {row['same_as']}: {same}", flush=True)
 
 
+LOGITS_PROBE = """
+import os, sys
+from raysoup.numerics import runtime_env
+os.environ.update((runtime_env(sys.argv[2]) or {}).get("env_vars", {}))
+import numpy as np, torch
+from raysoup.components import partition
+from raysoup.evaluate import VAL, Evaluator, load_eval_sets
+from raysoup.inputs.pool import IngredientPool
+from raysoup.inputs.tasks import eval_set_sources
+from raysoup.mixing import mix
+from raysoup.numerics import enter
+domain = enter(sys.argv[2], threads=1)
+zoo = sys.argv[1]
+pool = IngredientPool.from_zoo(zoo)
+evaluator = Evaluator(pool.spec, load_eval_sets({VAL: eval_set_sources(zoo)[VAL]},
+                                                pool.spec.num_classes), domain=domain)
+a, c = pool.load(pool.names[0]), pool.load(pool.names[1])
+components = partition(list(a), "granularity-1")
+mixed = mix(a, c, np.linspace(0.3, 0.7, len(components)), components)
+evaluator.load(mixed)
+with torch.inference_mode():
+    logits = torch.cat([evaluator.model(x) for x in evaluator.sets[VAL][0].split(1000)])
+np.savez(sys.argv[3], logits=logits.double().numpy(),
+         weights=np.concatenate([v.double().flatten().numpy() for v in mixed.values()]))
+"""
+
+
+def logits(args) -> None:
+    """One mixed model of the shipped zoo on val under each setting: how far its weights
+    (the mix) and logits are from this machine's native ones, and how many predictions
+    differ."""
+    zoo, where = default_zoo(), machine()
+    with tempfile.TemporaryDirectory(prefix="raysoup-logits-") as tmp:
+        results = {}
+        for setting in args.settings:
+            numerics, machine_name = setting.split(":")
+            out = Path(tmp) / f"{numerics}-{machine_name}.npz"
+            done = subprocess.run([sys.executable, "-c", LOGITS_PROBE, str(zoo), numerics,
+                                   str(out)], capture_output=True, text=True,
+                                  env=environment(machine_name, tmp))
+            if done.returncode != 0:
+                raise SystemExit(done.stderr[-3000:])
+            results[setting] = np.load(out)
+        for setting, r in results.items():
+            # against the first setting of the same numerics
+            ref_name = next(s for s in results if s.split(":")[0] == setting.split(":")[0])
+            ref = results[ref_name]
+            row = {**where, "setting": setting, "against": ref_name,
+                   "max_weight_diff": float(np.abs(r["weights"] - ref["weights"]).max()),
+                   "max_logit_diff": float(np.abs(r["logits"] - ref["logits"]).max()),
+                   "predictions_differ": int((r["logits"].argmax(1) !=
+                                              ref["logits"].argmax(1)).sum())}
+            append_result("numerics_logits", row)
+            print(f"{setting:18} vs {ref_name}: weights {row['max_weight_diff']:.1e}, logits "
+                  f"{row['max_logit_diff']:.1e}, {row['predictions_differ']} predictions "
+                  f"differ", flush=True)
+
+
 THROUGHPUT_PROBE = """
 import os, sys, time
 from raysoup.numerics import runtime_env
@@ -157,6 +221,10 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS),
                    help="NUMERICS:MACHINE, MACHINE one of " + ", ".join(MACHINES))
     p.set_defaults(func=decisions)
+    p = sub.add_parser("logits")
+    p.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS),
+                   help="NUMERICS:MACHINE; each is compared with the first of its numerics")
+    p.set_defaults(func=logits)
     p = sub.add_parser("throughput")
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=throughput)
