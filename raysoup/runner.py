@@ -34,6 +34,7 @@ from .inputs.data import EvalSetSource, check_eval_set, verify_eval_set
 from .inputs.model import build_classifier, state_dict_template
 from .inputs.pool import (IngredientPool, check_state_dict, load_pretrained, read_manifest,
                           save_state_dict, write_json)
+from .inputs.storage import cache_dir
 from .inputs.tasks import dataset_records, eval_set_sources
 from .methods import METHOD_INFO
 from .mixing import from_numpy
@@ -241,7 +242,7 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
     console = [h for h in logging.getLogger("raysoup").handlers
                if getattr(h, "raysoup_tag", "") == "console"]
     driver = SoupDriver.options(scheduling_strategy=here).remote(
-        prepared, evaluators, actors, console[0].level if console else logging.INFO)
+        prepared, evaluators, actors, cache_dir(), console[0].level if console else logging.INFO)
     try:
         result = ray.get(driver.run.remote())
     except ray.exceptions.RayTaskError as e:
