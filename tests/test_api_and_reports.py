@@ -292,3 +292,26 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip().endswith("raysoup: interrupted"), err[-2000:]
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_wait_for_autoscaler_lets_a_run_wait_for_evaluators_the_cluster_lacks(soup_zoo, tmp_path):
+    """On a 2-CPU Ray, 3 one-CPU evaluators: refused up front, or with wait_for_autoscaler
+    started and waited for (here no autoscaler adds a node: the start limit ends it)."""
+    from raysoup.config import load_config
+    from raysoup.errors import RaysoupError
+    from raysoup.runner import execute
+    from .helpers import write_config as config_file
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        refused = config_file(tmp_path / "a.toml", soup_zoo, str(tmp_path / "a"),
+                              {"evaluators": 3, "cpus_per_evaluator": 1})
+        with pytest.raises(RaysoupError, match="3 evaluator.*wait_for_autoscaler = true"):
+            execute(load_config(refused))
+        waits = config_file(tmp_path / "b.toml", soup_zoo, str(tmp_path / "b"),
+                            {"evaluators": 3, "cpus_per_evaluator": 1,
+                             "wait_for_autoscaler": True, "start_timeout_s": 10})
+        with pytest.raises(RaysoupError, match=r"only [0-2] of 3 evaluator actors started within 10 s"):
+            execute(load_config(waits))
+    finally:
+        ray.shutdown()
