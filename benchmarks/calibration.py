@@ -23,12 +23,13 @@ import shutil
 import time
 from pathlib import Path
 
-from common import RESULTS, append_result, machine
+from common import RESULTS, append_result, machine, parse_args
 
 from raysoup.config import PoolConfig, RunConfig
 from raysoup.console import console_logging
 from raysoup.tools.demo import DEMO_EVALS_PER_COMPONENT, DEMO_RESOURCES
 from raysoup.methods.manifold_mix import ManifoldMixConfig
+from raysoup.report import provenance_note
 from raysoup.runner import execute
 from raysoup.stats import OOD_AVG, format_difference
 from raysoup.tools.zoo import ZooConfig, build_zoo
@@ -51,7 +52,8 @@ def premise(methods: dict) -> dict:
     }
 
 
-def calibrate(config: ZooConfig, work: Path, label: str, first_zoo: Path | None) -> Path:
+def calibrate(config: ZooConfig, work: Path, label: str, first_zoo: Path | None,
+              allow_dirty: bool) -> Path:
     seed = config.seed
     zoo = work / f"zoo-seed{seed}"
     if first_zoo is not None and not (zoo / "pretrained.safetensors").exists():
@@ -75,7 +77,7 @@ def calibrate(config: ZooConfig, work: Path, label: str, first_zoo: Path | None)
         row.update({f"{name}.val": r["val"], f"{name}.id": r["id"],
                     f"{name}.ood_avg": r["ood_avg"], f"{name}.ingredients": len(r["ingredients"]),
                     f"{name}.vs": json.dumps(r.get("vs", {}))})
-    append_result("calibration", {**row, **machine()})
+    append_result("calibration", {**row, **machine(allow_dirty)})
     return zoo
 
 
@@ -104,7 +106,8 @@ def markdown(rows: list[dict]) -> str:
             f"{format_difference(vs['manifold_mix'].get('id')).strip()} | "
             f"{'holds' if not checks else 'fails: ' + ', '.join(checks)} |")
     return "\n".join(lines) + "\n\n(val / ID / OOD average in %; differences in points with " \
-        "paired 95 % bootstrap intervals, * where the interval excludes 0)\n"
+        "paired 95 % bootstrap intervals, * where the interval excludes 0)\n\n" \
+        + provenance_note(rows) + "\n"
 
 
 def main() -> None:
@@ -117,7 +120,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="a recipe change from the default ZooConfig, e.g. "
                              "finetune_data_fraction=0.25 or finetune_epochs=[3.6,4.4]")
-    args = parser.parse_args()
+    args = parse_args(parser)
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -127,7 +130,7 @@ def main() -> None:
     first = None
     for seed in args.seeds:
         config = ZooConfig.from_dict({**ZooConfig(seed=seed).to_dict(), **overrides})
-        zoo = calibrate(config, args.work, args.label, first)
+        zoo = calibrate(config, args.work, args.label, first, args.allow_dirty)
         first = first or zoo
     import pyarrow.parquet as pq
     (RESULTS / "calibration.md").write_text(markdown(pq.read_table(TABLE).to_pylist()))

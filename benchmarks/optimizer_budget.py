@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import RESULTS, default_zoo
+from common import RESULTS, default_zoo, parse_args
 
 from raysoup.console import console_logging
 from raysoup.tools.bench import load_grid, run_bench
@@ -28,10 +28,10 @@ def main() -> None:
     parser.add_argument("--address")
     parser.add_argument("--out", default="optimizer_budget",
                         help="folder under benchmarks/results (one zoo per folder)")
-    args = parser.parse_args()
+    args = parse_args(parser)
     out = RESULTS / args.out
     table = run_bench(args.zoo or default_zoo(), out, load_grid(args.config, quick=False),
-                      address=args.address)
+                      address=args.address, allow_dirty=args.allow_dirty)
     for path in write_all(table, out):
         print(f"wrote {path}")
 

@@ -21,7 +21,7 @@ import numpy as np
 import ray
 import torch
 
-from common import append_result, default_zoo, machine
+from common import append_result, default_zoo, machine, parse_args
 from raysoup.components import partition
 from raysoup.distributed.evaluators import EvaluatorSpec, start_evaluators
 from raysoup.distributed.tune_search import TuneSearch
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--budget-per-component", type=int, default=30)
     parser.add_argument("--optimizer", default="NGOpt")
     parser.add_argument("--cpus", type=int, default=os.cpu_count())
-    args = parser.parse_args()
+    args = parse_args(parser)
     zoo = args.zoo or default_zoo()
 
     pool = IngredientPool.from_zoo(zoo)
@@ -79,7 +79,7 @@ def main() -> None:
 
     if plain.trace != tuned.trace:
         raise SystemExit("the two paths evaluated different points: not comparable")
-    row = {**machine(), "zoo": str(zoo), "val_rows": len(evaluator.sets[VAL][1]),
+    row = {**machine(args.allow_dirty), "zoo": str(zoo), "val_rows": len(evaluator.sets[VAL][1]),
            "optimizer": plain.optimizer, "evaluations": budget, "plain_s": plain_s,
            "tune_s": tune_s, "direct_s": direct_s, "ratio": tune_s / plain_s,
            "ratio_vs_direct": tune_s / direct_s,

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from common import append_result, machine
+from common import append_result, machine, parse_args
 from raysoup.components import partition
 from raysoup.evaluate import VAL, Evaluator, load_eval_sets
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
@@ -134,8 +134,9 @@ def measure(pool_dir: Path, evals_per_component: int) -> dict:
 
 def measure_in_subprocess(pool_dir: Path, evals_per_component: int) -> dict:
     """`measure` in a fresh interpreter, so its peak RSS belongs to this pool alone."""
+    # --allow-dirty: the parent checked the tree; this process writes no row.
     out = subprocess.run([sys.executable, __file__, "--measure", str(pool_dir),
-                          "--evals-per-component", str(evals_per_component)],
+                          "--evals-per-component", str(evals_per_component), "--allow-dirty"],
                          check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -156,10 +157,10 @@ def print_table(rows: list[dict]) -> None:
 
 
 def run(zoo: Path, work: Path, counts: list[int], noise: float,
-        evals_per_component: int) -> list[dict]:
+        evals_per_component: int, allow_dirty: bool) -> list[dict]:
     pools = build_pools(zoo, work, counts, noise)
     ingredient_bytes = (pools[counts[0]] / "ingredients" / "ing-000.safetensors").stat().st_size
-    rows, where = [], machine()
+    rows, where = [], machine(allow_dirty)
     for n in counts:
         t0 = time.perf_counter()
         result = measure_in_subprocess(pools[n], evals_per_component)
@@ -187,7 +188,7 @@ def main() -> None:
     parser.add_argument("--evals-per-component", type=int, default=2,
                         help="ManifoldMix budget per component per pass")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the per-N process
-    args = parser.parse_args()
+    args = parse_args(parser)
     if args.measure is not None:
         print(json.dumps(measure(args.measure, args.evals_per_component)))
         return
@@ -197,11 +198,11 @@ def main() -> None:
     counts = sorted(set(args.counts))
     if args.work is not None:
         rows = run(args.zoo.resolve(), args.work.resolve(), counts, args.noise,
-                   args.evals_per_component)
+                   args.evals_per_component, args.allow_dirty)
     else:
         with tempfile.TemporaryDirectory(prefix="raysoup-pool-memory-") as work:
             rows = run(args.zoo.resolve(), Path(work), counts, args.noise,
-                       args.evals_per_component)
+                       args.evals_per_component, args.allow_dirty)
     print_table(rows)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import ray
 
-from common import append_result, default_zoo, machine
+from common import append_result, default_zoo, machine, parse_args
 from raysoup.components import partition
 from raysoup.distributed.evaluators import EvaluatorSpec, start_evaluators
 from raysoup.distributed.racing import Racing
@@ -88,7 +88,7 @@ def main() -> None:
     # differ by zoo, not by seed.
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="optimiser seeds: one full and one raced run each")
-    args = parser.parse_args()
+    args = parse_args(parser)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     racing = Racing(args.chunks, args.confidence)
     for zoo in args.zoo or [default_zoo()]:
@@ -97,15 +97,15 @@ def main() -> None:
                                                         pool.spec.num_classes))
         ranking = SoupContext.rank(pool, ValidationJudge(evaluator.accuracy)).ranking
         for seed in args.seeds:
-            race(zoo, pool, ranking, racing, seed)
+            race(zoo, pool, ranking, racing, seed, args.allow_dirty)
     ray.shutdown()
 
 
-def race(zoo: Path, pool, ranking, racing: Racing, seed: int) -> None:
+def race(zoo: Path, pool, ranking, racing: Racing, seed: int, allow_dirty: bool) -> None:
     """One full and one raced run with an optimiser seed: one row of the table."""
     full = manifold_mix(zoo, pool, ranking, None, seed)
     raced = manifold_mix(zoo, pool, ranking, racing, seed)
-    row = {**machine(), "zoo": str(zoo), "chunks": racing.chunks,
+    row = {**machine(allow_dirty), "zoo": str(zoo), "chunks": racing.chunks,
            "confidence": racing.confidence, "seed": seed,
            **{f"full_{k}": v for k, v in full.items()},
            **{f"raced_{k}": v for k, v in raced.items()},

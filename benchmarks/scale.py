@@ -38,7 +38,7 @@ import ray
 import torch
 from ray import tune
 
-from common import append_result, machine
+from common import append_result, machine, parse_args
 from raysoup.checkpoint import save_state
 from raysoup.components import partition
 from raysoup.distributed.evaluators import EvaluatorPool, EvaluatorSpec
@@ -207,7 +207,7 @@ def main() -> None:
     parser.add_argument("--gpu-mix-load-s", type=float, default=0.01,
                         help="assumed mixing + loading time per point on a GPU evaluator")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/raysoup-scale"))
-    args = parser.parse_args()
+    args = parse_args(parser)
     n = args.evaluators
     spec = ModelSpec.from_dict({"arch": "ViT-B-32", "num_classes": 1000})
     zoo = make_zoo(args.dir, spec, args.distinct)
@@ -282,7 +282,7 @@ def main() -> None:
 
     budget = 30 * len(components)
     evaluations = PROMISE_TESTS + PASSES * budget
-    base = {**machine(), "evaluators_measured": n, "parameters": params,
+    base = {**machine(args.allow_dirty), "evaluators_measured": n, "parameters": params,
             "components": len(components), "budget_per_pass": budget,
             "images_per_s": args.images_per_s, **measured}
     print(f"\nprojected reference run: {INGREDIENTS} ingredients, {PASSES} passes of {budget} "

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from common import append_result, machine
+from common import append_result, machine, parse_args
 from raysoup.distributed.evaluators import EvaluatorSpec
 from raysoup.distributed.tune_search import TuneSearch
 from raysoup.distributed.workers import evaluate_points
@@ -84,10 +84,10 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--trials-per-worker", type=int, default=8)
     parser.add_argument("--null-points", type=int, default=120)
-    args = parser.parse_args()
+    args = parse_args(parser)
     ray.init(num_cpus=2, num_gpus=max(args.sizes), include_dashboard=False,
              log_to_driver=False)
-    base = {**machine(), "eval_s": args.eval_s, "fake_gpus": True}
+    base = {**machine(args.allow_dirty), "eval_s": args.eval_s, "fake_gpus": True}
 
     largest = max(args.sizes)
     for k, optimizer in ((1, "NGOpt"), (largest, "TwoPointsDE")):

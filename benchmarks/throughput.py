@@ -35,7 +35,7 @@ import time
 import numpy as np
 import torch
 
-from common import append_result, machine
+from common import append_result, machine, parse_args
 from raysoup.inputs.data import EvalSet
 from raysoup.evaluate import Evaluator
 from raysoup.inputs.model import ModelSpec
@@ -166,14 +166,14 @@ def main() -> None:
                         help="devices for the sharded projection (the reference used 2 GPUs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-save", action="store_true", help="print only, append no rows")
-    args = parser.parse_args()
+    args = parse_args(parser)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     images = {"tiny": args.images_tiny,
               "vit-b-32": args.images_vit or (REFERENCE_IMAGES if device.type == "cuda" else 128)}
 
-    base = machine()
+    base = machine(args.allow_dirty)
     rows = []
     for name in args.models:
         row = measure(name, SPECS[name], images[name], args.batch_size, device, args.bf16,

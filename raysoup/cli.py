@@ -55,7 +55,7 @@ def _bench(args: argparse.Namespace) -> None:
     grid = load_grid(args.config, args.quick)
     zoo = args.zoo or demo_zoo(args.quick)
     out = args.out or Path("runs") / ("bench-quick" if args.quick else "bench")
-    table = run_bench(zoo, out, grid, address=args.address)
+    table = run_bench(zoo, out, grid, address=args.address, allow_dirty=args.allow_dirty)
     for path in write_all(table, out):
         print(f"[bench] wrote {path}")
 
@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, help="results folder: bench.parquet, figures, "
                        "summary.md (default: runs/bench or runs/bench-quick)")
     bench.add_argument("--address", help="an existing Ray cluster (default: a local one)")
+    bench.add_argument("--allow-dirty", action="store_true", help="write rows from a tree "
+                       "that is not a clean git commit (they are marked dirty = true)")
     bench.set_defaults(func=_bench)
 
     prep = command("prepare", help="images (a folder per class, or a CSV/Parquet of "

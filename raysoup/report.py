@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import RaysoupError
 from .stats import CONFIDENCE, OOD_AVG, format_difference
 
 
@@ -152,21 +153,57 @@ def write_report(run_dir: Path, report: dict,
     json_tmp.replace(run_dir / "report.json")
 
 
-def machine() -> dict:
-    """Where and with what a result was measured: time, git commit, hardware, versions."""
+# A committed result row measured before rows recorded their provenance (see
+# benchmarks/results/PROVENANCE.md): the commit is inferred from git history, if at all.
+PRE_PROVENANCE = "unknown (pre-provenance)"
+
+
+def git_state(checkout: Path = Path(__file__).parent) -> tuple[str, bool]:
+    """(`git describe --always --dirty` of the checkout, whether it has uncommitted edits);
+    ("unknown", True) outside a git checkout: code that cannot be named counts as dirty."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, cwd=checkout)
+    except OSError:
+        return "unknown", True
+    described = out.stdout.strip()
+    if out.returncode or not described:
+        return "unknown", True
+    return described, described.endswith("-dirty")
+
+
+def machine(allow_dirty: bool = False, checkout: Path = Path(__file__).parent) -> dict:
+    """Where and with what a result was measured: time, git commit and whether the tree was
+    dirty, hardware, versions. Refuses (RaysoupError) a tree with uncommitted edits or no
+    git commit at all, unless `allow_dirty`: then the rows say dirty = true."""
     import ray
     import torch
-    try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"],  # -dirty: edits
-                                capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
+    commit, dirty = git_state(checkout)
+    if dirty and not allow_dirty:
+        raise RaysoupError(f"the code in {checkout} is not a clean git commit (git describe: "
+                           f"{commit}): a result row must name the code that measured it; "
+                           f"commit first, or pass --allow-dirty, which marks the rows "
+                           f"dirty = true")
     return {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "commit": commit, "cpus": os.cpu_count(), "cpu": platform.processor() or
-            platform.machine(), "gpu": torch.cuda.get_device_name(0)
+            "commit": commit, "dirty": dirty, "cpus": os.cpu_count(), "cpu":
+            platform.processor() or platform.machine(), "gpu": torch.cuda.get_device_name(0)
             if torch.cuda.is_available() else "none", "torch": torch.__version__,
             "ray": ray.__version__, "python": platform.python_version()}
+
+
+def provenance_note(rows: list[dict]) -> str:
+    """One line for a results summary: which commits measured its rows, and how many were
+    measured on a dirty tree or before rows recorded their commit."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.get("commit") or "none"] = counts.get(r.get("commit") or "none", 0) + 1
+    line = "Commits of these rows: " + ", ".join(f"{c} ({n})" for c, n in counts.items())
+    if any(r.get("commit") == PRE_PROVENANCE for r in rows):
+        line += (f". Rows marked {PRE_PROVENANCE} were measured before rows recorded their "
+                 f"commit (`git describe` failed and wrote nothing); their `committed_in` "
+                 f"names the commit that added them, so the code ran on that commit's "
+                 f"parent plus uncommitted edits (benchmarks/results/PROVENANCE.md)")
+    return line + "."
 
 
 def append_rows(path: Path, rows: list[dict]) -> None:

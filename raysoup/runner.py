@@ -258,7 +258,7 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
                if getattr(h, "raysoup_tag", "") == "console"]
     driver = SoupDriver.options(scheduling_strategy=here,
                                 runtime_env=runtime_env(evaluators.numerics)).remote(
-        prepared, evaluators, actors, console[0].level if console else logging.INFO)
+        prepared, evaluators, actors, cache_dir(), console[0].level if console else logging.INFO)
     try:
         result = ray.get(driver.run.remote())
     except ray.exceptions.RayTaskError as e:

@@ -2,7 +2,9 @@
 
 import importlib.util
 import json
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from raysoup.evaluate import VAL, Evaluator, load_eval_sets
@@ -14,6 +16,33 @@ def val_evaluator(zoo: Path) -> Evaluator:
     pool = IngredientPool.from_zoo(zoo)
     return Evaluator(pool.spec, load_eval_sets({VAL: eval_set_sources(zoo)[VAL]},
                                                pool.spec.num_classes))
+
+
+@contextmanager
+def own_cache(path: Path):
+    """RAYSOUP_CACHE = `path` while the block runs (a run started in this process uses it):
+    a run that must measure, not read back points another run measured."""
+    before = os.environ["RAYSOUP_CACHE"]  # conftest sets one for the session
+    os.environ["RAYSOUP_CACHE"] = str(path)
+    try:
+        yield path
+    finally:
+        os.environ["RAYSOUP_CACHE"] = before
+
+
+def assert_measured(row: dict, after_step: int = 0) -> int:
+    """ManifoldMix's steps from `after_step` on were measured by the run that wrote `row`
+    (its report row): within one run the point cache answers at most one point a pass (a
+    pass starts where the run just measured: the promise point, or the previous pass's
+    best), so a run fed by another run's cache (every point) fails. Returns how many
+    evaluations were measured."""
+    steps = row["history"][after_step:]
+    evaluations = sum(s["evaluations"] for s in steps)
+    passes = sum(len(s["passes"]) for s in steps)
+    assert steps and passes, "nothing left to measure: the check would prove nothing"
+    assert row["cached_evaluations"] <= passes, \
+        f"{row['cached_evaluations']} of {evaluations} evaluations came from the point cache"
+    return evaluations - row["cached_evaluations"]
 
 
 def write_config(path: Path, zoo: Path | str, out: str, resources: dict | None = None,

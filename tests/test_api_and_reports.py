@@ -193,3 +193,125 @@ def test_tracking_writes_tensorboard_and_mlflow_passes_callbacks_through_and_sho
         pytest.approx([report.methods["manifold_mix"].val])
     printed = capfd.readouterr().out
     assert "evaluations, best" in printed and "evals/s, ETA" in printed
+
+
+@pytest.mark.slow
+def test_export_to_safetensors_and_its_two_refusals(finished, soup_zoo, tmp_path, capsys):
+    out, _ = finished
+    assert main(["export", str(out), "--like", "ft-00", "--out", str(tmp_path / "x.safetensors")]) == 0
+    exported, fused = load_file(tmp_path / "x.safetensors"), load_file(out / "fused.safetensors")
+    assert exported.keys() == fused.keys()
+    assert all(torch.equal(exported[k], fused[k]) for k in fused)
+    # No fused model in the run folder.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(out / "report.json", bare / "report.json")
+    capsys.readouterr()
+    assert main(["export", str(bare), "--like", "ft-00", "--out", str(tmp_path / "y")]) == 2
+    assert "has no fused.safetensors" in capsys.readouterr().err
+    # An ingredient of another architecture: it lacks keys of the fused model.
+    zoo = tmp_path / "zoo"
+    shutil.copytree(soup_zoo, zoo)
+    other = load_state_dict(zoo / "ingredients" / "ft-00.safetensors")
+    other.pop(sorted(other)[0])
+    torch.save(other, zoo / "other.pt")
+    manifest = json.loads((zoo / "manifest.json").read_text())
+    manifest["ingredients"].append({"name": "other", "file": "other.pt"})
+    (zoo / "manifest.json").write_text(json.dumps(manifest))
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    report = json.loads((run / "report.json").read_text())
+    report["zoo"]["dir"] = str(zoo)
+    (run / "report.json").write_text(json.dumps(report))
+    assert main(["export", str(run), "--like", "other", "--out", str(tmp_path / "z.pt")]) == 2
+    assert "lacks 1 key(s) of the fused model" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z.pt").exists()
+
+
+def test_load_report_names_a_missing_or_broken_report(tmp_path):
+    from raysoup.errors import RaysoupError
+    with pytest.raises(RaysoupError, match=f"{tmp_path} holds no finished run"):
+        raysoup.load_report(tmp_path)
+    (tmp_path / "report.json").write_text("{not json")
+    with pytest.raises(RaysoupError, match=r"report.json is not valid JSON"):
+        raysoup.load_report(tmp_path)
+    assert main(["report", str(tmp_path)]) == 2
+
+
+@pytest.mark.slow
+def test_report_on_a_benchmark_folder_redraws_its_figures_and_summary(tmp_path, capsys):
+    from pathlib import Path
+    committed = Path(__file__).parents[1] / "benchmarks" / "results" / "optimizer_budget_paired"
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    for name in ("bench.parquet", "correctness.parquet"):
+        shutil.copy(committed / name, folder / name)
+    assert main(["report", str(folder)]) == 0
+    printed = capsys.readouterr().out
+    summary = (folder / "summary.md").read_text()
+    assert summary == (committed / "summary.md").read_text() and summary.strip() in printed
+    for name in ("accuracy_vs_budget", "best_so_far", "cost_quality", "betas"):
+        assert (folder / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert f"[report] wrote {folder / name}.png" in printed
+
+
+def test_zeroshot_templates_builtin_from_a_file_and_a_bad_file(tmp_path, capsys):
+    from raysoup.tools.zeroshot import templates_for
+    assert len(templates_for("openai")) == 80 and len(templates_for("simple")) == 7
+    # open_clip's prompts are functions of the class name
+    assert all("zebra" in t("zebra") for t in [*templates_for("openai"), *templates_for("simple")])
+    good = tmp_path / "good.txt"
+    good.write_text("a photo of a {}.\na sketch of a {}.\n")
+    assert list(templates_for(str(good))) == ["a photo of a {}.", "a sketch of a {}."]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a photo of a {}.\na photo\n")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    assert main(["zeroshot", "--arch", "ViT-B-32", "--pretrained", "none.pt", "--classes",
+                 str(classes), "--templates", str(bad), "--out", str(tmp_path / "z")]) == 2
+    err = capsys.readouterr().err
+    assert f"templates file {bad}: prompt 'a photo' has no '{{}}'" in err
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "zoo"
+    proc = subprocess.Popen([sys.executable, "-m", "raysoup.cli", "zoo", "build", "--quick",
+                             "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while not out.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)  # the build has started: main() is running the command
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().endswith("raysoup: interrupted"), err[-2000:]
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_wait_for_autoscaler_lets_a_run_wait_for_evaluators_the_cluster_lacks(soup_zoo, tmp_path):
+    """On a 2-CPU Ray, 3 one-CPU evaluators: refused up front, or with wait_for_autoscaler
+    started and waited for (here no autoscaler adds a node: the start limit ends it)."""
+    from raysoup.config import load_config
+    from raysoup.errors import RaysoupError
+    from raysoup.runner import execute
+    from .helpers import write_config as config_file
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        refused = config_file(tmp_path / "a.toml", soup_zoo, str(tmp_path / "a"),
+                              {"evaluators": 3, "cpus_per_evaluator": 1})
+        with pytest.raises(RaysoupError, match="3 evaluator.*wait_for_autoscaler = true"):
+            execute(load_config(refused))
+        waits = config_file(tmp_path / "b.toml", soup_zoo, str(tmp_path / "b"),
+                            {"evaluators": 3, "cpus_per_evaluator": 1,
+                             "wait_for_autoscaler": True, "start_timeout_s": 10})
+        with pytest.raises(RaysoupError, match=r"only [0-2] of 3 evaluator actors started within 10 s"):
+            execute(load_config(waits))
+    finally:
+        ray.shutdown()

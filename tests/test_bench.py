@@ -1,15 +1,21 @@
 """`raysoup bench`: the grid, its config, the best-so-far curve, and a real quick run."""
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
 
+from raysoup.report import PRE_PROVENANCE, git_state, machine
 from raysoup.tools.bench import QUICK_GRID, BenchGrid, best_so_far, load_grid
 from raysoup.errors import RaysoupError
+
+RESULTS = Path(__file__).parents[1] / "benchmarks" / "results"
 
 
 def test_the_full_grid_skips_parallel_cells_for_sequential_optimisers():
@@ -51,7 +57,7 @@ def test_best_so_far_is_a_running_max_over_every_evaluation():
 def test_bench_quick_writes_table_figures_and_resumes(soup_zoo, tmp_path):
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "raysoup.cli", "bench", "--quick", "--zoo", str(soup_zoo),
-           "--out", str(out)]
+           "--out", str(out), "--allow-dirty"]  # a test may run from an edited tree
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -59,8 +65,10 @@ def test_bench_quick_writes_table_figures_and_resumes(soup_zoo, tmp_path):
     assert sorted(r["cell"] for r in rows) == sorted(
         [c["cell"] for c in QUICK_GRID.cells()] + ["reference/uniform_soup",
                                                    "reference/greedy_soup"])
+    commit, dirty = git_state()
     for r in rows:
-        assert r["commit"] is not None and r["cpus"] >= 1 and 0 < r["val"] <= 1
+        assert (r["commit"], r["dirty"]) == (commit, dirty) and commit
+        assert r["cpus"] >= 1 and 0 < r["val"] <= 1
         if r["kind"] != "reference":
             curve = r["best_so_far"]
             assert len(curve) == r["evaluations"] and curve == sorted(curve)
@@ -69,11 +77,11 @@ def test_bench_quick_writes_table_figures_and_resumes(soup_zoo, tmp_path):
                  "granularity"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     summary = (out / "summary.md").read_text()
-    # TwoPointsDE at k = 2 against NGOpt (same budget and seed) and greedy soup, paired.
-    row = next(line for line in summary.splitlines() if line.startswith("| TwoPointsDE | 2 | 2 |"))
-    assert row.count("[") == 4 and row.count("]") == 4
-    ngopt = next(line for line in summary.splitlines() if line.startswith("| NGOpt | 2 | 1 |"))
-    assert ngopt.count("[") == 2  # itself is the reference: greedy only
+    # TwoPointsDE at k = 2 against NGOpt (same budget and seed) and greedy soup, paired;
+    # NGOpt is the reference itself: against greedy only.
+    assert recheck_summary(out) == len(QUICK_GRID.cells())
+    assert summary_cells(summary)[("TwoPointsDE", 2, 2)][6] != "-"
+    assert summary_cells(summary)[("NGOpt", 2, 1)][6] == "-"
     assert len(pq.read_table(out / "correctness.parquet")) == len(rows) * 8  # 8 sets a cell
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and f"{len(rows)} cell(s) already" in again.stdout
@@ -96,3 +104,99 @@ def test_a_bench_grid_value_of_the_wrong_type_names_it(tmp_path):
     path.write_text('[grid]\nbudgets = [5, 2.5]\n')
     with pytest.raises(RaysoupError, match=r"grid.budgets = \[5, 2.5\]: expected tuple\[int"):
         load_grid(path, quick=False)
+
+
+def summary_cells(summary: str) -> dict[tuple, list[str]]:
+    """(optimiser, budget, k) -> the cells of its summary.md line."""
+    cells = {}
+    for line in summary.splitlines():
+        parts = [p.strip() for p in line.strip("|").split("|")]
+        if len(parts) == 12 and parts[1].isdigit():
+            cells[(parts[0], int(parts[1]), int(parts[2]))] = parts
+    return cells
+
+
+def recheck_summary(folder: Path) -> int:
+    """Recompute every grid line of folder/summary.md from bench.parquet and
+    correctness.parquet: means and ranges over seeds, the paired differences (mean over
+    seeds x sets of the accuracy differences; the interval must hold it), evals and wall
+    time. Returns how many lines were checked."""
+    rows = pq.read_table(folder / "bench.parquet").to_pylist()
+    hits = {}
+    for r in pq.read_table(folder / "correctness.parquet").to_pylist():
+        hits.setdefault(r["cell"], {})[r["set"]] = np.array(r["correct"], dtype=float)
+    grid = [r for r in rows if r["kind"] == "grid"]
+    greedy = next(r for r in rows if r["cell"] == "reference/greedy_soup")
+    lines = summary_cells((folder / "summary.md").read_text())
+    assert len(lines) == len({(r["optimizer"], r["budget"], r["parallel"]) for r in grid})
+
+    def difference(text: str, pairs: list[tuple[dict, dict]], metric: str) -> None:
+        sets = ["val"] if metric == "val" else [s for s in hits[pairs[0][0]["cell"]]
+                                                 if s not in ("val", "id")]
+        diff = 100 * np.mean([hits[a["cell"]][s].mean() - hits[b["cell"]][s].mean()
+                              for a, b in pairs for s in sets])
+        value, lo, hi = map(float, re.match(r"([-+][\d.]+) \[([-+][\d.]+), ([-+][\d.]+)\]",
+                                            text).groups())
+        # printed to 2 decimals: within half a unit (0.065 may print either way)
+        assert abs(value - diff) <= 0.005 + 1e-9 and lo - 0.005 <= value <= hi + 0.005, text
+
+    for (opt, budget, k), parts in lines.items():
+        cell = [r for r in grid if (r["optimizer"], r["budget"], r["parallel"]) == (opt, budget, k)]
+        assert int(parts[3]) == len(cell)
+        for column, key in ((4, "val"), (5, "ood_avg")):
+            values = [100 * r[key] for r in cell]
+            assert parts[column].startswith(f"{np.mean(values):.2f}")
+            if len(cell) > 1:
+                assert f"({min(values):.2f}–{max(values):.2f})" in parts[column]
+        reference = {r["seed"]: r for r in grid if (r["optimizer"], r["budget"], r["parallel"])
+                     == ("NGOpt", budget, 1)}
+        if opt == "NGOpt" and k == 1:
+            assert parts[6] == parts[7] == "-"
+        else:
+            pairs = [(r, reference[r["seed"]]) for r in cell if r["seed"] in reference]
+            difference(parts[6], pairs, "val")
+            difference(parts[7], pairs, "ood_avg")
+        difference(parts[8], [(r, greedy) for r in cell], "val")
+        difference(parts[9], [(r, greedy) for r in cell], "ood_avg")
+        assert parts[10] == f"{np.mean([r['evaluations'] for r in cell]):.0f}"
+        assert parts[11] == f"{np.mean([r['wall_s'] for r in cell]):.0f}"
+    return len(lines)
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent.name for p in RESULTS.glob("*/correctness.parquet")))
+def test_a_committed_bench_summary_agrees_with_its_rows(folder):
+    assert recheck_summary(RESULTS / folder) > 0
+
+
+def test_every_committed_result_row_names_its_commit_and_whether_the_tree_was_dirty():
+    tables = sorted(p for p in RESULTS.rglob("*.parquet") if p.name != "correctness.parquet")
+    assert len(tables) >= 10
+    for path in tables:
+        table = pq.read_table(path)
+        for row in table.to_pylist():
+            assert row["commit"], f"{path}: a row without a commit ({row.get('when')})"
+            if row["commit"] == PRE_PROVENANCE:  # re-labelled: PROVENANCE.md
+                assert re.fullmatch(r"[0-9a-f]{7,}", row["committed_in"]), path
+            else:
+                assert row["dirty"] == row["commit"].endswith("-dirty"), path
+    for summary in [*RESULTS.glob("*/summary.md"), RESULTS / "calibration.md"]:
+        assert "Commits of these rows:" in summary.read_text(), summary
+
+
+def test_machine_refuses_code_that_is_not_a_clean_commit_unless_told(tmp_path):
+    assert git_state(tmp_path) == ("unknown", True)  # not a git checkout
+    with pytest.raises(RaysoupError, match="not a clean git commit.*--allow-dirty"):
+        machine(checkout=tmp_path)
+    assert (machine(True, tmp_path)["commit"], machine(True, tmp_path)["dirty"]) == \
+        ("unknown", True)
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    (tmp_path / "a.py").write_text("x = 1\n")
+    for cmd in (["init", "-q"], ["add", "a.py"], ["commit", "-qm", "a"]):
+        subprocess.run(git + cmd, check=True)
+    commit, dirty = git_state(tmp_path)
+    assert not dirty and machine(checkout=tmp_path)["commit"] == commit
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert git_state(tmp_path) == (f"{commit}-dirty", True)
+    with pytest.raises(RaysoupError, match=f"git describe: {commit}-dirty"):
+        machine(checkout=tmp_path)
+    assert machine(True, tmp_path)["dirty"] is True

@@ -3,6 +3,9 @@
 A fault-free run submitted with `ray job submit` is the reference; a run whose driver is
 killed and resumed, and a run that loses a worker node mid-search, must end with the
 identical fused model and history. The zoo is read through a file:// URI (pyarrow.fs).
+Every run has its own fresh RAYSOUP_CACHE (the driver actor uses its client's), so each
+measures its points rather than reading back another run's; each fault test checks that
+the fault happened and was recovered, from the driver's log and Ray's actor table.
 """
 
 import json
@@ -17,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .helpers import load_local_cluster, write_config
+from .helpers import assert_measured, load_local_cluster, write_config
 
 local = load_local_cluster()
 # Two 1-CPU evaluators on three 1-CPU workers: one CPU left for a restart after a node dies.
@@ -37,21 +40,40 @@ def cluster():
         yield c
 
 
-def client_env(cluster) -> dict:
+def client_env(cluster, cache: Path | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     return env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": cluster.client_env[
-        "RAY_AUTH_TOKEN_PATH"], "HF_HUB_OFFLINE": "1"}
+        "RAY_AUTH_TOKEN_PATH"], "HF_HUB_OFFLINE": "1"} | (
+        {"RAYSOUP_CACHE": str(cache)} if cache else {})
+
+
+# Ray's state API (through the dashboard): every evaluator actor and its restarts.
+RESTARTS_SCRIPT = """
+import json, sys
+from ray.util.state import list_actors
+actors = list_actors(address=sys.argv[1], filters=[("class_name", "=", "EvaluatorActor")],
+                     detail=True, limit=10000)
+print(json.dumps({a.actor_id: a.num_restarts for a in actors}))
+"""
+
+
+def evaluator_restarts(cluster) -> dict[str, int]:
+    out = subprocess.run([sys.executable, "-c", RESTARTS_SCRIPT, cluster.dashboard_url],
+                         env={**client_env(cluster), **cluster.client_env}, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run_config(tmp_path, soup_zoo, name: str):
     return write_config(tmp_path / f"{name}.toml", f"file://{soup_zoo}", name, RESOURCES)
 
 
-def start_run(cluster, config, *flags) -> subprocess.Popen:
+def start_run(cluster, config, cache: Path, *flags) -> subprocess.Popen:
     """`raysoup run CONFIG --address 127.0.0.1:PORT`, as a user would type it."""
     return subprocess.Popen(
         [sys.executable, "-m", "raysoup.cli", "run", str(config), "--address",
-         cluster.address, *flags], env=client_env(cluster), start_new_session=True,
+         cluster.address, *flags], env=client_env(cluster, cache), start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -67,6 +89,10 @@ def outcome(out):
     return report["ingredients"], report["history"], load_file(out / "fused.safetensors")
 
 
+def manifold_mix_row(out) -> dict:
+    return json.loads((out / "report.json").read_text())["methods"]["manifold_mix"]
+
+
 def assert_same(a, b):
     assert a[0] == b[0] and a[1] == b[1]
     assert a[2].keys() == b[2].keys() and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
@@ -77,8 +103,9 @@ def fault_free(cluster, soup_zoo, tmp_path_factory):
     config = run_config(tmp_path_factory.mktemp("jobs"), soup_zoo, "fault-free")
     entrypoint = [sys.executable, "-m", "raysoup.cli", "run", str(config), "--address", "auto"]
     ray_cli = str(Path(sys.executable).with_name("ray"))  # the venv's, not whatever is on PATH
+    cache = config.parent / "cache"
     job = subprocess.run([ray_cli, "job", "submit", "--address", cluster.dashboard_url, "--",
-                          *entrypoint], env={**os.environ, **client_env(cluster)},
+                          *entrypoint], env={**os.environ, **client_env(cluster, cache)},
                          capture_output=True, text=True, timeout=600)
     return job, config.parent / "fault-free"
 
@@ -88,21 +115,26 @@ def test_a_run_submitted_with_ray_job_submit_completes(fault_free):
     assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:] + job.stderr
     ingredients, history, _ = outcome(out)
     assert "twin" in ingredients and history
+    assert assert_measured(manifold_mix_row(out)) > 0
 
 
 def test_killing_the_driver_then_resuming_gives_the_identical_result(cluster, soup_zoo,
                                                                      fault_free, tmp_path):
     config = run_config(tmp_path, soup_zoo, "killed")
-    proc = start_run(cluster, config)
-    wait_for(tmp_path / "killed" / "driver" / "state.json", proc)
+    state = tmp_path / "killed" / "driver" / "state.json"
+    proc = start_run(cluster, config, tmp_path / "cache-killed")
+    wait_for(state, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "report.json").exists()
-    resumed = start_run(cluster, config, "--resume")
+    done = json.loads(state.read_text())["state"]["next_candidate"] - 1
+    resumed = start_run(cluster, config, tmp_path / "cache-resumed", "--resume")
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output[-3000:]
-    assert "[driver] resuming after step" in output
+    assert f"[driver] resuming after step {done}:" in output
     assert_same(outcome(tmp_path / "killed"), outcome(fault_free[1]))
+    # The steps after the checkpoint were measured by the resumed run, not read back.
+    assert assert_measured(manifold_mix_row(tmp_path / "killed"), after_step=done) > 0
 
 
 def evaluator_worker(cluster) -> int:
@@ -116,7 +148,8 @@ def evaluator_worker(cluster) -> int:
 def test_losing_a_worker_node_mid_search_gives_the_identical_result(cluster, soup_zoo,
                                                                      fault_free, tmp_path):
     config = run_config(tmp_path, soup_zoo, "node-lost")
-    proc = start_run(cluster, config)
+    restarted_before = {a for a, n in evaluator_restarts(cluster).items() if n}
+    proc = start_run(cluster, config, tmp_path / "cache")
     wait_for(tmp_path / "node-lost" / "tune" / "pass-0001", proc)
     cluster.kill_raylet(evaluator_worker(cluster))
     assert proc.poll() is None  # mid-run: the search is still going
@@ -125,3 +158,9 @@ def test_losing_a_worker_node_mid_search_gives_the_identical_result(cluster, sou
     assert proc.returncode == 0, output[-3000:]
     print(output)  # retries and progress, for the record (pytest -s)
     assert_same(outcome(tmp_path / "node-lost"), outcome(fault_free[1]))
+    # The fault was recovered: Ray restarted the lost evaluator (its calls were retried).
+    restarted = {a for a, n in evaluator_restarts(cluster).items() if n} - restarted_before
+    assert len(restarted) == 1, (restarted, output[-3000:])
+    # Measured as often as the fault-free run: nothing read back from another run.
+    row, reference = manifold_mix_row(tmp_path / "node-lost"), manifold_mix_row(fault_free[1])
+    assert assert_measured(row) == assert_measured(reference)

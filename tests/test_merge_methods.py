@@ -324,3 +324,47 @@ def test_learned_soup_per_tensor_with_a_learned_scale_lowers_the_loss(context, t
 def test_unknown_conventions_are_refused_by_name(config, message):
     with pytest.raises(RaysoupError, match=message):
         config()
+
+def test_model_stock_through_the_registry_is_the_papers_merge_by_hand(context):
+    """METHODS["model_stock"] (default settings) on the tiny zoo equals, key by key, the
+    paper's rule computed here: the mean pairwise cosine of the deltas, clipped to [0, 1],
+    t = N cos / (1 + (N - 1) cos), w = t mean(w_i) + (1 - t) w_0."""
+    result = METHODS["model_stock"](context)
+    fine = [context.pool.load(n) for n in context.pool.names]
+    n = len(fine)
+    for key, base in context.pretrained.items():
+        if not base.is_floating_point():
+            assert torch.equal(result.state_dict[key], base), key
+            continue
+        deltas = [(f[key].double() - base.double()).flatten() for f in fine]
+        cosines = [float(a @ b / (a.norm() * b.norm())) if a.norm() * b.norm() > 0 else 0.0
+                   for i, a in enumerate(deltas) for b in deltas[i + 1:]]
+        cos = min(1.0, max(0.0, sum(cosines) / len(cosines)))
+        ratio = n * cos / (1 + (n - 1) * cos)
+        mean = torch.stack([f[key].double() for f in fine]).mean(0)
+        expected = (ratio * mean + (1 - ratio) * base.double()).to(base.dtype)
+        torch.testing.assert_close(result.state_dict[key], expected, msg=key)
+    assert result.evaluations == 0 and result.ingredients == context.pool.names
+
+
+def test_learned_soup_through_the_registry_is_the_softmax_mix_of_its_learned_logits(
+        context, tiny_zoo):
+    """METHODS["learned_soup"] (default settings but one epoch, for time) equals the soup
+    built here from the logits learn_mixing_logits learns on val: per component i,
+    sum_j softmax(logits[:, i])_j w_j; non-float keys are ingredient 0's."""
+    config = LearnedSoupConfig(epochs=1)
+    result = METHODS["learned_soup"](context, config=config)
+    models = [context.pool.load(n) for n in context.pool.names]
+    components = context.components
+    logits = learn_mixing_logits(val_evaluator(tiny_zoo), VAL, models, components, config)
+    weights = np.exp(logits) / np.exp(logits).sum(axis=0)
+    np.testing.assert_allclose(result.details.betas, weights, rtol=1e-6, atol=1e-9)
+    assert not np.allclose(weights, 1 / len(models))  # it learned something: not uniform
+    for i, keys in enumerate(components.keys):
+        for key in keys:
+            if not models[0][key].is_floating_point():
+                assert torch.equal(result.state_dict[key], models[0][key]), key
+                continue
+            expected = sum(weights[j, i] * m[key].double() for j, m in enumerate(models))
+            torch.testing.assert_close(result.state_dict[key],
+                                       expected.to(models[0][key].dtype), msg=key)

@@ -1,7 +1,9 @@
 """ManifoldMix on a real local Ray (2 CPUs, 4 fake GPUs) with the tiny zoo."""
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +28,7 @@ from raysoup.search import LocalSearch, lerp_mixer
 from raysoup.inputs.tasks import eval_set_sources
 
 from . import failing_mixer
-from .helpers import val_evaluator, write_config
+from .helpers import assert_measured, own_cache, val_evaluator, write_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,9 +42,10 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def uninterrupted(soup_zoo, tmp_path_factory):
-    config = load_config(write_config(tmp_path_factory.mktemp("runA") / "run.toml",
-                                      soup_zoo, "out"))
-    report = execute(config)
+    root = tmp_path_factory.mktemp("runA")
+    config = load_config(write_config(root / "run.toml", soup_zoo, "out"))
+    with own_cache(root / "cache"):  # it measures every point, as the resumed run must
+        report = execute(config)
     return config, report
 
 
@@ -53,6 +56,7 @@ def test_run_writes_fused_model_beta_history_and_tune_folders(uninterrupted):
     row = report["methods"]["manifold_mix"]
     assert "twin" in row["ingredients"] and len(row["ingredients"]) >= 2
     assert {"val", "id", "ood", "ood_avg", "evaluations", "wall_s", "history"} <= set(row)
+    assert assert_measured(row) > 0
     assert (out / "beta.png").read_bytes()[:4] == b"\x89PNG"
     import pyarrow.parquet as pq
     betas = pq.read_table(out / "beta.parquet").to_pylist()
@@ -88,7 +92,9 @@ def test_resume_after_killing_the_run_gives_the_identical_result(uninterrupted, 
                                                                    tmp_path):
     config_a, report_a = uninterrupted
     path = write_config(tmp_path / "run.toml", soup_zoo, "out")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # Its own cache, and the resumed run another, fresh one: the steps after the
+    # checkpoint are measured again, not read back from the uninterrupted run's points.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAYSOUP_CACHE": str(tmp_path / "cache-a")}
     proc = subprocess.Popen([sys.executable, "-m", "raysoup.cli", "run", str(path)],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -100,9 +106,15 @@ def test_resume_after_killing_the_run_gives_the_identical_result(uninterrupted, 
     proc.wait()
     assert state.exists(), "the run never checkpointed a step"
     assert not (tmp_path / "out" / "report.json").exists()
-    report_b = execute(load_config(path), resume=True)
+    done = json.loads(state.read_text())["state"]["next_candidate"] - 1  # steps checkpointed
+    with own_cache(tmp_path / "cache-b"):
+        report_b = execute(load_config(path), resume=True)
     a, b = report_a["methods"]["manifold_mix"], report_b["methods"]["manifold_mix"]
     assert a["ingredients"] == b["ingredients"] and a["history"] == b["history"]
+    # The recovery happened: it resumed after the checkpointed steps, and measured the rest.
+    log = (tmp_path / "out" / "raysoup.log").read_text()
+    assert f"[driver] resuming after step {done}:" in log and report_b["config"]["resumed"]
+    assert assert_measured(b, after_step=done) > 0
     fused_a = load_file(config_a.out / "fused.safetensors")
     fused_b = load_file(tmp_path / "out" / "fused.safetensors")
     for k in fused_a:
@@ -206,7 +218,48 @@ def test_a_crashed_evaluator_is_restarted_and_the_search_unchanged(pair, tmp_pat
     finally:
         signal.alarm(0)
     assert not marker.exists()  # an evaluator process did die mid-search
+    assert restarts(search.actors) == 2  # and Ray restarted it, once per crash
     assert crashed.trace == fault_free.trace and np.array_equal(crashed.x, fault_free.x)
+
+
+def restarts(actors: list) -> int:
+    """How many times Ray restarted these actors, from the GCS's actor table."""
+    from ray._private.state import actors as actor_table
+    return sum(actor_table(a._actor_id.hex())["NumRestarts"] for a in actors)
+
+
+@pytest.mark.slow
+def test_a_restarted_evaluator_with_other_validation_rows_fails_the_identity_check(
+        pair, tiny_zoo, tmp_path):
+    """The check above can fail: the same crash, but the evaluator comes back with other
+    validation rows (its file was replaced while it ran; a restart reads it again). A
+    wrong recovery changes the search, and the identity check sees it."""
+    pool, a, c, components = pair
+    sources = eval_set_sources(tiny_zoo)
+    val = tmp_path / "val.arrow"
+    shutil.copy(sources["val"].location, val)
+    sources["val"] = dataclasses.replace(sources["val"], location=str(val), sha256=None)
+    spec = EvaluatorSpec(count=2, mode="sharded", cpus=0.25, timeout_s=120)
+    actors = start_evaluators(pool.spec, sources, components, spec)
+    try:
+        search = TuneSearch(actors, spec, 1, tmp_path / "tune")
+        start = np.full(len(components), 0.5)
+        search.set_models([a, c], lerp_mixer)
+        fault_free = search.optimise(start, 0.25, 0.75, 6, 0, "Cobyla")
+        shutil.copy(sources["id"].location, val)  # what a restarted evaluator will read
+        marker = tmp_path / "crash-once"
+        marker.touch()
+        search.set_models([a, c], failing_mixer.CrashOnce(str(marker)))
+        signal.alarm(240)
+        try:
+            crashed = search.optimise(start, 0.25, 0.75, 6, 0, "Cobyla")
+        finally:
+            signal.alarm(0)
+        assert not marker.exists() and restarts(actors) == 1
+        assert crashed.trace != fault_free.trace
+    finally:
+        for actor in [*actors, search.resident]:
+            ray.kill(actor)
 
 
 def test_object_store_buffers_are_never_written(pair, tune_search):

@@ -9,6 +9,7 @@ import os
 import socket
 import time
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,7 +20,6 @@ from ..console import console_logging, file_logging
 from ..errors import RaysoupError
 from ..evaluate import VAL, JudgementCache, accuracy_row, ood_sets
 from ..inputs.pool import load_pretrained
-from ..inputs.storage import cache_dir
 from ..methods import METHODS, SoupContext, ValidationJudge
 from ..methods.manifold_mix import MixState
 from ..mixing import to_numpy
@@ -34,10 +34,6 @@ if TYPE_CHECKING:
     from ..runner import Prepared
 
 logger = logging.getLogger(__name__)
-
-
-def judgement_cache() -> JudgementCache:
-    return JudgementCache(cache_dir() / "judgements")
 
 
 class Judged:
@@ -71,10 +67,11 @@ class Judged:
 class SoupDriver:
     """Owns the sequential state of a run: ranks, runs every method, judges every model.
     Every forward pass goes to the evaluator actors; a ManifoldMix step checkpoint is
-    written after every candidate."""
+    written after every candidate. `cache_root`: the cache of the process that started the
+    run (its RAYSOUP_CACHE), not of whichever node this actor's worker was started by."""
 
     def __init__(self, prepared: Prepared, evaluators: EvaluatorSpec, actors: list,
-                 log_level: int = logging.INFO):
+                 cache_root: Path, log_level: int = logging.INFO):
         console_logging(log_level)  # this actor's lines reach the driver's console via Ray
         file_logging(prepared.config.out)  # on the driver's node, as `out` is
         # The merges computed here (Model Stock's angles, TIES's trims, ...) use the
@@ -83,13 +80,14 @@ class SoupDriver:
         self.prepared = prepared
         config = prepared.config
         self.judge = EvaluatorPool(actors, evaluators, prepared.pool.spec,
-                                   prepared.eval_sources, judgement_cache())
+                                   prepared.eval_sources,
+                                   JudgementCache(cache_root / "judgements"))
         self.metrics = Tracker(config.out, config.tracking,
                                {"zoo": str(config.pool.zoo), "methods": ",".join(config.methods),
                                 "out": str(config.out)})
         self.search = TuneSearch(actors, evaluators, config.method.num_workers,
                                  config.out / "tune", config.resources.max_failures,
-                                 cache_dir() / "points", self.judge.set_keys.get(VAL),
+                                 cache_root / "points", self.judge.set_keys.get(VAL),
                                  self.metrics.pass_callbacks,
                                  config.tracking.progress_interval_s,
                                  Racing(config.method.racing_chunks,

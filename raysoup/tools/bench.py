@@ -142,8 +142,9 @@ def run_cell(cell: dict, zoo: str, out: Path) -> tuple[dict, dict]:
 
 
 def run_bench(zoo: Path | str, out: Path, grid: BenchGrid, address: str | None = None,
-              ) -> Path:
-    """Run every cell not yet in OUT/bench.parquet; returns the table's path."""
+              allow_dirty: bool = False) -> Path:
+    """Run every cell not yet in OUT/bench.parquet; returns the table's path. Refuses to
+    start from a tree that is not a clean git commit unless `allow_dirty` (report.machine)."""
     from ..distributed.driver import connect
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,7 +157,7 @@ def run_bench(zoo: Path | str, out: Path, grid: BenchGrid, address: str | None =
             raise RaysoupError(f"{table_path} holds cells of zoo {sorted(zoos)}, not {zoo}: "
                                f"choose another --out")
         done = set(earlier.column("cell").to_pylist())
-    about = {**machine(), "zoo": str(zoo)}
+    about = {**machine(allow_dirty), "zoo": str(zoo)}
     todo = [c for c in [{"kind": "reference", "cell": f"reference/{m}", "optimizer": m}
                         for m in REFERENCE_METHODS] + grid.cells() if c["cell"] not in done]
     logger.info(f"[bench] {len(done)} cell(s) already in {table_path}, {len(todo)} to run")

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..evaluate import VAL, ood_sets
+from ..report import provenance_note
 from ..stats import format_difference, paired
 
 CORRECTNESS = "correctness.parquet"  # per cell and set: every image right or wrong
@@ -242,7 +243,8 @@ def summary_table(rows: list[dict], correct: dict | None = None,
     return "\n".join(lines) + (
         "\n\n(accuracies in %; differences in points, paired on the same images, with 95 % "
         "bootstrap intervals over images (seeds and shifts as strata), * where the interval "
-        "excludes 0; -: the reference optimiser itself, or no per-image results recorded)")
+        "excludes 0; -: the reference optimiser itself, or no per-image results recorded)\n\n"
+        + provenance_note(rows))
 
 
 def read_correctness(path: Path) -> dict[str, dict[str, np.ndarray]]:
