@@ -18,9 +18,9 @@ logits: one mixed model of the shipped zoo on val under each setting, in a fresh
 the largest difference of its weights and logits from those of the first setting of the
 same numerics, and how many predictions differ.
 
-    python benchmarks/numerics.py decisions [--settings native:this native:default ...]
-    python benchmarks/numerics.py logits [--settings native:this ...]
-    python benchmarks/numerics.py throughput [--repeats 3]
+    python benchmarks/numerics.py [--allow-dirty] decisions [--settings native:this ...]
+    python benchmarks/numerics.py [--allow-dirty] logits [--settings native:this ...]
+    python benchmarks/numerics.py [--allow-dirty] throughput [--repeats 3]
 Appends rows to benchmarks/results/numerics_{decisions,logits,throughput}.parquet and
 prints them.
 """
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import append_result, default_zoo, machine
+from common import append_result, default_zoo, machine, parse_args
 
 KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS",
                     "ONEDNN_MAX_CPU_ISA")
@@ -91,7 +91,7 @@ def run_manifold_mix(zoo: Path, numerics: str, machine_name: str, work: Path) ->
 
 def decisions(args) -> None:
     zoo = default_zoo()
-    where = machine()
+    where = machine(args.allow_dirty)
     first: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="raysoup-numerics-") as tmp:
         for setting in args.settings:
@@ -142,7 +142,7 @@ def logits(args) -> None:
     """One mixed model of the shipped zoo on val under each setting: how far its weights
     (the mix) and logits are from this machine's native ones, and how many predictions
     differ."""
-    zoo, where = default_zoo(), machine()
+    zoo, where = default_zoo(), machine(args.allow_dirty)
     with tempfile.TemporaryDirectory(prefix="raysoup-logits-") as tmp:
         results = {}
         for setting in args.settings:
@@ -193,7 +193,7 @@ print(n / (time.perf_counter() - t0))
 
 
 def throughput(args) -> None:
-    where = machine()
+    where = machine(args.allow_dirty)
     for arch, batch, seconds in (("testbed", 1000, 4.0), ("ViT-B-32", 16, 8.0)):
         rates: dict[str, list[float]] = {"native": [], "portable": []}
         for _ in range(args.repeats):
@@ -228,7 +228,7 @@ def main() -> None:
     p = sub.add_parser("throughput")
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=throughput)
-    args = parser.parse_args()
+    args = parse_args(parser)
     args.func(args)
 
 
