@@ -14,12 +14,17 @@ throughput: the evaluator's images/s on the testbed tower and on ViT-B-32 at 224
 (random weights), native and portable, in alternating fresh processes (the domains are
 per process); the ratio of the medians.
 
+sensitivity: the demo's ManifoldMix (portable) on the calibration zoos (the shipped recipe
+with zoo seeds 0, 1, 2 on the shipped pretrained model): how many verdicts were a tie or
+one validation image from the best so far.
+
 logits: one mixed model of the shipped zoo on val under each setting, in a fresh process:
 the largest difference of its weights and logits from those of the first setting of the
 same numerics, and how many predictions differ.
 
     python benchmarks/numerics.py [--allow-dirty] decisions [--settings native:this ...]
     python benchmarks/numerics.py [--allow-dirty] logits [--settings native:this ...]
+    python benchmarks/numerics.py [--allow-dirty] sensitivity [--seeds 0 1 2]
     python benchmarks/numerics.py [--allow-dirty] throughput [--repeats 3]
 Appends rows to benchmarks/results/numerics_{decisions,logits,throughput}.parquet and
 prints them.
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -85,6 +91,7 @@ def run_manifold_mix(zoo: Path, numerics: str, machine_name: str, work: Path) ->
             "verdicts": [s["accepted"] if s["passes"] else None for s in row["history"]],
             "accuracies": [s.get("accuracy", s["promise_accuracy"]) for s in row["history"]],
             "ingredients": row["ingredients"], "val": row["val"], "id": row["id"],
+            "close_decisions": row["close_decisions"],
             "ood_avg": row["ood_avg"], "evaluations": row["evaluations"],
             "val_hits": np.packbits(np.asarray(fused_val["correct"], dtype=bool)).tobytes()}
 
@@ -100,6 +107,7 @@ def decisions(args) -> None:
             ref = first.setdefault(numerics, result)
             same = {k: result[k] == ref[k] for k in ("verdicts", "ingredients", "val_hits")}
             row = {**where, **{k: v for k, v in result.items() if k != "val_hits"},
+                   "close_decisions": json.dumps(result["close_decisions"]),
                    "verdicts": json.dumps(result["verdicts"]),
                    "accuracies": json.dumps(result["accuracies"]),
                    "ingredients": ",".join(result["ingredients"]),
@@ -169,6 +177,41 @@ def logits(args) -> None:
                   f"differ", flush=True)
 
 
+def calibration_zoo(seed: int, work: Path) -> Path:
+    """The shipped zoo's recipe with another seed, on the shipped pretrained model (as the
+    calibration's zoos share theirs), built once under `work`."""
+    from raysoup.tools.zoo import ZooConfig, build_zoo
+    shipped = default_zoo()
+    manifest = json.loads((shipped / "manifest.json").read_text())
+    if seed == manifest["config"]["seed"]:
+        return shipped
+    zoo = work / f"zoo-seed{seed}"
+    (zoo / "ingredients").mkdir(parents=True, exist_ok=True)
+    shutil.copy(shipped / "pretrained.safetensors", zoo / "pretrained.safetensors")
+    # The pretrained model's record, as a build leaves it: a finished step, not redone.
+    (zoo / "pretrained.safetensors.json").write_text(json.dumps(manifest["pretrained"]))
+    return build_zoo(zoo, ZooConfig.from_dict({**manifest["config"], "seed": seed}))
+
+
+def sensitivity(args) -> None:
+    """On the calibration zoos: how many of ManifoldMix's verdicts were a tie or one
+    validation image (portable numerics, the demo's settings)."""
+    where = machine(args.allow_dirty)
+    args.work.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        zoo = calibration_zoo(seed, args.work)
+        with tempfile.TemporaryDirectory(prefix="raysoup-sensitivity-") as tmp:
+            result = run_manifold_mix(zoo, "portable", "this", Path(tmp))
+        verdicts = sum(v is not None for v in result["verdicts"])
+        close = result["close_decisions"]
+        row = {**where, "zoo_seed": seed, "verdicts": verdicts, "ties": close["tie"],
+               "one_image": close["one image"], "ingredients": ",".join(result["ingredients"]),
+               "val": result["val"], "evaluations": result["evaluations"]}
+        append_result("numerics_sensitivity", row)
+        print(f"zoo seed {seed}: {verdicts} verdicts after a pass, {close['tie']} by a tie, "
+              f"{close['one image']} by one image; kept {row['ingredients']}", flush=True)
+
+
 THROUGHPUT_PROBE = """
 import os, sys, time
 from raysoup.numerics import runtime_env
@@ -225,6 +268,11 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS),
                    help="NUMERICS:MACHINE; each is compared with the first of its numerics")
     p.set_defaults(func=logits)
+    p = sub.add_parser("sensitivity")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--work", type=Path, default=Path("runs/numerics"),
+                   help="the calibration zoos (large; not committed)")
+    p.set_defaults(func=sensitivity)
     p = sub.add_parser("throughput")
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=throughput)
