@@ -170,7 +170,20 @@ def test_tampered_set_fails_its_check(tiny_text_zoo, tmp_path):
 @pytest.mark.skipif(not (SHIPPED_TEXT_ZOO / "manifest.json").is_file(),
                     reason="no shipped text zoo")
 def test_shipped_text_zoo_installs(tmp_path):
-    """Its sets, made on this machine from the fortunes package, match its sha256."""
+    """Its sets, made on this machine from the fortunes package, match its sha256, and its
+    pretrained model scores on val what the manifest recorded (to a row: CPU float sums
+    may differ across machines)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from raysoup.inputs.pool import file_sha256
+    from raysoup.tools.text_zoo import correct, encode
+
     zoo = install_shipped_text_zoo(tmp_path / "zoo")
     manifest = json.loads((zoo / "manifest.json").read_text())
     assert len(manifest["ingredients"]) == 12
+    for entry in [manifest["pretrained"], *manifest["ingredients"]]:
+        assert file_sha256(zoo / entry["file"] / "model.safetensors") == entry["sha256"]
+    val = read_text_set(zoo / manifest["eval_sets"]["val"]["file"])
+    tokenizer = AutoTokenizer.from_pretrained(zoo / manifest["model"]["path"])
+    model = AutoModelForSequenceClassification.from_pretrained(zoo / "pretrained")
+    acc = correct(model, encode(tokenizer, val.texts), val.labels).mean()
+    assert abs(acc - manifest["pretrained"]["val_acc"]) <= 1.5 / len(val)

@@ -67,8 +67,8 @@ class TextZooConfig:
     # log-uniform); `token_dropout` drops each word piece of a training text with that
     # chance (augmentation; the word_dropout shift drops whole words at 0.3).
     finetune_data_fraction: float = 0.35
-    finetune_epochs: tuple[float, float] = (2.0, 4.0)
-    finetune_lr: tuple[float, float] = (2e-4, 6e-4)
+    finetune_epochs: tuple[float, float] = (3.0, 6.0)
+    finetune_lr: tuple[float, float] = (5e-4, 1.5e-3)
     finetune_weight_decay: tuple[float, float] = (0.0, 0.1)
     finetune_label_smoothing: tuple[float, float] = (0.0, 0.1)
     finetune_token_dropout: tuple[float, float] = (0.0, 0.15)
@@ -101,6 +101,10 @@ def train_tokenizer(texts: list[str], config: TextZooConfig):
     tok.decoder = decoders.WordPiece()
     tok.train_from_iterator(texts, WordPieceTrainer(vocab_size=config.vocab_size,
                                                     special_tokens=list(SPECIALS)))
+    # The trainer numbers pieces of equal count in no fixed order; greedy WordPiece only
+    # needs the set, so number it in a fixed order (specials first, then sorted).
+    pieces = [*SPECIALS, *sorted(set(tok.get_vocab()) - set(SPECIALS))]
+    tok.model = models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="[UNK]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)])
     return PreTrainedTokenizerFast(
@@ -251,8 +255,9 @@ def write_text_eval_sets(out: Path, config: TextZooConfig, root: Path | None = N
 
 
 def build_text_zoo(out: Path, config: TextZooConfig, root: Path | None = None) -> Path:
-    """Build a text zoo in `out` (a finished one is kept); deterministic for a config on
-    one machine (CPU float sums differ across CPU models and thread counts)."""
+    """Build a text zoo in `out` (a finished one is kept). Not bitwise repeatable: the
+    tokenizer trainer breaks ties at the vocabulary's cut in no fixed order (a word piece
+    or two differ between runs), and CPU float sums differ across CPU models."""
     from transformers import BertForMaskedLM, BertForSequenceClassification
 
     out = Path(out)
