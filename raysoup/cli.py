@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("--out", type=Path, required=True, help="output .safetensors")
     zs.set_defaults(func=_zeroshot)
 
-    zoo = command("zoo", help="the Fashion-MNIST testbed").add_subparsers(
+    zoo = command("zoo", help="the testbeds (Fashion-MNIST; --text: fortunes)").add_subparsers(
         dest="zoo_command", required=True)
     build = zoo.add_parser("build", parents=[verbosity], help="build (or finish) a zoo; cached and deterministic")
     build.add_argument("--out", type=Path, required=True)

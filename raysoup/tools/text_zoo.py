@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import stats
 from ..errors import RaysoupError
 from ..inputs import text_data
 from ..inputs.pool import file_sha256, write_json
@@ -82,10 +83,10 @@ class TextZooConfig:
 
 
 # A zoo of seconds, for tests.
-TINY_TEXT_ZOO = TextZooConfig(ingredients=3, train_size=400, eval_size=60, vocab_size=300,
+TINY_TEXT_ZOO = TextZooConfig(ingredients=3, train_size=600, eval_size=100, vocab_size=300,
                               hidden_size=32, intermediate_size=64, max_length=48,
-                              mlm_epochs=0.5, pretrain_epochs=1.0,
-                              finetune_epochs=(0.5, 1.0))
+                              mlm_epochs=0.5, pretrain_epochs=10.0, pretrain_lr=5e-3,
+                              finetune_epochs=(1.0, 2.0), finetune_lr=(1e-3, 3e-3))
 
 
 def train_tokenizer(texts: list[str], config: TextZooConfig):
@@ -352,8 +353,9 @@ def _load(path: Path):
 
 def calibrate(zoo: Path, manifest: dict) -> dict:
     """Accuracy per set of the pretrained model, the best ingredient (by val) and the
-    uniform soup: a stand-alone check that the zoo is worth souping (the run path
-    evaluates through the model families)."""
+    uniform soup, and the soup's paired difference to the best ingredient (stats.compare):
+    a stand-alone check that the zoo is worth souping (the run path evaluates through the
+    model families)."""
     from transformers import AutoTokenizer
 
     zoo = Path(zoo)
@@ -366,11 +368,17 @@ def calibrate(zoo: Path, manifest: dict) -> dict:
     soup = _load(zoo / manifest["pretrained"]["file"])
     soup.load_state_dict({k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
                           for k, v in states[0].items()})
+    best_label = f"best ingredient ({best['name']})"
     models = {"pretrained": _load(zoo / manifest["pretrained"]["file"]),
-              f"best ingredient ({best['name']})": _load(zoo / best["file"]),
-              "uniform soup": soup}
-    return {label: {name: float(correct(m, *encoded[name]).mean()) for name in sets}
+              best_label: _load(zoo / best["file"]), "uniform soup": soup}
+    hits = {label: {name: correct(m, *encoded[name]) for name in sets}
             for label, m in models.items()}
+    out = {label: {name: float(h.mean()) for name, h in per_set.items()}
+           for label, per_set in hits.items()}
+    shifted = [name for name in sets if name not in ("val", "id")]
+    out["uniform soup - best ingredient"] = stats.compare(hits["uniform soup"],
+                                                          hits[best_label], shifted)
+    return out
 
 
 def install_shipped_text_zoo(out: Path, shipped: Path = SHIPPED_TEXT_ZOO,
