@@ -7,15 +7,24 @@ import re
 import shutil
 
 import numpy as np
-import pytest
 import pyarrow as pa
+import pytest
 
 from raysoup.errors import RaysoupError
 from raysoup.inputs import text_data
-from raysoup.inputs.text_data import (TextSet, make_shift, read_text_set, text_content_sha256,
-                                      write_text_set)
-from raysoup.tools.text_zoo import (SHIPPED_TEXT_ZOO, TINY_TEXT_ZOO, build_text_zoo,
-                                    install_shipped_text_zoo)
+from raysoup.inputs.text_data import (
+    TextSet,
+    make_shift,
+    read_text_set,
+    text_content_sha256,
+    write_text_set,
+)
+from raysoup.tools.text_zoo import (
+    SHIPPED_TEXT_ZOO,
+    TINY_TEXT_ZOO,
+    build_text_zoo,
+    install_shipped_text_zoo,
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +55,7 @@ def test_typos_only_swap_or_drop(texts):
     for before, after in zip(texts, shifted):
         assert len(after) <= len(before)
         assert sorted(after) == sorted(before) or len(after) < len(before)
-        # each character survives with chance 1 - rate/2 at least (drops only), so a text
-        # keeps most of its length
+        # a character is dropped with chance about TYPO_RATE / 2: a text keeps most of it
         assert len(after) >= 0.8 * len(before) - 3
         changed += after != before
     assert changed > 0.8 * len(texts)
@@ -111,6 +119,7 @@ def tiny_text_zoo(tmp_path_factory):
 
 def test_tiny_build_loads_offline_with_transformers(tiny_text_zoo):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     from raysoup.inputs.pool import file_sha256
 
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
@@ -174,6 +183,7 @@ def test_shipped_text_zoo_installs(tmp_path):
     pretrained model scores on val what the manifest recorded (to a row: CPU float sums
     may differ across machines)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     from raysoup.inputs.pool import file_sha256
     from raysoup.tools.text_zoo import correct, encode
 

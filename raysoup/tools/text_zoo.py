@@ -78,7 +78,7 @@ class TextZooConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TextZooConfig":
+    def from_dict(cls, d: dict) -> TextZooConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
@@ -161,7 +161,8 @@ def drop_tokens(row: list[int], rate: float, rng: np.random.Generator) -> list[i
 
 
 def mask_tokens(ids: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT's masking: 15% of the real tokens predicted; of those 80% [MASK], 10% random."""
+    """BERT's masking: 15% of the real tokens predicted; of those 80% [MASK], 10% a random
+    word piece (up to the batch's largest id), 10% kept."""
     special = (ids == PAD) | (ids == CLS) | (ids == SEP)
     chosen = (torch.rand(ids.shape, generator=gen) < 0.15) & ~special
     labels = torch.where(chosen, ids, torch.full_like(ids, -100))
