@@ -126,7 +126,8 @@ def test_tiny_build_loads_offline_with_transformers(tiny_text_zoo):
     manifest = json.loads((tiny_text_zoo / "manifest.json").read_text())
     model = manifest["model"]
     assert model == {"family": "transformers", "task": "sequence-classification",
-                     "path": "pretrained", "num_classes": len(text_data.CLASSES)}
+                     "path": "pretrained", "num_classes": len(text_data.CLASSES),
+                     "max_length": TINY_TEXT_ZOO.max_length}
     assert len(manifest["ingredients"]) == TINY_TEXT_ZOO.ingredients
     tokenizer = AutoTokenizer.from_pretrained(tiny_text_zoo / model["path"])
     batch = tokenizer(["Hello world", "A second, longer text"], padding=True,

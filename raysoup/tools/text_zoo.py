@@ -336,7 +336,8 @@ def build_text_zoo(out: Path, config: TextZooConfig, root: Path | None = None) -
         manifest = {
             "format": TEXT_ZOO_FORMAT, "config": config.to_dict(),
             "model": {"family": "transformers", "task": "sequence-classification",
-                      "path": "pretrained", "num_classes": len(text_data.CLASSES)},
+                      "path": "pretrained", "num_classes": len(text_data.CLASSES),
+                      "max_length": config.max_length},  # as trained: evaluate so too
             "classes": list(text_data.CLASSES),
             "pretrained": pretrained, "ingredients": ingredients, "eval_sets": eval_files,
             "build_seconds": round(time.time() - t0, 1)}
