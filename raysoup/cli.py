@@ -82,11 +82,17 @@ def _zeroshot(args: argparse.Namespace) -> None:
 
 
 def _zoo_build(args: argparse.Namespace) -> None:
-    from .tools.zoo import QUICK_ZOO, ZooConfig, build_zoo, with_overrides
-    base = QUICK_ZOO if args.quick else ZooConfig()
     if args.ingredients is not None and args.ingredients < 2:
         raise RaysoupError(f"--ingredients must be at least 2, got {args.ingredients}")
-    build_zoo(args.out, with_overrides(base, ingredients=args.ingredients, seed=args.seed))
+    if args.text:
+        from .tools.text_zoo import TINY_TEXT_ZOO, TextZooConfig, build_text_zoo, with_overrides
+        base = TINY_TEXT_ZOO if args.quick else TextZooConfig()
+        build_text_zoo(args.out, with_overrides(base, ingredients=args.ingredients,
+                                                seed=args.seed))
+    else:
+        from .tools.zoo import QUICK_ZOO, ZooConfig, build_zoo, with_overrides
+        base = QUICK_ZOO if args.quick else ZooConfig()
+        build_zoo(args.out, with_overrides(base, ingredients=args.ingredients, seed=args.seed))
     print(f"[zoo] ready: {args.out}/manifest.json")
 
 
@@ -183,13 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("--out", type=Path, required=True, help="output .safetensors")
     zs.set_defaults(func=_zeroshot)
 
-    zoo = command("zoo", help="the Fashion-MNIST testbed").add_subparsers(
+    zoo = command("zoo", help="the testbeds (Fashion-MNIST; --text: fortunes)").add_subparsers(
         dest="zoo_command", required=True)
     build = zoo.add_parser("build", parents=[verbosity], help="build (or finish) a zoo; cached and deterministic")
     build.add_argument("--out", type=Path, required=True)
     build.add_argument("--ingredients", type=int)
     build.add_argument("--seed", type=int)
-    build.add_argument("--quick", action="store_true", help="the smaller zoo used by demo --quick")
+    build.add_argument("--quick", action="store_true", help="the smaller zoo used by demo "
+                       "--quick (with --text: a tiny text zoo of seconds)")
+    build.add_argument("--text", action="store_true", help="the fortunes text testbed "
+                       "(docs/text_testbed.md)")
     build.set_defaults(func=_zoo_build)
     return parser
 
