@@ -13,7 +13,8 @@ from .errors import RaysoupError
 
 def _demo(args: argparse.Namespace) -> None:
     from .tools.demo import run_demo
-    run_demo(out=args.out, quick=args.quick, zoo_dir=args.zoo, verify_sha256=not args.no_verify)
+    run_demo(out=args.out, quick=args.quick, zoo_dir=args.zoo, verify_sha256=not args.no_verify,
+             text=args.text)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -112,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command("demo", help="run every method on the embedded Fashion-MNIST zoo")
     demo.add_argument("--out", type=Path, help="run directory (default: a fresh runs/demo-*)")
     demo.add_argument("--quick", action="store_true", help="smaller zoo and budget (smoke run)")
+    demo.add_argument("--text", action="store_true", help="the shipped fortunes text zoo "
+                      "(a tiny BERT and 12 fine-tunes; docs/text_testbed.md)")
     demo.add_argument("--zoo", type=Path, help="zoo directory (default: the shipped zoo, "
                       "installed into the cache)")
     demo.add_argument("--no-verify", action="store_true", help="use zoo files whose sha256 "

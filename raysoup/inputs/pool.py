@@ -189,8 +189,15 @@ class Ingredient:
     sha256: str | None = None  # recorded in the manifest: checked before use
 
 
+# A save_pretrained folder's weights: what a folder ingredient's recorded sha256 covers.
+FOLDER_WEIGHTS = "model.safetensors"
+
+
 def check_sha256(path: str, expected: str, what: str) -> None:
-    """Refuse a file whose bytes are not the ones the manifest recorded."""
+    """Refuse a file (or a model folder's weights file) whose bytes are not the ones the
+    manifest recorded."""
+    if not storage.is_uri(path) and Path(path).is_dir():
+        path = str(Path(path) / FOLDER_WEIGHTS)
     if not storage.is_file(path):
         raise CheckpointError(f"{what} {path}: no such file")
     if storage.is_uri(path):

@@ -65,11 +65,27 @@ def demo_zoo(quick: bool = False, zoo_dir: Path | None = None) -> Path:
     return zoo_dir
 
 
+def shipped_text_zoo_dir() -> Path:
+    """The shipped fortunes text zoo, installed into the cache on first use."""
+    from .text_zoo import SHIPPED_TEXT_ZOO, install_shipped_text_zoo
+    digest = hashlib.sha256((SHIPPED_TEXT_ZOO / "manifest.json").read_bytes()).hexdigest()
+    zoo_dir = cache_dir() / f"text-testbed-{digest[:12]}"
+    if not (zoo_dir / "manifest.json").is_file():
+        logger.info(f"[zoo] installing the shipped text zoo in {zoo_dir}")
+    return install_shipped_text_zoo(zoo_dir)
+
+
 def run_demo(out: Path | None = None, quick: bool = False, zoo_dir: Path | None = None,
-             verify_sha256: bool = True) -> dict:
+             verify_sha256: bool = True, text: bool = False) -> dict:
+    """Every method on the shipped image zoo, or with `text` on the shipped text zoo."""
+    if text and zoo_dir is None:
+        if quick:
+            raise RaysoupError("raysoup demo --text has no --quick: the shipped text zoo is "
+                               "the small one")
+        zoo_dir = shipped_text_zoo_dir()
     zoo_dir = demo_zoo(quick, zoo_dir)
     budget = QUICK_EVALS_PER_COMPONENT if quick else DEMO_EVALS_PER_COMPONENT
     config = RunConfig(PoolConfig(str(zoo_dir), verify_sha256), fresh_run_dir(out),
                        ManifoldMixConfig(evals_per_component=budget), DEMO_RESOURCES,
                        methods=DEMO_METHODS, report_ingredients=True)
-    return execute(config, extra={"quick": quick})
+    return execute(config, extra={"quick": quick, "text": text})
