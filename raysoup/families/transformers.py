@@ -51,6 +51,7 @@ def _hf():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a folder on disk; never the Hub
     import transformers
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # a bar per ingredient load, in every actor
     return transformers
 
 
