@@ -304,7 +304,7 @@ def test_no_model_is_built_outside_the_evaluators(soup_zoo, tmp_path):
     path.write_text(f"methods = {sorted(METHODS)}\nreport_ingredients = true\n" +
                     path.read_text() + "[task_arithmetic]\nbudget = 3\nsearch_dare = true\n"
                     "[ties_merging]\nbudget = 3\ndare = 0.2\n[tsv_merge]\nbudget = 3\n"
-                    "[iso_c]\nbudget = 3\n[learned_soup]\nepochs = 1\n")
+                    "[iso_c]\nbudget = 3\n[iso_cts]\nbudget = 3\n[learned_soup]\nepochs = 1\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", EVALUATORS_ONLY: "1"}
     probe = subprocess.run([sys.executable, "-c", "from raysoup.inputs.model import build_classifier,"
                             " ModelSpec; build_classifier(ModelSpec())"], env=env,
@@ -316,7 +316,7 @@ def test_no_model_is_built_outside_the_evaluators(soup_zoo, tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert set(report["methods"]) == set(METHODS)
     assert all(report["methods"][m]["evaluations"] == 3
-               for m in ("task_arithmetic", "ties_merging", "tsv_merge", "iso_c"))
+               for m in ("task_arithmetic", "ties_merging", "tsv_merge", "iso_c", "iso_cts"))
     assert set(report["methods"]["task_arithmetic"]["knobs"]) == {"lambda", "dare"}
     assert report["methods"]["ties_merging"]["config"]["dare"] == 0.2
     assert set(report["methods"]["tsv_merge"]["knobs"]) == {"alpha"}

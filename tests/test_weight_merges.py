@@ -15,7 +15,8 @@ from raysoup.errors import RaysoupError
 from raysoup.inputs.pool import IngredientPool, load_pretrained
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
 from raysoup.methods.dare import drop_and_rescale, entry_draws
-from raysoup.methods.iso_c import IsoCConfig, iso_c_delta
+from raysoup.methods.iso_c import (IsoCConfig, IsoCtsConfig, common_size, iso_c_delta,
+                                   iso_cts_delta)
 from raysoup.methods.merged_delta import delta_mixer
 from raysoup.methods.task_arithmetic import (TaskArithmeticConfig, TaskArithmeticMixer,
                                              task_arithmetic_merge)
@@ -93,6 +94,7 @@ def test_ties_with_dare_drops_and_rescales_before_trimming():
      r"ties_merging.dare_bounds must be \[lower, upper\] with 0 <= lower < upper <= 0.99"),
     (lambda: TsvMergeConfig(scale_bounds=(1.0, 1.0)), "tsv_merge.scale_bounds"),
     (lambda: IsoCConfig(budget=0), "iso_c.budget must be >= 1"),
+    (lambda: IsoCtsConfig(common_space_fraction=0.0), "iso_cts.common_space_fraction"),
 ])
 def test_bad_settings_are_refused_by_name(config, message):
     with pytest.raises(RaysoupError, match=message):
@@ -207,6 +209,62 @@ def test_iso_c_matches_the_authors_formula_on_random_matrices():
     np.testing.assert_allclose(s, s.mean())
 
 
+def numpy_iso_cts(w0: dict, ingredients: list[dict], fraction: float) -> dict:
+    """The authors' iso_cts, in numpy: a common subspace from the sum's top singular vectors,
+    each task's top vectors of what it leaves, orthogonalised together, a flat spectrum."""
+    out, n = {}, len(ingredients)
+    for key, base in w0.items():
+        taus = [sd[key].double().numpy() - base.double().numpy() for sd in ingredients]
+        if base.dim() != 2:
+            out[key] = sum(taus) / n
+            continue
+        r = min(base.shape)
+        c = int(r * fraction)
+        c = r - round((r - c) / n) * n
+        u, s, v = np.linalg.svd(sum(taus), full_matrices=False)
+        per_task = int((r - c) / n)
+        cu, cs, cv = np.zeros((base.shape[0], r)), np.zeros(r), np.zeros((r, base.shape[1]))
+        for i, tau in enumerate(taus):
+            u_ts, s_ts, v_ts = np.linalg.svd(tau - u[:, :c] @ u[:, :c].T @ tau,
+                                             full_matrices=False)
+            cu[:, i * per_task:(i + 1) * per_task] = u_ts[:, :per_task]
+            cs[i * per_task:(i + 1) * per_task] = s_ts[:per_task]
+            cv[i * per_task:(i + 1) * per_task] = v_ts[:per_task]
+        cu[:, n * per_task:n * per_task + c], cs[n * per_task:n * per_task + c] = u[:, :c], s[:c]
+        cv[n * per_task:n * per_task + c] = v[:c]
+        uu, _, vu = np.linalg.svd(cu, full_matrices=False)
+        uv, _, vv = np.linalg.svd(cv, full_matrices=False)
+        out[key] = (uu @ vu) @ np.diag(np.full(r, cs.mean())) @ (uv @ vv)
+    return out
+
+
+def test_iso_cts_matches_the_authors_formula_on_random_matrices():
+    """Fraction 0.4 of r = 5 and 4 with T = 3 tasks: common c = 2 and 1, one task-specific
+    vector per task (the sizes worked by hand below)."""
+    assert (common_size(5, 3, 0.4), common_size(4, 3, 0.4)) == (2, 1)
+    gen = torch.Generator().manual_seed(11)
+    shapes = {"w": (6, 5), "v": (4, 7), "b": (5,)}
+    w0 = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    ingredients = [{k: v + torch.randn(v.shape, generator=gen) for k, v in w0.items()}
+                   for _ in range(3)]
+    delta = iso_cts_delta(memory_context(w0, *ingredients), 0.4)
+    expected = numpy_iso_cts(w0, ingredients, 0.4)
+    for key in shapes:
+        np.testing.assert_allclose(delta[key].numpy(), expected[key], rtol=1e-10, atol=1e-12)
+    # at fraction 1 every vector is common: Iso-C
+    whole = iso_cts_delta(memory_context(w0, *ingredients), 1.0)
+    iso = iso_c_delta(memory_context(w0, *ingredients))
+    assert not np.allclose(delta["w"].numpy(), iso["w"].numpy())
+    for key in shapes:
+        torch.testing.assert_close(whole[key], iso[key])
+
+
+def test_iso_cts_common_size_never_rounds_past_the_rank():
+    # r = 3, T = 2, f = 0.1: (3 - 0) / 2 rounds to 2, 2 x 2 > 3, so one vector less per task
+    assert common_size(3, 2, 0.1) == 1
+    assert common_size(2, 4, 0.8) == 2 and common_size(768, 8, 0.8) == 616
+
+
 class WatchedPool(MemoryPool):
     """Records, at each load, how many earlier loads still have a tensor alive."""
 
@@ -222,13 +280,14 @@ class WatchedPool(MemoryPool):
         return sd
 
 
-@pytest.mark.parametrize("delta", [tsv_delta, iso_c_delta])
-def test_the_svd_merges_read_one_ingredient_at_a_time(delta):
+@pytest.mark.parametrize("delta, reads", [(tsv_delta, 4), (iso_c_delta, 4),
+                                          (lambda ctx: iso_cts_delta(ctx, 0.5), 8)])
+def test_the_svd_merges_read_one_ingredient_at_a_time(delta, reads):
     w0 = {"w": torch.zeros(4, 4), "b": torch.zeros(4)}
     ingredients = [{"w": torch.randn(4, 4), "b": torch.randn(4)} for _ in range(4)]
     ctx = memory_context(w0, *ingredients, pool=WatchedPool)
     delta(ctx)
-    assert ctx.pool.alive == [0, 0, 0, 0]
+    assert ctx.pool.alive == [0] * reads
 
 
 # Through the registry, on the tiny zoo, knobs searched on val
@@ -246,6 +305,7 @@ def context(tiny_zoo):
 @pytest.mark.parametrize("name, config, bounds", [
     ("tsv_merge", TsvMergeConfig(budget=4), {"alpha": (0.0, 2.0)}),
     ("iso_c", IsoCConfig(budget=4), {"alpha": (0.0, 2.0)}),
+    ("iso_cts", IsoCtsConfig(budget=4), {"alpha": (0.0, 2.0)}),
     ("task_arithmetic", TaskArithmeticConfig(budget=4, search_dare=True, dare=0.3),
      {"lambda": (0.0, 1.0), "dare": (0.0, 0.9)}),
     ("ties_merging", TiesMergingConfig(budget=4, search_dare=True, dare=0.3),
@@ -270,6 +330,8 @@ def test_each_new_method_runs_behind_the_registry(context, name, config, bounds)
     expected = {
         "tsv_merge": lambda: delta_mixer([context.pretrained, stored(tsv_delta)], x, None),
         "iso_c": lambda: delta_mixer([context.pretrained, stored(iso_c_delta)], x, None),
+        "iso_cts": lambda: delta_mixer([context.pretrained, stored(
+            lambda ctx: iso_cts_delta(ctx, 0.8))], x, None),
         "task_arithmetic": lambda: TaskArithmeticMixer()([context.pretrained, *models], x,
                                                          None),
         "ties_merging": lambda: TiesMixer()([context.pretrained, *models], x, None),
