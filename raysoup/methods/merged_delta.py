@@ -1,5 +1,5 @@
-"""What the SVD merges (TSV-M, Iso-C) share: they build one merged task vector, streamed
-over the pool, and then choose its global scale alpha on val with the run's search, as
+"""What the SVD merges (TSV-M, Iso-C, Iso-CTS) share: they build one merged task vector,
+streamed over the pool, then choose its global scale alpha on val with the run's search, as
 task arithmetic chooses lambda: w = w_0 + alpha * delta."""
 
 from __future__ import annotations
