@@ -320,6 +320,8 @@ def test_no_model_is_built_outside_the_evaluators(soup_zoo, tmp_path):
     assert set(report["methods"]["task_arithmetic"]["knobs"]) == {"lambda", "dare"}
     assert report["methods"]["ties_merging"]["config"]["dare"] == 0.2
     assert set(report["methods"]["tsv_merge"]["knobs"]) == {"alpha"}
+    # one Fisher pass over val per ingredient, on the evaluators
+    assert report["methods"]["fisher_merging"]["evaluations"] == len(report["ranking"])
     assert report["methods"]["learned_soup"]["betas"]
     assert all(r["vs"]["best_individual"]["val"]["p"] is not None
                for n, r in report["methods"].items() if n != "best_individual")
