@@ -392,8 +392,8 @@ def test_fisher_is_the_mean_squared_per_image_gradient_of_the_sampled_label(tiny
             for k, p in model.named_parameters():
                 expected[k] += p.grad.double().square()
     assert set(total) == set(expected)
-    for k in expected:
-        np.testing.assert_allclose(total[k], expected[k].numpy(), rtol=1e-4, atol=1e-10)
+    for k, value in expected.items():
+        np.testing.assert_allclose(total[k], value.numpy(), rtol=1e-4, atol=1e-10)
 
 
 def test_fisher_merging_runs_behind_the_registry(context, tiny_zoo):

@@ -10,8 +10,8 @@ paper's per-model coefficients are all 1); F_i is floored at `floor` (a paramete
 ingredient's Fisher reaches gets the plain average). The Fisher of each ingredient is
 computed on the evaluators, each over its validation shard, and summed in the driver: one
 pass over val per ingredient, counted as one evaluation each. Float buffers (no gradient)
-are averaged; non-float tensors keep ingredient 0's values. Streamed: one ingredient and its Fisher are resident at a time,
-beside the two running sums."""
+are averaged; non-float tensors keep ingredient 0's values. Streamed: one ingredient and
+its Fisher are resident at a time, beside the two running sums."""
 
 from __future__ import annotations
 

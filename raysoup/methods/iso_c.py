@@ -28,8 +28,8 @@ from typing import Annotated, ClassVar
 import torch
 from pydantic import Field
 
-from .base import MethodResult, SoupContext, register
 from ..errors import RaysoupError
+from .base import MethodResult, SoupContext, register
 from .merged_delta import ScaleSearch, is_matrix, polar, task_vectors, tune_scale
 
 
