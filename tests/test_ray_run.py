@@ -355,8 +355,9 @@ def test_no_model_is_built_outside_the_evaluators(soup_zoo, tmp_path):
     from raysoup.inputs.model import EVALUATORS_ONLY
     path = write_config(tmp_path / "run.toml", soup_zoo, "out")
     path.write_text(f"methods = {sorted(METHODS)}\nreport_ingredients = true\n" +
-                    path.read_text() + "[task_arithmetic]\nbudget = 3\n[ties_merging]\n"
-                    "budget = 3\n[learned_soup]\nepochs = 1\n")
+                    path.read_text() + "[task_arithmetic]\nbudget = 3\nsearch_dare = true\n"
+                    "[ties_merging]\nbudget = 3\ndare = 0.2\n[tsv_merge]\nbudget = 3\n"
+                    "[iso_c]\nbudget = 3\n[iso_cts]\nbudget = 3\n[learned_soup]\nepochs = 1\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", EVALUATORS_ONLY: "1"}
     probe = subprocess.run([sys.executable, "-c", "from raysoup.inputs.model import build_classifier,"
                             " ModelSpec; build_classifier(ModelSpec())"], env=env,
@@ -367,7 +368,13 @@ def test_no_model_is_built_outside_the_evaluators(soup_zoo, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert set(report["methods"]) == set(METHODS)
-    assert report["methods"]["ties_merging"]["evaluations"] == 3
+    assert all(report["methods"][m]["evaluations"] == 3
+               for m in ("task_arithmetic", "ties_merging", "tsv_merge", "iso_c", "iso_cts"))
+    assert set(report["methods"]["task_arithmetic"]["knobs"]) == {"lambda", "dare"}
+    assert report["methods"]["ties_merging"]["config"]["dare"] == 0.2
+    assert set(report["methods"]["tsv_merge"]["knobs"]) == {"alpha"}
+    # one Fisher pass over val per ingredient, on the evaluators
+    assert report["methods"]["fisher_merging"]["evaluations"] == len(report["ranking"])
     assert report["methods"]["learned_soup"]["betas"]
     assert all(r["vs"]["best_individual"]["val"]["p"] is not None
                for n, r in report["methods"].items() if n != "best_individual")

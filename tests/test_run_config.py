@@ -188,7 +188,8 @@ def test_a_report_set_of_another_image_size_is_refused_naming_it(tiny_zoo, tmp_p
     assert not ray.is_initialized()
 
 
-@pytest.mark.parametrize("method", ["model_stock", "task_arithmetic", "ties_merging"])
+@pytest.mark.parametrize("method", ["model_stock", "task_arithmetic", "ties_merging",
+                                    "tsv_merge", "iso_c", "iso_cts"])
 def test_a_method_that_needs_pretrained_refuses_a_pool_without_it(tiny_zoo, tmp_path, method):
     zoo = tmp_path / "zoo"
     shutil.copytree(tiny_zoo, zoo)

@@ -132,3 +132,14 @@ class EvaluatorPool:
         all of val."""
         refs = [ray.put(to_numpy(m)) for m in models]
         return ray.get(self.actors[0].learn_soup.remote(refs, config))
+
+    def fisher(self, state_dict: StateDict, config) -> dict[str, np.ndarray]:
+        """The diagonal Fisher of a model on all of val: each actor's sum over its shard
+        (one actor's, when each holds all of val), added up and divided by the rows."""
+        ref = ray.put(to_numpy(state_dict))
+        actors = self.actors if self.evaluators.mode == "sharded" else self.actors[:1]
+        with timeout_as_error(self.evaluators.timeout_s, "the Fisher of a model on val"):
+            parts = ray.get([a.fisher.remote(ref, config) for a in actors],
+                            timeout=self.evaluators.timeout_s)
+        rows = sum(n for _, n in parts)
+        return {k: sum(p[k] for p, _ in parts) / rows for k in parts[0][0]}

@@ -140,6 +140,15 @@ class EvaluatorActor:
         models = [from_numpy(m) for m in ray.get(list(model_refs))]
         return learn_mixing_logits(self.whole_val, VAL, models, self.components, config)
 
+    def fisher(self, model: dict, config) -> tuple[dict, int]:
+        """The summed squared per-image gradients of a model (numpy arrays, resolved by Ray
+        from the object store) over this actor's validation shard, and its row count
+        (Fisher merging; the driver sums the shards)."""
+        from ..methods.fisher_merging import fisher_sum
+        from ..mixing import from_numpy
+        self.loaded = ((), None)  # the evaluator's weights change under the mixing cache
+        return fisher_sum(self.evaluator, VAL, from_numpy(model), config, self.shard)
+
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class ResidentModels:

@@ -66,6 +66,9 @@ class SoupContext:
     # Learns per-(ingredient, component) mixing logits and a logit scale by gradient on
     # the validation split (learned soup): on Ray, in one evaluator actor; in-process in tests.
     learner: Callable[[Sequence[StateDict], object], tuple[np.ndarray, float]] | None = None
+    # The diagonal Fisher of a model on val, per float parameter, from the evaluators
+    # (Fisher merging): on Ray, each over its shard, summed; in-process in tests.
+    fisher: Callable[[StateDict, object], dict[str, np.ndarray]] | None = None
 
     @classmethod
     def rank(cls, pool: IngredientPool, judge: ValidationJudge, **rest) -> "SoupContext":

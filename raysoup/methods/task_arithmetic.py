@@ -1,6 +1,7 @@
 """Task arithmetic (Ilharco et al. 2023, arXiv 2212.04089): add the sum of the task vectors
 tau_i = w_i - w_0 to the pretrained weights, scaled by lambda; lambda is chosen on val by
-the run's search (Tune + nevergrad on the evaluator pool)."""
+the run's search (Tune + nevergrad on the evaluator pool). With `dare` > 0 each task vector
+is first dropped and rescaled (DARE, raysoup/methods/dare.py); its p may be searched too."""
 
 from __future__ import annotations
 
@@ -13,37 +14,48 @@ import numpy as np
 from ..components import Components
 from ..mixing import StateDict
 from .base import KnobSearch, MethodResult, SoupContext, register, tune_knobs
+from .dare import DareKnobs, drop_and_rescale
 
 
 def task_arithmetic_merge(pretrained: StateDict, ingredients: Sequence[StateDict],
-                          scale: float) -> StateDict:
-    """w_0 + lambda * sum_i (w_i - w_0), in float64; non-float tensors keep w_0's values."""
+                          scale: float, dare: float = 0.0, dare_seed: int = 0) -> StateDict:
+    """w_0 + lambda * sum_i DARE_p(w_i - w_0), in float64 (DARE off at p = 0); non-float
+    tensors keep w_0's values."""
     merged: StateDict = {}
     for key, base in pretrained.items():
         if not base.is_floating_point():
             merged[key] = base.clone()
             continue
         w0 = base.double()
-        total = sum(sd[key].double() - w0 for sd in ingredients)
+        total = sum(drop_and_rescale(sd[key].double() - w0, dare, dare_seed, i, key)
+                    for i, sd in enumerate(ingredients))
         merged[key] = (w0 + scale * total).to(base.dtype)
     return merged
 
 
-def task_arithmetic_mixer(models: Sequence[StateDict], x: np.ndarray,
-                          components: Components) -> StateDict:
-    """models = [pretrained, *ingredients]; x = [lambda]."""
-    return task_arithmetic_merge(models[0], models[1:], float(x[0]))
+@dataclass(frozen=True)
+class TaskArithmeticMixer:
+    """models = [pretrained, *ingredients]; x = [lambda], or [lambda, p] when DARE's p is
+    searched (else p = `dare`)."""
+    dare: float = 0.0
+    dare_seed: int = 0
+
+    def __call__(self, models: Sequence[StateDict], x: np.ndarray,
+                 components: Components) -> StateDict:
+        p = float(x[1]) if len(x) > 1 else self.dare
+        return task_arithmetic_merge(models[0], models[1:], float(x[0]), p, self.dare_seed)
 
 
 @dataclass(frozen=True)
-class TaskArithmeticConfig(KnobSearch):
+class TaskArithmeticConfig(DareKnobs, KnobSearch):
     """lambda starts at 1/N (the uniform soup) and is searched within `scale_bounds` (the
-    paper's grid spans [0, 1])."""
+    paper's grid spans [0, 1]); DARE off by default."""
     SECTION: ClassVar[str] = "task_arithmetic"
     scale_bounds: tuple[float, float] = (0.0, 1.0)
 
     def check(self) -> None:
         self.check_bounds("scale_bounds")
+        self.check_dare(self.SECTION)
 
 
 @register("task_arithmetic", config=TaskArithmeticConfig, needs_pretrained=True)
@@ -52,7 +64,9 @@ def task_arithmetic(ctx: SoupContext, config: TaskArithmeticConfig = TaskArithme
     names = ctx.pool.names
     ingredients = [ctx.pool.load(n) for n in names]
     lo, hi = config.scale_bounds
-    start = min(hi, max(lo, 1.0 / len(names)))
-    merged, details = tune_knobs(ctx, [ctx.pretrained, *ingredients], task_arithmetic_mixer,
-                                 ["lambda"], [start], [lo], [hi], config)
+    knobs, start, lower, upper = config.dare_knob()
+    merged, details = tune_knobs(ctx, [ctx.pretrained, *ingredients],
+                                 TaskArithmeticMixer(config.dare, config.dare_seed),
+                                 ["lambda", *knobs], [min(hi, max(lo, 1.0 / len(names))), *start],
+                                 [lo, *lower], [hi, *upper], config)
     return MethodResult(merged, names, len(details.trace), ranked=False, details=details)

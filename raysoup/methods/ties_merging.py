@@ -10,7 +10,11 @@ The paper, per parameter p, with task vectors tau_i = w_i - w_0:
     w = w_0 + lambda tau_m
 It leaves three conventions open, each an option here (docs/merge_methods.md compares them
 with mergekit's, FusionBench's and the authors' code): where to trim (`trim`), how many
-entries top-k% is (`topk`), and what an exact zero sign sum elects (`zero_sign`)."""
+entries top-k% is (`topk`), and what an exact zero sign sum elects (`zero_sign`).
+
+With `dare` > 0 each task vector is dropped and rescaled first (DARE, raysoup/methods/
+dare.py) and TIES then trims, elects and merges the result, as the DARE paper plugs DARE
+into TIES; at density 1 that is mergekit's `dare_ties` (random drop instead of the trim)."""
 
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from ..components import Components
 from ..mixing import StateDict
 from ..typed import check_choices
 from .base import KnobSearch, MethodResult, SoupContext, register, tune_knobs
+from .dare import DareKnobs, drop_and_rescale
 
 Trim = Literal["global", "per_tensor"]
 TopK = Literal["round", "floor", "floor_plus_one"]
@@ -64,15 +69,17 @@ def elect(trimmed: torch.Tensor, zero_sign: ZeroSign) -> torch.Tensor:
 
 def ties_merge(pretrained: StateDict, ingredients: Sequence[StateDict], scale: float,
                density: float, trim_over: Trim = "global", topk: TopK = "round",
-               zero_sign: ZeroSign = "zero") -> StateDict:
-    """w_0 + lambda * tau_m over every float tensor, the task vectors flattened into one
-    vector per ingredient; `trim_over` "global" ranks magnitudes over that whole vector,
-    "per_tensor" within each tensor. The disjoint mean is 0 where no entry agrees.
-    Holds N x P floats (the task vectors) at once. Non-float tensors keep w_0's values."""
+               zero_sign: ZeroSign = "zero", dare: float = 0.0, dare_seed: int = 0
+               ) -> StateDict:
+    """w_0 + lambda * tau_m over every float tensor, the task vectors (DARE_p of them when
+    `dare` > 0) flattened into one vector per ingredient; `trim_over` "global" ranks
+    magnitudes over that whole vector, "per_tensor" within each tensor. The disjoint mean is
+    0 where no entry agrees. Holds N x P floats (the task vectors) at once. Non-float
+    tensors keep w_0's values."""
     keys = [k for k, v in pretrained.items() if v.is_floating_point()]
-    w0 = torch.cat([pretrained[k].flatten().float() for k in keys])
-    tau = torch.stack([torch.cat([sd[k].flatten().float() for k in keys]) - w0
-                       for sd in ingredients])
+    tau = torch.stack([torch.cat([
+        drop_and_rescale(sd[k].flatten().float() - pretrained[k].flatten().float(), dare,
+                         dare_seed, i, k) for k in keys]) for i, sd in enumerate(ingredients)])
     if trim_over == "global":
         trimmed = trim(tau, density, topk)
     else:
@@ -95,22 +102,26 @@ def ties_merge(pretrained: StateDict, ingredients: Sequence[StateDict], scale: f
 
 @dataclass(frozen=True)
 class TiesMixer:
-    """models = [pretrained, *ingredients]; x = [lambda, density]; the conventions fixed."""
+    """models = [pretrained, *ingredients]; x = [lambda, density], or [lambda, density, p]
+    when DARE's p is searched (else p = `dare`); the conventions fixed."""
     trim: Trim = "global"
     topk: TopK = "round"
     zero_sign: ZeroSign = "zero"
+    dare: float = 0.0
+    dare_seed: int = 0
 
     def __call__(self, models: Sequence[StateDict], x: np.ndarray,
                  components: Components) -> StateDict:
+        p = float(x[2]) if len(x) > 2 else self.dare
         return ties_merge(models[0], models[1:], float(x[0]), float(x[1]), self.trim,
-                          self.topk, self.zero_sign)
+                          self.topk, self.zero_sign, p, self.dare_seed)
 
 
 @dataclass(frozen=True)
-class TiesMergingConfig(KnobSearch):
+class TiesMergingConfig(DareKnobs, KnobSearch):
     """The search starts at the paper's defaults (lambda 1, density 0.2). The conventions
     default to a global trim to round(density * P) entries (ties at the cutoff kept) and a
-    zero sign sum electing nothing (the demo's table comes from them)."""
+    zero sign sum electing nothing (the demo's table comes from them); DARE off."""
     SECTION: ClassVar[str] = "ties_merging"
     budget: Annotated[int, Field(ge=1)] = 20
     scale_bounds: tuple[float, float] = (0.0, 2.0)
@@ -124,6 +135,7 @@ class TiesMergingConfig(KnobSearch):
         check_choices(self, self.SECTION)
         self.check_bounds("scale_bounds")
         self.check_bounds("density_bounds", 0.0, 1.0)
+        self.check_dare(self.SECTION)
 
 
 @register("ties_merging", config=TiesMergingConfig, needs_pretrained=True)
@@ -131,10 +143,12 @@ def ties_merging(ctx: SoupContext, config: TiesMergingConfig = TiesMergingConfig
                  ) -> MethodResult:
     names = ctx.pool.names
     ingredients = [ctx.pool.load(n) for n in names]
-    lower = [config.scale_bounds[0], config.density_bounds[0]]
-    upper = [config.scale_bounds[1], config.density_bounds[1]]
-    start = np.clip(config.start, lower, upper)
-    mixer = TiesMixer(config.trim, config.topk, config.zero_sign)
+    knobs, dare_start, dare_lower, dare_upper = config.dare_knob()
+    lower = [config.scale_bounds[0], config.density_bounds[0], *dare_lower]
+    upper = [config.scale_bounds[1], config.density_bounds[1], *dare_upper]
+    start = np.clip([*config.start, *dare_start], lower, upper)
+    mixer = TiesMixer(config.trim, config.topk, config.zero_sign, config.dare,
+                      config.dare_seed)
     merged, details = tune_knobs(ctx, [ctx.pretrained, *ingredients], mixer,
-                                 ["lambda", "density"], start, lower, upper, config)
+                                 ["lambda", "density", *knobs], start, lower, upper, config)
     return MethodResult(merged, names, len(details.trace), ranked=False, details=details)

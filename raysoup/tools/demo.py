@@ -18,7 +18,8 @@ from .zoo import QUICK_ZOO, SHIPPED_ZOO, ZooConfig, build_zoo, install_shipped_z
 logger = logging.getLogger(__name__)
 
 DEMO_METHODS = ("best_individual", "uniform_soup", "greedy_soup", "model_stock",
-                "task_arithmetic", "ties_merging", "learned_soup", "manifold_mix")
+                "task_arithmetic", "ties_merging", "tsv_merge", "iso_c", "iso_cts",
+                "fisher_merging", "learned_soup", "manifold_mix")
 # The demo's reduced ManifoldMix budget (the reference spends 30 per component per pass).
 DEMO_EVALS_PER_COMPONENT = 10
 QUICK_EVALS_PER_COMPONENT = 4

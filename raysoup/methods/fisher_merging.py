@@ -1,0 +1,104 @@
+"""Fisher merging (Matena & Raffel 2022, arXiv 2111.09832): average the ingredients weighted,
+per parameter, by each one's diagonal Fisher information on the validation images.
+
+    F_i = (1 / |val|) sum_x E_{y ~ p_i(y | x)} [ (d log p_i(y | x) / d w)^2 ]   (per entry)
+    w = sum_i max(F_i, floor) w_i / sum_i max(F_i, floor)
+Conventions picked here: the expectation over y is estimated with one label per image drawn
+from the model's own prediction (seeded; the paper's exact expectation costs one backward
+pass per class), so val's labels are not read; every ingredient counts equally (the
+paper's per-model coefficients are all 1); F_i is floored at `floor` (a parameter no
+ingredient's Fisher reaches gets the plain average). The Fisher of each ingredient is
+computed on the evaluators, each over its validation shard, and summed in the driver: one
+pass over val per ingredient, counted as one evaluation each. Float buffers (no gradient)
+are averaged; non-float tensors keep ingredient 0's values. Streamed: one ingredient and
+its Fisher are resident at a time, beside the two running sums."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Annotated
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from ..errors import RaysoupError
+from ..mixing import StateDict
+from .base import MethodResult, SoupContext, register
+
+
+@dataclass(frozen=True)
+class FisherMergingConfig:
+    batch_size: Annotated[int, Field(ge=1)] = 32   # images per vectorised per-image gradient
+    floor: Annotated[float, Field(gt=0)] = 1e-6    # each F_i at least this
+    seed: Annotated[int, Field(ge=0)] = 0           # the sampled labels
+
+    def __post_init__(self):
+        if self.batch_size < 1 or not self.floor > 0:
+            raise RaysoupError(f"fisher_merging needs batch_size >= 1 and floor > 0, got "
+                               f"{self.batch_size} and {self.floor}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fisher_sum(evaluator, set_name: str, state_dict: StateDict, config: FisherMergingConfig,
+               stream: int = 0) -> tuple[dict[str, np.ndarray], int]:
+    """sum_x (d log p(y_x | x) / d w)^2 over the `set_name` rows the evaluator holds, for
+    every float parameter, with y_x drawn from p(. | x) (seeded by `config.seed` and
+    `stream`), and the number of rows."""
+    from torch.func import functional_call, grad, vmap
+
+    model, device = evaluator.model, evaluator.device
+    evaluator.load(state_dict)
+    images, _, class_map = evaluator.sets[set_name]
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + stream)
+
+    def log_likelihood(p, image, label):
+        out = functional_call(model, {**p, **buffers}, (image.unsqueeze(0),))
+        log_p = F.log_softmax(evaluator.project(out, class_map), dim=-1)[0]
+        return torch.gather(log_p, 0, label.unsqueeze(0))[0]
+
+    per_image = vmap(grad(log_likelihood), in_dims=(None, 0, 0))
+    total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in params.items()}
+    with warnings.catch_warnings():  # torch's note that attention's vmap rule is a loop
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        for batch in torch.arange(len(images)).split(config.batch_size):
+            x = images[batch.to(images.device)]
+            with torch.no_grad():
+                probs = F.softmax(evaluator.project(model(x), class_map), dim=-1).float().cpu()
+            labels = torch.multinomial(probs, 1, generator=generator)[:, 0].to(device)
+            for k, g in per_image(params, x, labels).items():
+                total[k] += g.double().square().sum(dim=0)
+    return {k: v.cpu().numpy() for k, v in total.items()}, len(images)
+
+
+@register("fisher_merging", config=FisherMergingConfig)
+def fisher_merging(ctx: SoupContext, config: FisherMergingConfig = FisherMergingConfig()
+                   ) -> MethodResult:
+    if ctx.fisher is None:
+        raise RaysoupError("fisher_merging needs the context's fisher (the evaluators)")
+    names = ctx.pool.names
+    weighted: dict[str, torch.Tensor] = {}
+    weights: dict[str, torch.Tensor] = {}
+    rest: StateDict = {}  # buffers: averaged; non-float tensors: ingredient 0's
+    for i, name in enumerate(names):
+        sd = ctx.pool.load(name)
+        fisher = ctx.fisher(sd, config)
+        for key, v in sd.items():
+            if key in fisher:
+                f = torch.from_numpy(fisher[key]).clamp(min=config.floor)
+                weighted[key] = f * v.double() if i == 0 else weighted[key] + f * v.double()
+                weights[key] = f if i == 0 else weights[key] + f
+            elif v.is_floating_point():
+                rest[key] = v.double() if i == 0 else rest[key] + (v.double() - rest[key]) / (i + 1)
+            elif i == 0:
+                rest[key] = v
+        dtypes = {k: v.dtype for k, v in sd.items()}
+    merged = {k: (weighted[k] / weights[k] if k in weighted else rest[k]).to(dtype)
+              for k, dtype in dtypes.items()}
+    return MethodResult(merged, list(names), len(names), ranked=False)
