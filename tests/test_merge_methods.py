@@ -356,7 +356,7 @@ def test_learned_soup_through_the_registry_is_the_softmax_mix_of_its_learned_log
     result = METHODS["learned_soup"](context, config=config)
     models = [context.pool.load(n) for n in context.pool.names]
     components = context.components
-    logits = learn_mixing_logits(val_evaluator(tiny_zoo), VAL, models, components, config)
+    logits, _ = learn_mixing_logits(val_evaluator(tiny_zoo), VAL, models, components, config)
     weights = np.exp(logits) / np.exp(logits).sum(axis=0)
     np.testing.assert_allclose(result.details.betas, weights, rtol=1e-6, atol=1e-9)
     assert not np.allclose(weights, 1 / len(models))  # it learned something: not uniform
