@@ -167,13 +167,19 @@ def with_cache(path, cache: str):
     return path
 
 
+def s3_config(path, zoo, out: str, cache: str | None = None):
+    """The runs of this file: one component, so a pass is 3 evaluations (the storage is
+    under test, not the search)."""
+    path = write_config(path, zoo, out, components="whole-model")
+    return with_cache(path, cache) if cache else path
+
+
 @pytest.fixture(scope="module")
 def run_on_s3(s3_ray, soup_zoo, tmp_path_factory):
     """A whole run with `out` and the cache on S3 (both empty before), and a fresh local
     RAYSOUP_CACHE that must stay unused."""
     root = tmp_path_factory.mktemp("s3run")
-    path = with_cache(write_config(root / "run.toml", soup_zoo, f"s3://{BUCKET}/run-a"),
-                      f"s3://{BUCKET}/cache")
+    path = s3_config(root / "run.toml", soup_zoo, f"s3://{BUCKET}/run-a", f"s3://{BUCKET}/cache")
     t0 = time.perf_counter()
     with own_cache(root / "local-cache"):
         report = execute(load_config(path))
@@ -205,8 +211,8 @@ def test_a_second_run_reads_back_the_shared_cache(run_on_s3, soup_zoo, tmp_path)
     """Another head (fresh local cache and staging) with the same S3 cache: every point
     and judgement the first run measured is read back, and the result is the same."""
     first, _ = run_on_s3
-    path = with_cache(write_config(tmp_path / "run.toml", soup_zoo, f"s3://{BUCKET}/run-c"),
-                      f"s3://{BUCKET}/cache")
+    path = s3_config(tmp_path / "run.toml", soup_zoo, f"s3://{BUCKET}/run-c",
+                     f"s3://{BUCKET}/cache")
     with own_cache(tmp_path / "local-cache"):
         second = execute(load_config(path))
     cache = second["cache"]
@@ -224,7 +230,7 @@ def test_resume_on_s3_from_another_head_gives_the_same_result(run_on_s3, soup_zo
     head) resumes from the step on S3 and ends where the uninterrupted run did."""
     first, _ = run_on_s3
     uri = f"s3://{BUCKET}/run-b"
-    path = write_config(tmp_path / "run.toml", soup_zoo, uri)
+    path = s3_config(tmp_path / "run.toml", soup_zoo, uri)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAYSOUP_CACHE": str(tmp_path / "cache-a")}
     proc = subprocess.Popen([sys.executable, "-m", "raysoup.cli", "run", str(path)],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL,
@@ -250,3 +256,23 @@ def test_resume_on_s3_from_another_head_gives_the_same_result(run_on_s3, soup_zo
     log = objects(uri)["raysoup.log"].decode()
     assert f"[driver] resuming after step {done}:" in log
     assert assert_measured(b, after_step=done) > 0
+
+
+def test_a_cache_on_s3_round_trips_and_concurrent_writers_of_a_key_agree(s3, monkeypatch):
+    """KeyedArrays under a URI: a miss is None, a put is read back exactly, and writers of
+    one key at once (nodes sharing the cache) leave one whole, readable object."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raysoup.cache import KeyedArrays
+    from raysoup.inputs.storage import cache_dir, cache_location
+    monkeypatch.setenv("RAYSOUP_CACHE", f"s3://{BUCKET}/env-cache")
+    assert cache_location() == f"s3://{BUCKET}/env-cache"  # RAYSOUP_CACHE as a URI
+    assert cache_location(f"s3://{BUCKET}/x") == f"s3://{BUCKET}/x"  # the config's wins
+    assert "://" not in str(cache_dir())  # the demo's zoos stay on this machine
+    key, value = "ab" + "0" * 62, np.arange(1000, dtype=np.float32)
+    arrays = KeyedArrays(cache_location())
+    assert arrays.get(key) is None
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: KeyedArrays(cache_location()).put(key, value), range(8)))
+    assert np.array_equal(arrays.get(key), value)
+    assert list(objects(f"s3://{BUCKET}/env-cache")) == [f"ab/{key}.npy"]

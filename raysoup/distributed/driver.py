@@ -9,7 +9,6 @@ import os
 import socket
 import time
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
