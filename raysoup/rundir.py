@@ -88,8 +88,9 @@ class RunDir:
 
     def sync(self, *names: str) -> None:
         """Upload what changed under `names` (files or folders in the run; all when none),
-        every marker file after the rest, then delete what was uploaded before and is gone
-        here (a step checkpoint's replaced weights). Nothing to do for a local `out`."""
+        every marker file after the rest; then, under `names` only, delete what was
+        uploaded before and is gone here (a step checkpoint's replaced weights). Nothing to
+        do for a local `out`."""
         if self.remote is None:
             return
         fs, base = storage.filesystem(self.remote)
@@ -105,7 +106,7 @@ class RunDir:
 
         try:
             self._copy("uploaded", changed, upload)
-            within = [self.local / n for n in names] if names else [self.local]
+            within = [self.local / n for n in names]
             for rel in [r for r in self.synced if r not in files]:
                 if any((self.local / rel).is_relative_to(w) for w in within):
                     fs.delete_file(f"{base}/{rel}")

@@ -103,19 +103,20 @@ def test_run_dir_uploads_weights_before_their_state_and_the_report_last(s3, tmp_
                                                                      copy(src, dst, **kw)))
     run = RunDir.open(uri, resume=False)
     (run.local / "driver").mkdir()
-    (run.local / "driver" / "state.json").write_text("1")
-    (run.local / "driver" / "accumulator-0001.safetensors").write_text("w1")
-    run.sync("driver")
-    assert [d.rsplit("/", 1)[1] for d in order] == ["accumulator-0001.safetensors", "state.json"]
-    (run.local / "driver" / "accumulator-0001.safetensors").unlink()
-    (run.local / "driver" / "accumulator-0002.safetensors").write_text("w2")
-    (run.local / "driver" / "state.json").write_text("2")
+    for step in (1, 2):  # the second step replaces the weights: gone from S3 too
+        (run.local / "driver" / f"accumulator-000{step - 1}.safetensors").unlink(missing_ok=True)
+        (run.local / "driver" / f"accumulator-000{step}.safetensors").write_text(f"w{step}")
+        (run.local / "driver" / "state.json").write_text(str(step))
+        order.clear()
+        run.sync("driver")
+        assert [d.rsplit("/", 1)[1] for d in order] == [f"accumulator-000{step}.safetensors",
+                                                        "state.json"]
     for name in ["report.json", "results.parquet", "zz.png"]:
         (run.local / name).write_text(name)
     order.clear()
     assert run.finish() == uri and not run.local.exists()
-    assert order[-1].endswith("/report.json") and order[-2].endswith("/driver/state.json")
-    assert len(order) == 5  # only what changed since the last upload
+    assert order[-1].endswith("/report.json")
+    assert len(order) == 3  # only what changed since the last upload
     assert objects(uri) == {"driver/state.json": b"2", "driver/accumulator-0002.safetensors":
                             b"w2", "report.json": b"report.json",
                             "results.parquet": b"results.parquet", "zz.png": b"zz.png"}
@@ -202,6 +203,8 @@ def test_a_run_with_out_on_s3_uploads_every_output_and_no_secret(run_on_s3):
         == passes  # every optimiser pass's Tune folder
     assert assert_measured(report["methods"]["manifold_mix"]) > 0
     assert not [k for k, v in uploaded.items() if SECRET.encode() in v]
+    with pytest.raises(RaysoupError, match="already holds a finished run"):
+        execute(load_config(root / "run.toml"))
     # The cache went to S3, not to this machine's cache.
     assert objects(f"s3://{BUCKET}/cache") and not (root / "local-cache").exists()
 
