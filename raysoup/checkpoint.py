@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from .errors import RaysoupError
+from .inputs import storage
 from .methods.manifold_mix import MixState
 from .inputs.pool import load_state_dict, save_state_dict, write_json
 
@@ -40,15 +41,16 @@ def save_state(directory: Path, state: MixState, fingerprint: dict, ranking: lis
             old.unlink()
 
 
-def load_state(directory: Path, fingerprint: dict, domain: str | None = None
-               ) -> tuple[MixState, list] | None:
-    """The last completed step, or None when the run has not completed one yet. With
-    `domain`, a run whose steps were evaluated in another numeric domain is refused: its
-    decisions would not be the ones this domain makes."""
-    path = Path(directory) / STATE_FILE
-    if not path.is_file():
+def saved_state(directory: Path | str, fingerprint: dict, domain: str | None = None
+                ) -> dict | None:
+    """The last completed step's state.json (`directory` a path or a URI), or None when the
+    run has not completed one yet. With `domain`, a run whose steps were evaluated in
+    another numeric domain is refused: its decisions would not be the ones this domain
+    makes."""
+    path = storage.join(str(directory), STATE_FILE)
+    if not storage.is_file(path):
         return None
-    saved = json.loads(path.read_text())
+    saved = json.loads(storage.read_bytes(path))
     if saved["fingerprint"] != fingerprint:
         changed = sorted(k for k in set(fingerprint) | set(saved["fingerprint"])
                          if fingerprint.get(k) != saved["fingerprint"].get(k))
@@ -60,6 +62,15 @@ def load_state(directory: Path, fingerprint: dict, domain: str | None = None
                            f"now compute in {domain!r}; resume with the same "
                            f"resources.numerics on the same kind of CPU (\"portable\" "
                            f"runs on any AVX2 CPU), or start a fresh run")
-    state = MixState(accumulator=load_state_dict(Path(directory) / saved["weights"]),
+    return saved
+
+
+def load_state(directory: Path, fingerprint: dict, domain: str | None = None
+               ) -> tuple[MixState, list] | None:
+    """The last completed step (saved_state's checks), or None."""
+    saved = saved_state(directory, fingerprint, domain)
+    if saved is None:
+        return None
+    state = MixState(accumulator=load_state_dict(storage.join(str(directory), saved["weights"])),
                      **saved["state"])
     return state, [tuple(r) for r in saved["ranking"]]

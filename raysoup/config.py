@@ -63,7 +63,7 @@ class ResourcesConfig:
 @dataclass(frozen=True)
 class RunConfig:
     pool: PoolConfig
-    out: Path
+    out: Path | str               # a local or shared path, or a URI (a str) the run uploads to
     method: ManifoldMixConfig = field(default_factory=ManifoldMixConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     source: Path | None = None    # the TOML file it came from
@@ -75,6 +75,7 @@ class RunConfig:
     # The other methods' configs, by method name (a TOML section each); defaults if absent.
     options: dict = field(default_factory=dict)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cache: str | None = None      # judgements and points by content; None: RAYSOUP_CACHE's
 
     def __post_init__(self):
         from .methods import METHODS
@@ -105,6 +106,7 @@ class TopLevel:
     out: str
     methods: Annotated[tuple[str, ...], Field(min_length=1)] = ("manifold_mix",)
     report_ingredients: bool = False
+    cache: str = ""
 
 
 def section(cls, table: dict, name: str, where: str, base: Path):
@@ -150,12 +152,13 @@ def load_config(path: Path) -> RunConfig:
     top = section(TopLevel, {k: v for k, v in raw.items() if k in top_level}, "", where, base)
     return RunConfig(
         pool=section(PoolConfig, raw["pool"], "pool", where, base),
-        out=base / Path(top.out).expanduser(),
+        out=top.out if storage.is_uri(top.out) else base / Path(top.out).expanduser(),
         method=section(ManifoldMixConfig, raw.get("method", {}), "method", where, base),
         resources=section(ResourcesConfig, raw.get("resources", {}), "resources", where, base),
         source=path,
         methods=top.methods,
         report_ingredients=top.report_ingredients,
+        cache=storage.resolve(top.cache, base) if top.cache else None,
         options={name: section(cls, raw[name], name, where, base)
                  for name, cls in by_method.items() if name in raw},
         tracking=section(TrackingConfig, raw.get("tracking", {}), "tracking", where, base))

@@ -13,7 +13,7 @@ and ood only report).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .checkpoint import load_state
+from .checkpoint import saved_state
 from .components import Components, partition, unused_keys
 from .config import RunConfig
 from .console import file_logging
@@ -34,12 +34,13 @@ from .families import family_of, state_dict_template
 from .inputs.data import EvalSetSource, check_eval_set, set_inputs, verify_eval_set
 from .inputs.pool import (IngredientPool, check_state_dict, load_pretrained, read_manifest,
                           save_state_dict, write_json)
-from .inputs.storage import cache_dir
+from .inputs.storage import cache_location, check_writable, is_file, is_uri, join
 from .inputs.tasks import dataset_records, eval_set_sources
 from .methods import METHOD_INFO
 from .mixing import from_numpy
 from .numerics import runtime_env
 from .report import format_table, write_report
+from .rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,10 @@ class Prepared:
 def validate_run(config: RunConfig, resume: bool, pool: IngredientPool | None = None
                  ) -> Prepared:
     """`pool`: the config's pool, already loaded and validated (bench: once for all cells)."""
+    # Object storage first: an unreachable bucket fails in seconds, before any zoo read.
+    for what, location in [("out", str(config.out)), ("cache", cache_location(config.cache))]:
+        if is_uri(location):
+            check_writable(location, what)
     if pool is None:
         pool = IngredientPool.from_zoo(config.pool.zoo)
         pool.validate(config.pool.verify_sha256)
@@ -80,12 +85,12 @@ def validate_run(config: RunConfig, resume: bool, pool: IngredientPool | None = 
         check_state_dict(pretrained, state_dict_template(spec),
                          "manifest.json pretrained", family.architecture(spec))
     check_methods(config, pool, pretrained is not None)
-    out = config.out
-    if out.exists() and not out.is_dir():
-        raise RaysoupError(f"out = {str(out)!r} is a file; `out` names the run directory")
-    if (out / "report.json").exists() and not resume:
+    out = str(config.out)
+    if not is_uri(out) and Path(out).exists() and not Path(out).is_dir():
+        raise RaysoupError(f"out = {out!r} is a file; `out` names the run directory")
+    if is_file(join(out, "report.json")) and not resume:
         raise RaysoupError(f"{out} already holds a finished run; choose another `out`")
-    if (out / "driver" / "state.json").exists() and not resume:
+    if is_file(join(out, "driver/state.json")) and not resume:
         raise RaysoupError(f"{out} holds an unfinished run; continue it with --resume or "
                            f"choose another `out`")
     if resume:
@@ -93,7 +98,7 @@ def validate_run(config: RunConfig, resume: bool, pool: IngredientPool | None = 
             raise RaysoupError(f"--resume continues manifold_mix's checkpointed steps; this "
                                f"config's methods {list(config.methods)} keep none (run "
                                f"without --resume, into a new `out`)")
-        load_state(out / "driver", config.fingerprint())  # refuses a different config
+        saved_state(join(out, "driver"), config.fingerprint())  # refuses a different config
     return Prepared(config, pool, components, eval_sources)
 
 
@@ -162,7 +167,8 @@ def plan(prepared: Prepared) -> str:
         ("sharded" if mm.num_workers == 1 else "whole")
     lines.append(f"evaluators: {count}, each {r.cpus_per_evaluator:g} CPU and {gpus}; "
                  f"{mode} evaluation, {mm.num_workers} point(s) in flight")
-    lines.append(f"out: {config.out}")
+    lines.append(f"out: {config.out}" + (" (uploaded from a local staging folder)"
+                                         if is_uri(str(config.out)) else ""))
     return "\n".join(lines)
 
 
@@ -242,8 +248,10 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
     continues from its last checkpointed step; the other methods, which checkpoint
     nothing, run again (deterministically)."""
     prepared = validate_run(config, resume)
-    out = config.out
-    out.mkdir(parents=True, exist_ok=True)
+    run_dir = RunDir.open(config.out, resume)  # a URI `out`: a local staging folder
+    config = replace(config, out=run_dir.local)
+    prepared = replace(prepared, config=config)
+    out, cache = config.out, cache_location(config.cache)
     file_logging(out)
     connect(address)
     evaluators = evaluator_spec(config)
@@ -258,7 +266,8 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
                if getattr(h, "raysoup_tag", "") == "console"]
     driver = SoupDriver.options(scheduling_strategy=here,
                                 runtime_env=runtime_env(evaluators.numerics)).remote(
-        prepared, evaluators, actors, cache_dir(), console[0].level if console else logging.INFO)
+        prepared, evaluators, actors, cache, console[0].level if console else logging.INFO,
+        run_dir)
     try:
         result = ray.get(driver.run.remote())
     except ray.exceptions.RayTaskError as e:
@@ -268,6 +277,7 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
     finally:
         for actor in [driver, *actors]:
             ray.kill(actor)
+    run_dir = result["run_dir"]  # with the record of what the driver uploaded
     if result["fused"] is not None:
         write_manifold_mix(out, result["methods"]["manifold_mix"], result["fused"])
     manifest = read_manifest(config.pool.zoo)
@@ -287,12 +297,14 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
                          "numerics": result["numerics"]}}
     write_report(out, report, result["correctness"])
     logger.info(format_table(report["methods"], report["references"]))
-    cache = result["cache"]
-    logger.info(f"[run] from the cache ({cache_dir()}): {cache['points_cached']} mixing "
-                f"point(s) and {cache['judgements_cached']} of "
-                f"{cache['judgements_cached'] + cache['judgements_measured']} judgements "
+    counts = result["cache"]
+    logger.info(f"[run] from the cache ({cache}): {counts['points_cached']} mixing "
+                f"point(s) and {counts['judgements_cached']} of "
+                f"{counts['judgements_cached'] + counts['judgements_measured']} judgements "
                 f"(model x set); clear it to measure everything again")
     written = ["report.json", "results.parquet", "correctness.parquet", "scatter.png",
                "beta.parquet", "beta.png", "history.json", "fused.safetensors"]
-    logger.info(f"[run] wrote {out}: " + ", ".join(f for f in written if (out / f).exists()))
+    written = [f for f in written if (out / f).exists()]
+    logger.info(f"[run] wrote {run_dir.remote or out}: " + ", ".join(written))
+    run_dir.finish()
     return report

@@ -9,21 +9,22 @@ import os
 import socket
 import time
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
 
 from ..checkpoint import load_state, save_state
-from ..console import console_logging, file_logging
+from ..console import LOG_FILE, console_logging, file_logging
 from ..errors import RaysoupError
 from ..evaluate import VAL, JudgementCache, accuracy_row, ood_sets
 from ..inputs.pool import load_pretrained
+from ..inputs.storage import join
 from ..methods import METHODS, SoupContext, ValidationJudge
 from ..methods.manifold_mix import MixState
 from ..mixing import to_numpy
 from ..numerics import enter
+from ..rundir import RunDir
 from ..stats import compare
 from ..tracking import Tracker
 from .evaluators import EvaluatorPool, EvaluatorSpec
@@ -67,11 +68,13 @@ class Judged:
 class SoupDriver:
     """Owns the sequential state of a run: ranks, runs every method, judges every model.
     Every forward pass goes to the evaluator actors; a ManifoldMix step checkpoint is
-    written after every candidate. `cache_root`: the cache of the process that started the
-    run (its RAYSOUP_CACHE), not of whichever node this actor's worker was started by."""
+    written after every candidate (and uploaded, when `out` is a URI). `cache_root`: the
+    cache of the process that started the run (the config's or its RAYSOUP_CACHE), not of
+    whichever node this actor's worker was started by."""
 
     def __init__(self, prepared: Prepared, evaluators: EvaluatorSpec, actors: list,
-                 cache_root: Path, log_level: int = logging.INFO):
+                 cache_root: str, log_level: int = logging.INFO,
+                 run_dir: RunDir | None = None):
         console_logging(log_level)  # this actor's lines reach the driver's console via Ray
         file_logging(prepared.config.out)  # on the driver's node, as `out` is
         # The merges computed here (Model Stock's angles, TIES's trims, ...) use the
@@ -81,19 +84,20 @@ class SoupDriver:
         config = prepared.config
         self.judge = EvaluatorPool(actors, evaluators, prepared.pool.spec,
                                    prepared.eval_sources,
-                                   JudgementCache(cache_root / "judgements"))
+                                   JudgementCache(join(cache_root, "judgements")))
         self.metrics = Tracker(config.out, config.tracking,
                                {"zoo": str(config.pool.zoo), "methods": ",".join(config.methods),
                                 "out": str(config.out)})
         self.search = TuneSearch(actors, evaluators, config.method.num_workers,
                                  config.out / "tune", config.resources.max_failures,
-                                 cache_root / "points", self.judge.set_keys.get(VAL),
+                                 join(cache_root, "points"), self.judge.set_keys.get(VAL),
                                  self.metrics.pass_callbacks,
                                  config.tracking.progress_interval_s,
                                  Racing(config.method.racing_chunks,
                                         config.method.racing_confidence)
                                  if config.method.racing else None)
         self.state_dir = config.out / "driver"
+        self.run_dir = run_dir or RunDir(config.out)
 
     def _ranking(self, judge: ValidationJudge) -> tuple[list, float, MixState | None]:
         """The ranking on val (from ManifoldMix's checkpoint when resuming) and its cost."""
@@ -128,6 +132,8 @@ class SoupDriver:
         options = {name: {"config": c} for name, c in config.method_configs().items()}
         def on_step(state: MixState) -> None:
             save_state(self.state_dir, state, config.fingerprint(), ranking, self.judge.domain)
+            # Another head resumes from what is uploaded: the step, its passes, the log.
+            self.run_dir.sync("driver", "tune", LOG_FILE)
             self.metrics.step(state.next_candidate - 1, state.history[-1], state.accuracy,
                               len(state.accepted), state.evaluations)
 
@@ -172,7 +178,7 @@ class SoupDriver:
         cache = self.judge.cache
         return {"methods": rows, "ingredients": ingredients, "references": references,
                 "ranking": ranking, "correctness": judged.correctness, "fused": fused,
-                "numerics": self.judge.domain,
+                "numerics": self.judge.domain, "run_dir": self.run_dir,
                 "cache": {"points_cached": self.search.cached_points,
                           "judgements_cached": cache.cached,
                           "judgements_measured": cache.measured}}

@@ -158,7 +158,7 @@ class TuneSearch:
     """The Search of raysoup.search on Ray: one Tune run per optimiser pass."""
 
     def __init__(self, actors: list, evaluators: EvaluatorSpec, num_workers: int,
-                 storage_path: Path, max_failures: int = 2, cache_root: Path | None = None,
+                 storage_path: Path, max_failures: int = 2, cache_root: str | None = None,
                  val_key: str | None = None,
                  callbacks: Callable[[str, dict], list] = lambda name, params: [],
                  progress_interval_s: float = 10.0, racing: Racing | None = None):
@@ -181,6 +181,8 @@ class TuneSearch:
         self.cache: PointCache | None = None
         self.cached_points = 0  # evaluations answered by the point cache, over every pass
         self.num_workers = num_workers
+        # Local (a URI `out` stages it too, raysoup.rundir): the run uploads it with each
+        # step, so Tune's own periodic syncing to a URI adds nothing a resume uses.
         self.storage_path = Path(storage_path).resolve()
         self.storage_path.mkdir(parents=True, exist_ok=True)
         self.max_failures = max_failures

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import ray
@@ -183,12 +184,16 @@ class PointCache:
         x = np.ascontiguousarray(np.asarray(x, dtype=np.float64))
         return hashlib.sha256(self.scope.encode() + x.tobytes()).hexdigest()
 
+    @cached_property
+    def arrays(self) -> KeyedArrays:  # one per process it travels to: a URI's client is reused
+        return KeyedArrays(self.root)
+
     def get(self, x: np.ndarray) -> float | None:
-        hit = KeyedArrays(self.root).get(self.key(x))
+        hit = self.arrays.get(self.key(x))
         return None if hit is None else float(hit[0])
 
     def put(self, x: np.ndarray, accuracy: float) -> None:
-        KeyedArrays(self.root).put(self.key(x), np.array([accuracy]))
+        self.arrays.put(self.key(x), np.array([accuracy]))
 
 
 def evaluate_points(actors: list, mode: str, models: list, points: Sequence[np.ndarray],

@@ -1,14 +1,18 @@
-"""Where a run's inputs live: a local or shared path, or a cloud URI, read via pyarrow.fs.
+"""Where a run's inputs, outputs and caches live: a local or shared path, or a cloud URI,
+read and written via pyarrow.fs.
 
 Every node of a cluster reads the zoo (manifest, ingredient checkpoints, evaluation sets)
 itself, so it must sit on a filesystem all nodes mount at the same path, or behind a URI
 that pyarrow.fs understands (s3://, gs://, hdfs://, file://). No node needs a local copy.
+Credentials and endpoints come from the environment pyarrow reads (for S3: AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION); none is ever written down.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import os
+import uuid
 from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
@@ -17,8 +21,17 @@ from ..errors import RaysoupError
 
 
 def cache_dir() -> Path:
-    """This machine's cache: the demo's zoos, and judgements by content."""
-    return Path(os.environ.get("RAYSOUP_CACHE", Path.home() / ".cache" / "raysoup"))
+    """This machine's cache (the demo's zoos): RAYSOUP_CACHE unless that is a URI."""
+    env = os.environ.get("RAYSOUP_CACHE", "")
+    return Path(env) if env and not is_uri(env) else Path.home() / ".cache" / "raysoup"
+
+
+def cache_location(configured: str | None = None) -> str:
+    """Where judgements and measured points are kept by content: the config's `cache`, else
+    RAYSOUP_CACHE, else this machine's cache_dir(). A URI or a shared path is shared by every
+    node that reaches it."""
+    env = os.environ.get("RAYSOUP_CACHE", "")
+    return configured or (env if is_uri(env) else str(cache_dir()))
 
 
 def is_uri(location: str) -> bool:
@@ -61,6 +74,20 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), str(Path(location).resolve())
     except Exception as e:  # pyarrow raises several types for unknown schemes and credentials
         raise RaysoupError(f"cannot open {location}: {e}") from e
+
+
+def check_writable(location: str, what: str) -> None:
+    """Refuse, in one line, a URI this process cannot write (no such bucket, no endpoint,
+    wrong credentials): a probe object is written and deleted."""
+    fs, base = filesystem(location)
+    probe = f"{base.rstrip('/')}/.raysoup-probe-{uuid.uuid4().hex}"
+    try:
+        with fs.open_output_stream(probe) as f:
+            f.write(b"probe")
+        fs.delete_file(probe)
+    except OSError as e:
+        raise RaysoupError(f"{what} = {location!r}: cannot write there "
+                           f"({str(e).splitlines()[0]})") from None
 
 
 def glob(root: str, pattern: str, what: str) -> list[str]:
