@@ -20,6 +20,7 @@ from raysoup.config import load_config
 from raysoup.distributed.evaluators import EvaluatorSpec, start_evaluators
 from raysoup.distributed.tune_search import TuneSearch
 from raysoup.errors import RaysoupError
+from raysoup.evaluate import VAL
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
 from raysoup.mixing import to_numpy
 from raysoup.inputs.pool import IngredientPool
@@ -43,7 +44,10 @@ def local_ray():
 @pytest.fixture(scope="module")
 def uninterrupted(soup_zoo, tmp_path_factory):
     root = tmp_path_factory.mktemp("runA")
-    config = load_config(write_config(root / "run.toml", soup_zoo, "out"))
+    # native numerics: the evaluators compute with this process's kernels, so the plain loop
+    # run here makes the same per-image calls (portable ones would differ in the last bits).
+    config = load_config(write_config(root / "run.toml", soup_zoo, "out",
+                                      resources={"numerics": "native"}))
     with own_cache(root / "cache"):  # it measures every point, as the resumed run must
         report = execute(config)
     return config, report
@@ -76,7 +80,7 @@ def test_tune_path_makes_the_same_decisions_as_the_plain_loop(uninterrupted):
     config, report = uninterrupted
     pool = IngredientPool.from_zoo(config.pool.zoo)
     evaluator = val_evaluator(config.pool.zoo)
-    judge = ValidationJudge(evaluator.accuracy)
+    judge = ValidationJudge(evaluator.accuracy, rows=len(evaluator.sets[VAL][1]))
     components = partition(list(pool.load(pool.names[0])), config.method.components)
     ranking = [tuple(r) for r in report["ranking"]]
     local = METHODS["manifold_mix"](SoupContext(pool, judge, ranking, components,
@@ -91,7 +95,8 @@ def test_tune_path_makes_the_same_decisions_as_the_plain_loop(uninterrupted):
 def test_resume_after_killing_the_run_gives_the_identical_result(uninterrupted, soup_zoo,
                                                                    tmp_path):
     config_a, report_a = uninterrupted
-    path = write_config(tmp_path / "run.toml", soup_zoo, "out")
+    path = write_config(tmp_path / "run.toml", soup_zoo, "out",
+                        resources={"numerics": "native"})  # as the uninterrupted run
     # Its own cache, and the resumed run another, fresh one: the steps after the
     # checkpoint are measured again, not read back from the uninterrupted run's points.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAYSOUP_CACHE": str(tmp_path / "cache-a")}
