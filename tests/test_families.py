@@ -301,3 +301,121 @@ def test_a_text_set_without_a_tokenizer_is_refused_before_ray(text_zoo, tmp_path
     with pytest.raises(RaysoupError, match="no tokenizer for the text sets") as e:
         validate_run(_run_config(tmp_path, zoo, ["uniform_soup"]), resume=False)
     assert "\n" not in str(e.value)
+
+
+TIMM_MODEL = {"family": "timm", "arch": "vit_tiny_patch16_224", "num_classes": 3,
+              "img_size": 8, "in_chans": 1,
+              "kwargs": {"patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2}}
+
+
+@pytest.fixture(scope="module")
+def timm_zoo(tmp_path_factory):
+    """A tiny timm ViT: pretrained + 3 ingredients as safetensors (fp32, fp16) and a timm
+    train.py-style torch.save checkpoint ({"state_dict": ...} of a DataParallel model)."""
+    import timm
+    from safetensors.torch import save_file
+    zoo = tmp_path_factory.mktemp("timmzoo")
+    torch.manual_seed(0)
+    kwargs = {k: v for k, v in TIMM_MODEL.items() if k not in ("family", "arch", "kwargs")}
+    model = timm.create_model(TIMM_MODEL["arch"], pretrained=False, **kwargs,
+                              **TIMM_MODEL["kwargs"])
+    (zoo / "ingredients").mkdir()
+    save_file(model.state_dict(), zoo / "pretrained.safetensors")
+    save_file(_perturbed(model, 20, 0.2).state_dict(), zoo / "ingredients/ft-00.safetensors")
+    save_file({k: v.half() for k, v in _perturbed(model, 21, 0.2).state_dict().items()},
+              zoo / "ingredients/ft-01.safetensors")
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in
+                                           _perturbed(model, 22, 0.2).state_dict().items()}},
+               zoo / "ingredients/ft-02.pth.tar")
+    rng = np.random.default_rng(2)
+    (zoo / "data").mkdir()
+    for name in ("val", "id", "noise"):
+        write_eval_set(EvalSet(name, rng.integers(0, 256, (30, 1, 8, 8), dtype=np.uint8),
+                               rng.integers(0, 3, 30)), zoo / "data" / f"{name}.arrow")
+    (zoo / "manifest.json").write_text(json.dumps({
+        "model": TIMM_MODEL, "pretrained": "pretrained.safetensors",
+        "ingredients": [{"name": "ft-00", "file": "ingredients/ft-00.safetensors"},
+                        {"name": "ft-01", "file": "ingredients/ft-01.safetensors"},
+                        {"name": "ft-02", "file": "ingredients/ft-02.pth.tar"}],
+        "eval_sets": {n: f"data/{n}.arrow" for n in ("val", "id", "noise")}}))
+    return zoo
+
+
+def test_timm_batches_match_the_model_called_directly(timm_zoo):
+    import timm
+    from raysoup.components import partition
+    from raysoup.evaluate import Evaluator, load_eval_sets
+    from raysoup.inputs.tasks import eval_set_sources
+    pool = IngredientPool.from_zoo(timm_zoo)
+    pool.validate()
+    weights = pool.load("ft-02")  # the train.py checkpoint, "module." stripped
+    sets = load_eval_sets(eval_set_sources(timm_zoo), 3)
+    hits = Evaluator(pool.spec, sets, batch_size=7).correctness(weights)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=8, in_chans=1,
+                              **TIMM_MODEL["kwargs"]).eval()
+    model.load_state_dict(weights)
+    val = next(s for s in sets if s.name == "val")
+    x = (torch.tensor(np.array(val.inputs)).float() / 255 - 0.5) / 0.5  # the config's mean/std
+    with torch.no_grad():
+        direct = model(x).argmax(1).numpy() == val.labels
+    np.testing.assert_array_equal(hits["val"], direct)
+    family = FAMILIES["timm"]
+    names = partition(list(weights), "per-block", presets=family.presets).names
+    assert names == ("cls_token", "pos_embed", "patch_embed", "blocks.0", "blocks.1", "norm",
+                     "head")
+    assert len(partition(list(weights), "whole-model", presets=family.presets)) == 1
+
+
+def test_timm_cnn_blocks_and_any_image_size():
+    from raysoup.components import partition
+    family = FAMILIES["timm"]
+    spec = spec_from_dict({"family": "timm", "arch": "resnet10t", "num_classes": 4,
+                           "img_size": 16}, "m.json")
+    assert family.inputs(spec) == (3, 16, 16)  # a CNN is built as is, fed 16 px images
+    model = family.build(spec).eval()
+    with torch.no_grad():
+        assert family.forward(spec, model, torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+                              ).shape == (2, 4)
+    names = partition(list(family.template(spec)), "per-block", presets=family.presets).names
+    assert names == ("conv1", "bn1", "layer1.0", "layer2.0", "layer3.0", "layer4.0", "fc")
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"arch": "vit_tiny_patch16_22"}, "'vit_tiny_patch16_22' is not a timm model; did you mean "
+                                      "vit_tiny_patch16_224"),
+    ({"arch": "resnet10t", "kwargs": {"depht": 2}}, "timm.create_model.*unexpected keyword "
+                                                     "argument 'depht'"),
+    ({"arch": "resnet10t", "kwargs": {"pretrained": True}}, "raysoup never downloads"),
+    ({"arch": "resnet10t", "kwargs": {"num_classes": 5}}, "give it as model.num_classes"),
+    ({"arch": "resnet10t", "in_chans": 1, "mean": [0.1, 0.2]}, "model.mean has 2 value"),
+])
+def test_a_bad_timm_entry_is_one_line(entry, message):
+    with pytest.raises(RaysoupError, match=message) as e:
+        spec_from_dict({"family": "timm", "num_classes": 3, **entry}, "m.json")
+    assert "\n" not in str(e.value) and str(e.value).startswith("m.json: ")
+
+
+@pytest.mark.slow
+def test_timm_pool_runs_every_method_and_exports(timm_zoo, tmp_path, local_ray):
+    import timm
+    from safetensors.torch import load_file
+
+    from raysoup.export import export_like
+    from raysoup.methods import METHODS
+    from raysoup.runner import execute
+    config = _run_config(tmp_path, timm_zoo, list(METHODS))
+    report = execute(config)
+    assert set(report["methods"]) == set(METHODS)
+    for row in report["methods"].values():
+        assert 0 <= row["val"] <= 1 and set(row["ood"]) == {"noise"}
+    fused = load_file(config.out / "fused.safetensors")
+    out = export_like(config.out, "ft-01", tmp_path / "soup.safetensors")  # the fp16 one
+    exported = load_file(out)
+    assert set(exported) == set(fused) and all(v.dtype == torch.float16
+                                               for v in exported.values())
+    out = export_like(config.out, "ft-02", tmp_path / "soup.pth")  # the train.py one
+    exported = torch.load(out, weights_only=True)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=8, in_chans=1,
+                              **TIMM_MODEL["kwargs"])
+    model.load_state_dict({k.removeprefix("module."): v for k, v in exported.items()})
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in fused.items())

@@ -28,7 +28,7 @@ from pydantic import Field
 
 from ..components import BLOCK_PRESETS
 from ..errors import RaysoupError
-from .base import Batch, Family, StateDict, register, relative_folder
+from .base import Batch, Family, StateDict, as_float32, register, relative_folder
 
 TASKS = {"sequence-classification": "AutoModelForSequenceClassification",
          "image-classification": "AutoModelForImageClassification"}
@@ -110,11 +110,6 @@ def _from_pretrained(spec: TransformersSpec, folder: Path, dtype=torch.float32):
                               f"({what.replace('_', ' ')}: {sorted(map(str, keys))[:3]}, "
                               f"{len(keys)} in all)")
     return model
-
-
-def as_float32(state: StateDict) -> StateDict:
-    """Mixed in fp32 whatever the files hold (export casts back)."""
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 class Transformers(Family):
