@@ -160,8 +160,8 @@ def test_the_example_config_lists_every_key_at_its_default():
     config = load_config(path)
     sections = {name: info.config for name, info in METHOD_INFO.items()
                 if info.config is not None and name != "manifold_mix"}
-    assert set(raw) == {"out", "methods", "report_ingredients", "pool", "method", "resources",
-                        "tracking", *sections}
+    assert set(raw) == {"out", "methods", "report_ingredients", "metric", "pool", "method",
+                        "resources", "tracking", *sections}
     for name, cls, parsed in [("method", ManifoldMixConfig, config.method),
                               ("resources", ResourcesConfig, config.resources),
                               ("tracking", TrackingConfig, config.tracking),
