@@ -419,3 +419,88 @@ def test_timm_pool_runs_every_method_and_exports(timm_zoo, tmp_path, local_ray):
                               **TIMM_MODEL["kwargs"])
     model.load_state_dict({k.removeprefix("module."): v for k, v in exported.items()})
     assert all(torch.equal(model.state_dict()[k], v) for k, v in fused.items())
+
+
+@pytest.fixture(scope="module")
+def clip_zoo(tmp_path_factory):
+    """A tiny HF CLIPModel (random init) with its tokenizer; the pretrained ingredient is its
+    zero-shot classifier, the fine-tunes perturbations of it, as safetensors files."""
+    from safetensors.torch import save_file
+
+    from raysoup.families.hf_clip import zeroshot_classifier
+    zoo = tmp_path_factory.mktemp("clipzoo")
+    torch.manual_seed(0)
+    tokenizer = _tokenizer()
+    config = transformers.CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32,
+                     "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "max_position_embeddings": 16, "eos_token_id": 3, "pad_token_id": 0},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 8, "patch_size": 4},
+        projection_dim=8)
+    transformers.CLIPModel(config).save_pretrained(zoo / "clip")
+    tokenizer.save_pretrained(zoo / "clip")
+    pretrained = zeroshot_classifier(str(zoo / "clip"), ["cat", "car", "red"],
+                                     ["a {} .", "the {}"])
+    save_file(pretrained, zoo / "pretrained.safetensors")
+    (zoo / "ingredients").mkdir()
+    for i in range(3):
+        g = torch.Generator().manual_seed(30 + i)
+        save_file({k: v + torch.randn(v.shape, generator=g) * 0.1 for k, v in pretrained.items()},
+                  zoo / f"ingredients/ft-0{i}.safetensors")
+    rng = np.random.default_rng(3)
+    (zoo / "data").mkdir()
+    for name in ("val", "id", "noise"):
+        write_eval_set(EvalSet(name, rng.integers(0, 256, (30, 3, 8, 8), dtype=np.uint8),
+                               rng.integers(0, 3, 30)), zoo / "data" / f"{name}.arrow")
+    (zoo / "manifest.json").write_text(json.dumps({
+        "model": {"family": "transformers", "task": "clip-classification", "path": "clip",
+                  "num_classes": 3},
+        "pretrained": "pretrained.safetensors", "ingredients": "ingredients/*.safetensors",
+        "eval_sets": {n: f"data/{n}.arrow" for n in ("val", "id", "noise")}}))
+    return zoo, tokenizer
+
+
+def test_clip_zero_shot_head_is_the_text_towers_class_embeddings(clip_zoo):
+    zoo, tokenizer = clip_zoo
+    clip = transformers.CLIPModel.from_pretrained(zoo / "clip").eval()
+    pool = IngredientPool.from_zoo(zoo)
+    pool.validate()
+    from raysoup.inputs.pool import load_state_dict
+    state = load_state_dict(zoo / "pretrained.safetensors")
+    with torch.no_grad():
+        tokens = tokenizer(["a cat .", "the cat"], padding=True, return_tensors="pt")
+        text = clip.get_text_features(**tokens)
+        text = getattr(text, "pooler_output", text)
+        text = torch.nn.functional.normalize(text, dim=-1).mean(0)
+        row = torch.nn.functional.normalize(text, dim=0) * clip.logit_scale.exp()
+    torch.testing.assert_close(state["head.weight"][0], row)
+    # The classifier's logits: CLIP's own image embeds, normalised, through the head.
+    family = FAMILIES["transformers"]
+    model = family.build(pool.spec).eval()
+    model.load_state_dict(state)
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    with torch.no_grad():
+        ours = family.forward(pool.spec, model, images)
+        pixels = (images.float() / 255 - 0.5) / 0.5  # no preprocessor_config: 0.5 / 0.5
+        embeds = clip.get_image_features(pixel_values=pixels)
+        embeds = getattr(embeds, "pooler_output", embeds)
+        theirs = torch.nn.functional.normalize(embeds, dim=-1) @ state["head.weight"].T
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_clip_pool_runs_and_exports_a_state_dict(clip_zoo, tmp_path, local_ray):
+    from safetensors.torch import load_file
+
+    from raysoup.export import export_like
+    from raysoup.runner import execute
+    zoo, _ = clip_zoo
+    methods = ["manifold_mix", "uniform_soup", "greedy_soup", "task_arithmetic"]
+    config = _run_config(tmp_path, zoo, methods)
+    report = execute(config)
+    assert set(report["methods"]) == set(methods) and "pretrained" in report["references"]
+    out = export_like(config.out, "ft-00", tmp_path / "soup.safetensors")
+    exported, fused = load_file(out), load_file(config.out / "fused.safetensors")
+    assert set(exported) == set(fused) and all(torch.equal(exported[k], fused[k]) for k in fused)
+    assert "head.weight" in exported and any(k.startswith("vision_model.") for k in exported)
