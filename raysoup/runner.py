@@ -109,7 +109,7 @@ def check_metric(config: RunConfig, num_classes: int) -> Metric | None:
         metric = load_metric(config.metric, num_classes)
     except RaysoupError as e:
         raise RaysoupError(f"{config.source}: {e}" if config.source else str(e)) from None
-    if config.method.racing and "manifold_mix" in config.methods and not metric.binary:
+    if config.method.racing and not metric.binary:
         raise RaysoupError(f"method.racing compares points on right/wrong answers; metric = "
                            f"{config.metric!r} gives scores between 0 and 1 (set racing = "
                            f"false)")
