@@ -48,7 +48,8 @@ class Report:
     def table(self) -> str:
         """The table `raysoup run` printed, with the paired differences."""
         from .report import format_table
-        return format_table(self.raw["methods"], self.raw.get("references"))
+        return format_table(self.raw["methods"], self.raw.get("references"),
+                            self.raw.get("config", {}).get("metric", ""))
 
     def best(self, metric: str = "val") -> str:
         """The method with the highest `metric` (val, id or ood_avg); val is what decides."""

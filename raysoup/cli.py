@@ -62,6 +62,13 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
+    if args.text:
+        from .tools.prepare_text import prepare_text
+        prepare_text(args.src, args.out, text_column=args.text_column,
+                     label_column=args.label_column, classes=args.classes,
+                     shard_size=args.shard_size)
+        print(f"[prepare] ready: {args.out}/dataset.json")
+        return
     from .tools.prepare import prepare_dataset
     prepare_dataset(args.src, args.out, arch=args.arch, image_size=args.image_size,
                     classes=args.classes, val_fraction=args.val_fraction, seed=args.seed,
@@ -161,10 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
 
     prep = command("prepare", help="images (a folder per class, or a CSV/Parquet of "
-                          "path,label) to preprocessed Arrow shards for evaluation (resumable)")
-    prep.add_argument("src", type=Path, help="image folder, or .csv/.parquet with path,label")
+                          "path,label) to preprocessed Arrow shards for evaluation (resumable); "
+                          "with --text, a CSV/JSONL/Parquet of text and labels to a text set")
+    prep.add_argument("src", type=Path, help="image folder, or .csv/.parquet with path,label; "
+                      "with --text, a .csv/.jsonl/.parquet file")
     prep.add_argument("--out", type=Path, required=True)
-    size = prep.add_mutually_exclusive_group(required=True)
+    prep.add_argument("--text", action="store_true", help="src holds texts and labels")
+    prep.add_argument("--text-column", default="text", help="--text: the text column")
+    prep.add_argument("--label-column", default="label", help="--text: the label column "
+                      "(ints, or class names mapped to ints in --classes' or sorted order)")
+    size = prep.add_mutually_exclusive_group()
     size.add_argument("--arch", help="open_clip model whose eval preprocessing to apply "
                       "(e.g. ViT-B-32)")
     size.add_argument("--image-size", type=int, help="square input size (open_clip's default "

@@ -4,7 +4,8 @@ Every key belongs to exactly one component. Presets:
 - ``granularity-0`` .. ``granularity-3``: the reference's key-depth grouping. Level L keeps
   the first L+1 dot-separated tokens of a key; granularity 3 is level 2 with one component
   per visual resblock. On the model soups ViT-B/32 layout: 2 / 8 / 15 / 26 components.
-- ``per-block``: one component per transformer block, everything else by level 2.
+- ``per-block``: one component per transformer block, everything else by level 2 (a
+  family's own block layout: BLOCK_PRESETS, TIMM_PRESETS).
 - ``per-layer-type``: one component per kind of layer across blocks (every block's query
   projection together, ...): block indices dropped, then the parameter name.
 - ``whole-model``: one component.
@@ -65,7 +66,7 @@ def _block_or_level(pattern: re.Pattern, level: int):
 
 
 def _layer_type(key: str) -> str:
-    return _depth_prefix(_BLOCK_INDEX.sub("*", key), len(key.split(".")) - 2)
+    return _depth_prefix(_BLOCK_INDEX.sub("*", key), max(0, len(key.split(".")) - 2))
 
 
 _BLOCK_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
@@ -83,6 +84,20 @@ PRESETS = {
 # h.3., layers.3.): their families' `per-block`.
 _ANY_BLOCK = re.compile(r"^((?:.*?\.)?(?:resblocks|layer|layers|blocks|block|h)\.\d+)\.")
 BLOCK_PRESETS = {**PRESETS, "per-block": _block_or_level(_ANY_BLOCK, 2)}
+# timm's blocks (blocks.3., stages.1.blocks.2., layers.0.blocks.1., ResNet's layer2.1.): the
+# innermost block; a stage's own weights (a downsample) are the stage's component, and the
+# rest (stem, norm, head) one per top-level module.
+_TIMM_BLOCK = re.compile(r"(?:^|\.)(?:(?:blocks|layers|stages)\.\d+|layer\d+\.\d+)(?=\.)")
+
+
+def _timm_block(key: str) -> str:
+    last = None
+    for last in _TIMM_BLOCK.finditer(key):
+        pass
+    return key[:last.end()] if last else _depth_prefix(key, 0)
+
+
+TIMM_PRESETS = {**PRESETS, "per-block": _timm_block}
 
 
 def _rules_name_of(rules: Sequence[tuple[str, str]]):

@@ -72,6 +72,7 @@ class RunConfig:
     # Judge every ingredient on every set too (report rows and scatter plot); off, only the
     # ranking's val accuracies are reported: the full table costs N x all sets.
     report_ingredients: bool = False
+    metric: str = ""              # "package.module:function" (raysoup.metrics); "": top-1
     # The other methods' configs, by method name (a TOML section each); defaults if absent.
     options: dict = field(default_factory=dict)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -97,7 +98,8 @@ class RunConfig:
         """What must not change between a run and its --resume."""
         # Through JSON, so it compares equal to the copy saved in a checkpoint.
         return json.loads(json.dumps({"pool": storage.resolve(self.pool.zoo),
-                                      "method": self.method.to_dict()}))
+                                      "method": self.method.to_dict(),
+                                      **({"metric": self.metric} if self.metric else {})}))
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class TopLevel:
     methods: Annotated[tuple[str, ...], Field(min_length=1)] = ("manifold_mix",)
     report_ingredients: bool = False
     cache: str = ""
+    metric: str = ""
 
 
 def section(cls, table: dict, name: str, where: str, base: Path):
@@ -159,6 +162,7 @@ def load_config(path: Path) -> RunConfig:
         methods=top.methods,
         report_ingredients=top.report_ingredients,
         cache=storage.resolve(top.cache, base) if top.cache else None,
+        metric=top.metric,
         options={name: section(cls, raw[name], name, where, base)
                  for name, cls in by_method.items() if name in raw},
         tracking=section(TrackingConfig, raw.get("tracking", {}), "tracking", where, base))

@@ -1,4 +1,5 @@
-"""How a fused model is judged: a task pool of named evaluation sets and the accuracy metric.
+"""How a fused model is judged: a task pool of named evaluation sets and the metric
+(raysoup.metrics: top-1 correctness, or the user's score in [0, 1]).
 
 The Evaluator builds its model once and only swaps weights in (``load_state_dict`` copies
 into the model's own parameters, so a shared or read-only input is never written).
@@ -18,6 +19,7 @@ from .cache import KeyedArrays
 from .inputs.data import ClassMap, EvalSet, EvalSetSource, read_eval_set
 from .families import Batch, build_model, family_of, take_rows, to_device
 from .inputs.pool import state_dict_sha256
+from .metrics import Metric, score
 from .numerics import describe
 
 VAL = "val"
@@ -25,9 +27,9 @@ ID = "id"
 
 
 class JudgementCache(KeyedArrays):
-    """Per-image correctness by content: the same weights (sha256) on the same evaluation
-    set (its fingerprint) by the same kind of evaluator are judged once, for every later
-    run. Counts the (model, set) judgements it answered and those it had measured."""
+    """Per-image correctness (or metric scores) by content: the same weights (sha256) on
+    the same evaluation set (its fingerprint) by the same kind of evaluator and metric are
+    judged once, for every later run. Counts the (model, set) judgements it answered and those it had measured."""
 
     def __init__(self, root):
         super().__init__(root)
@@ -53,22 +55,25 @@ class JudgementCache(KeyedArrays):
 
 
 def set_key(sha256: str | None, spec, class_map: ClassMap | None, bf16: bool,
-            domain: str) -> str | None:
+            domain: str, metric: Metric | None = None) -> str | None:
     """What decides a set's per-image results besides the weights: the set, the model,
-    bf16 and the numeric domain of the kernels (raysoup.numerics). None: the set has no
-    recorded fingerprint, so its judgements are not cached."""
+    bf16, the numeric domain of the kernels (raysoup.numerics) and the metric (its name
+    and source). None: the set has no recorded fingerprint, so its judgements are not
+    cached."""
     if not sha256:
         return None
-    return hashlib.sha256(json.dumps([sha256, spec.to_dict(), class_map, bf16, domain])
+    key = [sha256, spec.to_dict(), class_map, bf16, domain]
+    return hashlib.sha256(json.dumps(key + ([metric.identity] if metric else []))
                           .encode()).hexdigest()
 
 
 class Evaluator:
     def __init__(self, spec, eval_sets: list[EvalSet], batch_size: int = 1000,
                  device: str | None = None, autocast_bf16: bool = False,
-                 cache: JudgementCache | None = None, domain: str | None = None):
+                 cache: JudgementCache | None = None, domain: str | None = None,
+                 metric: Metric | None = None):
         """`domain`: the numeric domain this process was set up for (raysoup.numerics);
-        default, this process's own kernels as they are."""
+        default, this process's own kernels as they are. `metric`: default top-1."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         domain = domain or describe("native", torch.get_num_threads(), str(self.device))
         self.spec, self.family = spec, family_of(spec)
@@ -80,9 +85,9 @@ class Evaluator:
                               torch.from_numpy(np.array(s.labels)).to(self.device),
                               s.class_map)
                      for s in eval_sets}
-        self.cache = cache
+        self.cache, self.metric = cache, metric
         self.set_keys = {s.name: key for s in eval_sets if (key := set_key(
-            s.sha256, spec, s.class_map, self.autocast_bf16, domain))}
+            s.sha256, spec, s.class_map, self.autocast_bf16, domain, metric))}
         self._projections: dict = {}
 
     def _projection(self, class_map: ClassMap | None):
@@ -127,18 +132,21 @@ class Evaluator:
     @torch.inference_mode()
     def score(self, batches: Iterable[tuple], class_map: ClassMap | None) -> torch.Tensor:
         """Per row of (inputs, labels) batches (inputs encoded), on the device: does the
-        loaded model get it right?"""
+        loaded model get it right (bool), or the metric's score."""
         hits = []
         for inputs, labels in batches:
             inputs = to_device(inputs, self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16,
                                 enabled=self.autocast_bf16):
                 logits = self.project(self.logits(inputs), class_map)
-            hits.append(logits.argmax(dim=1) == torch.as_tensor(labels).to(self.device))
-        return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+            labels = torch.as_tensor(labels).to(self.device)
+            hits.append(score(self.metric, logits, labels).to(self.device))
+        return torch.cat(hits) if hits else \
+            torch.zeros(0, dtype=torch.bool if self.metric is None else torch.float64)
 
     def hits(self, set_name: str, rows: np.ndarray | None = None) -> torch.Tensor:
-        """Per image of a set (or of its `rows`, in that order): right or wrong."""
+        """Per image of a set (or of its `rows`, in that order): right or wrong, or the
+        metric's score."""
         inputs, labels, class_map = self.sets[set_name]
         if rows is not None:
             index = torch.as_tensor(rows, device=self.device)
@@ -147,19 +155,20 @@ class Evaluator:
                             labels[i:i + self.batch_size])
                            for i in range(0, len(labels), self.batch_size)), class_map)
 
-    def correct(self, set_name: str) -> tuple[int, int]:
-        """(correct, total) of the loaded weights on one set."""
+    def correct(self, set_name: str) -> tuple[int | float, int]:
+        """(correct, total) of the loaded weights on one set; with a metric, (the sum of
+        the scores, total)."""
         # Counted on the device and read once: a per-batch int() would stall a GPU each batch.
         hits = self.hits(set_name)
-        return int(hits.sum()), len(hits)
+        return hits.sum().item(), len(hits)
 
     def accuracy(self, state_dict: Mapping[str, torch.Tensor], set_name: str = VAL) -> float:
         return float(self.correctness(state_dict, [set_name])[set_name].mean())
 
     def correctness(self, state_dict: Mapping[str, torch.Tensor],
                     sets: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Per set (default: all), per image: right or wrong (what paired comparisons
-        need); read from the cache where these weights were judged on that set before."""
+        """Per set (default: all), per image: right or wrong, or the metric's score (what
+        paired comparisons need); read from the cache where these weights were judged on that set before."""
         sets = list(self.sets) if sets is None else sets
 
         def judge(missing: list[str]) -> dict[str, np.ndarray]:
@@ -180,7 +189,8 @@ def ood_sets(set_names) -> list[str]:
 
 
 def accuracy_row(correctness: Mapping[str, np.ndarray]) -> dict:
-    """val, id, each shifted set and their mean: the row every model gets in a report."""
+    """val, id, each shifted set and their mean (accuracies, or mean scores): the row every
+    model gets in a report."""
     acc = {name: float(hits.mean()) for name, hits in correctness.items()}
     ood = {name: acc[name] for name in ood_sets(acc)}
     return {"val": acc.get(VAL), "id": acc.get(ID), "ood": ood,

@@ -17,9 +17,11 @@ from .errors import RaysoupError
 from .stats import CONFIDENCE, OOD_AVG, format_difference
 
 
-def format_table(rows: dict[str, dict], references: dict[str, dict] | None = None) -> str:
+def format_table(rows: dict[str, dict], references: dict[str, dict] | None = None,
+                 metric: str = "") -> str:
     """Method x (val, id, each OOD set, OOD avg, ingredients, evaluations, wall seconds),
-    then the reference models (e.g. pretrained) in one line."""
+    then the reference models (e.g. pretrained) in one line. `metric`: the run's own
+    metric ("" = top-1 accuracy)."""
     shifts = list(next(iter(rows.values()))["ood"])
     header = ["method", "val", "id", *shifts, "ood_avg", "ingr", "evals", "wall_s"]
 
@@ -40,7 +42,8 @@ def format_table(rows: dict[str, dict], references: dict[str, dict] | None = Non
     refs = "".join(f"; {name}: val {pct(r['val'])}, id {pct(r['id'])}, ood_avg "
                    f"{pct(r['ood_avg'])}" for name, r in (references or {}).items())
     table = "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)]
-                      ) + f"\n(accuracies in %{refs}; only val decides, id and ood only report)"
+                      ) + (f"\n({f'mean {metric} scores' if metric else 'accuracies'} in %{refs}; "
+                           f"only val decides, id and ood only report)")
     close = [f"{name} {c['tie']} by a tie and {c['one image']} by one image"
              for name, r in rows.items() if (c := r.get("close_decisions")) and any(c.values())]
     if close:
@@ -53,8 +56,11 @@ def format_table(rows: dict[str, dict], references: dict[str, dict] | None = Non
 def format_differences(rows: dict[str, dict], metrics=("val", "id", OOD_AVG)) -> str:
     """Each method minus each baseline it was compared with, paired on the same images."""
     lines = [[name, baseline, *(format_difference(c.get(m)) for m in metrics),
-              *(f"{c[m]['p']:.2g}" if m in c else "-" for m in metrics)]
+              *(f"{c[m]['p']:.2g}" if m in c and c[m]["p"] is not None else "-"
+                for m in metrics)]
              for name, r in rows.items() for baseline, c in r.get("vs", {}).items()]
+    no_mcnemar = any(c["p"] is None for r in rows.values() for per_set in r.get("vs", {})
+                     .values() for c in per_set.values())
     if not lines:
         return ""
     header = ["method", "minus", *metrics, *(f"p_{m}" for m in metrics)]
@@ -66,7 +72,9 @@ def format_differences(rows: dict[str, dict], metrics=("val", "id", OOD_AVG)) ->
 
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)]) + (
         f"\n(paired differences in points on the same images, [{100 * CONFIDENCE:.0f} % "
-        f"bootstrap interval], * where it excludes 0; p: exact McNemar test)")
+        f"bootstrap interval], * where it excludes 0; p: exact McNemar test"
+        + ("; p -: McNemar does not apply to scores other than 0 and 1, the interval "
+           "alone tells" if no_mcnemar else "") + ")")
 
 
 def comparison_columns(versus: dict[str, dict]) -> dict:
@@ -87,9 +95,14 @@ def results_table(rows: dict[str, dict], kind: str) -> pa.Table:
 
 
 def correctness_table(correctness: dict[str, dict[str, np.ndarray]]) -> pa.Table:
-    """One row per (model, set): the per-image correctness behind every comparison."""
+    """One row per (model, set): the per-image correctness behind every comparison
+    (`correct`, booleans), or, where a metric gives other scores than 0 and 1, the scores
+    (`score`, floats)."""
+    from .stats import is_binary
+    every = [hits for per_set in correctness.values() for hits in per_set.values()]
+    column, kind = ("correct", bool) if is_binary(every) else ("score", np.float64)
     return pa.Table.from_pylist([
-        {"name": name, "set": set_name, "correct": hits.astype(bool).tolist()}
+        {"name": name, "set": set_name, column: hits.astype(kind).tolist()}
         for name, per_set in correctness.items() for set_name, hits in per_set.items()])
 
 

@@ -37,6 +37,7 @@ from .inputs.pool import (IngredientPool, check_state_dict, load_pretrained, rea
 from .inputs.storage import cache_location, check_writable, is_file, is_uri, join
 from .inputs.tasks import dataset_records, eval_set_sources
 from .methods import METHOD_INFO
+from .metrics import Metric, load_metric
 from .mixing import from_numpy
 from .numerics import runtime_env
 from .report import format_table, write_report
@@ -52,6 +53,7 @@ class Prepared:
     pool: IngredientPool
     components: Components
     eval_sources: dict[str, EvalSetSource]
+    metric: Metric | None = None  # None: top-1 correctness
 
 
 def validate_run(config: RunConfig, resume: bool, pool: IngredientPool | None = None
@@ -85,6 +87,7 @@ def validate_run(config: RunConfig, resume: bool, pool: IngredientPool | None = 
         check_state_dict(pretrained, state_dict_template(spec),
                          "manifest.json pretrained", family.architecture(spec))
     check_methods(config, pool, pretrained is not None)
+    metric = check_metric(config, spec.num_classes)
     out = str(config.out)
     if not is_uri(out) and Path(out).exists() and not Path(out).is_dir():
         raise RaysoupError(f"out = {out!r} is a file; `out` names the run directory")
@@ -99,7 +102,23 @@ def validate_run(config: RunConfig, resume: bool, pool: IngredientPool | None = 
                                f"config's methods {list(config.methods)} keep none (run "
                                f"without --resume, into a new `out`)")
         saved_state(join(out, "driver"), config.fingerprint())  # refuses a different config
-    return Prepared(config, pool, components, eval_sources)
+    return Prepared(config, pool, components, eval_sources, metric)
+
+
+def check_metric(config: RunConfig, num_classes: int) -> Metric | None:
+    """The config's metric, tried on a small batch in this process; racing's paired
+    counts need right/wrong scores."""
+    if not config.metric:
+        return None
+    try:
+        metric = load_metric(config.metric, num_classes)
+    except RaysoupError as e:
+        raise RaysoupError(f"{config.source}: {e}" if config.source else str(e)) from None
+    if config.method.racing and not metric.binary:
+        raise RaysoupError(f"method.racing compares points on right/wrong answers; metric = "
+                           f"{config.metric!r} gives scores between 0 and 1 (set racing = "
+                           f"false)")
+    return metric
 
 
 def traced_unused_keys(spec) -> list[str]:
@@ -140,6 +159,9 @@ def plan(prepared: Prepared) -> str:
              f"components ({config.method.components}, {m}): "
              f"{', '.join(prepared.components.names)}",
              f"ranking: {n} validation evaluations, shared by every method"]
+    if config.metric:
+        lines.insert(2, f"metric: {config.metric}, a score in [0, 1] per example (accuracies "
+                        f"are mean scores)")
     for name, method_config in {**{m: None for m in config.methods},
                                 **config.method_configs()}.items():
         if name == "manifold_mix":
@@ -172,7 +194,7 @@ def plan(prepared: Prepared) -> str:
     return "\n".join(lines)
 
 
-def evaluator_spec(config: RunConfig) -> EvaluatorSpec:
+def evaluator_spec(config: RunConfig, metric: Metric | None = None) -> EvaluatorSpec:
     """One evaluator per GPU, else per CPU slot; sharded for one trial at a time."""
     r = config.resources
     total = ray.cluster_resources()
@@ -193,7 +215,7 @@ def evaluator_spec(config: RunConfig) -> EvaluatorSpec:
         mode = "sharded" if config.method.num_workers == 1 else "whole"
     return EvaluatorSpec(count=count, mode=mode, cpus=r.cpus_per_evaluator, gpus=gpus,
                          autocast_bf16=r.bf16, timeout_s=r.eval_timeout_s,
-                         numerics=r.numerics)
+                         numerics=r.numerics, metric=metric)
 
 
 def write_betas(out: Path, betas: np.ndarray, ingredients: list[str], components: list[str]) -> None:
@@ -254,7 +276,7 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
     out, cache = config.out, cache_location(config.cache)
     file_logging(out)
     connect(address)
-    evaluators = evaluator_spec(config)
+    evaluators = evaluator_spec(config, prepared.metric)
     logger.info(f"[run] {evaluators.count} evaluator(s), {evaluators.mode} evaluation, "
                 f"{len(prepared.components)} components, methods {', '.join(config.methods)}")
     actors = start_evaluators(prepared.pool.spec, prepared.eval_sources, prepared.components,
@@ -290,13 +312,14 @@ def execute(config: RunConfig, resume: bool = False, address: str | None = None,
               "config": {**(extra or {}), "source": config.source and str(config.source),
                          "resumed": resume, "methods": list(config.methods),
                          "report_ingredients": config.report_ingredients,
+                         "metric": config.metric,
                          "pool": str(config.pool.zoo),
                          **{name: c.to_dict() for name, c in config.method_configs().items()},
                          "tracking": config.tracking.to_dict(),
                          "evaluators": evaluators.count, "evaluation": evaluators.mode,
                          "numerics": result["numerics"]}}
     write_report(out, report, result["correctness"])
-    logger.info(format_table(report["methods"], report["references"]))
+    logger.info(format_table(report["methods"], report["references"], config.metric))
     counts = result["cache"]
     logger.info(f"[run] from the cache ({cache}): {counts['points_cached']} mixing "
                 f"point(s) and {counts['judgements_cached']} of "

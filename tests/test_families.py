@@ -301,3 +301,206 @@ def test_a_text_set_without_a_tokenizer_is_refused_before_ray(text_zoo, tmp_path
     with pytest.raises(RaysoupError, match="no tokenizer for the text sets") as e:
         validate_run(_run_config(tmp_path, zoo, ["uniform_soup"]), resume=False)
     assert "\n" not in str(e.value)
+
+
+TIMM_MODEL = {"family": "timm", "arch": "vit_tiny_patch16_224", "num_classes": 3,
+              "img_size": 8, "in_chans": 1,
+              "kwargs": {"patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2}}
+
+
+@pytest.fixture(scope="module")
+def timm_zoo(tmp_path_factory):
+    """A tiny timm ViT: pretrained + 3 ingredients as safetensors (fp32, fp16) and a timm
+    train.py-style torch.save checkpoint ({"state_dict": ...} of a DataParallel model)."""
+    import timm
+    from safetensors.torch import save_file
+    zoo = tmp_path_factory.mktemp("timmzoo")
+    torch.manual_seed(0)
+    kwargs = {k: v for k, v in TIMM_MODEL.items() if k not in ("family", "arch", "kwargs")}
+    model = timm.create_model(TIMM_MODEL["arch"], pretrained=False, **kwargs,
+                              **TIMM_MODEL["kwargs"])
+    (zoo / "ingredients").mkdir()
+    save_file(model.state_dict(), zoo / "pretrained.safetensors")
+    save_file(_perturbed(model, 20, 0.2).state_dict(), zoo / "ingredients/ft-00.safetensors")
+    save_file({k: v.half() for k, v in _perturbed(model, 21, 0.2).state_dict().items()},
+              zoo / "ingredients/ft-01.safetensors")
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in
+                                           _perturbed(model, 22, 0.2).state_dict().items()}},
+               zoo / "ingredients/ft-02.pth.tar")
+    rng = np.random.default_rng(2)
+    (zoo / "data").mkdir()
+    for name in ("val", "id", "noise"):
+        write_eval_set(EvalSet(name, rng.integers(0, 256, (30, 1, 8, 8), dtype=np.uint8),
+                               rng.integers(0, 3, 30)), zoo / "data" / f"{name}.arrow")
+    (zoo / "manifest.json").write_text(json.dumps({
+        "model": TIMM_MODEL, "pretrained": "pretrained.safetensors",
+        "ingredients": [{"name": "ft-00", "file": "ingredients/ft-00.safetensors"},
+                        {"name": "ft-01", "file": "ingredients/ft-01.safetensors"},
+                        {"name": "ft-02", "file": "ingredients/ft-02.pth.tar"}],
+        "eval_sets": {n: f"data/{n}.arrow" for n in ("val", "id", "noise")}}))
+    return zoo
+
+
+def test_timm_batches_match_the_model_called_directly(timm_zoo):
+    import timm
+    from raysoup.components import partition
+    from raysoup.evaluate import Evaluator, load_eval_sets
+    from raysoup.inputs.tasks import eval_set_sources
+    pool = IngredientPool.from_zoo(timm_zoo)
+    pool.validate()
+    weights = pool.load("ft-02")  # the train.py checkpoint, "module." stripped
+    sets = load_eval_sets(eval_set_sources(timm_zoo), 3)
+    hits = Evaluator(pool.spec, sets, batch_size=7).correctness(weights)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=8, in_chans=1,
+                              **TIMM_MODEL["kwargs"]).eval()
+    model.load_state_dict(weights)
+    val = next(s for s in sets if s.name == "val")
+    x = (torch.tensor(np.array(val.inputs)).float() / 255 - 0.5) / 0.5  # the config's mean/std
+    with torch.no_grad():
+        direct = model(x).argmax(1).numpy() == val.labels
+    np.testing.assert_array_equal(hits["val"], direct)
+    family = FAMILIES["timm"]
+    names = partition(list(weights), "per-block", presets=family.presets).names
+    assert names == ("cls_token", "pos_embed", "patch_embed", "blocks.0", "blocks.1", "norm",
+                     "head")
+    assert len(partition(list(weights), "whole-model", presets=family.presets)) == 1
+
+
+def test_timm_cnn_blocks_and_any_image_size():
+    from raysoup.components import partition
+    family = FAMILIES["timm"]
+    spec = spec_from_dict({"family": "timm", "arch": "resnet10t", "num_classes": 4,
+                           "img_size": 16}, "m.json")
+    assert family.inputs(spec) == (3, 16, 16)  # a CNN is built as is, fed 16 px images
+    model = family.build(spec).eval()
+    with torch.no_grad():
+        assert family.forward(spec, model, torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+                              ).shape == (2, 4)
+    names = partition(list(family.template(spec)), "per-block", presets=family.presets).names
+    assert names == ("conv1", "bn1", "layer1.0", "layer2.0", "layer3.0", "layer4.0", "fc")
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"arch": "vit_tiny_patch16_22"}, "'vit_tiny_patch16_22' is not a timm model; did you mean "
+                                      "vit_tiny_patch16_224"),
+    ({"arch": "resnet10t", "kwargs": {"depht": 2}}, "timm.create_model.*unexpected keyword "
+                                                     "argument 'depht'"),
+    ({"arch": "resnet10t", "kwargs": {"pretrained": True}}, "raysoup never downloads"),
+    ({"arch": "resnet10t", "kwargs": {"num_classes": 5}}, "give it as model.num_classes"),
+    ({"arch": "resnet10t", "in_chans": 1, "mean": [0.1, 0.2]}, "model.mean has 2 value"),
+])
+def test_a_bad_timm_entry_is_one_line(entry, message):
+    with pytest.raises(RaysoupError, match=message) as e:
+        spec_from_dict({"family": "timm", "num_classes": 3, **entry}, "m.json")
+    assert "\n" not in str(e.value) and str(e.value).startswith("m.json: ")
+
+
+@pytest.mark.slow
+def test_timm_pool_runs_every_method_and_exports(timm_zoo, tmp_path, local_ray):
+    import timm
+    from safetensors.torch import load_file
+
+    from raysoup.export import export_like
+    from raysoup.methods import METHODS
+    from raysoup.runner import execute
+    config = _run_config(tmp_path, timm_zoo, list(METHODS))
+    report = execute(config)
+    assert set(report["methods"]) == set(METHODS)
+    for row in report["methods"].values():
+        assert 0 <= row["val"] <= 1 and set(row["ood"]) == {"noise"}
+    fused = load_file(config.out / "fused.safetensors")
+    out = export_like(config.out, "ft-01", tmp_path / "soup.safetensors")  # the fp16 one
+    exported = load_file(out)
+    assert set(exported) == set(fused) and all(v.dtype == torch.float16
+                                               for v in exported.values())
+    out = export_like(config.out, "ft-02", tmp_path / "soup.pth")  # the train.py one
+    exported = torch.load(out, weights_only=True)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=8, in_chans=1,
+                              **TIMM_MODEL["kwargs"])
+    model.load_state_dict({k.removeprefix("module."): v for k, v in exported.items()})
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in fused.items())
+
+
+@pytest.fixture(scope="module")
+def clip_zoo(tmp_path_factory):
+    """A tiny HF CLIPModel (random init) with its tokenizer; the pretrained ingredient is its
+    zero-shot classifier, the fine-tunes perturbations of it, as safetensors files."""
+    from safetensors.torch import save_file
+
+    from raysoup.families.hf_clip import zeroshot_classifier
+    zoo = tmp_path_factory.mktemp("clipzoo")
+    torch.manual_seed(0)
+    tokenizer = _tokenizer()
+    config = transformers.CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32,
+                     "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "max_position_embeddings": 16, "eos_token_id": 3, "pad_token_id": 0},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 8, "patch_size": 4},
+        projection_dim=8)
+    transformers.CLIPModel(config).save_pretrained(zoo / "clip")
+    tokenizer.save_pretrained(zoo / "clip")
+    pretrained = zeroshot_classifier(str(zoo / "clip"), ["cat", "car", "red"],
+                                     ["a {} .", "the {}"])
+    save_file(pretrained, zoo / "pretrained.safetensors")
+    (zoo / "ingredients").mkdir()
+    for i in range(3):
+        g = torch.Generator().manual_seed(30 + i)
+        save_file({k: v + torch.randn(v.shape, generator=g) * 0.1 for k, v in pretrained.items()},
+                  zoo / f"ingredients/ft-0{i}.safetensors")
+    rng = np.random.default_rng(3)
+    (zoo / "data").mkdir()
+    for name in ("val", "id", "noise"):
+        write_eval_set(EvalSet(name, rng.integers(0, 256, (30, 3, 8, 8), dtype=np.uint8),
+                               rng.integers(0, 3, 30)), zoo / "data" / f"{name}.arrow")
+    (zoo / "manifest.json").write_text(json.dumps({
+        "model": {"family": "transformers", "task": "clip-classification", "path": "clip",
+                  "num_classes": 3},
+        "pretrained": "pretrained.safetensors", "ingredients": "ingredients/*.safetensors",
+        "eval_sets": {n: f"data/{n}.arrow" for n in ("val", "id", "noise")}}))
+    return zoo, tokenizer
+
+
+def test_clip_zero_shot_head_is_the_text_towers_class_embeddings(clip_zoo):
+    zoo, tokenizer = clip_zoo
+    clip = transformers.CLIPModel.from_pretrained(zoo / "clip").eval()
+    pool = IngredientPool.from_zoo(zoo)
+    pool.validate()
+    from raysoup.inputs.pool import load_state_dict
+    state = load_state_dict(zoo / "pretrained.safetensors")
+    with torch.no_grad():
+        tokens = tokenizer(["a cat .", "the cat"], padding=True, return_tensors="pt")
+        text = clip.get_text_features(**tokens)
+        text = getattr(text, "pooler_output", text)
+        text = torch.nn.functional.normalize(text, dim=-1).mean(0)
+        row = torch.nn.functional.normalize(text, dim=0) * clip.logit_scale.exp()
+    torch.testing.assert_close(state["head.weight"][0], row)
+    # The classifier's logits: CLIP's own image embeds, normalised, through the head.
+    family = FAMILIES["transformers"]
+    model = family.build(pool.spec).eval()
+    model.load_state_dict(state)
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    with torch.no_grad():
+        ours = family.forward(pool.spec, model, images)
+        pixels = (images.float() / 255 - 0.5) / 0.5  # no preprocessor_config: 0.5 / 0.5
+        embeds = clip.get_image_features(pixel_values=pixels)
+        embeds = getattr(embeds, "pooler_output", embeds)
+        theirs = torch.nn.functional.normalize(embeds, dim=-1) @ state["head.weight"].T
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_clip_pool_runs_and_exports_a_state_dict(clip_zoo, tmp_path, local_ray):
+    from safetensors.torch import load_file
+
+    from raysoup.export import export_like
+    from raysoup.runner import execute
+    zoo, _ = clip_zoo
+    methods = ["manifold_mix", "uniform_soup", "greedy_soup", "task_arithmetic"]
+    config = _run_config(tmp_path, zoo, methods)
+    report = execute(config)
+    assert set(report["methods"]) == set(methods) and "pretrained" in report["references"]
+    out = export_like(config.out, "ft-00", tmp_path / "soup.safetensors")
+    exported, fused = load_file(out), load_file(config.out / "fused.safetensors")
+    assert set(exported) == set(fused) and all(torch.equal(exported[k], fused[k]) for k in fused)
+    assert "head.weight" in exported and any(k.startswith("vision_model.") for k in exported)

@@ -220,3 +220,74 @@ def test_resume_redoes_only_missing_shards(src, tmp_path, caplog):
     (tmp_path / "busy/notes.txt").write_text("mine")
     with pytest.raises(DataError, match="not a `raysoup prepare` output"):
         prepare_dataset(src, tmp_path / "busy", image_size=32)
+
+
+TEXTS = ["a cat sat", "buses run, late", "red \"and\" blue", "dogs bark", "trains", "pink"]
+NAMES = ["animal", "vehicle", "colour", "animal", "vehicle", "colour"]
+
+
+def _text_files(root):
+    """The same texts and class-name labels as CSV, JSONL and Parquet."""
+    table = pa.table({"sentence": TEXTS, "topic": NAMES, "n": list(range(6))})
+    pyarrow.csv.write_csv(table, root / "t.csv")
+    (root / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in table.to_pylist()))
+    pyarrow.parquet.write_table(table, root / "t.parquet")
+    return [root / "t.csv", root / "t.jsonl", root / "t.parquet"]
+
+
+def test_text_files_to_sharded_text_sets(tmp_path):
+    from raysoup.evaluate import load_eval_sets
+    from raysoup.inputs.data import EvalSetSource, check_eval_set, iter_shard
+    from raysoup.tools.prepare_text import prepare_text
+    for src in _text_files(tmp_path):
+        out = tmp_path / f"out-{src.suffix[1:]}"
+        info = prepare_text(src, out, text_column="sentence", label_column="topic",
+                            shard_size=4)
+        assert info["classes"] == ["animal", "colour", "vehicle"]  # sorted, recorded
+        assert info["shards"] == ["shard-00000.arrow", "shard-00001.arrow"]
+        s = read_eval_set(out)
+        assert list(s.inputs["text"]) == TEXTS
+        assert s.labels.tolist() == [info["classes"].index(n) for n in NAMES]
+        assert check_eval_set(EvalSetSource(str(out)), 3, "text") == 6
+        streamed = list(iter_shard(EvalSetSource(str(out)), 3, 1, 2, 2))  # 2nd of 2 shards
+        assert [t for inputs, _ in streamed for t in inputs["text"]] == TEXTS[3:]
+        assert load_eval_sets({"val": str(out)}, 3)[0].labels.tolist() == s.labels.tolist()
+    prepare_text(tmp_path / "t.csv", tmp_path / "given", text_column="sentence",
+                 label_column="topic", classes=["vehicle", "colour", "animal"])
+    assert read_eval_set(tmp_path / "given").labels.tolist() == [2, 0, 1, 2, 0, 1]
+    ints = prepare_text(tmp_path / "t.parquet", tmp_path / "ints", text_column="sentence",
+                        label_column="n")
+    assert ints["classes"] is None and read_eval_set(tmp_path / "ints").labels.tolist() == \
+        list(range(6))
+
+
+def test_cli_prepares_a_text_set(tmp_path, capsys):
+    from raysoup.cli import main
+    _text_files(tmp_path)
+    main(["prepare", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "out"), "--text",
+          "--text-column", "sentence", "--label-column", "topic"])
+    assert "ready" in capsys.readouterr().out
+    assert len(read_eval_set(tmp_path / "out").labels) == 6
+
+
+@pytest.mark.parametrize("write, kwargs, message", [
+    (lambda p: p.write_text(""), {}, r"t.csv: empty"),
+    (lambda p: p.write_text("text,label\n"), {}, r"t.csv: no rows"),
+    (lambda p: p.write_text("sentence,label\na,0\n"), {},
+     r"t.csv: no text column 'text' \(columns: sentence, label\); name it with --text-column"),
+    (lambda p: p.write_text("text,topic\na,0\n"), {},
+     r"t.csv: no label column 'label' \(columns: text, topic\)"),
+    (lambda p: p.write_text("text,label\na,cat\nb,dog\n"), {"classes": ["cat"]},
+     r"t.csv: column 'label' holds label 'dog', which is not one of the 1 classes"),
+    (lambda p: p.write_text("text,label\na,0\nb,-1\n"), {}, r"column 'label' holds label -1"),
+    (lambda p: p.write_text("text,label\na,0\nb,3\n"), {"classes": ["x", "y"]},
+     r"column 'label' holds label 3, outside \[0, 2\)"),
+    (lambda p: p.write_text("text,label\na,0\n,1\n"), {}, r"column 'text' is empty in row 2"),
+    (lambda p: p.write_text("text,label\n1,0\n2,1\n"), {}, r"column 'text' holds int64, not"),
+])
+def test_bad_text_input_is_one_line_naming_file_and_column(tmp_path, write, kwargs, message):
+    from raysoup.tools.prepare_text import prepare_text
+    write(tmp_path / "t.csv")
+    with pytest.raises(DataError, match=message) as e:
+        prepare_text(tmp_path / "t.csv", tmp_path / "out", **kwargs)
+    assert "\n" not in str(e.value) and str(tmp_path / "t.csv") in str(e.value)

@@ -160,7 +160,7 @@ def test_the_example_config_lists_every_key_at_its_default():
     config = load_config(path)
     sections = {name: info.config for name, info in METHOD_INFO.items()
                 if info.config is not None and name != "manifold_mix"}
-    assert set(raw) == {"out", "methods", "report_ingredients", "cache", "pool", "method",
+    assert set(raw) == {"out", "methods", "report_ingredients", "cache", "metric", "pool", "method",
                         "resources", "tracking", *sections}
     for name, cls, parsed in [("method", ManifoldMixConfig, config.method),
                               ("resources", ResourcesConfig, config.resources),

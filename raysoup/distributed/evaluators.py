@@ -16,6 +16,7 @@ from ..errors import RaysoupError
 from ..evaluate import VAL, JudgementCache, set_key
 from ..inputs.data import EvalSetSource
 from ..inputs.model import ModelSpec
+from ..metrics import Metric
 from ..mixing import StateDict, to_numpy
 from ..numerics import Numerics, runtime_env
 from ..search import first_model
@@ -32,6 +33,7 @@ class EvaluatorSpec:
     autocast_bf16: bool = False
     timeout_s: float = 600.0  # one evaluation; past it the trial fails loudly and is retried
     numerics: Numerics = "portable"  # which CPU kernels compute (raysoup.numerics)
+    metric: Metric | None = None      # what a model is judged by; None: top-1 correctness
 
 
 def start_evaluators(spec: ModelSpec, sources: Mapping[str, EvalSetSource],
@@ -44,7 +46,8 @@ def start_evaluators(spec: ModelSpec, sources: Mapping[str, EvalSetSource],
         num_cpus=evaluators.cpus, num_gpus=evaluators.gpus,
         runtime_env=runtime_env(evaluators.numerics)).remote(
         spec, dict(sources), i % val_shards, val_shards, i, evaluators.count, components,
-        int(max(1, evaluators.cpus)), evaluators.autocast_bf16, evaluators.numerics)
+        int(max(1, evaluators.cpus)), evaluators.autocast_bf16, evaluators.numerics,
+        evaluators.metric)
         for i in range(evaluators.count)]
     ready, pending = ray.wait([a.ready.remote() for a in actors], num_returns=len(actors),
                               timeout=start_timeout_s)
@@ -100,7 +103,7 @@ class EvaluatorPool:
         self.domain = evaluator_domain(actors)
         self.set_keys = {name: key for name, source in self.sources.items() if (key := set_key(
             source.sha256, spec, source.class_map, evaluators.autocast_bf16 and
-            evaluators.gpus > 0, self.domain))}
+            evaluators.gpus > 0, self.domain, evaluators.metric))}
 
     @property
     def set_names(self) -> list[str]:

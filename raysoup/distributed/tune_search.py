@@ -200,7 +200,7 @@ class TuneSearch:
         ray.get(self.resident.set.remote(self.refs))  # what the trials will evaluate
         if self.cache_root is not None and self.val_key is not None:
             e = self.evaluators
-            # val_key holds the set, the model and the numeric domain (kernels, threads);
+            # val_key holds the set, the model, the metric and the numeric domain;
             # racing scores a point in other batches than a full evaluation does.
             scope = [self.val_key, e.count, e.mode, e.gpus > 0, e.autocast_bf16,
                      self.racing.chunks if self.racing else None,

@@ -38,7 +38,7 @@ class EvaluatorActor:
 
     def __init__(self, spec, sources: dict, val_shard: int, val_shards: int, shard: int,
                  shards: int, components, threads: int, autocast_bf16: bool,
-                 numerics: str = "portable"):
+                 numerics: str = "portable", metric=None):
         import torch
 
         from .. import numerics as numeric_domains
@@ -59,7 +59,7 @@ class EvaluatorActor:
         rows = shard_rows(len(full), val_shard, val_shards)
         part = EvalSet(VAL, take(full.inputs, rows), full.labels[rows], full.class_map)
         self.evaluator = Evaluator(spec, [part], device=device, autocast_bf16=autocast_bf16,
-                                   domain=self.domain)
+                                   domain=self.domain, metric=metric)
         self.spec, self.sources, self.shard, self.shards = spec, sources, shard, shards
         self.components = components
         self.whole_val = None  # an evaluator with every validation row, for learned soup
@@ -101,21 +101,24 @@ class EvaluatorActor:
             self.evaluator.load(self.mixer(self.models, x, self.components))
             self.loaded = (self.model_ids, x.copy())
 
-    def correct(self, refs: Sequence[ray.ObjectRef], x: np.ndarray) -> tuple[int, int]:
+    def correct(self, refs: Sequence[ray.ObjectRef], x: np.ndarray) -> tuple[float, int]:
         self._load(refs, x)
         return self.evaluator.correct(VAL)
 
     def chunk_hits(self, refs: Sequence[ray.ObjectRef], x: np.ndarray, chunk: int,
                    chunks: int) -> np.ndarray:
         """Per-image correctness at x on part `chunk` of `chunks` of this shard's rows, in
-        a fixed random order (racing)."""
+        a fixed random order (racing: right or wrong only)."""
+        from ..metrics import as_binary
         self._load(refs, x)
         rows = np.array_split(self.race_order, chunks)[chunk]
-        return self.evaluator.hits(VAL, rows).cpu().numpy()
+        hits = self.evaluator.hits(VAL, rows).cpu().numpy()
+        return hits if self.evaluator.metric is None else \
+            as_binary(hits, self.evaluator.metric.name)
 
     def judge(self, refs: Sequence[ray.ObjectRef], x: np.ndarray, set_name: str) -> np.ndarray:
-        """Per-image correctness at x: on the resident validation shard, or on this
-        actor's share of another set's rows, streamed."""
+        """Per-image correctness (or metric scores) at x: on the resident validation
+        shard, or on this actor's share of another set's rows, streamed."""
         from ..inputs.data import iter_shard
         self._load(refs, x)
         if set_name == VAL:
@@ -137,7 +140,8 @@ class EvaluatorActor:
         if self.whole_val is None:
             self.whole_val = Evaluator(self.spec, [read_eval_set(self.sources[VAL],
                                                                  self.spec.num_classes)],
-                                       device=str(self.evaluator.device), domain=self.domain)
+                                       device=str(self.evaluator.device), domain=self.domain,
+                                       metric=self.evaluator.metric)
         models = [from_numpy(m) for m in ray.get(list(model_refs))]
         return learn_mixing_logits(self.whole_val, VAL, models, self.components, config)
 
@@ -199,7 +203,8 @@ class PointCache:
 def evaluate_points(actors: list, mode: str, models: list, points: Sequence[np.ndarray],
                     timeout_s: float, cache: PointCache | None = None
                     ) -> tuple[list[float], int]:
-    """(validation accuracy at each point, how many were read from the cache). Every point
+    """(validation accuracy (or mean score) at each point, how many were read from the
+    cache). Every point
     not in the cache is dispatched at once: summed over every evaluator's shard
     ("sharded"), or on the whole validation set of one evaluator each, point i on
     evaluator i mod N ("whole").

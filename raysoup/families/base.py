@@ -107,6 +107,11 @@ class Family:
         """Checks across the pool's ingredients before their weights are read."""
 
 
+def as_float32(state: StateDict) -> StateDict:
+    """Mixed in fp32 whatever the files hold (export casts back)."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
 def take_rows(batch: Batch, index) -> Batch:
     return batch[index] if isinstance(batch, torch.Tensor) else \
         {k: v[index] for k, v in batch.items()}
@@ -157,3 +162,33 @@ def relative_folder(where: str, path: str, key: str) -> str:
     if not os.path.isdir(folder):
         raise RaysoupError(f"{where}: {key} = {path!r}: no such folder")
     return os.path.abspath(folder)
+
+
+def export_state_dict_like(fused: StateDict, like: str, out: Path) -> Path:
+    """`fused` with the keys, `module.` prefix, dtypes and container (safetensors, or a
+    torch.save'd state dict) of the ingredient file `like`; tensors the fused model does not
+    hold (a kept text transformer) are the ingredient's own."""
+    from safetensors.torch import save_file
+
+    from ..inputs.model import DATA_PARALLEL_PREFIX
+    from ..inputs.pool import load_state_dict
+    original = load_state_dict(like)
+    prefix = DATA_PARALLEL_PREFIX if original and all(
+        k.startswith(DATA_PARALLEL_PREFIX) for k in original) else ""
+    exported = {}
+    for key, tensor in original.items():
+        ours = key[len(prefix):]
+        exported[key] = fused[ours].to(tensor.dtype) if ours in fused else tensor
+    missing = sorted(set(fused) - {k[len(prefix):] for k in original})
+    if missing:
+        raise RaysoupError(f"ingredient {like} lacks {len(missing)} key(s) of the fused "
+                           f"model (e.g. {missing[0]}): not the same architecture")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    if str(like).endswith(".safetensors"):
+        save_file({k: v.contiguous() for k, v in exported.items()}, str(tmp))
+    else:
+        torch.save(exported, tmp)
+    tmp.replace(out)
+    return out

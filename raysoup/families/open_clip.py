@@ -6,9 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from .base import Family, StateDict, register
+from .base import Family, StateDict, export_state_dict_like, register
 
 
 class ImageClassifierFamily(Family):
@@ -32,34 +30,7 @@ class ImageClassifierFamily(Family):
         return to_classifier_layout(load_state_dict(path))
 
     def export(self, spec, fused: StateDict, like: str, out: Path) -> Path:
-        """The keys, `module.` prefix, dtypes and container (safetensors, or a torch.save'd
-        state dict) of `like`; tensors the fused model does not hold (a kept text
-        transformer) are the ingredient's own."""
-        from safetensors.torch import save_file
-
-        from ..errors import RaysoupError
-        from ..inputs.model import DATA_PARALLEL_PREFIX
-        from ..inputs.pool import load_state_dict
-        original = load_state_dict(like)
-        prefix = DATA_PARALLEL_PREFIX if original and all(
-            k.startswith(DATA_PARALLEL_PREFIX) for k in original) else ""
-        exported = {}
-        for key, tensor in original.items():
-            ours = key[len(prefix):]
-            exported[key] = fused[ours].to(tensor.dtype) if ours in fused else tensor
-        missing = sorted(set(fused) - {k[len(prefix):] for k in original})
-        if missing:
-            raise RaysoupError(f"ingredient {like} lacks {len(missing)} key(s) of the fused "
-                               f"model (e.g. {missing[0]}): not the same architecture")
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        if like.endswith(".safetensors"):
-            save_file({k: v.contiguous() for k, v in exported.items()}, str(tmp))
-        else:
-            torch.save(exported, tmp)
-        tmp.replace(out)
-        return out
+        return export_state_dict_like(fused, like, out)
 
 
 class OpenClip(ImageClassifierFamily):

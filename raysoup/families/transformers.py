@@ -1,5 +1,6 @@
 """`transformers`: any Hugging Face AutoModelForSequenceClassification or
-AutoModelForImageClassification saved with save_pretrained.
+AutoModelForImageClassification saved with save_pretrained, and HF CLIP as an image
+classifier (task "clip-classification", raysoup.families.hf_clip).
 
     "model": {"family": "transformers", "task": "sequence-classification",
               "path": "pretrained", "num_classes": 4}
@@ -10,6 +11,8 @@ and std). The skeleton is built from the config alone (from_config, nothing down
 Ingredients are save_pretrained folders (model.safetensors, or shards with
 model.safetensors.index.json; fp32, fp16 or bf16: mixed in fp32, exported back in the
 ingredient's dtype), plain state-dict files, or PEFT LoRA adapters of `path`'s model.
+A clip-classification model's `path` holds a CLIPConfig or CLIPVisionConfig (and the image
+processor); its ingredients are state-dict files (safetensors or torch), exported as such.
 """
 
 from __future__ import annotations
@@ -28,16 +31,18 @@ from pydantic import Field
 
 from ..components import BLOCK_PRESETS
 from ..errors import RaysoupError
-from .base import Batch, Family, StateDict, register, relative_folder
+from .base import Batch, Family, StateDict, as_float32, register, relative_folder
 
 TASKS = {"sequence-classification": "AutoModelForSequenceClassification",
-         "image-classification": "AutoModelForImageClassification"}
+         "image-classification": "AutoModelForImageClassification",
+         "clip-classification": "CLIPVisionModelWithProjection plus a linear head"}
+CLIP = "clip-classification"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass(frozen=True)
 class TransformersSpec:
-    task: Literal["sequence-classification", "image-classification"]
+    task: Literal["sequence-classification", "image-classification", "clip-classification"]
     path: str                     # the model folder (absolute once read from a manifest)
     num_classes: Annotated[int, Field(ge=2)]
     max_length: Annotated[int, Field(ge=1)] = 128  # text: every row padded/truncated to it
@@ -113,11 +118,6 @@ def _from_pretrained(spec: TransformersSpec, folder: Path, dtype=torch.float32):
     return model
 
 
-def as_float32(state: StateDict) -> StateDict:
-    """Mixed in fp32 whatever the files hold (export casts back)."""
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-
-
 class Transformers(Family):
     name = "transformers"
     presets = BLOCK_PRESETS
@@ -127,7 +127,7 @@ class Transformers(Family):
         spec = validate(TransformersSpec, entry, where, "model.", "model")
         folder = relative_folder(where, spec.path, "model.path")
         config = hf_config(folder)
-        if config.num_labels != spec.num_classes:
+        if spec.task != CLIP and config.num_labels != spec.num_classes:
             raise RaysoupError(f"{where}: model.num_classes = {spec.num_classes}, but "
                                f"{folder}/config.json has {config.num_labels} labels")
         spec = TransformersSpec(spec.task, folder, spec.num_classes, spec.max_length)
@@ -135,9 +135,12 @@ class Transformers(Family):
         return spec
 
     def build(self, spec: TransformersSpec, device: str = "cpu"):
-        auto = getattr(_hf(), TASKS[spec.task])
         try:
             with torch.device(device):
+                if spec.task == CLIP:
+                    from .hf_clip import ClipClassifier
+                    return ClipClassifier(hf_config(spec.path), spec.num_classes)
+                auto = getattr(_hf(), TASKS[spec.task])
                 return auto.from_config(hf_config(spec.path), dtype=torch.float32)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise RaysoupError(f"model folder {spec.path}: its config does not build a "
@@ -147,6 +150,9 @@ class Transformers(Family):
         if spec.task == "sequence-classification":
             return "text"
         config = hf_config(spec.path)
+        if spec.task == CLIP:
+            from .hf_clip import vision_config
+            config = vision_config(config)
         size = config.image_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         return (config.num_channels, *size)
@@ -188,10 +194,15 @@ class Transformers(Family):
         return (), {"pixel_values": x}
 
     def logits(self, output) -> torch.Tensor:
-        return output.logits
+        return output if isinstance(output, torch.Tensor) else output.logits
 
     def load_ingredient(self, spec: TransformersSpec, path: str) -> StateDict:
         folder = Path(path)
+        if spec.task == CLIP and folder.is_dir():
+            from ..inputs.pool import CheckpointError
+            raise CheckpointError(f"{folder}: a clip-classification ingredient is one "
+                                  f"state-dict file (vision_model.*, visual_projection.weight, "
+                                  f"head.weight, head.bias), not a folder")
         if (folder / ADAPTER_CONFIG).is_file():
             from .lora import merged_adapter
             return merged_adapter(spec, folder, self.base_weights(spec))
@@ -215,6 +226,9 @@ class Transformers(Family):
         folder's tokenizer or image processor files, which from_pretrained loads; a LoRA
         adapter ingredient exports the whole merged model."""
         like_folder = Path(like)
+        if spec.task == CLIP:
+            from .base import export_state_dict_like
+            return export_state_dict_like(fused, like, out)
         if (like_folder / ADAPTER_CONFIG).is_file() or not like_folder.is_dir():
             like_folder = Path(spec.path)
         model = _from_pretrained(spec, like_folder, dtype="auto")
