@@ -495,8 +495,9 @@ def test_clip_pool_runs_and_exports_a_state_dict(clip_zoo, tmp_path, local_ray):
 
     from raysoup.export import export_like
     from raysoup.runner import execute
+    from raysoup.methods import METHODS
     zoo, _ = clip_zoo
-    methods = ["manifold_mix", "uniform_soup", "greedy_soup", "task_arithmetic"]
+    methods = list(METHODS)  # every method, as for the other families
     config = _run_config(tmp_path, zoo, methods)
     report = execute(config)
     assert set(report["methods"]) == set(methods) and "pretrained" in report["references"]

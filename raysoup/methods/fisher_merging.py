@@ -49,32 +49,51 @@ def fisher_sum(evaluator, set_name: str, state_dict: StateDict, config: FisherMe
     """sum_x (d log p(y_x | x) / d w)^2 over the `set_name` rows the evaluator holds, for
     every float parameter, with y_x drawn from p(. | x) (seeded by `config.seed` and
     `stream`), and the number of rows."""
-    from torch.func import functional_call, grad, vmap
+    from torch.func import grad, vmap
+
+    from ..families import take_rows
 
     model, device = evaluator.model, evaluator.device
     evaluator.load(state_dict)
-    images, _, class_map = evaluator.sets[set_name]
+    inputs, labels_, class_map = evaluator.sets[set_name]
+    rows = len(labels_)
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + stream)
 
-    def log_likelihood(p, image, label):
-        out = functional_call(model, {**p, **buffers}, (image.unsqueeze(0),))
-        log_p = F.log_softmax(evaluator.project(out, class_map), dim=-1)[0]
+    def log_likelihood(p, row, label):
+        one = take_rows(row, None)  # a batch of one: images, or each text column
+        log_p = F.log_softmax(evaluator.project(evaluator.logits(one, {**p, **buffers}),
+                                                class_map), dim=-1)[0]
         return torch.gather(log_p, 0, label.unsqueeze(0))[0]
 
-    per_image = vmap(grad(log_likelihood), in_dims=(None, 0, 0))
+    row_grad = grad(log_likelihood)
+    batched = vmap(row_grad, in_dims=(None, 0, 0))
+
+    def looped(p, x, labels):  # models with data-dependent control flow (Hugging Face's)
+        grads = [row_grad(p, take_rows(x, i), labels[i]) for i in range(len(labels))]
+        return {k: torch.stack([g[k] for g in grads]) for k in grads[0]}
+
+    per_row = batched
     total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in params.items()}
     with warnings.catch_warnings():  # torch's note that attention's vmap rule is a loop
         warnings.filterwarnings("ignore", message="There is a performance drop")
-        for batch in torch.arange(len(images)).split(config.batch_size):
-            x = images[batch.to(images.device)]
+        for batch in torch.arange(rows, device=device).split(config.batch_size):
+            x = take_rows(inputs, batch)
             with torch.no_grad():
-                probs = F.softmax(evaluator.project(model(x), class_map), dim=-1).float().cpu()
+                probs = F.softmax(evaluator.project(evaluator.logits(x), class_map),
+                                  dim=-1).float().cpu()
             labels = torch.multinomial(probs, 1, generator=generator)[:, 0].to(device)
-            for k, g in per_image(params, x, labels).items():
+            try:
+                grads = per_row(params, x, labels)
+            except RuntimeError as e:
+                if per_row is looped or "vmap" not in str(e):
+                    raise
+                per_row = looped  # one backward per row from here on
+                grads = per_row(params, x, labels)
+            for k, g in grads.items():
                 total[k] += g.double().square().sum(dim=0)
-    return {k: v.cpu().numpy() for k, v in total.items()}, len(images)
+    return {k: v.cpu().numpy() for k, v in total.items()}, rows
 
 
 @register("fisher_merging", config=FisherMergingConfig)
