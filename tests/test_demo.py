@@ -107,6 +107,55 @@ def test_zoo_build_rejects_too_few_ingredients(tmp_path, capsys):
     assert "at least 2" in capsys.readouterr().err
 
 
+def test_zoo_build_and_demo_quick_through_the_cli(tiny_zoo, tmp_path, monkeypatch, capsys):
+    """`raysoup zoo build --quick` and `raysoup demo --quick` with the quick zoo shrunk to
+    the tests' tiny config (the real quick zoo trains for minutes on 2 cores): the CLI
+    builds the API's zoo file for file, and demo --quick runs every method, at the quick
+    budget, on the zoo it finds cached under RAYSOUP_CACHE."""
+    import shutil
+
+    from raysoup.inputs.pool import file_sha256
+    from raysoup.tools import demo, zoo
+    monkeypatch.setattr(zoo, "QUICK_ZOO", TINY_ZOO)
+    built = tmp_path / "built"
+    assert main(["zoo", "build", "--quick", "--ingredients", "2", "--out", str(built)]) == 0
+    assert f"[zoo] ready: {built}/manifest.json" in capsys.readouterr().out
+    manifest = json.loads((built / "manifest.json").read_text())
+    quick = zoo.with_overrides(TINY_ZOO, ingredients=2)
+    assert manifest["config"] == json.loads(json.dumps(quick.to_dict()))
+    assert [i["name"] for i in manifest["ingredients"]] == ["ft-00", "ft-01"]
+    for entry in [manifest["pretrained"], *manifest["ingredients"]]:
+        assert file_sha256(built / entry["file"]) == entry["sha256"]
+    # One seed: the same pretrained model, fine-tunes and evaluation sets as the 4-ingredient
+    # tiny zoo built through the API.
+    reference = json.loads((tiny_zoo / "manifest.json").read_text())
+    assert manifest["pretrained"]["sha256"] == reference["pretrained"]["sha256"]
+    assert [i["sha256"] for i in manifest["ingredients"]] == \
+        [i["sha256"] for i in reference["ingredients"][:2]]
+    assert manifest["eval_sets"] == reference["eval_sets"]
+    # Another config into a built zoo is refused, before any training.
+    assert main(["zoo", "build", "--quick", "--seed", "1", "--out", str(built)]) == 2
+    assert "different config" in capsys.readouterr().err
+
+    monkeypatch.setattr(demo, "QUICK_ZOO", quick)
+    monkeypatch.setenv("RAYSOUP_CACHE", str(tmp_path / "cache"))
+    cached = demo.default_zoo_dir(quick)
+    shutil.copytree(built, cached)  # what a first demo --quick builds there
+    out = tmp_path / "run"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["quick"] is True and report["config"]["pool"] == str(cached)
+    assert tuple(report["methods"]) == DEMO_METHODS
+    assert report["methods"]["uniform_soup"]["ingredients"] == ["ft-00", "ft-01"]
+    mm = report["methods"]["manifold_mix"]
+    assert report["config"]["manifold_mix"]["evals_per_component"] == \
+        demo.QUICK_EVALS_PER_COMPONENT
+    assert [s["candidate"] for s in mm["history"]] == [report["ranking"][1][0]]
+    for step in mm["history"]:
+        assert all(p["evaluations"] == demo.QUICK_EVALS_PER_COMPONENT * len(mm["components"])
+                   for p in step["passes"])
+
+
 def test_the_shipped_zoo_installs_with_the_same_evaluation_sets_here(tmp_path):
     """The default zoo ships its weights; its evaluation sets are made here from the Debian
     package's Fashion-MNIST and must match the sha256 the shipped manifest records (the
