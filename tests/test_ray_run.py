@@ -168,10 +168,10 @@ def without_traces(history: list[dict]) -> list[dict]:
 @pytest.mark.slow
 def test_phase2_racing_and_the_third_pass_rule_through_the_driver(soup_zoo, tmp_path,
                                                                    uninterrupted):
-    """Phase 2, racing and a forced third pass in one SoupDriver run on Tune, against the
-    same run with every point scored in full. RandomSearch asks the same points whatever
-    it is told, so racing must make the same decisions; it only tells stopped points
-    their paired estimate, never above the pass's best so far."""
+    """Phase 2, racing and a forced third pass composed in one SoupDriver run on Tune,
+    checked against the same run with every point scored in full. RandomSearch asks the
+    same points whatever it is told, so racing must make the same decisions; it only
+    tells stopped points their paired estimate, never above the pass's best so far."""
     method = dict(optimizer="RandomSearch", phase2=True, phase2_evals_per_weight=1,
                   third_pass_gain=0.0, racing_chunks=5, racing_confidence=0.9)
     rows, reports = {}, {}
