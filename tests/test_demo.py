@@ -23,10 +23,22 @@ def _ray_stops_after():
     ray.shutdown()  # the demo starts a local Ray for manifold_mix
 
 
-def test_demo_writes_report_parquet_and_scatter(tiny_zoo, tmp_path, capsys):
+def test_demo_quick_writes_report_parquet_and_scatter(tiny_zoo, tmp_path, capsys,
+                                                      monkeypatch):
+    """`raysoup demo --quick` as typed, with the quick zoo shrunk to the tests' tiny one
+    (the real quick zoo trains for minutes on 2 cores), found where a first demo --quick
+    builds and caches it (under RAYSOUP_CACHE)."""
+    import shutil
+
+    from raysoup.tools import demo
+    monkeypatch.setattr(demo, "QUICK_ZOO", TINY_ZOO)
+    monkeypatch.setenv("RAYSOUP_CACHE", str(tmp_path / "cache"))
+    cached = demo.default_zoo_dir(TINY_ZOO)
+    shutil.copytree(tiny_zoo, cached)
     out = tmp_path / "run"
-    assert main(["demo", "--zoo", str(tiny_zoo), "--out", str(out)]) == 0
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
+    assert report["config"]["quick"] is True and report["config"]["pool"] == str(cached)
     assert tuple(report["methods"]) == DEMO_METHODS and set(DEMO_METHODS) == set(METHODS)
     for row in report["methods"].values():
         assert {"val", "id", "ood", "ood_avg", "ingredients", "evaluations", "wall_s"} <= set(row)
@@ -42,6 +54,10 @@ def test_demo_writes_report_parquet_and_scatter(tiny_zoo, tmp_path, capsys):
     betas = pq.read_table(out / "beta.parquet").to_pylist()
     assert [b["ingredient"] for b in betas] == mm["ingredients"]
     assert len(mm["history"]) == 3 and all("promise_accuracy" in s for s in mm["history"])
+    assert report["config"]["manifold_mix"]["evals_per_component"] == \
+        demo.QUICK_EVALS_PER_COMPONENT
+    assert all(p["evaluations"] == demo.QUICK_EVALS_PER_COMPONENT * len(mm["components"])
+               for s in mm["history"] for p in s["passes"])
     # Every method against the best ingredient and greedy soup, paired on the same images.
     assert set(report["methods"]["uniform_soup"]["vs"]) == {"best_individual", "greedy_soup"}
     assert set(report["methods"]["best_individual"]["vs"]) == {"greedy_soup"}
@@ -56,7 +72,7 @@ def test_demo_writes_report_parquet_and_scatter(tiny_zoo, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "greedy_soup" in printed and "ood_avg" in printed and "McNemar" in printed
     # A second run into the same folder is refused rather than overwriting results.
-    assert main(["demo", "--zoo", str(tiny_zoo), "--out", str(out)]) == 2
+    assert main(["demo", "--quick", "--out", str(out)]) == 2
 
 
 def test_zoo_build_is_deterministic(tiny_zoo, tmp_path):
@@ -107,15 +123,12 @@ def test_zoo_build_rejects_too_few_ingredients(tmp_path, capsys):
     assert "at least 2" in capsys.readouterr().err
 
 
-def test_zoo_build_and_demo_quick_through_the_cli(tiny_zoo, tmp_path, monkeypatch, capsys):
-    """`raysoup zoo build --quick` and `raysoup demo --quick` with the quick zoo shrunk to
-    the tests' tiny config (the real quick zoo trains for minutes on 2 cores): the CLI
-    builds the API's zoo file for file, and demo --quick runs every method, at the quick
-    budget, on the zoo it finds cached under RAYSOUP_CACHE."""
-    import shutil
-
+def test_zoo_build_quick_through_the_cli(tiny_zoo, tmp_path, monkeypatch, capsys):
+    """`raysoup zoo build --quick` with the quick zoo shrunk to the tests' tiny config (the
+    real quick zoo trains for minutes on 2 cores): the CLI builds the API's zoo file for
+    file."""
     from raysoup.inputs.pool import file_sha256
-    from raysoup.tools import demo, zoo
+    from raysoup.tools import zoo
     monkeypatch.setattr(zoo, "QUICK_ZOO", TINY_ZOO)
     built = tmp_path / "built"
     assert main(["zoo", "build", "--quick", "--ingredients", "2", "--out", str(built)]) == 0
@@ -136,24 +149,6 @@ def test_zoo_build_and_demo_quick_through_the_cli(tiny_zoo, tmp_path, monkeypatc
     # Another config into a built zoo is refused, before any training.
     assert main(["zoo", "build", "--quick", "--seed", "1", "--out", str(built)]) == 2
     assert "different config" in capsys.readouterr().err
-
-    monkeypatch.setattr(demo, "QUICK_ZOO", quick)
-    monkeypatch.setenv("RAYSOUP_CACHE", str(tmp_path / "cache"))
-    cached = demo.default_zoo_dir(quick)
-    shutil.copytree(built, cached)  # what a first demo --quick builds there
-    out = tmp_path / "run"
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
-    report = json.loads((out / "report.json").read_text())
-    assert report["config"]["quick"] is True and report["config"]["pool"] == str(cached)
-    assert tuple(report["methods"]) == DEMO_METHODS
-    assert report["methods"]["uniform_soup"]["ingredients"] == ["ft-00", "ft-01"]
-    mm = report["methods"]["manifold_mix"]
-    assert report["config"]["manifold_mix"]["evals_per_component"] == \
-        demo.QUICK_EVALS_PER_COMPONENT
-    assert [s["candidate"] for s in mm["history"]] == [report["ranking"][1][0]]
-    for step in mm["history"]:
-        assert all(p["evaluations"] == demo.QUICK_EVALS_PER_COMPONENT * len(mm["components"])
-                   for p in step["passes"])
 
 
 def test_the_shipped_zoo_installs_with_the_same_evaluation_sets_here(tmp_path):
