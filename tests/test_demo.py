@@ -23,10 +23,22 @@ def _ray_stops_after():
     ray.shutdown()  # the demo starts a local Ray for manifold_mix
 
 
-def test_demo_writes_report_parquet_and_scatter(tiny_zoo, tmp_path, capsys):
+def test_demo_quick_writes_report_parquet_and_scatter(tiny_zoo, tmp_path, capsys,
+                                                      monkeypatch):
+    """`raysoup demo --quick` as typed, with the quick zoo shrunk to the tests' tiny one
+    (the real quick zoo trains for minutes on 2 cores), found where a first demo --quick
+    builds and caches it (under RAYSOUP_CACHE)."""
+    import shutil
+
+    from raysoup.tools import demo
+    monkeypatch.setattr(demo, "QUICK_ZOO", TINY_ZOO)
+    monkeypatch.setenv("RAYSOUP_CACHE", str(tmp_path / "cache"))
+    cached = demo.default_zoo_dir(TINY_ZOO)
+    shutil.copytree(tiny_zoo, cached)
     out = tmp_path / "run"
-    assert main(["demo", "--zoo", str(tiny_zoo), "--out", str(out)]) == 0
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
+    assert report["config"]["quick"] is True and report["config"]["pool"] == str(cached)
     assert tuple(report["methods"]) == DEMO_METHODS and set(DEMO_METHODS) == set(METHODS)
     for row in report["methods"].values():
         assert {"val", "id", "ood", "ood_avg", "ingredients", "evaluations", "wall_s"} <= set(row)
@@ -42,6 +54,10 @@ def test_demo_writes_report_parquet_and_scatter(tiny_zoo, tmp_path, capsys):
     betas = pq.read_table(out / "beta.parquet").to_pylist()
     assert [b["ingredient"] for b in betas] == mm["ingredients"]
     assert len(mm["history"]) == 3 and all("promise_accuracy" in s for s in mm["history"])
+    assert report["config"]["manifold_mix"]["evals_per_component"] == \
+        demo.QUICK_EVALS_PER_COMPONENT
+    assert all(p["evaluations"] == demo.QUICK_EVALS_PER_COMPONENT * len(mm["components"])
+               for s in mm["history"] for p in s["passes"])
     # Every method against the best ingredient and greedy soup, paired on the same images.
     assert set(report["methods"]["uniform_soup"]["vs"]) == {"best_individual", "greedy_soup"}
     assert set(report["methods"]["best_individual"]["vs"]) == {"greedy_soup"}
@@ -56,7 +72,7 @@ def test_demo_writes_report_parquet_and_scatter(tiny_zoo, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "greedy_soup" in printed and "ood_avg" in printed and "McNemar" in printed
     # A second run into the same folder is refused rather than overwriting results.
-    assert main(["demo", "--zoo", str(tiny_zoo), "--out", str(out)]) == 2
+    assert main(["demo", "--quick", "--out", str(out)]) == 2
 
 
 def test_zoo_build_is_deterministic(tiny_zoo, tmp_path):
@@ -105,6 +121,34 @@ def test_changed_evaluation_set_is_refused_naming_it(tiny_zoo, tmp_path, capsys)
 def test_zoo_build_rejects_too_few_ingredients(tmp_path, capsys):
     assert main(["zoo", "build", "--out", str(tmp_path / "z"), "--ingredients", "1"]) == 2
     assert "at least 2" in capsys.readouterr().err
+
+
+def test_zoo_build_quick_through_the_cli(tiny_zoo, tmp_path, monkeypatch, capsys):
+    """`raysoup zoo build --quick` with the quick zoo shrunk to the tests' tiny config (the
+    real quick zoo trains for minutes on 2 cores): the CLI builds the API's zoo file for
+    file."""
+    from raysoup.inputs.pool import file_sha256
+    from raysoup.tools import zoo
+    monkeypatch.setattr(zoo, "QUICK_ZOO", TINY_ZOO)
+    built = tmp_path / "built"
+    assert main(["zoo", "build", "--quick", "--ingredients", "2", "--out", str(built)]) == 0
+    assert f"[zoo] ready: {built}/manifest.json" in capsys.readouterr().out
+    manifest = json.loads((built / "manifest.json").read_text())
+    quick = zoo.with_overrides(TINY_ZOO, ingredients=2)
+    assert manifest["config"] == json.loads(json.dumps(quick.to_dict()))
+    assert [i["name"] for i in manifest["ingredients"]] == ["ft-00", "ft-01"]
+    for entry in [manifest["pretrained"], *manifest["ingredients"]]:
+        assert file_sha256(built / entry["file"]) == entry["sha256"]
+    # One seed: the same pretrained model, fine-tunes and evaluation sets as the 4-ingredient
+    # tiny zoo built through the API.
+    reference = json.loads((tiny_zoo / "manifest.json").read_text())
+    assert manifest["pretrained"]["sha256"] == reference["pretrained"]["sha256"]
+    assert [i["sha256"] for i in manifest["ingredients"]] == \
+        [i["sha256"] for i in reference["ingredients"][:2]]
+    assert manifest["eval_sets"] == reference["eval_sets"]
+    # Another config into a built zoo is refused, before any training.
+    assert main(["zoo", "build", "--quick", "--seed", "1", "--out", str(built)]) == 2
+    assert "different config" in capsys.readouterr().err
 
 
 def test_the_shipped_zoo_installs_with_the_same_evaluation_sets_here(tmp_path):

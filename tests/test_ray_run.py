@@ -22,7 +22,7 @@ from raysoup.distributed.tune_search import TuneSearch
 from raysoup.errors import RaysoupError
 from raysoup.evaluate import VAL
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
-from raysoup.mixing import to_numpy
+from raysoup.mixing import lambdas_to_betas, to_numpy
 from raysoup.inputs.pool import IngredientPool
 from raysoup.runner import execute
 from raysoup.search import LocalSearch, lerp_mixer
@@ -152,6 +152,90 @@ def test_a_run_with_baselines_resumes_manifold_mix_from_its_checkpoint(soup_zoo,
     assert mix["ingredients"] == [best] and mix["history"] == []
     assert report["methods"]["greedy_soup"]["evaluations"] >= len(pool)
     assert report["config"]["resumed"] is True
+
+
+def twin_step(report: dict) -> dict:
+    """The step that tries the exact copy of the accumulator (soup_zoo's twin, ranked right
+    after its original): every point of every pass is the same model."""
+    (first, acc0), (second, acc1) = report["ranking"][:2]
+    assert "twin" in (first, second) and acc0 == acc1, report["ranking"]
+    step = report["methods"]["manifold_mix"]["history"][0]
+    assert step["candidate"] == second and step["accepted"]
+    assert all(set(p["trace"]) == {step["promise_accuracy"]} for p in step["passes"])
+    return step
+
+
+def without_traces(history: list[dict]) -> list[dict]:
+    return [{**s, "passes": [{k: v for k, v in p.items() if k != "trace"} for p in s["passes"]]}
+            for s in history]
+
+
+@pytest.mark.slow
+def test_phase2_racing_and_the_third_pass_rule_through_the_driver(soup_zoo, tmp_path,
+                                                                   uninterrupted):
+    """Phase 2, racing and a forced third pass composed in one SoupDriver run on Tune,
+    checked against the same run with every point scored in full. RandomSearch asks the
+    same points whatever it is told, so racing must make the same decisions; it only
+    tells stopped points their paired estimate, never above the pass's best so far."""
+    method = dict(optimizer="RandomSearch", phase2=True, phase2_evals_per_weight=1,
+                  third_pass_gain=0.0, racing_chunks=5, racing_confidence=0.9)
+    rows, reports = {}, {}
+    for racing in (True, False):
+        root = tmp_path / f"racing-{racing}"
+        root.mkdir()
+        config = load_config(write_config(root / "run.toml", soup_zoo, "out", racing=racing,
+                                          **method))
+        with own_cache(root / "cache"):
+            reports[racing] = execute(config)
+        rows[racing] = reports[racing]["methods"]["manifold_mix"]
+        assert assert_measured(rows[racing]) > 0
+    raced, full = rows[True], rows[False]
+    ranked = len(reports[True]["ranking"])
+
+    # Racing: points were stopped, and nothing it decided differs from the full run.
+    assert raced["stopped_evaluations"] > 0 and "stopped_evaluations" not in full
+    assert raced["ingredients"] == full["ingredients"] and raced["betas"] == full["betas"]
+    assert without_traces(raced["history"]) == without_traces(full["history"])
+    assert {k: v for k, v in raced["phase2"].items() if k != "trace"} == \
+        {k: v for k, v in full["phase2"].items() if k != "trace"}
+    passes = [p for s in raced["history"] for p in s["passes"]] + [raced["phase2"]]
+    reference = [p for s in full["history"] for p in s["passes"]] + [full["phase2"]]
+    differing = 0
+    for got, expected in zip(passes, reference):
+        for i, (a, b) in enumerate(zip(got["trace"], expected["trace"])):
+            if a != b:  # a stopped point: told at most the best so far, truly no better
+                differing += 1
+                assert a <= max(got["trace"][:i]) and b <= max(got["trace"][:i])
+    assert 0 < differing <= raced["stopped_evaluations"]
+    fused = [load_file(tmp_path / f"racing-{r}" / "out" / "fused.safetensors")
+             for r in (True, False)]
+    assert all(torch.equal(fused[0][k], fused[1][k]) for k in fused[1])
+
+    # The third-pass rule: with third_pass_gain = 0 a pass 3 follows every accepted step
+    # whose pass 2 did not lose; the twin's passes all tie, so it has three. With the
+    # default gain (0.3) a tie is too little: the uninterrupted run's twin step has two.
+    for step in raced["history"]:
+        if step["accepted"]:
+            first, second = step["passes"][:2]
+            assert len(step["passes"]) == (3 if second["accuracy"] >= first["accuracy"] else 2)
+    assert len(twin_step(reports[True])["passes"]) == 3
+    _, default_gain = uninterrupted
+    assert default_gain["config"]["manifold_mix"]["third_pass_gain"] == 0.3
+    assert len(twin_step(default_gain)["passes"]) == 2
+
+    # Phase 2: its budget, its evaluations in the row's, and its verdict applied.
+    phase2 = raced["phase2"]
+    assert len(raced["ingredients"]) >= 2  # phase 2 runs only on a mix
+    assert phase2["evaluations"] == len(raced["ingredients"]) * len(raced["components"])
+    assert raced["evaluations"] == (sum(s["evaluations"] for s in raced["history"])
+                                    + phase2["evaluations"] + ranked)
+    phase1 = [s["accuracy"] for s in raced["history"] if s["accepted"]][-1]
+    assert phase2["kept"] == (phase2["accuracy"] >= phase1)
+    assert raced["val_accuracy"] == (phase2["accuracy"] if phase2["kept"] else phase1)
+    assert raced["val"] == pytest.approx(raced["val_accuracy"])
+    unrolled = lambdas_to_betas(np.array(raced["lambda_rows"]))
+    assert np.allclose(raced["betas"], unrolled) != phase2["kept"]
+    np.testing.assert_allclose(np.sum(raced["betas"], axis=0), 1.0)
 
 
 @pytest.fixture(scope="module")
