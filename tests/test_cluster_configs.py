@@ -32,9 +32,13 @@ def validate(config: dict) -> dict:
     return prepared
 
 
-def constraint_pins() -> list[str]:
+def torch_pins() -> list[str]:
+    """The lock's torch and torchvision: installed first, by name, on every node (the rest
+    of the lock applies through `-c constraints.txt`)."""
     lines = (ROOT / "constraints.txt").read_text().splitlines()
-    return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
+    pins = [line.strip() for line in lines if line.startswith(("torch==", "torchvision=="))]
+    assert len(pins) == 2, pins
+    return pins
 
 
 def rayjob() -> dict:
@@ -95,7 +99,7 @@ def test_every_node_installs_raysoup_with_the_pinned_torch(provider):
     config = load(LAUNCHER_CONFIGS[provider])
     setup = "\n".join(config["setup_commands"])
     assert config["file_mounts"]["~/raysoup"] == "."
-    for pin in constraint_pins():
+    for pin in torch_pins():
         assert pin in setup, f"{provider}: setup_commands do not install {pin}"
     assert re.search(r"pip install -c ~/raysoup/constraints\.txt .*~/raysoup\s*$", setup, re.M)
     assert config["docker"]["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
@@ -153,8 +157,9 @@ def test_every_kuberay_manifest_parses():
 def test_dockerfile_builds_on_the_installed_ray_with_the_torch_pins():
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     assert f"FROM rayproject/ray:{ray.__version__}-py311-gpu" in dockerfile
-    for pin in constraint_pins():
+    for pin in torch_pins():
         assert pin in dockerfile
+    assert "-c constraints.txt" in dockerfile  # the whole lock
 
 
 def test_nothing_turns_token_auth_off():
