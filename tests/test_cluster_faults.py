@@ -104,8 +104,12 @@ def fault_free(cluster, soup_zoo, tmp_path_factory):
     entrypoint = [sys.executable, "-m", "raysoup.cli", "run", str(config), "--address", "auto"]
     ray_cli = str(Path(sys.executable).with_name("ray"))  # the venv's, not whatever is on PATH
     cache = config.parent / "cache"
-    job = subprocess.run([ray_cli, "job", "submit", "--address", cluster.dashboard_url, "--",
-                          *entrypoint], env={**os.environ, **client_env(cluster, cache)},
+    # The entrypoint runs in the cluster's environment, not the submitter's: its own cache
+    # goes in the job's runtime_env (else it would read back the session's earlier runs).
+    runtime_env = json.dumps({"env_vars": {"RAYSOUP_CACHE": str(cache)}})
+    job = subprocess.run([ray_cli, "job", "submit", "--address", cluster.dashboard_url,
+                          "--runtime-env-json", runtime_env, "--", *entrypoint],
+                         env={**os.environ, **client_env(cluster, cache)},
                          capture_output=True, text=True, timeout=600)
     return job, config.parent / "fault-free"
 
