@@ -4,6 +4,7 @@ real local Ray run of the tiny zoo."""
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import ray
@@ -68,6 +69,24 @@ def test_report_reprints_the_table_and_redraws_every_figure(finished, tmp_path, 
     assert (copy / "beta.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def run_with_another_ingredient(out: Path, soup_zoo: Path, tmp_path: Path, name: str,
+                                state_dict: dict) -> Path:
+    """A copy of the zoo with `state_dict` added as ingredient `name` (torch.save), and a
+    copy of the finished run `out` that points at it: what `raysoup export --like` reads."""
+    zoo = tmp_path / "zoo"
+    shutil.copytree(soup_zoo, zoo)
+    torch.save(state_dict, zoo / f"{name}.pt")
+    manifest = json.loads((zoo / "manifest.json").read_text())
+    manifest["ingredients"].append({"name": name, "file": f"{name}.pt"})
+    (zoo / "manifest.json").write_text(json.dumps(manifest))
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    report = json.loads((run / "report.json").read_text())
+    report["zoo"]["dir"] = str(zoo)
+    (run / "report.json").write_text(json.dumps(report))
+    return run
+
+
 @pytest.mark.slow
 def test_export_writes_the_fused_model_in_an_ingredients_own_format(finished, soup_zoo,
                                                                      tmp_path):
@@ -75,20 +94,10 @@ def test_export_writes_the_fused_model_in_an_ingredients_own_format(finished, so
     dict, half precision, its text transformer kept): the export has its keys, prefix,
     dtype and container, and loads back as the fused weights."""
     out, _ = finished
-    zoo = tmp_path / "zoo"
-    shutil.copytree(soup_zoo, zoo)
     theirs = {f"module.{k}": v.half() for k, v in
-              load_state_dict(zoo / "ingredients" / "ft-00.safetensors").items()}
+              load_state_dict(soup_zoo / "ingredients" / "ft-00.safetensors").items()}
     theirs["module.model.transformer.resblocks.0.attn.in_proj_weight"] = torch.ones(3, 3)
-    torch.save(theirs, zoo / "theirs.pt")
-    manifest = json.loads((zoo / "manifest.json").read_text())
-    manifest["ingredients"].append({"name": "theirs", "file": "theirs.pt"})
-    (zoo / "manifest.json").write_text(json.dumps(manifest))
-    run = tmp_path / "run"
-    shutil.copytree(out, run)
-    report = json.loads((run / "report.json").read_text())
-    report["zoo"]["dir"] = str(zoo)
-    (run / "report.json").write_text(json.dumps(report))
+    run = run_with_another_ingredient(out, soup_zoo, tmp_path, "theirs", theirs)
 
     assert main(["export", str(run), "--like", "theirs", "--out", str(tmp_path / "x.pt")]) == 0
     exported = torch.load(tmp_path / "x.pt", weights_only=True)  # as they load theirs
@@ -210,19 +219,9 @@ def test_export_to_safetensors_and_its_two_refusals(finished, soup_zoo, tmp_path
     assert main(["export", str(bare), "--like", "ft-00", "--out", str(tmp_path / "y")]) == 2
     assert "has no fused.safetensors" in capsys.readouterr().err
     # An ingredient of another architecture: it lacks keys of the fused model.
-    zoo = tmp_path / "zoo"
-    shutil.copytree(soup_zoo, zoo)
-    other = load_state_dict(zoo / "ingredients" / "ft-00.safetensors")
+    other = load_state_dict(soup_zoo / "ingredients" / "ft-00.safetensors")
     other.pop(sorted(other)[0])
-    torch.save(other, zoo / "other.pt")
-    manifest = json.loads((zoo / "manifest.json").read_text())
-    manifest["ingredients"].append({"name": "other", "file": "other.pt"})
-    (zoo / "manifest.json").write_text(json.dumps(manifest))
-    run = tmp_path / "run"
-    shutil.copytree(out, run)
-    report = json.loads((run / "report.json").read_text())
-    report["zoo"]["dir"] = str(zoo)
-    (run / "report.json").write_text(json.dumps(report))
+    run = run_with_another_ingredient(out, soup_zoo, tmp_path, "other", other)
     assert main(["export", str(run), "--like", "other", "--out", str(tmp_path / "z.pt")]) == 2
     assert "lacks 1 key(s) of the fused model" in capsys.readouterr().err
     assert not (tmp_path / "y").exists() and not (tmp_path / "z.pt").exists()
