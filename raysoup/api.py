@@ -2,7 +2,7 @@
 
     import raysoup
     report = raysoup.run("examples/run.toml")          # or a RunConfig
-    report = raysoup.load_report("runs/demo-...")      # a finished run directory
+    report = raysoup.load_report("runs/demo-...")      # a finished run: a path or a URI
     print(report.table())
     report.methods["manifold_mix"].ood_avg, report.best("val")
 """
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RaysoupError
+from .inputs import storage
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class MethodRow:
 
 @dataclass(frozen=True)
 class Report:
-    path: Path
+    path: str  # the run's `out`: a path or a URI
     methods: dict[str, MethodRow]
     ingredients: dict[str, MethodRow]
     references: dict[str, MethodRow]
@@ -57,13 +58,15 @@ class Report:
 
 
 def load_report(run_dir: str | Path) -> Report:
-    path = Path(run_dir)
+    path = str(run_dir)
+    location = storage.join(path, "report.json")
     try:
-        raw = json.loads((path / "report.json").read_text())
-    except OSError as e:
-        raise RaysoupError(f"{path} holds no finished run (no readable report.json: {e})")
-    except json.JSONDecodeError as e:
-        raise RaysoupError(f"{path / 'report.json'} is not valid JSON: {e}") from None
+        raw = json.loads(storage.read_bytes(location))
+    except RaysoupError as e:
+        raise RaysoupError(f"{path} holds no finished run (no readable report.json: "
+                           f"{str(e).splitlines()[0]})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RaysoupError(f"{location} is not valid JSON: {e}") from None
 
     def rows(section: str) -> dict[str, MethodRow]:
         return {n: MethodRow.from_row(n, r) for n, r in raw.get(section, {}).items()}

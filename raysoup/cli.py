@@ -31,17 +31,22 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    if (args.run_dir / "bench.parquet").is_file():  # a benchmark folder
-        from .tools.bench_plots import write_all
-        paths = write_all(args.run_dir / "bench.parquet", args.run_dir)
-        print((args.run_dir / "summary.md").read_text())
-    else:
-        from .api import load_report
-        from .runner import redraw
-        print(load_report(args.run_dir).table())
-        paths = redraw(args.run_dir)
-    for path in paths:
-        print(f"[report] wrote {path}")
+    from .inputs import storage
+    from .rundir import RunDir
+    with RunDir.reading(args.run_dir, "report.json", "bench.parquet") as run:
+        if (run.local / "bench.parquet").is_file():  # a benchmark folder
+            from .tools.bench_plots import write_all
+            paths = write_all(run.local / "bench.parquet", run.local)
+            print((run.local / "summary.md").read_text())
+        else:
+            from .api import load_report
+            from .runner import redraw
+            print(load_report(args.run_dir).table())
+            paths = redraw(run.local)
+        written = [p.relative_to(run.local).as_posix() for p in paths]
+        run.sync(*written)  # a URI's redrawn figures go back beside its report
+    for rel in written:
+        print(f"[report] wrote {storage.join(args.run_dir, rel)}")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -144,14 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = command("report", help="re-print a finished run's table and redraw its "
                             "figures (or a benchmark folder's) from its files")
-    report.add_argument("run_dir", type=Path)
+    report.add_argument("run_dir", help="the run's `out`: a path or a URI (s3://...)")
     report.set_defaults(func=_report)
 
     export = command("export", help="write a run's fused model in an ingredient's own "
                             "format (keys, prefixes, dtypes, container)")
-    export.add_argument("run_dir", type=Path)
+    export.add_argument("run_dir", help="the run's `out`: a path or a URI (s3://...)")
     export.add_argument("--like", required=True, help="the ingredient whose format to copy")
-    export.add_argument("--out", type=Path, required=True, help="the checkpoint to write")
+    export.add_argument("--out", required=True, help="the checkpoint to write: a path or a URI")
     export.set_defaults(func=_export)
 
     bench = command("bench", help="benchmark optimisers, budgets, parallel trials and "

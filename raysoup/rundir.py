@@ -14,6 +14,8 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -65,26 +67,44 @@ class RunDir:
                          f"{seconds:.1f} s ({size / 1e6 / max(seconds, 1e-9):.1f} MB/s): "
                          f"{self.remote}")
 
-    def _pull(self) -> None:
+    @classmethod
+    @contextmanager
+    def reading(cls, out: Path | str, *names: str) -> Iterator["RunDir"]:
+        """A finished run to read (`raysoup report`, `raysoup export`): `out` itself when
+        local; for a URI, its files under `names` (all when none) downloaded into a staging
+        folder that is removed afterwards. sync() uploads what the reader wrote there."""
+        if not storage.is_uri(str(out)):
+            yield cls(Path(out))
+            return
+        run = cls(Path(tempfile.mkdtemp(prefix="raysoup-read-")), str(out))
+        try:
+            run._pull(names)
+            yield run
+        finally:
+            shutil.rmtree(run.local, ignore_errors=True)
+
+    def _pull(self, names: tuple[str, ...] = ()) -> None:
         fs, base = storage.filesystem(self.remote)
         try:
             infos = fs.get_file_info(pafs.FileSelector(base, recursive=True,
                                                        allow_not_found=True))
         except OSError as e:
             raise RaysoupError(f"out = {self.remote!r}: cannot list it ({e})") from None
-        files = sorted(str(PurePosixPath(i.path).relative_to(base)) for i in infos
-                       if i.type == pafs.FileType.File)
+        files = sorted(rel for rel in (str(PurePosixPath(i.path).relative_to(base))
+                                       for i in infos if i.type == pafs.FileType.File)
+                       if not names or any(rel == n or rel.startswith(f"{n}/") for n in names))
 
         def download(rel: str) -> int:
             target = self.local / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            pafs.copy_files(f"{base}/{rel}", str(target), source_filesystem=fs,
-                            destination_filesystem=pafs.LocalFileSystem())
+            storage.copy_file(storage.join(self.remote, rel), str(target))
             st = target.stat()
             self.synced[rel] = (st.st_size, st.st_mtime_ns)
             return st.st_size
 
-        self._copy("downloaded", files, download)
+        try:
+            self._copy("downloaded", files, download)
+        except OSError as e:
+            raise RaysoupError(f"out = {self.remote!r}: download failed ({e})") from None
 
     def sync(self, *names: str) -> None:
         """Upload what changed under `names` (files or folders in the run; all when none),
@@ -99,8 +119,7 @@ class RunDir:
                          key=lambda rel: (PurePosixPath(rel).name in (STATE, REPORT), rel))
 
         def upload(rel: str) -> int:
-            pafs.copy_files(str(self.local / rel), f"{base}/{rel}",
-                            source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+            storage.copy_file(str(self.local / rel), storage.join(self.remote, rel))
             self.synced[rel] = files[rel]
             return files[rel][0]
 

@@ -61,8 +61,7 @@ def validate_run(config: RunConfig, resume: bool, pool: IngredientPool | None = 
     """`pool`: the config's pool, already loaded and validated (bench: once for all cells)."""
     # Object storage first: an unreachable bucket fails in seconds, before any zoo read.
     for what, location in [("out", str(config.out)), ("cache", cache_location(config.cache))]:
-        if is_uri(location):
-            check_writable(location, what)
+        check_writable(location, what)
     if pool is None:
         pool = IngredientPool.from_zoo(config.pool.zoo)
         pool.validate(config.pool.verify_sha256)
@@ -89,8 +88,6 @@ def validate_run(config: RunConfig, resume: bool, pool: IngredientPool | None = 
     check_methods(config, pool, pretrained is not None)
     metric = check_metric(config, spec.num_classes)
     out = str(config.out)
-    if not is_uri(out) and Path(out).exists() and not Path(out).is_dir():
-        raise RaysoupError(f"out = {out!r} is a file; `out` names the run directory")
     if is_file(join(out, "report.json")) and not resume:
         raise RaysoupError(f"{out} already holds a finished run; choose another `out`")
     if is_file(join(out, "driver/state.json")) and not resume:

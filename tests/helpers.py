@@ -67,6 +67,15 @@ def load_local_cluster():
     return module
 
 
+def cluster_client_env(cluster, cache: Path | None = None) -> dict:
+    """The environment of a client process (`raysoup run --address`) of a cluster/local.py
+    cluster: this one without its RAY_ variables, token auth, and its own RAYSOUP_CACHE."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    return env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": cluster.client_env[
+        "RAY_AUTH_TOKEN_PATH"], "HF_HUB_OFFLINE": "1"} | (
+        {"RAYSOUP_CACHE": str(cache)} if cache else {})
+
+
 class MemoryPool:
     """An ingredient pool of hand-written state dicts, in the order given (for methods on
     tiny hand-worked examples; IngredientPool reads a zoo's files)."""

@@ -214,8 +214,17 @@ def test_a_validation_set_of_one_class_is_refused(zoo, tmp_path):
 
 def test_out_naming_an_existing_file_is_refused(tiny_zoo, tmp_path):
     (tmp_path / "out").write_text("not a folder")
-    with pytest.raises(RaysoupError, match=r"out = .*out' is a file"):
+    with pytest.raises(RaysoupError, match=r"out = .*out': cannot write there \(.*out is a file"):
         validate_run(load_config(write(tmp_path, tiny_zoo)), resume=False)
+
+
+def test_a_cache_under_a_file_is_refused(tiny_zoo, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    cache = tmp_path / "a-file" / "cache"
+    with pytest.raises(RaysoupError, match=rf"cache = '{cache}': cannot write there "
+                                           rf"\({tmp_path / 'a-file'} is a file"):
+        validate_run(load_config(write(tmp_path, tiny_zoo, f'cache = "{cache}"')), resume=False)
+    assert not (tmp_path / "out").exists()  # nothing was created
 
 
 def test_check_prints_the_plan_without_starting_ray(tiny_zoo, tmp_path, capsys):

@@ -20,7 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .helpers import assert_measured, load_local_cluster, write_config
+from .helpers import (assert_measured, cluster_client_env, load_local_cluster,
+                      write_config)
 
 local = load_local_cluster()
 # Two 1-CPU evaluators on three 1-CPU workers: one CPU left for a restart after a node dies.
@@ -40,13 +41,6 @@ def cluster():
         yield c
 
 
-def client_env(cluster, cache: Path | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    return env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": cluster.client_env[
-        "RAY_AUTH_TOKEN_PATH"], "HF_HUB_OFFLINE": "1"} | (
-        {"RAYSOUP_CACHE": str(cache)} if cache else {})
-
-
 # Ray's state API (through the dashboard): every evaluator actor and its restarts.
 RESTARTS_SCRIPT = """
 import json, sys
@@ -59,8 +53,8 @@ print(json.dumps({a.actor_id: a.num_restarts for a in actors}))
 
 def evaluator_restarts(cluster) -> dict[str, int]:
     out = subprocess.run([sys.executable, "-c", RESTARTS_SCRIPT, cluster.dashboard_url],
-                         env={**client_env(cluster), **cluster.client_env}, capture_output=True,
-                         text=True, timeout=60)
+                         env={**cluster_client_env(cluster), **cluster.client_env},
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -73,8 +67,8 @@ def start_run(cluster, config, cache: Path, *flags) -> subprocess.Popen:
     """`raysoup run CONFIG --address 127.0.0.1:PORT`, as a user would type it."""
     return subprocess.Popen(
         [sys.executable, "-m", "raysoup.cli", "run", str(config), "--address",
-         cluster.address, *flags], env=client_env(cluster, cache), start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         cluster.address, *flags], env=cluster_client_env(cluster, cache),
+        start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def wait_for(path, proc, timeout=300):
@@ -109,7 +103,7 @@ def fault_free(cluster, soup_zoo, tmp_path_factory):
     runtime_env = json.dumps({"env_vars": {"RAYSOUP_CACHE": str(cache)}})
     job = subprocess.run([ray_cli, "job", "submit", "--address", cluster.dashboard_url,
                           "--runtime-env-json", runtime_env, "--", *entrypoint],
-                         env={**os.environ, **client_env(cluster, cache)},
+                         env={**os.environ, **cluster_client_env(cluster, cache)},
                          capture_output=True, text=True, timeout=600)
     return job, config.parent / "fault-free"
 

@@ -2,7 +2,9 @@
 through pyarrow's S3 client with the standard AWS environment only."""
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,16 +16,20 @@ import pyarrow.fs as pafs
 import pytest
 import ray
 import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import load_file
 
 from raysoup.config import load_config
 from raysoup.errors import RaysoupError
 from raysoup.evaluate import load_eval_sets
+from raysoup.inputs import storage
 from raysoup.inputs.pool import IngredientPool
 from raysoup.inputs.tasks import eval_set_sources
 from raysoup.rundir import RunDir
 from raysoup.runner import execute
 
-from .helpers import assert_measured, own_cache, write_config
+from .helpers import (assert_measured, cluster_client_env, load_local_cluster, own_cache,
+                      write_config)
 
 moto_server = pytest.importorskip("moto.server")
 BUCKET = "raysoup-test"
@@ -98,9 +104,9 @@ def test_run_dir_uploads_weights_before_their_state_and_the_report_last(s3, tmp_
     a fresh staging folder of the same URI (another head) starts as a copy of it."""
     uri = f"s3://{BUCKET}/order"
     order = []
-    copy = pafs.copy_files
-    monkeypatch.setattr(pafs, "copy_files", lambda src, dst, **kw: (order.append(dst),
-                                                                     copy(src, dst, **kw)))
+    copy = storage.copy_file
+    monkeypatch.setattr(storage, "copy_file", lambda src, dst: (order.append(dst),
+                                                                copy(src, dst))[1])
     run = RunDir.open(uri, resume=False)
     (run.local / "driver").mkdir()
     for step in (1, 2):  # the second step replaces the weights: gone from S3 too
@@ -141,6 +147,36 @@ def test_an_unwritable_out_or_cache_uri_is_refused_before_ray_starts(s3, soup_zo
             execute(load_config(path))
     assert ray.is_initialized() == started
     assert objects(f"s3://{BUCKET}/run-refused") == {}
+
+
+def test_a_zoo_prefix_without_a_manifest_is_refused_before_ray_starts(s3, tmp_path):
+    started = ray.is_initialized()
+    zoo = f"s3://{BUCKET}/no-zoo-here"
+    path = write_config(tmp_path / "run.toml", zoo, f"s3://{BUCKET}/run-no-zoo")
+    with pytest.raises(RaysoupError, match=f"^{zoo}: no manifest.json there"):
+        execute(load_config(path))
+    assert ray.is_initialized() == started
+
+
+def test_a_long_transfer_logs_its_bytes_and_rate(s3, tmp_path, monkeypatch, caplog):
+    """Every PROGRESS_EVERY_S (here: every chunk) a transfer says how far it is and how fast,
+    uploading, reading and downloading alike."""
+    monkeypatch.setattr(storage, "CHUNK_BYTES", 1 << 16)
+    monkeypatch.setattr(storage, "PROGRESS_EVERY_S", 0.0)
+    data = os.urandom(1 << 20)
+    (tmp_path / "big.bin").write_bytes(data)
+    uri = f"s3://{BUCKET}/big/big.bin"
+    with caplog.at_level(logging.INFO, logger="raysoup"):
+        assert storage.copy_file(str(tmp_path / "big.bin"), uri) == len(data)
+        assert storage.read_bytes(uri) == data
+        storage.copy_file(uri, str(tmp_path / "back" / "big.bin"))
+    assert (tmp_path / "back" / "big.bin").read_bytes() == data
+    lines = [r.getMessage() for r in caplog.records]
+    for what in [f"uploading {uri}", f"reading {uri}", f"downloading {uri}"]:
+        moved = [line for line in lines if line.startswith(f"[storage] {what}: moved ")]
+        assert len(moved) == 16, lines  # 1 MiB in 64 KiB chunks
+        assert re.fullmatch(r".*: moved 1\.0 of 1\.0 MB in \d+ s \([\d.]+ MB/s\)", moved[-1])
+        assert f"[storage] {what}: done, 1.0 of 1.0 MB" in " ".join(lines)
 
 
 @pytest.mark.slow  # a CLI subprocess: its imports cost most of it on 2 shared cores
@@ -210,6 +246,21 @@ def test_a_run_with_out_on_s3_uploads_every_output_and_no_secret(run_on_s3):
 
 
 @pytest.mark.slow
+def test_a_run_on_s3_reports_what_the_same_run_on_a_local_disk_does(run_on_s3, soup_zoo,
+                                                                    tmp_path):
+    first, _ = run_on_s3
+    path = s3_config(tmp_path / "run.toml", soup_zoo, str(tmp_path / "out"))
+    with own_cache(tmp_path / "cache"):
+        on_disk = execute(load_config(path))
+    assert first["methods"].keys() == on_disk["methods"].keys()
+    for name, row in first["methods"].items():
+        assert {k: row[k] for k in ("val", "id", "ood", "ingredients")} == \
+            {k: on_disk["methods"][name][k] for k in ("val", "id", "ood", "ingredients")}
+    assert first["methods"]["manifold_mix"]["history"] == \
+        on_disk["methods"]["manifold_mix"]["history"]
+
+
+@pytest.mark.slow
 def test_a_second_run_reads_back_the_shared_cache(run_on_s3, soup_zoo, tmp_path):
     """Another head (fresh local cache and staging) with the same S3 cache: every point
     and judgement the first run measured is read back, and the result is the same."""
@@ -226,39 +277,84 @@ def test_a_second_run_reads_back_the_shared_cache(run_on_s3, soup_zoo, tmp_path)
     assert a["ingredients"] == b["ingredients"] and a["history"] == b["history"]
 
 
+@pytest.fixture(scope="module")
+def s3_cluster(s3):
+    """A 4-node loopback cluster (cluster/local.py) started with the AWS environment: a head
+    without CPUs, and three 1-CPU workers whose evaluators read the zoo from S3."""
+    local = load_local_cluster()
+    with local.LocalCluster(head=local.NodeSpec(cpus=0), workers=[local.NodeSpec(cpus=1)] * 3,
+                            start_timeout=180) as cluster:
+        yield cluster
+
+
 @pytest.mark.slow
-def test_resume_on_s3_from_another_head_gives_the_same_result(run_on_s3, soup_zoo,
-                                                              tmp_path):
-    """A run killed after its first uploaded step; a fresh staging folder and cache (another
-    head) resumes from the step on S3 and ends where the uninterrupted run did."""
+def test_a_run_killed_on_a_4_node_cluster_resumes_from_s3_on_another_head(
+        run_on_s3, s3_cluster, soup_zoo, tmp_path):
+    """The zoo on S3, `out` on S3; a run on a 4-node cluster is killed after its first
+    uploaded step, and resumed by another client with fresh staging and cache (nothing local
+    shared with the first): it ends where the uninterrupted run (local Ray) did."""
     first, _ = run_on_s3
-    uri = f"s3://{BUCKET}/run-b"
-    path = s3_config(tmp_path / "run.toml", soup_zoo, uri)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAYSOUP_CACHE": str(tmp_path / "cache-a")}
-    proc = subprocess.Popen([sys.executable, "-m", "raysoup.cli", "run", str(path)],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    zoo, uri = f"s3://{BUCKET}/soup-zoo", f"s3://{BUCKET}/run-b"
+    upload(soup_zoo, zoo)
+    path = s3_config(tmp_path / "run.toml", zoo, uri)
+
+    def client(cache: str, *flags: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "raysoup.cli", "run", str(path),
+                                 "--address", s3_cluster.address, *flags],
+                                env=cluster_client_env(s3_cluster, tmp_path / cache),
+                                start_new_session=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    proc = client("cache-a")
     fs, base = pafs.FileSystem.from_uri(f"{uri}/driver/state.json")
     deadline = time.time() + 300
     while (fs.get_file_info(base).type != pafs.FileType.File and time.time() < deadline
            and proc.poll() is None):
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: driver and its Ray
-    proc.wait()
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: the client and its driver
+    output = proc.communicate()[0]
     uploaded = objects(uri)
-    assert "driver/state.json" in uploaded, "the run never uploaded a step"
+    assert "driver/state.json" in uploaded, f"the run never uploaded a step:\n{output[-3000:]}"
     assert "report.json" not in uploaded
     done = json.loads(uploaded["driver/state.json"])["state"]["next_candidate"] - 1
     with pytest.raises(RaysoupError, match="holds an unfinished run"):
         execute(load_config(path))
-    with own_cache(tmp_path / "cache-b"):
-        resumed = execute(load_config(path), resume=True)
-    a, b = first["methods"]["manifold_mix"], resumed["methods"]["manifold_mix"]
+    resumed = client("cache-b", "--resume")
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert f"[driver] resuming after step {done}:" in output
+    report = json.loads(objects(uri)["report.json"])
+    a, b = first["methods"]["manifold_mix"], report["methods"]["manifold_mix"]
     assert a["ingredients"] == b["ingredients"] and a["history"] == b["history"]
-    assert a["val"] == b["val"] and resumed["config"]["resumed"]
-    log = objects(uri)["raysoup.log"].decode()
-    assert f"[driver] resuming after step {done}:" in log
+    assert a["val"] == b["val"] and report["config"]["resumed"]
+    assert f"[driver] resuming after step {done}:" in objects(uri)["raysoup.log"].decode()
     assert assert_measured(b, after_step=done) > 0
+
+
+@pytest.mark.slow
+def test_report_and_export_read_a_run_on_s3(run_on_s3, tmp_path, capsys):
+    """`raysoup report URI` prints the run's table and puts its redrawn figures back beside
+    it; `raysoup export URI` writes the fused model to a path or to S3, the same bytes."""
+    from raysoup.cli import main
+    from raysoup.report import format_table
+    report, _ = run_on_s3
+    uri = f"s3://{BUCKET}/run-a"
+    fs, base = pafs.FileSystem.from_uri(uri)
+    fs.delete_file(f"{base}/beta.png")
+    assert main(["report", uri]) == 0
+    printed = capsys.readouterr().out
+    assert format_table(report["methods"], report.get("references"),
+                        report["config"]["metric"]) in printed
+    assert f"[report] wrote {uri}/beta.png" in printed and "beta.png" in objects(uri)
+    best = report["ranking"][0][0]
+    local = tmp_path / "soup.safetensors"
+    for out in [str(local), f"s3://{BUCKET}/exported/soup.safetensors"]:
+        assert main(["export", uri, "--like", best, "--out", out]) == 0
+    assert objects(f"s3://{BUCKET}/exported") == {"soup.safetensors": local.read_bytes()}
+    fused = load_file(local)
+    uploaded = load_safetensors_bytes(objects(uri)["fused.safetensors"])
+    assert fused.keys() == uploaded.keys() and all(torch.equal(fused[k], uploaded[k])
+                                                   for k in fused)
 
 
 def test_a_cache_on_s3_round_trips_and_concurrent_writers_of_a_key_agree(s3, monkeypatch):

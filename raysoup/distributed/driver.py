@@ -26,7 +26,7 @@ from ..mixing import to_numpy
 from ..numerics import enter
 from ..rundir import RunDir
 from ..stats import compare
-from ..tracking import Tracker
+from .tracking import Tracker
 from .evaluators import EvaluatorPool, EvaluatorSpec
 from .racing import Racing
 from .tune_search import TuneSearch

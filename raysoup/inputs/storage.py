@@ -11,13 +11,21 @@ AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION); none is ever writ
 from __future__ import annotations
 
 import fnmatch
+import io
+import logging
 import os
+import time
 import uuid
 from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
 
 from ..errors import RaysoupError
+
+logger = logging.getLogger(__name__)
+
+CHUNK_BYTES = 8 << 20       # one read or write of a transfer
+PROGRESS_EVERY_S = 5.0      # a transfer that runs longer logs its bytes done and rate this often
 
 
 def cache_dir() -> Path:
@@ -77,8 +85,19 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
 
 
 def check_writable(location: str, what: str) -> None:
-    """Refuse, in one line, a URI this process cannot write (no such bucket, no endpoint,
-    wrong credentials): a probe object is written and deleted."""
+    """Refuse, in one line, a location this process cannot write: for a URI (no such bucket,
+    no endpoint, wrong credentials) a probe object is written and deleted; for a path, its
+    nearest existing folder must be a writable folder (nothing is created)."""
+    if not is_uri(location):
+        existing = Path(location).expanduser().absolute()
+        while not existing.exists():
+            existing = existing.parent
+        why = (f"{existing} is a file, not a folder" if not existing.is_dir() else
+               f"{existing} is not writable" if not os.access(existing, os.W_OK | os.X_OK)
+               else None)
+        if why:
+            raise RaysoupError(f"{what} = {location!r}: cannot write there ({why})")
+        return
     fs, base = filesystem(location)
     probe = f"{base.rstrip('/')}/.raysoup-probe-{uuid.uuid4().hex}"
     try:
@@ -88,6 +107,17 @@ def check_writable(location: str, what: str) -> None:
     except OSError as e:
         raise RaysoupError(f"{what} = {location!r}: cannot write there "
                            f"({str(e).splitlines()[0]})") from None
+
+
+def upload_tree(local: Path, target: str) -> None:
+    """A local file, or a folder's files by their relative paths, copied to `target`."""
+    files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+    try:
+        for path in files:
+            rel = path.relative_to(local).as_posix()
+            copy_file(str(path), target if rel == "." else join(target, rel))
+    except OSError as e:
+        raise RaysoupError(f"cannot write {target}: {str(e).splitlines()[0]}") from None
 
 
 def glob(root: str, pattern: str, what: str) -> list[str]:
@@ -114,13 +144,56 @@ def is_file(location: str) -> bool:
         return False
 
 
+def _transfer(source, sink, total: int | None, what: str) -> int:
+    """Copy the stream `source` into `sink` in chunks; a transfer that lasts longer than
+    PROGRESS_EVERY_S logs the bytes done and the rate every PROGRESS_EVERY_S, and its total.
+    Returns the bytes copied."""
+    t0 = last = time.monotonic()
+    done = 0
+
+    def line(verb: str) -> str:
+        seconds = max(time.monotonic() - t0, 1e-9)
+        of = f" of {total / 1e6:.1f} MB" if total else " MB"
+        return (f"[storage] {what}: {verb} {done / 1e6:.1f}{of} in {seconds:.0f} s "
+                f"({done / 1e6 / seconds:.1f} MB/s)")
+
+    while chunk := source.read(CHUNK_BYTES):
+        sink.write(chunk)
+        done += len(chunk)
+        if time.monotonic() - last >= PROGRESS_EVERY_S:
+            last = time.monotonic()
+            logger.info(line("moved"))
+    if time.monotonic() - t0 >= PROGRESS_EVERY_S:
+        logger.info(line("done,"))
+    return done
+
+
 def read_bytes(location: str) -> bytes:
     fs, path = filesystem(location)
     try:
+        if not is_uri(location):
+            with fs.open_input_stream(path) as f:
+                return f.read()
+        size = fs.get_file_info(path).size
+        sink = io.BytesIO()
         with fs.open_input_stream(path) as f:
-            return f.read()
+            _transfer(f, sink, size, f"reading {location}")
+        return sink.getvalue()
     except OSError as e:
         raise RaysoupError(f"cannot read {location}: {e}") from e
+
+
+def copy_file(source: str, target: str) -> int:
+    """Copy one file between locations (paths or URIs), with progress on a long transfer;
+    a local target's folder is made. Returns its size in bytes."""
+    src_fs, src = filesystem(source)
+    dst_fs, dst = filesystem(target)
+    if not is_uri(target):
+        Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    size = src_fs.get_file_info(src).size
+    verb = "uploading" if is_uri(target) else "downloading" if is_uri(source) else "copying"
+    with src_fs.open_input_stream(src) as f, dst_fs.open_output_stream(dst) as g:
+        return _transfer(f, g, size, f"{verb} {target if is_uri(target) else source}")
 
 
 def open_random_access(location: str):
