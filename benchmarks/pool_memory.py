@@ -35,7 +35,8 @@ from raysoup.components import partition
 from raysoup.evaluate import VAL, Evaluator, load_eval_sets
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
 from raysoup.methods.manifold_mix import ManifoldMixConfig
-from raysoup.inputs.pool import IngredientPool, load_state_dict, read_manifest, save_state_dict, write_json
+from raysoup.inputs.pool import IngredientPool, load_state_dict, read_manifest, save_state_dict
+from raysoup.inputs.storage import write_json
 from raysoup.search import LocalSearch
 from raysoup.inputs.tasks import eval_set_sources
 

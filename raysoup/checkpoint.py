@@ -12,7 +12,8 @@ from pathlib import Path
 from .errors import RaysoupError
 from .inputs import storage
 from .methods.manifold_mix import MixState
-from .inputs.pool import load_state_dict, save_state_dict, write_json
+from .inputs.pool import load_state_dict, save_state_dict
+from .inputs.storage import write_json
 
 STATE_FILE = "state.json"
 

@@ -7,64 +7,20 @@ into the model's own parameters, so a shared or read-only input is never written
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
 import torch
 
-from .cache import KeyedArrays
+from .cache import JudgementCache, set_key
 from .inputs.data import ClassMap, EvalSet, EvalSetSource, read_eval_set
 from .families import Batch, build_model, family_of, take_rows, to_device
-from .inputs.pool import state_dict_sha256
 from .metrics import Metric, score
 from .numerics import describe
 
 VAL = "val"
 ID = "id"
-
-
-class JudgementCache(KeyedArrays):
-    """Per-image correctness (or metric scores) by content: the same weights (sha256) on
-    the same evaluation set (its fingerprint) by the same kind of evaluator and metric are
-    judged once, for every later run. Counts the (model, set) judgements it answered and those it had measured."""
-
-    def __init__(self, root):
-        super().__init__(root)
-        self.cached = self.measured = 0
-
-    def correctness(self, state_dict: Mapping[str, torch.Tensor], set_keys: Mapping[str, str],
-                    sets: list[str], judge) -> dict[str, np.ndarray]:
-        """Per set of `sets`: the cached correctness where there is one (sets with a key in
-        `set_keys`), else `judge(missing sets)`'s, which is cached."""
-        weights = state_dict_sha256(state_dict) if set_keys else ""
-        keys = {name: hashlib.sha256(f"{weights}:{set_keys[name]}".encode()).hexdigest()
-                for name in sets if name in set_keys}
-        hits = {name: h for name, key in keys.items() if (h := self.get(key)) is not None}
-        missing = [name for name in sets if name not in hits]
-        self.cached += len(hits)
-        self.measured += len(missing)
-        if missing:
-            hits.update(judge(missing))
-            for name in missing:
-                if name in keys:
-                    self.put(keys[name], hits[name])
-        return {name: hits[name] for name in sets}
-
-
-def set_key(sha256: str | None, spec, class_map: ClassMap | None, bf16: bool,
-            domain: str, metric: Metric | None = None) -> str | None:
-    """What decides a set's per-image results besides the weights: the set, the model,
-    bf16, the numeric domain of the kernels (raysoup.numerics) and the metric (its name
-    and source). None: the set has no recorded fingerprint, so its judgements are not
-    cached."""
-    if not sha256:
-        return None
-    key = [sha256, spec.to_dict(), class_map, bf16, domain]
-    return hashlib.sha256(json.dumps(key + ([metric.identity] if metric else []))
-                          .encode()).hexdigest()
 
 
 class Evaluator:

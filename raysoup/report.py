@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -14,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import RaysoupError
+from .inputs.storage import atomic, write_json
 from .stats import CONFIDENCE, OOD_AVG, format_difference
 
 
@@ -145,25 +145,19 @@ def draw_scatter(report: dict, path: Path) -> bool:
 
 def write_report(run_dir: Path, report: dict,
                  correctness: dict[str, dict[str, np.ndarray]] | None = None) -> None:
-    """Outputs land under temporary names and are renamed at the end, report.json last, so a
-    run that fails part-way never leaves a report that looks complete."""
+    """Each output written atomically, report.json last, so a run that fails part-way never
+    leaves a report that looks complete."""
     run_dir = Path(run_dir)
     tables = [results_table(report["methods"], "method"),
               results_table(report.get("ingredients", {}), "ingredient")]
-    parquet_tmp = run_dir / "results.parquet.tmp"
-    pq.write_table(pa.concat_tables(tables, promote_options="default"), parquet_tmp)
+    with atomic(run_dir / "results.parquet") as tmp:
+        pq.write_table(pa.concat_tables(tables, promote_options="default"), tmp)
     if correctness:
-        pq.write_table(correctness_table(correctness), run_dir / "correctness.parquet.tmp")
-    png_tmp = run_dir / "scatter.tmp.png"
-    plotted = draw_scatter(report, png_tmp)
-    json_tmp = run_dir / "report.json.tmp"
-    json_tmp.write_text(json.dumps(report, indent=2))
-    parquet_tmp.replace(run_dir / "results.parquet")
-    if correctness:
-        (run_dir / "correctness.parquet.tmp").replace(run_dir / "correctness.parquet")
-    if plotted:
-        png_tmp.replace(run_dir / "scatter.png")
-    json_tmp.replace(run_dir / "report.json")
+        with atomic(run_dir / "correctness.parquet") as tmp:
+            pq.write_table(correctness_table(correctness), tmp)
+    with atomic(run_dir / "scatter.png") as tmp:
+        draw_scatter(report, tmp)
+    write_json(run_dir / "report.json", report)
 
 
 # A committed result row measured before rows recorded their provenance (see
@@ -226,6 +220,5 @@ def append_rows(path: Path, rows: list[dict]) -> None:
     table = pa.Table.from_pylist(rows)
     if path.exists():
         table = pa.concat_tables([pq.read_table(path), table], promote_options="default")
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    with atomic(path) as tmp:
+        pq.write_table(table, tmp)

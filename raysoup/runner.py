@@ -33,8 +33,9 @@ from .evaluate import VAL
 from .families import family_of, state_dict_template
 from .inputs.data import EvalSetSource, check_eval_set, set_inputs, verify_eval_set
 from .inputs.pool import (IngredientPool, check_state_dict, load_pretrained, read_manifest,
-                          save_state_dict, write_json)
-from .inputs.storage import cache_location, check_writable, is_file, is_uri, join
+                          save_state_dict)
+from .cache import cache_location
+from .inputs.storage import atomic, check_writable, is_file, is_uri, join, write_json
 from .inputs.tasks import dataset_records, eval_set_sources
 from .methods import METHOD_INFO
 from .metrics import Metric, load_metric
@@ -223,7 +224,8 @@ def write_betas(out: Path, betas: np.ndarray, ingredients: list[str], components
 
     table = pa.table({"ingredient": ingredients,
                       **{c: betas[:, i].tolist() for i, c in enumerate(components)}})
-    pq.write_table(table, out / "beta.parquet.tmp")
+    with atomic(out / "beta.parquet") as tmp:
+        pq.write_table(table, tmp)
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(components), 1.0 + 0.45 * len(ingredients)))
     im = ax.imshow(betas, cmap="viridis", vmin=0, vmax=max(1e-9, float(betas.max())),
                    aspect="auto")
@@ -234,10 +236,9 @@ def write_betas(out: Path, betas: np.ndarray, ingredients: list[str], components
     fig.colorbar(im, ax=ax, label="beta")
     ax.set_title("ManifoldMix weights (ingredient x component)")
     fig.tight_layout()
-    fig.savefig(out / "beta.tmp.png", dpi=110)
+    with atomic(out / "beta.png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    (out / "beta.parquet.tmp").replace(out / "beta.parquet")
-    (out / "beta.tmp.png").replace(out / "beta.png")
 
 
 def redraw(run_dir: Path) -> list[Path]:

@@ -10,7 +10,8 @@ import torch
 
 from raysoup.config import load_config
 from raysoup.errors import RaysoupError
-from raysoup.evaluate import VAL, Evaluator, load_eval_sets, set_key
+from raysoup.cache import set_key
+from raysoup.evaluate import VAL, Evaluator, load_eval_sets
 from raysoup.inputs.pool import IngredientPool
 from raysoup.inputs.tasks import eval_set_sources
 from raysoup.metrics import load_metric

@@ -363,7 +363,7 @@ def test_a_cache_on_s3_round_trips_and_concurrent_writers_of_a_key_agree(s3, mon
     from concurrent.futures import ThreadPoolExecutor
 
     from raysoup.cache import KeyedArrays
-    from raysoup.inputs.storage import cache_dir, cache_location
+    from raysoup.cache import cache_dir, cache_location
     monkeypatch.setenv("RAYSOUP_CACHE", f"s3://{BUCKET}/env-cache")
     assert cache_location() == f"s3://{BUCKET}/env-cache"  # RAYSOUP_CACHE as a URI
     assert cache_location(f"s3://{BUCKET}/x") == f"s3://{BUCKET}/x"  # the config's wins

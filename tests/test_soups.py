@@ -108,7 +108,7 @@ def test_greedy_tie_rule(tiny_zoo, tmp_path, evaluator):
 
 
 def test_judgements_are_cached_by_weights_and_set_content(tiny_zoo, tmp_path):
-    from raysoup.evaluate import JudgementCache
+    from raysoup.cache import JudgementCache
     pool = IngredientPool.from_zoo(tiny_zoo)
     sets = load_eval_sets(eval_set_sources(tiny_zoo), pool.spec.num_classes)
     assert all(s.sha256 for s in sets)  # the zoo records every set's fingerprint

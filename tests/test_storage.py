@@ -59,3 +59,23 @@ def test_manifest_paths_cannot_leave_the_zoo(tiny_zoo, tmp_path, section, bad):
 def test_an_unknown_uri_scheme_is_a_clear_error():
     with pytest.raises(RaysoupError, match="cannot open nosuch://bucket/zoo"):
         IngredientPool.from_zoo("nosuch://bucket/zoo")
+
+
+def test_atomic_writes_replace_whole_or_not_at_all(tmp_path):
+    """A file or a folder appears whole; a block that fails leaves the old one and no
+    temporary beside it."""
+    from raysoup.inputs.storage import atomic, write_json
+    write_json(tmp_path / "a.json", {"v": 1})
+    with pytest.raises(ZeroDivisionError):
+        with atomic(tmp_path / "a.json") as tmp:
+            tmp.write_text('{"v": 2, "half": ')
+            1 / 0
+    assert json.loads((tmp_path / "a.json").read_text()) == {"v": 1}
+    for round_ in (1, 2):  # the second replaces a whole folder
+        with atomic(tmp_path / "folder") as tmp:
+            tmp.mkdir()
+            (tmp / f"file{round_}").write_text("x")
+        assert [p.name for p in (tmp_path / "folder").iterdir()] == [f"file{round_}"]
+    with atomic(tmp_path / "figure.png") as tmp:
+        assert tmp.suffix == ".png"  # writers that choose a format by suffix still do
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "folder"]

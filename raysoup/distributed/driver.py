@@ -17,7 +17,8 @@ import ray
 from ..checkpoint import load_state, save_state
 from ..console import LOG_FILE, console_logging, file_logging
 from ..errors import RaysoupError
-from ..evaluate import VAL, JudgementCache, accuracy_row, ood_sets
+from ..cache import JudgementCache
+from ..evaluate import VAL, accuracy_row, ood_sets
 from ..inputs.pool import load_pretrained
 from ..inputs.storage import join
 from ..methods import METHODS, SoupContext, ValidationJudge

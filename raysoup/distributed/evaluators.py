@@ -13,7 +13,8 @@ from ray.exceptions import RayTaskError
 
 from ..components import Components
 from ..errors import RaysoupError
-from ..evaluate import VAL, JudgementCache, set_key
+from ..cache import JudgementCache, set_key
+from ..evaluate import VAL
 from ..inputs.data import EvalSetSource
 from ..inputs.model import ModelSpec
 from ..metrics import Metric

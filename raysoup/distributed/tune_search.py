@@ -23,7 +23,8 @@ from ..mixing import StateDict, to_numpy
 from ..search import Bound, Mixer, PassResult, best_index, chosen_name, make_optimizer
 from .evaluators import EvaluatorSpec, timeout_as_error
 from .racing import Racing, RacingScheduler
-from .workers import (METRIC, PointCache, ResidentModels, evaluate_points, mixing_trial,
+from ..cache import PointCache
+from .workers import (METRIC, ResidentModels, evaluate_points, mixing_trial,
                       racing_trial, told_accuracies)
 
 logger = logging.getLogger(__name__)

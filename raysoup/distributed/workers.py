@@ -9,16 +9,13 @@ Here that costs ray and numpy only; importing torch and open_clip as well would 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import ray
 from ray import tune
 
-from ..cache import KeyedArrays
+from ..cache import PointCache
 
 METRIC = "accuracy"
 VAL = "val"  # the evaluation set every decision uses (raysoup.evaluate.VAL)
@@ -173,31 +170,6 @@ class ResidentModels:
 
     def get(self) -> list:
         return self.refs
-
-
-@dataclass(frozen=True)
-class PointCache:
-    """Validation accuracies of mixing points by content: `scope` fixes the resident
-    models, the mixer, the validation set and the evaluators' layout, so a point measured
-    once (a promise point that is pass 1's start, a rerun of the same step) is read back,
-    not evaluated again. The optimiser is told the same value either way."""
-    root: str
-    scope: str
-
-    def key(self, x: np.ndarray) -> str:
-        x = np.ascontiguousarray(np.asarray(x, dtype=np.float64))
-        return hashlib.sha256(self.scope.encode() + x.tobytes()).hexdigest()
-
-    @cached_property
-    def arrays(self) -> KeyedArrays:  # one per process it travels to: a URI's client is reused
-        return KeyedArrays(self.root)
-
-    def get(self, x: np.ndarray) -> float | None:
-        hit = self.arrays.get(self.key(x))
-        return None if hit is None else float(hit[0])
-
-    def put(self, x: np.ndarray, accuracy: float) -> None:
-        self.arrays.put(self.key(x), np.array([accuracy]))
 
 
 def evaluate_points(actors: list, mode: str, models: list, points: Sequence[np.ndarray],

@@ -241,10 +241,9 @@ def write_eval_set(eval_set: EvalSet, path: Path) -> None:
         table = pa.table({"image": images, "label": labels})
         table = table.replace_schema_metadata({"name": eval_set.name,
                                                "shape": ",".join(map(str, shape))})
-    tmp = path.with_suffix(".tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+    with storage.atomic(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, \
+            pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
-    tmp.replace(path)
 
 
 def read_eval_set(source: EvalSetSource | str | Path, num_classes: int | None = None,

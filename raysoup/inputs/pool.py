@@ -31,21 +31,10 @@ class CheckpointError(RaysoupError):
 
 
 def save_state_dict(state_dict: StateDict, path: Path, metadata: dict | None = None) -> None:
-    """Atomic safetensors write (write then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    """A safetensors file, written atomically."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    tmp.replace(path)
-
-
-def write_json(path: Path, obj, indent: int = 2) -> None:
-    """Atomic JSON write (write then rename): readers never see a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=indent))
-    tmp.replace(path)
+    with storage.atomic(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 
 def load_state_dict(path: str | Path) -> StateDict:

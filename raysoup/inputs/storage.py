@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import fnmatch
 import io
+import json
 import logging
 import os
+import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
@@ -28,18 +32,32 @@ CHUNK_BYTES = 8 << 20       # one read or write of a transfer
 PROGRESS_EVERY_S = 5.0      # a transfer that runs longer logs its bytes done and rate this often
 
 
-def cache_dir() -> Path:
-    """This machine's cache (the demo's zoos): RAYSOUP_CACHE unless that is a URI."""
-    env = os.environ.get("RAYSOUP_CACHE", "")
-    return Path(env) if env and not is_uri(env) else Path.home() / ".cache" / "raysoup"
+@contextmanager
+def atomic(path: Path | str) -> Iterator[Path]:
+    """Write then rename: yields a temporary name beside `path` (with its suffix, which some
+    writers go by) for the block to write a file or a folder at; when the block ends
+    without an error, that replaces `path`, so readers never see a half-written one. A
+    block that writes nothing leaves `path` as it was; one that fails leaves no temporary."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        if tmp.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        if tmp.exists():
+            tmp.replace(path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
-def cache_location(configured: str | None = None) -> str:
-    """Where judgements and measured points are kept by content: the config's `cache`, else
-    RAYSOUP_CACHE, else this machine's cache_dir(). A URI or a shared path is shared by every
-    node that reaches it."""
-    env = os.environ.get("RAYSOUP_CACHE", "")
-    return configured or (env if is_uri(env) else str(cache_dir()))
+def write_json(path: Path | str, obj, indent: int = 2) -> None:
+    """JSON written atomically."""
+    with atomic(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=indent))
 
 
 def is_uri(location: str) -> bool:

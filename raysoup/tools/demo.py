@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import PoolConfig, ResourcesConfig, RunConfig
 from ..errors import RaysoupError
-from ..inputs.storage import cache_dir
+from ..cache import cache_dir
 from ..methods.manifold_mix import ManifoldMixConfig
 from ..runner import execute
 from .zoo import QUICK_ZOO, SHIPPED_ZOO, ZooConfig, build_zoo, install_shipped_zoo

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from ..inputs.data import DataError, EvalSet, write_eval_set
 from ..errors import RaysoupError
 from ..inputs.model import preprocess_config
-from ..inputs.pool import write_json
+from ..inputs.storage import write_json
 
 logger = logging.getLogger(__name__)
 

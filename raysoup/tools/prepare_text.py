@@ -12,7 +12,6 @@ Output folder:
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..inputs.data import DataError, EvalSet, write_eval_set
-from ..inputs.pool import file_sha256, write_json
+from ..inputs.pool import file_sha256
+from ..inputs.storage import atomic, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -115,21 +115,19 @@ def prepare_text(src: str | Path, out: str | Path, *, text_column: str = "text",
     blank = next((i for i, t in enumerate(texts) if not t.strip()), None)
     if blank is not None:
         raise DataError(f"{src}: column {text_column!r} is empty in row {blank + 1}")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     shards = []
-    for i, start in enumerate(range(0, len(labels), shard_size)):
-        rows = slice(start, start + shard_size)
-        shards.append(f"shard-{i:05d}.arrow")
-        write_eval_set(EvalSet(out.name, {"text": texts[rows]}, labels[rows]), tmp / shards[-1])
-    info = {"format": FORMAT, "name": out.resolve().name, "source": str(src),
-            "sha256": file_sha256(src), "inputs": "text", "text_column": text_column,
-            "label_column": label_column, "classes": names, "rows": len(labels),
-            "shards": shards}
-    write_json(tmp / "dataset.json", info)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
+    with atomic(out) as tmp:
+        tmp.mkdir()
+        for i, start in enumerate(range(0, len(labels), shard_size)):
+            rows = slice(start, start + shard_size)
+            shards.append(f"shard-{i:05d}.arrow")
+            write_eval_set(EvalSet(out.name, {"text": texts[rows]}, labels[rows]),
+                           tmp / shards[-1])
+        info = {"format": FORMAT, "name": out.resolve().name, "source": str(src),
+                "sha256": file_sha256(src), "inputs": "text", "text_column": text_column,
+                "label_column": label_column, "classes": names, "rows": len(labels),
+                "shards": shards}
+        write_json(tmp / "dataset.json", info)
     logger.info(f"[prepare] {len(labels)} texts of {len(np.unique(labels))} classes in "
                 f"{len(shards)} shards: {out}")
     return info

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from .. import stats
 from ..errors import RaysoupError
 from ..inputs import text_data
-from ..inputs.pool import file_sha256, write_json
+from ..inputs.pool import file_sha256
+from ..inputs.storage import atomic, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -391,20 +392,18 @@ def install_shipped_text_zoo(out: Path, shipped: Path = SHIPPED_TEXT_ZOO,
     if (out / "manifest.json").is_file():
         return out
     manifest = json.loads((shipped / "manifest.json").read_text())
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(shipped, tmp, ignore=shutil.ignore_patterns("*.tmp", "__pycache__"))
-    where = root or text_data.fortunes_dir()
-    logger.info(f"[text zoo] making the evaluation sets from the fortunes in {where}")
-    made = write_text_eval_sets(tmp, TextZooConfig.from_dict(manifest["config"]), root)
-    for name, entry in manifest["eval_sets"].items():
-        got = made.get(name, {}).get("sha256", "missing")
-        if got != entry["sha256"]:
-            raise RaysoupError(
-                f"text set {name!r} made on this machine differs from the shipped zoo's "
-                f"(sha256 {got[:16]}... vs {entry['sha256'][:16]}...): is {where} Debian's "
-                f"`fortunes` package (1:1.99.1-7.3)?")
-    tmp.replace(out)
+    with atomic(out) as tmp:
+        shutil.copytree(shipped, tmp, ignore=shutil.ignore_patterns("*.tmp", "__pycache__"))
+        where = root or text_data.fortunes_dir()
+        logger.info(f"[text zoo] making the evaluation sets from the fortunes in {where}")
+        made = write_text_eval_sets(tmp, TextZooConfig.from_dict(manifest["config"]), root)
+        for name, entry in manifest["eval_sets"].items():
+            got = made.get(name, {}).get("sha256", "missing")
+            if got != entry["sha256"]:
+                raise RaysoupError(
+                    f"text set {name!r} made on this machine differs from the shipped zoo's "
+                    f"(sha256 {got[:16]}... vs {entry['sha256'][:16]}...): is {where} Debian's "
+                    f"`fortunes` package (1:1.99.1-7.3)?")
     return out
 
 

@@ -26,7 +26,8 @@ from ..errors import RaysoupError
 from ..inputs import data
 from ..evaluate import Evaluator, VAL
 from ..inputs.model import ModelSpec, build_classifier
-from ..inputs.pool import file_sha256, load_state_dict, save_state_dict, write_json
+from ..inputs.pool import file_sha256, load_state_dict, save_state_dict
+from ..inputs.storage import atomic, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -267,20 +268,18 @@ def install_shipped_zoo(out: Path, shipped: Path = SHIPPED_ZOO) -> Path:
     if (out / "manifest.json").is_file():
         return out
     manifest = json.loads((shipped / "manifest.json").read_text())
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(shipped, tmp, ignore=shutil.ignore_patterns("*.tmp", "__pycache__"))
-    logger.info(f"[zoo] making the evaluation sets from Fashion-MNIST ({data.data_dir()})")
-    made = write_eval_sets(tmp, ZooConfig.from_dict(manifest["config"]),
-                           data.load_fashion_mnist())
-    for name, entry in manifest["eval_sets"].items():
-        if made.get(name, {}).get("sha256") != entry["sha256"]:
-            raise RaysoupError(
-                f"evaluation set {name!r} made on this machine differs from the shipped zoo's "
-                f"(sha256 {made.get(name, {}).get('sha256', 'missing')[:16]}... vs "
-                f"{entry['sha256'][:16]}...): is {data.data_dir()} the Debian package's "
-                f"Fashion-MNIST, and numpy/scipy as in constraints.txt?")
-    tmp.replace(out)
+    with atomic(out) as tmp:
+        shutil.copytree(shipped, tmp, ignore=shutil.ignore_patterns("*.tmp", "__pycache__"))
+        logger.info(f"[zoo] making the evaluation sets from Fashion-MNIST ({data.data_dir()})")
+        made = write_eval_sets(tmp, ZooConfig.from_dict(manifest["config"]),
+                               data.load_fashion_mnist())
+        for name, entry in manifest["eval_sets"].items():
+            if made.get(name, {}).get("sha256") != entry["sha256"]:
+                raise RaysoupError(
+                    f"evaluation set {name!r} made on this machine differs from the shipped "
+                    f"zoo's (sha256 {made.get(name, {}).get('sha256', 'missing')[:16]}... vs "
+                    f"{entry['sha256'][:16]}...): is {data.data_dir()} the Debian package's "
+                    f"Fashion-MNIST, and numpy/scipy as in constraints.txt?")
     return out
 
 
