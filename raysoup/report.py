@@ -167,7 +167,7 @@ def write_report(run_dir: Path, report: dict,
 
 
 # A committed result row measured before rows recorded their provenance (see
-# benchmarks/results/PROVENANCE.md): the commit is inferred from git history, if at all.
+# benchmarks/PROVENANCE.md): the commit is inferred from git history, if at all.
 PRE_PROVENANCE = "unknown (pre-provenance)"
 
 
@@ -215,7 +215,7 @@ def provenance_note(rows: list[dict]) -> str:
         line += (f". Rows marked {PRE_PROVENANCE} were measured before rows recorded their "
                  f"commit (`git describe` failed and wrote nothing); their `committed_in` "
                  f"names the commit that added them, so the code ran on that commit's "
-                 f"parent plus uncommitted edits (benchmarks/results/PROVENANCE.md)")
+                 f"parent plus uncommitted edits (benchmarks/PROVENANCE.md)")
     return line + "."
 
 
