@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout, not installed
 
-from raysoup.errors import RaysoupError  # noqa: E402
-from raysoup.report import append_rows, machine  # noqa: E402
+from raysoup.errors import RaysoupError
+from raysoup.report import append_rows, machine
 
 
 def parse_args(parser: argparse.ArgumentParser, results: Path, smoke: dict | None = None,

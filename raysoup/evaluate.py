@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 import torch
 
 from .cache import KeyedArrays
-from .inputs.data import ClassMap, EvalSet, EvalSetSource, read_eval_set
 from .families import Batch, build_model, family_of, take_rows, to_device
+from .inputs.data import ClassMap, EvalSet, EvalSetSource, read_eval_set
 from .inputs.pool import state_dict_sha256
 from .metrics import Metric, score
 from .numerics import describe

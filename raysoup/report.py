@@ -6,7 +6,7 @@ import json
 import os
 import platform
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -176,7 +176,7 @@ def git_state(checkout: Path = Path(__file__).parent) -> tuple[str, bool]:
     ("unknown", True) outside a git checkout: code that cannot be named counts as dirty."""
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, cwd=checkout)
+                             text=True, cwd=checkout, check=False)
     except OSError:
         return "unknown", True
     described = out.stdout.strip()
@@ -197,7 +197,7 @@ def machine(allow_dirty: bool = False, checkout: Path = Path(__file__).parent) -
                            f"{commit}): a result row must name the code that measured it; "
                            f"commit first, or pass --allow-dirty, which marks the rows "
                            f"dirty = true")
-    return {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    return {"when": datetime.now(UTC).isoformat(timespec="seconds"),
             "commit": commit, "dirty": dirty, "cpus": os.cpu_count(), "cpu":
             platform.processor() or platform.machine(), "gpu": torch.cuda.get_device_name(0)
             if torch.cuda.is_available() else "none", "torch": torch.__version__,

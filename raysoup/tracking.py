@@ -9,7 +9,7 @@ import importlib.util
 import os
 import time
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Annotated
 
@@ -57,7 +57,7 @@ def callback_class(spec: str) -> type:
     return cls
 
 
-@lru_cache(maxsize=None)
+@cache
 def mlflow_client(uri: str):
     from mlflow.tracking import MlflowClient
     if uri.startswith("file:"):

@@ -220,7 +220,7 @@ def test_export_to_safetensors_and_its_two_refusals(finished, soup_zoo, tmp_path
     assert "has no fused.safetensors" in capsys.readouterr().err
     # An ingredient of another architecture: it lacks keys of the fused model.
     other = load_state_dict(soup_zoo / "ingredients" / "ft-00.safetensors")
-    other.pop(sorted(other)[0])
+    other.pop(min(other))
     run = run_with_another_ingredient(out, soup_zoo, tmp_path, "other", other)
     assert main(["export", str(run), "--like", "other", "--out", str(tmp_path / "z.pt")]) == 2
     assert "lacks 1 key(s) of the fused model" in capsys.readouterr().err
@@ -301,6 +301,7 @@ def test_wait_for_autoscaler_lets_a_run_wait_for_evaluators_the_cluster_lacks(so
     from raysoup.config import load_config
     from raysoup.errors import RaysoupError
     from raysoup.runner import execute
+
     from .helpers import write_config as config_file
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -60,7 +60,7 @@ def test_the_arguments_refuse_a_dirty_tree_unless_allowed_and_smoke_allows_it(
         monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
         parser = argparse.ArgumentParser()
         parser.add_argument("--n", type=int, default=5)
-        return common.parse_args(parser, tmp_path / "results", smoke=dict(n=1))
+        return common.parse_args(parser, tmp_path / "results", smoke={"n": 1})
 
     with pytest.raises(SystemExit) as exit_:
         parse("--n", "2")

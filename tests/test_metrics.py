@@ -67,8 +67,8 @@ def test_a_binary_metric_keeps_mcnemar_and_soft_scores_get_the_bootstrap_alone()
     ("tests.user_metrics:nothing", "cannot import it"),
     ("tests.user_metrics:NOT_A_FUNCTION", "is a ndarray, not a function"),
     ("tests.user_metrics:one_per_class", r"returned shape \(8, 10\) for a batch of 8"),
-    ("tests.user_metrics:logit_of_label", r"returned a score of -?\d.* \(scores must lie in "
-                                          r"\[0, 1\]\)"),
+    ("tests.user_metrics:logit_of_label", (r"returned a score of -?\d.* \(scores must lie in "
+                                           r"\[0, 1\]\)")),
     ("tests.user_metrics:raises", r"fails on a batch of 8 logits \(ValueError: a bug"),
 ])
 def test_a_bad_metric_is_one_line_before_ray(tiny_zoo, tmp_path, name, message, monkeypatch):

@@ -90,8 +90,8 @@ def calibrate(config: ZooConfig, work: Path, label: str, first_zoo: Path | None,
 def markdown(rows: list[dict]) -> str:
     """Per recipe and seed: val / ID / OOD of each method, kept ingredients, the paired
     OOD and ID differences against the best individual, and the verdict."""
-    lines = ["| recipe | seed | best individual | uniform | greedy (kept) | ManifoldMix "
-             "(kept) | MM − best, OOD | uniform − best, OOD | MM − best, ID | premise |",
+    lines = [("| recipe | seed | best individual | uniform | greedy (kept) | ManifoldMix "
+              "(kept) | MM − best, OOD | uniform − best, OOD | MM − best, ID | premise |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(r: dict, name: str) -> str:
@@ -127,8 +127,8 @@ def main() -> None:
                         help="a recipe change from the default ZooConfig, e.g. "
                              "finetune_data_fraction=0.25 or finetune_epochs=[3.6,4.4]")
     parser.add_argument("--evals-per-component", type=int, default=DEMO_EVALS_PER_COMPONENT)
-    args = parse_args(parser, HERE / "results", smoke=dict(seeds=[0], set=SMOKE_RECIPE,
-                                                           evals_per_component=1))
+    args = parse_args(parser, HERE / "results",
+                      smoke={"seeds": [0], "set": SMOKE_RECIPE, "evals_per_component": 1})
     if args.smoke and args.work == parser.get_default("work"):
         args.work = args.out / "work"
     overrides = {}

@@ -78,7 +78,7 @@ def run_manifold_mix(zoo: Path, numerics: str, machine_name: str, work: Path) ->
         f'numerics = "{numerics}"']) + "\n")
     done = subprocess.run([sys.executable, "-m", "raysoup.cli", "run", "-q", str(config)],
                           env=environment(machine_name, str(work / f"cache-{out.name}")),
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{numerics}:{machine_name} failed:\n{done.stderr[-3000:]}")
     from raysoup.api import load_report
@@ -159,7 +159,7 @@ def logits(args) -> None:
             out = Path(tmp) / f"{numerics}-{machine_name}.npz"
             done = subprocess.run([sys.executable, "-c", LOGITS_PROBE, str(zoo), numerics,
                                    str(out)], capture_output=True, text=True,
-                                  env=environment(machine_name, tmp))
+                                  env=environment(machine_name, tmp), check=False)
             if done.returncode != 0:
                 raise SystemExit(done.stderr[-3000:])
             results[setting] = np.load(out)
@@ -242,13 +242,13 @@ def throughput(args) -> None:
                                  ("ViT-B-32", 16, 2 * args.seconds)):
         rates: dict[str, list[float]] = {"native": [], "portable": []}
         for _ in range(args.repeats):
-            for numerics in rates:  # alternating, so that load drifts hit both alike
+            for numerics, measured in rates.items():  # alternating: load drifts hit both
                 done = subprocess.run([sys.executable, "-c", THROUGHPUT_PROBE, numerics, arch,
                                        str(batch), str(seconds)], capture_output=True,
-                                      text=True, env=environment("this", ""))
+                                      text=True, env=environment("this", ""), check=False)
                 if done.returncode != 0:
                     raise SystemExit(done.stderr[-3000:])
-                rates[numerics].append(float(done.stdout.split()[-1]))
+                measured.append(float(done.stdout.split()[-1]))
         native, portable = (statistics.median(rates[k]) for k in ("native", "portable"))
         row = {**where, "model": arch, "batch": batch, "native_images_s": native,
                "portable_images_s": portable, "portable_over_native": portable / native,
@@ -282,8 +282,8 @@ def main() -> None:
     p.set_defaults(func=throughput)
     # --smoke: the throughput command runs in seconds; the others run the demo's
     # ManifoldMix per setting and take minutes even so.
-    args = parse_args(parser, Path(__file__).resolve().parent / "results", smoke=dict(
-        repeats=1, seconds=0.2, settings=["native:this", "portable:this"], seeds=[0]),
+    args = parse_args(parser, Path(__file__).resolve().parent / "results", smoke={
+        "repeats": 1, "seconds": 0.2, "settings": ["native:this", "portable:this"], "seeds": [0]},
         subparsers=tuple(sub.choices.values()))
     args.func(args)
 

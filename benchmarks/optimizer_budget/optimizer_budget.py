@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--zoo", type=Path)
     parser.add_argument("--address")
     args = parse_args(parser, HERE / "results" / "shipped_zoo",
-                      smoke=dict(config=HERE / "grids" / "smoke.toml"))
+                      smoke={"config": HERE / "grids" / "smoke.toml"})
     table = run_bench(args.zoo or default_zoo(), args.out, load_grid(args.config, quick=False),
                       address=args.address, allow_dirty=args.allow_dirty)
     for path in write_all(table, args.out):

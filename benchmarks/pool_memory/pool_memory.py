@@ -197,7 +197,7 @@ def main() -> None:
                         help="ManifoldMix budget per component per pass")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the per-N process
     args = parse_args(parser, Path(__file__).resolve().parent / "results",
-                      smoke=dict(counts=[2, 3], evals_per_component=1))
+                      smoke={"counts": [2, 3], "evals_per_component": 1})
     if args.measure is not None:
         print(json.dumps(measure(args.measure, args.evals_per_component)))
         return

@@ -94,7 +94,7 @@ def main() -> None:
                         help="optimiser seeds: one full and one raced run each")
     parser.add_argument("--evals-per-component", type=int, default=DEMO_EVALS_PER_COMPONENT)
     args = parse_args(parser, Path(__file__).resolve().parent / "results",
-                      smoke=dict(evals_per_component=1, chunks=2))
+                      smoke={"evals_per_component": 1, "chunks": 2})
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     racing = Racing(args.chunks, args.confidence)
     for zoo in args.zoo or [default_zoo()]:

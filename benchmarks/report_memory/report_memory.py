@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--rows", type=int, default=10000, help="images per report set")
     args = parse_args(parser, Path(__file__).resolve().parent / "results",
-                      smoke=dict(counts=[1, 2], rows=200))
+                      smoke={"counts": [1, 2], "rows": 200})
     work = Path(tempfile.mkdtemp(prefix="raysoup-report-memory-"))
     val = write_set(work / "val.arrow", VAL, 2000, 0)
     reports = [write_set(work / f"r{i}.arrow", f"r{i}", args.rows, i + 1)

@@ -213,7 +213,7 @@ def main() -> None:
                         "/tmp/raysoup-scale-ARCH; with --smoke, under --out)")
     parser.add_argument("--arch", default="ViT-B-32", help="the open_clip tower to rehearse")
     args = parse_args(parser, Path(__file__).resolve().parent / "results",
-                      smoke=dict(arch="ViT-S-32", trials=2))
+                      smoke={"arch": "ViT-S-32", "trials": 2})
     args.dir = args.dir or (args.out / "work" if args.smoke else
                             Path(f"/tmp/raysoup-scale-{args.arch}"))
     n = args.evaluators

@@ -170,8 +170,8 @@ def main() -> None:
                         help="devices for the sharded projection (the reference used 2 GPUs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-save", action="store_true", help="print only, append no rows")
-    args = parse_args(parser, Path(__file__).resolve().parent / "results", smoke=dict(
-        images_tiny=64, images_vit=4, batch_size=32, threads=1, repeats=1))
+    args = parse_args(parser, Path(__file__).resolve().parent / "results", smoke={
+        "images_tiny": 64, "images_vit": 4, "batch_size": 32, "threads": 1, "repeats": 1})
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
