@@ -104,9 +104,8 @@ def test_pool_memory_smoke(soup_zoo, tmp_path):
 def test_scaling_smoke(tmp_path):
     smoke("scaling", tmp_path)
     table = rows(tmp_path / "scaling.parquet")
-    assert sorted((r["mode"], r["n"]) for r in table) == [
-        ("null", 2), ("null", 2), ("parallel", 1), ("parallel", 2), ("sharded", 1),
-        ("sharded", 2)]
+    assert sorted((r["mode"], r["n"], r.get("k")) for r in table) == [
+        ("null", 2, 1), ("null", 2, 2), ("parallel", 2, 2), ("sharded", 2, None)]
 
 
 @pytest.mark.slow

@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--optimizer", default="NGOpt")
     parser.add_argument("--cpus", type=int, default=os.cpu_count())
     args = parse_args(parser, Path(__file__).resolve().parent / "results",
-                      smoke={"budget_per_component": 1, "cpus": 2})
+                      smoke={"budget_per_component": 1, "cpus": 1})
     zoo = args.zoo or default_zoo()
 
     pool = IngredientPool.from_zoo(zoo)

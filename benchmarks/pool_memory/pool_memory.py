@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,19 +80,29 @@ def write_ingredients(zoo: Path, folder: Path, count: int, noise: float) -> list
     return entries
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (no extra bytes on disk), or a copy across file systems."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def build_pools(zoo: Path, work: Path, counts: list[int], noise: float) -> dict[int, Path]:
     """One zoo-format directory per N, sharing the ingredient files (pool N = the first N)
-    and the zoo's evaluation sets through links inside each directory."""
+    and the zoo's evaluation sets as hard links (a pool refuses symlinks out of its zoo)."""
     shared = work / "ingredients"
     entries = write_ingredients(zoo, shared, max(counts), noise)
     manifest = read_manifest(zoo)
     pools = {}
     for n in counts:
         pool_dir = work / f"pool-{n:03d}"
-        pool_dir.mkdir(parents=True, exist_ok=True)
-        for link, target in (("ingredients", shared), ("data", zoo / "data")):
-            if not (pool_dir / link).is_symlink():
-                (pool_dir / link).symlink_to(target.resolve(), target_is_directory=True)
+        if not (pool_dir / "data").is_dir():
+            shutil.copytree(zoo / "data", pool_dir / "data", copy_function=link_or_copy)
+        (pool_dir / "ingredients").mkdir(parents=True, exist_ok=True)
+        for entry in entries[:n]:
+            if not (pool_dir / entry["file"]).exists():
+                link_or_copy(work / entry["file"], pool_dir / entry["file"])
         write_json(pool_dir / "manifest.json", {
             "format": manifest["format"], "model": manifest["model"],
             "eval_sets": manifest["eval_sets"], "ingredients": entries[:n],

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -55,10 +56,11 @@ def least_forwards(history: list[dict], val_rows: int, ties_scored: bool) -> int
     return scored * val_rows
 
 
-def manifold_mix(zoo: Path, pool, ranking, racing: Racing | None, seed: int,
+def manifold_mix(zoo: Path, ranked: SoupContext, racing: Racing | None, seed: int,
                  evals_per_component: int) -> dict:
     """One ManifoldMix run on fresh evaluators: its decisions, forwards and wall time."""
     config = ManifoldMixConfig(evals_per_component=evals_per_component, seed=seed)
+    pool, ranking = ranked.pool, ranked.ranking
     components = partition(list(pool.load(ranking[0][0])), config.components)
     spec = EvaluatorSpec(count=DEMO_RESOURCES.evaluators, mode="sharded",
                          cpus=DEMO_RESOURCES.cpus_per_evaluator)
@@ -66,7 +68,7 @@ def manifold_mix(zoo: Path, pool, ranking, racing: Racing | None, seed: int,
     search = TuneSearch(actors, spec, 1, Path("/tmp/raysoup-bench-racing") / str(time.time()),
                         racing=racing)
     t0 = time.perf_counter()
-    result = METHODS["manifold_mix"](SoupContext(pool, None, ranking, components, search),
+    result = METHODS["manifold_mix"](replace(ranked, components=components, search=search),
                                      config)
     seconds = time.perf_counter() - t0
     for actor in actors:
@@ -101,16 +103,17 @@ def main() -> None:
         pool = IngredientPool.from_zoo(zoo)
         evaluator = Evaluator(pool.spec, load_eval_sets({VAL: eval_set_sources(zoo)[VAL]},
                                                         pool.spec.num_classes))
-        ranking = SoupContext.rank(pool, ValidationJudge(evaluator.accuracy)).ranking
+        val_rows = len(evaluator.sets[VAL][1])
+        ranked = SoupContext.rank(pool, ValidationJudge(evaluator.accuracy, rows=val_rows))
         for seed in args.seeds:
-            race(zoo, pool, ranking, racing, seed, args)
+            race(zoo, ranked, racing, seed, args)
     ray.shutdown()
 
 
-def race(zoo: Path, pool, ranking, racing: Racing, seed: int, args) -> None:
+def race(zoo: Path, ranked: SoupContext, racing: Racing, seed: int, args) -> None:
     """One full and one raced run with an optimiser seed: one row of the table."""
-    full = manifold_mix(zoo, pool, ranking, None, seed, args.evals_per_component)
-    raced = manifold_mix(zoo, pool, ranking, racing, seed, args.evals_per_component)
+    full = manifold_mix(zoo, ranked, None, seed, args.evals_per_component)
+    raced = manifold_mix(zoo, ranked, racing, seed, args.evals_per_component)
     row = {**machine(args.allow_dirty), "zoo": str(zoo), "chunks": racing.chunks,
            "confidence": racing.confidence, "seed": seed,
            **{f"full_{k}": v for k, v in full.items()},

@@ -31,8 +31,9 @@ from common import append_result, machine, parse_args
 from raysoup.components import partition
 from raysoup.distributed.evaluators import EvaluatorPool, EvaluatorSpec, start_evaluators
 from raysoup.evaluate import VAL
+from raysoup.families import state_dict_template
 from raysoup.inputs.data import EvalSet, EvalSetSource, write_eval_set
-from raysoup.inputs.model import ModelSpec, state_dict_template
+from raysoup.inputs.model import ModelSpec
 
 TARGET_RATIO = 1.10
 MIB = 1 << 20

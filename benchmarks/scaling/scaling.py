@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--trials-per-worker", type=int, default=8)
     parser.add_argument("--null-points", type=int, default=120)
     args = parse_args(parser, HERE / "results", smoke={
-        "eval_s": 0.01, "sizes": [1, 2], "trials_per_worker": 1, "null_points": 2})
+        "eval_s": 0.01, "sizes": [2], "trials_per_worker": 1, "null_points": 2})
     ray.init(num_cpus=2, num_gpus=max(args.sizes), include_dashboard=False,
              log_to_driver=False)
     base = {**machine(args.allow_dirty), "eval_s": args.eval_s, "fake_gpus": True}
