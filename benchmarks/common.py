@@ -24,8 +24,9 @@ def parse_args(parser: argparse.ArgumentParser, results: Path, smoke: dict | Non
                subparsers: tuple[argparse.ArgumentParser, ...] = ()) -> argparse.Namespace:
     """The script's arguments plus --out, --smoke and --allow-dirty. `results`: the
     benchmark's committed results folder (the default --out); `smoke`: the defaults
-    --smoke sets (on `subparsers` too: theirs would win over the parser's). Code that is not a clean git commit is refused here, before any work,
-    unless --allow-dirty or --smoke is given (then rows say dirty = true)."""
+    --smoke sets (on `subparsers` too: theirs would win over the parser's). Code that is
+    not a clean git commit is refused here, before any work, unless --allow-dirty or
+    --smoke is given (then rows say dirty = true)."""
     parser.add_argument("--out", type=Path, help=f"folder for the rows (default: {results}; "
                         "with --smoke a new temporary folder)")
     parser.add_argument("--smoke", action="store_true", help="the tiniest settings, in "

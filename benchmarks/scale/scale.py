@@ -88,8 +88,8 @@ class RehearsalEvaluator:
         """Mixing on a GPU leaves the host's cores free: wait instead of mixing on them."""
         self.mix_load_wait = seconds
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> str:
+        return "rehearsal: no forward pass"  # the numeric domain, as raysoup's actors say it
 
     def val_rows(self) -> int:
         return self.rows["val"]
@@ -168,8 +168,8 @@ def measure_passes(search: TuneSearch, clocks: list[PassClock], actors: list,
             "tune_between_trials_s": per_point - in_trial}
 
 
-def make_zoo(root: Path, spec: ModelSpec, distinct: int) -> Path:
-    """72 ingredients in the model soups layout: `distinct` files, hard-linked."""
+def make_zoo(root: Path, spec: ModelSpec, distinct: int, ingredients: int) -> Path:
+    """`ingredients` files in the model soups layout: `distinct` files, hard-linked."""
     zoo = root / "zoo"
     if (zoo / "manifest.json").is_file():
         return zoo
@@ -185,7 +185,7 @@ def make_zoo(root: Path, spec: ModelSpec, distinct: int) -> Path:
                  for k, v in classifier.items()}
         torch.save({f"module.{k}": v for k, v in {**moved, **text}.items()},
                    zoo / "ingredients" / f"distinct-{i}.pt")
-    for i in range(INGREDIENTS):
+    for i in range(ingredients):
         os.link(zoo / "ingredients" / f"distinct-{i % distinct}.pt",
                 zoo / "ingredients" / f"ft-{i:02d}.pt")
     for i in range(distinct):
@@ -212,13 +212,15 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, help="the zoo and Tune's files (default: "
                         "/tmp/raysoup-scale-ARCH; with --smoke, under --out)")
     parser.add_argument("--arch", default="ViT-B-32", help="the open_clip tower to rehearse")
+    parser.add_argument("--ingredients", type=int, default=INGREDIENTS,
+                        help="the rehearsal's pool (the projection is for the reference's 72)")
     args = parse_args(parser, Path(__file__).resolve().parent / "results",
-                      smoke={"arch": "ViT-S-32", "trials": 2})
+                      smoke={"arch": "ViT-S-32", "trials": 2, "ingredients": 4})
     args.dir = args.dir or (args.out / "work" if args.smoke else
                             Path(f"/tmp/raysoup-scale-{args.arch}"))
     n = args.evaluators
     spec = ModelSpec.from_dict({"arch": args.arch, "num_classes": 1000})
-    zoo = make_zoo(args.dir, spec, args.distinct)
+    zoo = make_zoo(args.dir, spec, args.distinct, args.ingredients)
 
     pool, pool_s = timed(IngredientPool.from_zoo, zoo)
     _, validate_s = timed(pool.validate)
@@ -266,7 +268,8 @@ def main() -> None:
     ray.get([x.simulate_mixing.remote(None) for x in actors])
     state = MixState(a, [pool.names[0]], 0.5, [[0.5] * len(components)], 2)
     # A fresh folder: an earlier run's checkpoint of the same state would be reused.
-    _, checkpoint_s = timed(save_state, args.dir / f"driver-{time.time()}", state, {}, [])
+    _, checkpoint_s = timed(save_state, args.dir / f"driver-{time.time()}", state, {}, [],
+                            judge.domain)
 
     # The report's dispatch: one model on every report set.
     _, report_s = timed(judge.correctness, a, list(REPORT_SETS))
@@ -274,10 +277,10 @@ def main() -> None:
 
     forward_val = VAL_ROWS / args.images_per_s  # one whole validation pass on one GPU
     forward_val_shard = forward_val / n
-    per_ingredient = ranking_s / INGREDIENTS - forward_val_shard  # load, put, fetch, load
+    per_ingredient = ranking_s / args.ingredients - forward_val_shard  # load, put, fetch, load
     report_images = sum(REPORT_SETS.values())
     report_dispatch = report_s - report_images / args.images_per_s / n
-    measured = {"pool_validate_s": pool_s + validate_s, "driver_load_s": load_s / INGREDIENTS,
+    measured = {"pool_validate_s": pool_s + validate_s, "driver_load_s": load_s / args.ingredients,
                 "ranking_per_ingredient_s": per_ingredient, "set_models_s": set_models_s,
                 "promise_s": promise_s, "checkpoint_s": checkpoint_s,
                 "report_dispatch_s": report_dispatch,
@@ -308,7 +311,9 @@ def main() -> None:
         orchestration, pass_fixed = costs["orchestration_per_point_s"], costs["pass_fixed_s"]
         for gpus in (1, 8, 64):
             val = forward_val / gpus
-            ranking = measured["pool_validate_s"] + INGREDIENTS * (per_ingredient + val)
+            # the pool's validation hashes every file: scaled to the reference's pool
+            ranking = measured["pool_validate_s"] * INGREDIENTS / args.ingredients + \
+                INGREDIENTS * (per_ingredient + val)
             # A step checkpoint writes the weights only after an acceptance.
             steps = PROMISE_TESTS * set_models_s + ACCEPTED * checkpoint_s + \
                 PASSES * pass_fixed
