@@ -82,6 +82,7 @@ def test_throughput_smoke(tmp_path):
     assert [r["model"] for r in rows(tmp_path / "throughput.parquet")] == ["tiny", "vit-b-32"]
 
 
+@pytest.mark.slow  # four fresh interpreters, each importing torch and open_clip
 def test_numerics_smoke(tmp_path):
     smoke("numerics", tmp_path, "throughput")
     table = rows(tmp_path / "numerics_throughput.parquet")
