@@ -32,6 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import psutil
 
@@ -139,7 +140,7 @@ class LocalCluster:
         self.address: str | None = None  # GCS, 127.0.0.1:PORT
         self.dashboard_url: str | None = None  # for `ray job submit`; needs ray[default]
 
-    def __enter__(self) -> LocalCluster:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -216,7 +217,7 @@ class LocalCluster:
         """One dict per node the GCS knows, dead ones too: name, alive, ip, port, resources."""
         env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"} | self.client_env
         out = subprocess.run([sys.executable, "-c", NODES_SCRIPT, self.address],
-                             capture_output=True, text=True, env=env, timeout=30)
+                             capture_output=True, text=True, env=env, timeout=30, check=False)
         if out.returncode:
             raise RuntimeError(f"GCS query failed: {out.stderr[-2000:]}")
         return json.loads(out.stdout)

@@ -31,7 +31,7 @@ class MethodRow:
     vs: dict = field(default_factory=dict)  # paired comparisons: {baseline: {set: {...}}}
 
     @classmethod
-    def from_row(cls, name: str, row: dict) -> "MethodRow":
+    def from_row(cls, name: str, row: dict) -> MethodRow:
         return cls(name, row["val"], row.get("id"), row.get("ood", {}), row.get("ood_avg"),
                    row.get("ingredients", [name]), row.get("evaluations"), row.get("wall_s"),
                    row.get("vs", {}))

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from .errors import RaysoupError
 from .inputs import storage
-from .methods.manifold_mix import MixState
 from .inputs.pool import load_state_dict, save_state_dict
 from .inputs.storage import write_json
+from .methods.manifold_mix import MixState
 
 STATE_FILE = "state.json"
 

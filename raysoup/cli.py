@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "component granularity on a zoo (resumable)")
     bench.add_argument("--quick", action="store_true", help="a tiny grid (CI smoke run)")
     bench.add_argument("--config", type=Path, help="TOML with a [grid] section (see "
-                       "benchmarks/optimizer_budget.toml); default: the full grid")
+                       "benchmarks/optimizer_budget/grids/); default: the full grid")
     bench.add_argument("--zoo", help="zoo directory or URI (default: the demo's zoo)")
     bench.add_argument("--out", type=Path, help="results folder: bench.parquet, figures, "
                        "summary.md (default: runs/bench or runs/bench-quick)")

@@ -16,13 +16,13 @@ tower): they are not mixed, and the accumulator's values are kept for them.
 
 from __future__ import annotations
 
-from .errors import RaysoupError
-
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from .errors import RaysoupError
 
 _RESBLOCK = re.compile(r"^(.*\.resblocks\.\d+)\.")
 _VISUAL_RESBLOCK = re.compile(r"^(.*visual\.transformer\.resblocks\.\d+)\.")

@@ -17,8 +17,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from .inputs import storage
 from .errors import RaysoupError
+from .inputs import storage
 from .methods.manifold_mix import ManifoldMixConfig
 from .numerics import Numerics
 from .tracking import TrackingConfig

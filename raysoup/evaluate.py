@@ -7,15 +7,15 @@ into the model's own parameters, so a shared or read-only input is never written
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 import torch
 
 from .cache import JudgementCache, set_key
-from .inputs.data import ClassMap, EvalSet, EvalSetSource, read_eval_set
 from .families import Batch, build_model, family_of, take_rows, to_device
+from .inputs.data import ClassMap, EvalSet, EvalSetSource, read_eval_set
 from .metrics import Metric, score
 from .numerics import describe
 

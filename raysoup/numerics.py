@@ -5,7 +5,7 @@ that decision and every one after it. On CPUs the per-image results depend on ke
 picked at run time: ATen's vectorised kernels by the CPU's instruction set (reduction
 width, FMA or not), oneDNN's convolution kernels by instruction set and cache sizes, and
 MKL's GEMM path by CPU. Between ATen's AVX-512, AVX2 and default kernels the logits of one
-model differ by up to 7e-6 (``benchmarks/numerics.py``).
+model differ by up to 7e-6 (``benchmarks/numerics/numerics.py``).
 
 Two domains for CPU evaluation, ``resources.numerics``:
 

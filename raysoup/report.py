@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +161,7 @@ def write_report(run_dir: Path, report: dict,
 
 
 # A committed result row measured before rows recorded their provenance (see
-# benchmarks/results/PROVENANCE.md): the commit is inferred from git history, if at all.
+# benchmarks/PROVENANCE.md): the commit is inferred from git history, if at all.
 PRE_PROVENANCE = "unknown (pre-provenance)"
 
 
@@ -170,7 +170,7 @@ def git_state(checkout: Path = Path(__file__).parent) -> tuple[str, bool]:
     ("unknown", True) outside a git checkout: code that cannot be named counts as dirty."""
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, cwd=checkout)
+                             text=True, cwd=checkout, check=False)
     except OSError:
         return "unknown", True
     described = out.stdout.strip()
@@ -191,7 +191,7 @@ def machine(allow_dirty: bool = False, checkout: Path = Path(__file__).parent) -
                            f"{commit}): a result row must name the code that measured it; "
                            f"commit first, or pass --allow-dirty, which marks the rows "
                            f"dirty = true")
-    return {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    return {"when": datetime.now(UTC).isoformat(timespec="seconds"),
             "commit": commit, "dirty": dirty, "cpus": os.cpu_count(), "cpu":
             platform.processor() or platform.machine(), "gpu": torch.cuda.get_device_name(0)
             if torch.cuda.is_available() else "none", "torch": torch.__version__,
@@ -209,7 +209,7 @@ def provenance_note(rows: list[dict]) -> str:
         line += (f". Rows marked {PRE_PROVENANCE} were measured before rows recorded their "
                  f"commit (`git describe` failed and wrote nothing); their `committed_in` "
                  f"names the commit that added them, so the code ran on that commit's "
-                 f"parent plus uncommitted edits (benchmarks/results/PROVENANCE.md)")
+                 f"parent plus uncommitted edits (benchmarks/PROVENANCE.md)")
     return line + "."
 
 

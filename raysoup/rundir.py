@@ -38,7 +38,7 @@ class RunDir:
     synced: dict = field(default_factory=dict)
 
     @classmethod
-    def open(cls, out: Path | str, resume: bool) -> "RunDir":
+    def open(cls, out: Path | str, resume: bool) -> RunDir:
         if not storage.is_uri(str(out)):
             Path(out).mkdir(parents=True, exist_ok=True)
             return cls(Path(out))
@@ -69,7 +69,7 @@ class RunDir:
 
     @classmethod
     @contextmanager
-    def reading(cls, out: Path | str, *names: str) -> Iterator["RunDir"]:
+    def reading(cls, out: Path | str, *names: str) -> Iterator[RunDir]:
         """A finished run to read (`raysoup report`, `raysoup export`): `out` itself when
         local; for a URI, its files under `names` (all when none) downloaded into a staging
         folder that is removed afterwards. sync() uploads what the reader wrote there."""

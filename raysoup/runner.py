@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from .cache import cache_location
 from .checkpoint import saved_state
 from .components import Components, partition, unused_keys
 from .config import RunConfig
@@ -32,9 +33,13 @@ from .errors import RaysoupError
 from .evaluate import VAL
 from .families import family_of, state_dict_template
 from .inputs.data import EvalSetSource, check_eval_set, set_inputs, verify_eval_set
-from .inputs.pool import (IngredientPool, check_state_dict, load_pretrained, read_manifest,
-                          save_state_dict)
-from .cache import cache_location
+from .inputs.pool import (
+    IngredientPool,
+    check_state_dict,
+    load_pretrained,
+    read_manifest,
+    save_state_dict,
+)
 from .inputs.storage import atomic, check_writable, is_file, is_uri, join, write_json
 from .inputs.tasks import dataset_records, eval_set_sources
 from .methods import METHOD_INFO
@@ -152,10 +157,10 @@ def plan(prepared: Prepared) -> str:
     n, m = len(pool), len(prepared.components)
     budget = m * mm.evals_per_component
     passes = 3 if mm.later_passes else 1
-    lines = [f"pool: {n} ingredients of {family_of(pool.spec).describe(pool.spec)} from "
-             f"{config.pool.zoo}; evaluation sets {', '.join(prepared.eval_sources)}",
-             f"components ({config.method.components}, {m}): "
-             f"{', '.join(prepared.components.names)}",
+    lines = [(f"pool: {n} ingredients of {family_of(pool.spec).describe(pool.spec)} from "
+              f"{config.pool.zoo}; evaluation sets {', '.join(prepared.eval_sources)}"),
+             (f"components ({config.method.components}, {m}): "
+              f"{', '.join(prepared.components.names)}"),
              f"ranking: {n} validation evaluations, shared by every method"]
     if config.metric:
         lines.insert(2, f"metric: {config.metric}, a score in [0, 1] per example (accuracies "

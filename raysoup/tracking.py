@@ -12,6 +12,7 @@ from pydantic import Field
 
 from .errors import RaysoupError
 
+
 @dataclass(frozen=True)
 class TrackingConfig:
     tensorboard: bool = False

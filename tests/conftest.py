@@ -7,15 +7,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Judgements are cached by content; the tests keep theirs apart from the user's cache.
 os.environ["RAYSOUP_CACHE"] = tempfile.mkdtemp(prefix="raysoup-test-cache-")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from raysoup.methods import SoupContext, ValidationJudge  # noqa: E402
-from raysoup.inputs.model import ModelSpec  # noqa: E402
-from raysoup.inputs.pool import IngredientPool  # noqa: E402
-from raysoup.tools.zoo import ZooConfig, build_zoo  # noqa: E402
+from raysoup.inputs.model import ModelSpec
+from raysoup.inputs.pool import IngredientPool
+from raysoup.methods import SoupContext, ValidationJudge
+from raysoup.tools.zoo import ZooConfig, build_zoo
 
-from .helpers import val_evaluator  # noqa: E402
+from .helpers import val_evaluator
 
 # A zoo small enough to build once per test run in seconds, on real Fashion-MNIST.
 TINY_SPEC = ModelSpec(width=32, layers=2, heads=2, embed_dim=32)

@@ -10,16 +10,16 @@ from raysoup.numerics import runtime_env
 zoo, numerics, out = sys.argv[1], sys.argv[2], sys.argv[3]
 os.environ.update((runtime_env(numerics) or {}).get("env_vars", {}))  # as Ray does for the actor
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from raysoup.components import partition  # noqa: E402
-from raysoup.errors import RaysoupError  # noqa: E402
-from raysoup.evaluate import VAL, Evaluator, load_eval_sets  # noqa: E402
-from raysoup.inputs.pool import IngredientPool  # noqa: E402
-from raysoup.inputs.tasks import eval_set_sources  # noqa: E402
-from raysoup.mixing import mix  # noqa: E402
-from raysoup.numerics import enter  # noqa: E402
+from raysoup.components import partition
+from raysoup.errors import RaysoupError
+from raysoup.evaluate import VAL, Evaluator, load_eval_sets
+from raysoup.inputs.pool import IngredientPool
+from raysoup.inputs.tasks import eval_set_sources
+from raysoup.mixing import mix
+from raysoup.numerics import enter
 
 try:
     domain = enter(numerics, threads=1)

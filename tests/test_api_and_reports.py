@@ -220,7 +220,7 @@ def test_export_to_safetensors_and_its_two_refusals(finished, soup_zoo, tmp_path
     assert "has no fused.safetensors" in capsys.readouterr().err
     # An ingredient of another architecture: it lacks keys of the fused model.
     other = load_state_dict(soup_zoo / "ingredients" / "ft-00.safetensors")
-    other.pop(sorted(other)[0])
+    other.pop(min(other))
     run = run_with_another_ingredient(out, soup_zoo, tmp_path, "other", other)
     assert main(["export", str(run), "--like", "other", "--out", str(tmp_path / "z.pt")]) == 2
     assert "lacks 1 key(s) of the fused model" in capsys.readouterr().err
@@ -240,7 +240,8 @@ def test_load_report_names_a_missing_or_broken_report(tmp_path):
 @pytest.mark.slow
 def test_report_on_a_benchmark_folder_redraws_its_figures_and_summary(tmp_path, capsys):
     from pathlib import Path
-    committed = Path(__file__).parents[1] / "benchmarks" / "results" / "optimizer_budget_paired"
+    committed = (Path(__file__).parents[1] / "benchmarks" / "optimizer_budget" / "results" /
+                 "earlier_testbed_b10")
     folder = tmp_path / "bench"
     folder.mkdir()
     for name in ("bench.parquet", "correctness.parquet"):
@@ -300,6 +301,7 @@ def test_wait_for_autoscaler_lets_a_run_wait_for_evaluators_the_cluster_lacks(so
     from raysoup.config import load_config
     from raysoup.errors import RaysoupError
     from raysoup.runner import execute
+
     from .helpers import write_config as config_file
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -28,8 +28,8 @@ CONFIG_CASES = [
      r'method.phase2 = "false": expected bool \(input should be a valid boolean\)'),
     ("report_ingredients = 'false'", "", r'report_ingredients = "false": expected bool'),
     ("", "[method]\nevals_per_component = 2.5",
-     r"method.evals_per_component = 2.5: expected int, >= 1 \(input should be a valid "
-     r"integer\)"),
+     (r"method.evals_per_component = 2.5: expected int, >= 1 \(input should be a valid "
+      r"integer\)")),
     ("", "[method]\nlater_pass_bounds = [0.3]",
      r"method.later_pass_bounds = \[0.3\]: expected tuple\[float, float\] \(too few values\)"),
     ("", "[method]\nlater_pass_bounds = [0.3, 0.6, 0.9]",
@@ -37,8 +37,8 @@ CONFIG_CASES = [
     ("", "[method]\nlater_pass_bounds = ['low', 1.0]",
      r'method.later_pass_bounds = \["low", 1.0\]: expected tuple\[float, float\]'),
     ("methods = 'greedy_soup'", "",
-     r'methods = "greedy_soup": expected tuple\[str, \.\.\.\], length >= 1 \(input should '
-     r'be a valid array'),
+     (r'methods = "greedy_soup": expected tuple\[str, \.\.\.\], length >= 1 \(input should '
+      r'be a valid array')),
     ("methods = ['greedy_soup', 3]", "", r"methods = \[\"greedy_soup\", 3\]: expected tuple"),
     ("", "[method]\nbounds_delta = 0",
      r"method.bounds_delta = 0: expected float, > 0, <= 1 \(input should be greater than 0\)"),
@@ -61,8 +61,8 @@ CONFIG_CASES = [
      r"resources.evaluation = \"sometimes\": expected 'auto' \| 'sharded' \| 'whole'"),
     ("", "[task_arithmetic]\nbudget = 0", r"task_arithmetic.budget = 0: expected int"),
     ("", "[task_arithmetic]\nscale_bounds = [1.0, 0.5]", r"task_arithmetic.scale_bounds"),
-    ("", "[ties_merging]\nstart = [1.0]", r"ties_merging.start = \[1.0\]: too few|"
-                                            r"ties_merging.start = \[1.0\]: expected"),
+    ("", "[ties_merging]\nstart = [1.0]", (r"ties_merging.start = \[1.0\]: too few|"
+                                            r"ties_merging.start = \[1.0\]: expected")),
     ("", "[ties_merging]\ndensity_bounds = [0.0, 1.5]", r"ties_merging.density_bounds"),
     ("", "[learned_soup]\nlr = 0", r"learned_soup.lr = 0: expected float"),
     ("", "[learned_soup]\nepochs = 1.5", r"learned_soup.epochs = 1.5: expected int"),
@@ -144,8 +144,8 @@ def first_ingredient(change):
 
 
 MANIFEST_CASES = [
-    (first_ingredient(lambda e: e.pop("name")), r"ingredients\[0\] = .*needs \"name\" and "
-                                                r"\"file\" strings"),
+    (first_ingredient(lambda e: e.pop("name")), (r"ingredients\[0\] = .*needs \"name\" and "
+                                                 r"\"file\" strings")),
     (first_ingredient(lambda e: e.pop("file")), r"ingredients\[0\] = .*needs \"name\""),
     (first_ingredient(lambda e: e.__setitem__("name", 7)), r"ingredients\[0\] = .*strings"),
     (set_key("ingredients", 5), r"ingredients must be a list .* got int"),
@@ -156,8 +156,8 @@ MANIFEST_CASES = [
      r"gone.safetensors"),
     (model_key("widht", 32), r"unknown key\(s\) model.widht; known keys of model"),
     (model_key("width", "32"), r'model.width = "32": expected int'),
-    (model_key("num_classes", 1), r"model.num_classes = 1: expected int, >= 2 \(input should "
-                                  r"be greater than or equal to 2\)"),
+    (model_key("num_classes", 1), (r"model.num_classes = 1: expected int, >= 2 \(input should "
+                                   r"be greater than or equal to 2\)")),
     (model_key("mean", []), r"model.mean = \[\]: expected tuple\[float, \.\.\.\]"),
     (set_key("model", "vit"), r"model must be a table of keys"),
     (set_key("pretrained", 5), r"manifest.json pretrained = 5: give a file in the zoo"),

@@ -101,7 +101,7 @@ def test_every_node_installs_raysoup_with_the_pinned_torch(provider):
     assert config["file_mounts"]["~/raysoup"] == "."
     for pin in torch_pins():
         assert pin in setup, f"{provider}: setup_commands do not install {pin}"
-    assert re.search(r"pip install -c ~/raysoup/constraints\.txt .*~/raysoup\s*$", setup, re.M)
+    assert re.search(r"pip install -c ~/raysoup/constraints\.txt .*~/raysoup\s*$", setup, re.MULTILINE)
     assert config["docker"]["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
 
 
@@ -169,6 +169,6 @@ def test_nothing_turns_token_auth_off():
     # RAY_AUTH_MODE=disabled, an env entry `name: RAY_AUTH_MODE / value: disabled`, or
     # KubeRay's `authOptions: {mode: disabled}`.
     off = re.compile(r"RAY_AUTH_MODE[\s\"'=:]*(value[\s\"':]*)?disabled|mode:\s*[\"']?disabled",
-                     re.I)
+                     re.IGNORECASE)
     for path in files:
         assert not off.search(path.read_text()), f"{path} turns token authentication off"

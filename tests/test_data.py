@@ -3,8 +3,16 @@ import pyarrow as pa
 import pyarrow.ipc
 import pytest
 
-from raysoup.inputs.data import (SHIFT_NAMES, DataError, EvalSet, load_fashion_mnist, make_shift,
-                          read_eval_set, train_val_split, write_eval_set)
+from raysoup.inputs.data import (
+    SHIFT_NAMES,
+    DataError,
+    EvalSet,
+    load_fashion_mnist,
+    make_shift,
+    read_eval_set,
+    train_val_split,
+    write_eval_set,
+)
 
 
 def test_fashion_mnist_shapes():

@@ -20,7 +20,7 @@ WORDS = {0: "cat dog bird fish horse", 1: "car bus train plane boat", 2: "red bl
 
 def _sentences(rng, n):
     labels = rng.integers(0, 3, n)
-    noise = "the a of on in".split()
+    noise = ["the", "a", "of", "on", "in"]
     text = [" ".join(rng.choice(WORDS[int(y)].split() + noise, 6)) for y in labels]
     return text, labels.astype(np.int64)
 
@@ -28,7 +28,7 @@ def _sentences(rng, n):
 def _tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", *" ".join(WORDS.values()).split(),
-             *"the a of on in".split()]
+             *["the", "a", "of", "on", "in"]]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
@@ -343,6 +343,7 @@ def timm_zoo(tmp_path_factory):
 
 def test_timm_batches_match_the_model_called_directly(timm_zoo):
     import timm
+
     from raysoup.components import partition
     from raysoup.evaluate import Evaluator, load_eval_sets
     from raysoup.inputs.tasks import eval_set_sources
@@ -381,10 +382,10 @@ def test_timm_cnn_blocks_and_any_image_size():
 
 
 @pytest.mark.parametrize("entry, message", [
-    ({"arch": "vit_tiny_patch16_22"}, "'vit_tiny_patch16_22' is not a timm model; did you mean "
-                                      "vit_tiny_patch16_224"),
-    ({"arch": "resnet10t", "kwargs": {"depht": 2}}, "timm.create_model.*unexpected keyword "
-                                                     "argument 'depht'"),
+    ({"arch": "vit_tiny_patch16_22"}, ("'vit_tiny_patch16_22' is not a timm model; did you mean "
+                                       "vit_tiny_patch16_224")),
+    ({"arch": "resnet10t", "kwargs": {"depht": 2}}, ("timm.create_model.*unexpected keyword "
+                                                     "argument 'depht'")),
     ({"arch": "resnet10t", "kwargs": {"pretrained": True}}, "raysoup never downloads"),
     ({"arch": "resnet10t", "kwargs": {"num_classes": 5}}, "give it as model.num_classes"),
     ({"arch": "resnet10t", "in_chans": 1, "mean": [0.1, 0.2]}, "model.mean has 2 value"),
@@ -494,8 +495,8 @@ def test_clip_pool_runs_and_exports_a_state_dict(clip_zoo, tmp_path, local_ray):
     from safetensors.torch import load_file
 
     from raysoup.export import export_like
-    from raysoup.runner import execute
     from raysoup.methods import METHODS
+    from raysoup.runner import execute
     zoo, _ = clip_zoo
     methods = list(METHODS)  # every method, as for the other families
     config = _run_config(tmp_path, zoo, methods)

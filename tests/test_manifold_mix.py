@@ -13,10 +13,10 @@ import torch
 
 from raysoup.components import partition
 from raysoup.errors import RaysoupError
+from raysoup.inputs.pool import IngredientPool
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
 from raysoup.methods.manifold_mix import ManifoldMixConfig
 from raysoup.mixing import mix, weighted_sum
-from raysoup.inputs.pool import IngredientPool
 from raysoup.search import LocalSearch
 
 
@@ -39,7 +39,7 @@ def closeness_judge(target):
 
 
 def run(pool, components, judge, ranking=None, **config):
-    rest = dict(components=components, search=LocalSearch(judge, components))
+    rest = {"components": components, "search": LocalSearch(judge, components)}
     ctx = SoupContext.rank(pool, judge, **rest) if ranking is None else \
         SoupContext(pool, judge, ranking, **rest)
     return METHODS["manifold_mix"](ctx, ManifoldMixConfig(**config))
@@ -97,7 +97,7 @@ def test_a_verdict_within_one_validation_image_is_marked(pool, components):
     images are not close."""
     a, c = pool.names[0], pool.names[1]
     for candidate_accuracy, closeness in ((0.505, "one image"), (0.51, None)):
-        judge = ValidationJudge(lambda sd: candidate_accuracy, rows=200)
+        judge = ValidationJudge(lambda sd, accuracy=candidate_accuracy: accuracy, rows=200)
         result = run(pool, components, judge, [(a, 0.5), (c, 0.5)], evals_per_component=2,
                      later_passes=False)
         assert result.ingredients == [a, c]  # better than the best so far: accepted
@@ -115,14 +115,14 @@ def test_same_seed_same_result(pool, components):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(optimizer="Cobylaa"), "unknown nevergrad optimizer 'Cobylaa'"),
-    (dict(optimizer="cobyla"), "did you mean 'Cobyla'"),
-    (dict(optimizer="Cobyla", num_workers=4), "strictly sequential"),
-    (dict(evals_per_component=0), "budget"),
-    (dict(tau=0.0), "tau must be in (0, 1]"),
-    (dict(tau=1.5), "tau must be in (0, 1]"),
-    (dict(later_pass_bounds=(0.3, 1.2)), "later_pass_bounds"),
-    (dict(bounds_delta=-0.1), "bounds_delta"),
+    ({"optimizer": "Cobylaa"}, "unknown nevergrad optimizer 'Cobylaa'"),
+    ({"optimizer": "cobyla"}, "did you mean 'Cobyla'"),
+    ({"optimizer": "Cobyla", "num_workers": 4}, "strictly sequential"),
+    ({"evals_per_component": 0}, "budget"),
+    ({"tau": 0.0}, "tau must be in (0, 1]"),
+    ({"tau": 1.5}, "tau must be in (0, 1]"),
+    ({"later_pass_bounds": (0.3, 1.2)}, "later_pass_bounds"),
+    ({"bounds_delta": -0.1}, "bounds_delta"),
 ])
 def test_bad_method_config_is_refused_with_the_value(bad, message):
     with pytest.raises(RaysoupError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -13,8 +13,13 @@ from raysoup.errors import RaysoupError
 from raysoup.evaluate import VAL
 from raysoup.inputs.pool import IngredientPool, load_pretrained
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
-from raysoup.methods.learned_soup import (LearnedSoupConfig, check_memory, learn_mixing_logits,
-                                          mixing_components, softmax)
+from raysoup.methods.learned_soup import (
+    LearnedSoupConfig,
+    check_memory,
+    learn_mixing_logits,
+    mixing_components,
+    softmax,
+)
 from raysoup.methods.model_stock import ModelStockConfig, model_stock_merge
 from raysoup.methods.task_arithmetic import TaskArithmeticConfig, task_arithmetic_merge
 from raysoup.methods.ties_merging import TiesMergingConfig, ties_merge

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from raysoup.cache import set_key
 from raysoup.config import load_config
 from raysoup.errors import RaysoupError
-from raysoup.cache import set_key
 from raysoup.evaluate import VAL, Evaluator, load_eval_sets
 from raysoup.inputs.pool import IngredientPool
 from raysoup.inputs.tasks import eval_set_sources
@@ -68,8 +68,8 @@ def test_a_binary_metric_keeps_mcnemar_and_soft_scores_get_the_bootstrap_alone()
     ("tests.user_metrics:nothing", "cannot import it"),
     ("tests.user_metrics:NOT_A_FUNCTION", "is a ndarray, not a function"),
     ("tests.user_metrics:one_per_class", r"returned shape \(8, 10\) for a batch of 8"),
-    ("tests.user_metrics:logit_of_label", r"returned a score of -?\d.* \(scores must lie in "
-                                          r"\[0, 1\]\)"),
+    ("tests.user_metrics:logit_of_label", (r"returned a score of -?\d.* \(scores must lie in "
+                                           r"\[0, 1\]\)")),
     ("tests.user_metrics:raises", r"fails on a batch of 8 logits \(ValueError: a bug"),
 ])
 def test_a_bad_metric_is_one_line_before_ray(tiny_zoo, tmp_path, name, message, monkeypatch):

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from raysoup.components import partition
-from raysoup.mixing import RunningSum, average, lambdas_to_betas, mix, weighted_sum
 from raysoup.inputs.model import build_classifier
+from raysoup.mixing import RunningSum, average, lambdas_to_betas, mix, weighted_sum
 
 from .conftest import TINY_SPEC
 
@@ -37,8 +37,8 @@ def test_mix_never_writes_into_read_only_buffers():
     comps = partition(list(a), "granularity-1")
     mix(a_views, c, [0.3] * len(comps), comps)
     average([a_views, c])
-    for k in frozen:
-        np.testing.assert_array_equal(frozen[k], before[k])
+    for k, tensor in frozen.items():
+        np.testing.assert_array_equal(tensor, before[k])
 
 
 def test_betas_sum_to_one_and_rebuild_equals_accumulator():

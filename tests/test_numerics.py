@@ -26,7 +26,8 @@ KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS"
 def probe(zoo, numerics: str, out: Path, env: dict) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in KERNEL_VARIABLES}
     return subprocess.run([sys.executable, str(PROBE), str(zoo), numerics, str(out)],
-                          env={**base, **env}, capture_output=True, text=True, timeout=300)
+                          env={**base, **env}, capture_output=True, text=True, timeout=300,
+                          check=False)
 
 
 def test_portable_evaluation_is_the_same_bits_under_another_cpus_kernels(tiny_zoo, tmp_path):
@@ -54,7 +55,7 @@ def test_a_portable_evaluator_without_the_pinned_kernels_is_refused(tiny_zoo, tm
     done = subprocess.run(
         [sys.executable, "-c", "from raysoup.numerics import enter; enter('portable', 1)"],
         env={**os.environ, "ATEN_CPU_CAPABILITY": "default"}, capture_output=True, text=True,
-        timeout=120)
+        timeout=120, check=False)
     assert done.returncode != 0
     assert 'resources.numerics = "portable" needs x86-64 CPUs with AVX2' in done.stderr
     assert "set resources.numerics = \"native\"" in done.stderr

@@ -21,12 +21,12 @@ from raysoup.distributed.evaluators import EvaluatorSpec, start_evaluators
 from raysoup.distributed.tune_search import TuneSearch
 from raysoup.errors import RaysoupError
 from raysoup.evaluate import VAL
+from raysoup.inputs.pool import IngredientPool
+from raysoup.inputs.tasks import eval_set_sources
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
 from raysoup.mixing import lambdas_to_betas, to_numpy
-from raysoup.inputs.pool import IngredientPool
 from raysoup.runner import execute
 from raysoup.search import LocalSearch, lerp_mixer
-from raysoup.inputs.tasks import eval_set_sources
 
 from . import failing_mixer
 from .helpers import assert_measured, own_cache, val_evaluator, write_config
@@ -177,8 +177,8 @@ def test_phase2_racing_and_the_third_pass_rule_through_the_driver(soup_zoo, tmp_
     checked against the same run with every point scored in full. RandomSearch asks the
     same points whatever it is told, so racing must make the same decisions; it only
     tells stopped points their paired estimate, never above the pass's best so far."""
-    method = dict(optimizer="RandomSearch", phase2=True, phase2_evals_per_weight=1,
-                  third_pass_gain=0.0, racing_chunks=5, racing_confidence=0.9)
+    method = {"optimizer": "RandomSearch", "phase2": True, "phase2_evals_per_weight": 1,
+              "third_pass_gain": 0.0, "racing_chunks": 5, "racing_confidence": 0.9}
     rows, reports = {}, {}
     for racing in (True, False):
         root = tmp_path / f"racing-{racing}"
@@ -264,7 +264,7 @@ def tune_search(pair, tiny_zoo, tmp_path):
 
 
 def test_a_failing_trial_does_not_hang_a_cobyla_search(pair, tune_search):
-    pool, a, c, components = pair
+    _pool, a, c, components = pair
     search = tune_search()
     search.max_failures = 0
     search.set_models([a, c], failing_mixer.FailAboveHalf())
@@ -279,7 +279,7 @@ def test_a_failing_trial_does_not_hang_a_cobyla_search(pair, tune_search):
 
 
 def test_a_pass_whose_every_trial_fails_is_an_error_not_a_result(pair, tune_search):
-    pool, a, c, components = pair
+    _pool, a, c, components = pair
     search = tune_search()
     search.max_failures = 0
     search.set_models([a, c], failing_mixer.FailAboveHalf())
@@ -289,7 +289,7 @@ def test_a_pass_whose_every_trial_fails_is_an_error_not_a_result(pair, tune_sear
 
 def test_a_crashed_evaluator_is_restarted_and_the_search_unchanged(pair, tmp_path,
                                                                    tune_search):
-    pool, a, c, components = pair
+    _pool, a, c, components = pair
     search = tune_search()
     start = np.full(len(components), 0.5)
     search.set_models([a, c], lerp_mixer)
@@ -352,7 +352,7 @@ def test_a_restarted_evaluator_with_other_validation_rows_fails_the_identity_che
 
 
 def test_object_store_buffers_are_never_written(pair, tune_search):
-    pool, a, c, components = pair
+    _pool, a, c, components = pair
     search = tune_search()
     search.set_models([a, c], lerp_mixer)
     before = [to_numpy(a), to_numpy(c)]
@@ -368,7 +368,7 @@ def test_a_steps_models_are_released_once_the_next_step_has_run(pair, tune_searc
     """Tune pickles a trainable's parameters out of band, which pins what they refer to for
     the driver's lifetime: were the models among them, every step's resident models would
     stay in the object store (0.9 GB a step at ViT-B/32)."""
-    pool, a, c, components = pair
+    _pool, a, c, components = pair
     search = tune_search()
     start = np.full(len(components), 0.5)
     search.set_models([a, c], lerp_mixer)
@@ -393,7 +393,7 @@ def test_k_points_in_flight_make_the_plain_loops_decisions(pair, tiny_zoo, tune_
     """num_workers = 4: the optimiser sees exactly the asks and tells of the plain loop with
     4 workers (batches of 4 asked, then told in ask order), each batch one Tune trial whose
     points run at once: one per evaluator (one fake GPU each), or each over every shard."""
-    pool, a, c, components = pair
+    _pool, a, c, components = pair
     search = tune_search(mode=mode, count=count, gpus=1.0, num_workers=4)
     search.set_models([a, c], lerp_mixer)
     local = LocalSearch(ValidationJudge(val_evaluator(tiny_zoo).accuracy), components,
@@ -448,12 +448,13 @@ def test_no_model_is_built_outside_the_evaluators(soup_zoo, tmp_path):
                     "[ties_merging]\nbudget = 3\ndare = 0.2\n[tsv_merge]\nbudget = 3\n"
                     "[iso_c]\nbudget = 3\n[iso_cts]\nbudget = 3\n[learned_soup]\nepochs = 1\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", EVALUATORS_ONLY: "1"}
-    probe = subprocess.run([sys.executable, "-c", "from raysoup.inputs.model import build_classifier,"
-                            " ModelSpec; build_classifier(ModelSpec())"], env=env,
-                           capture_output=True, text=True)
+    build = "from raysoup.inputs.model import build_classifier, ModelSpec; " \
+        "build_classifier(ModelSpec())"
+    probe = subprocess.run([sys.executable, "-c", build], env=env, capture_output=True,
+                           text=True, check=False)
     assert probe.returncode != 0 and "outside the evaluator actors" in probe.stderr
     done = subprocess.run([sys.executable, "-m", "raysoup.cli", "run", str(path)], env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert set(report["methods"]) == set(METHODS)
@@ -472,8 +473,8 @@ def test_no_model_is_built_outside_the_evaluators(soup_zoo, tmp_path):
 
 
 @pytest.mark.parametrize("resources, message", [
-    ({"eval_timeout_s": 0.001}, r"judging a model on \['val'\] took longer than "
-                                r"resources.eval_timeout_s = 0.001 s"),
+    ({"eval_timeout_s": 0.001}, (r"judging a model on \['val'\] took longer than "
+                                 r"resources.eval_timeout_s = 0.001 s")),
     ({"evaluators": 64}, r"64 evaluator\(s\) need 32 CPU and 0 GPU, but the cluster has 2 CPU"),
 ])
 def test_a_run_the_cluster_cannot_serve_fails_with_one_line(soup_zoo, tmp_path, resources,
@@ -502,7 +503,7 @@ def test_a_measured_point_is_read_back_not_evaluated_again(pair, tune_search, tm
     """The promise point is pass 1's start: the pass reads it from the point cache (the
     history still lists it, with the same accuracy), and a rerun of the same pass reads
     every point and makes the same decisions."""
-    pool, a, c, components = pair
+    _pool, a, c, components = pair
     search = tune_search(cache_root=tmp_path / "points", val_key="tiny-val")
     search.set_models([a, c], lerp_mixer)
     start = np.full(len(components), 0.5)
@@ -524,7 +525,7 @@ def test_racing_stops_hopeless_points_and_keeps_the_pass_best(pair, tiny_zoo, tu
     the end scored exactly, every stopped one told at most the best so far (and truly no
     better than it), with fewer validation forwards."""
     from raysoup.distributed.racing import Racing
-    pool, a, c, components = pair
+    _pool, a, c, components = pair
     local = LocalSearch(ValidationJudge(val_evaluator(tiny_zoo).accuracy), components)
     local.set_models([a, c], lerp_mixer)
     start = np.full(len(components), 0.5)

@@ -10,8 +10,8 @@ import torch
 
 from raysoup.cli import main
 from raysoup.config import load_config
-from raysoup.inputs.data import EvalSet, write_eval_set
 from raysoup.errors import RaysoupError
+from raysoup.inputs.data import EvalSet, write_eval_set
 from raysoup.inputs.pool import load_state_dict, save_state_dict
 from raysoup.runner import validate_run
 
@@ -26,8 +26,8 @@ def config_text(zoo, out="out", method="", resources="", extra=""):
 @pytest.mark.parametrize("method, resources, extra, message", [
     ("optimizer = 'NGOptt'", "", "", "unknown nevergrad optimizer 'NGOptt'"),
     ("evals_per_component = 0", "", "",
-     r"method.evals_per_component = 0: expected int, >= 1 \(input should be greater than or "
-     r"equal to 1\)"),
+     (r"method.evals_per_component = 0: expected int, >= 1 \(input should be greater than or "
+      r"equal to 1\)")),
     ("tau = 1.5", "", "",
      r"method.tau = 1.5: expected float, > 0, <= 1 \(input should be less than or equal to 1\)"),
     ("later_pass_bounds = [0.3, 1.5]", "", "", "later_pass_bounds"),
@@ -111,8 +111,8 @@ def test_eval_sets_and_pretrained_are_checked_before_ray(tiny_zoo, tmp_path, cha
 
 def test_resume_from_a_run_with_another_config_is_refused(tiny_zoo, tmp_path):
     from raysoup.checkpoint import save_state
-    from raysoup.methods.manifold_mix import MixState
     from raysoup.inputs.pool import IngredientPool
+    from raysoup.methods.manifold_mix import MixState
     path = tmp_path / "run.toml"
     path.write_text(config_text(tiny_zoo, method="tau = 0.99"))
     config = load_config(path)

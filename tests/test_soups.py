@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from raysoup.evaluate import VAL, Evaluator, load_eval_sets
+from raysoup.inputs.pool import Ingredient, IngredientPool
+from raysoup.inputs.tasks import eval_set_sources
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
 from raysoup.methods.baselines import GreedySoupConfig
 from raysoup.mixing import average
-from raysoup.inputs.pool import Ingredient, IngredientPool
-from raysoup.inputs.tasks import eval_set_sources
 
 from .helpers import MemoryPool
 

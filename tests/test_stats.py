@@ -26,14 +26,14 @@ def test_exact_mcnemar_and_difference_by_hand():
 
 
 def test_interval_excludes_zero_only_for_a_real_difference():
-    strong = paired(*map(lambda x: [x], pair(5000, a_only=150, b_only=30, both=4000)))
+    strong = paired(*([x] for x in pair(5000, a_only=150, b_only=30, both=4000)))
     assert strong["lo"] <= strong["diff"] <= strong["hi"]
     assert excludes_zero(strong) and strong["p"] < 1e-10
-    balanced = paired(*map(lambda x: [x], pair(5000, a_only=40, b_only=40, both=4000)))
+    balanced = paired(*([x] for x in pair(5000, a_only=40, b_only=40, both=4000)))
     assert balanced["lo"] < 0 < balanced["hi"] and not excludes_zero(balanced)
     assert balanced["p"] == 1.0
     # Seeded: the same call gives the same interval.
-    assert paired(*map(lambda x: [x], pair(5000, 40, 40, 4000))) == balanced
+    assert paired(*([x] for x in pair(5000, 40, 40, 4000))) == balanced
 
 
 def test_identical_predictions_give_a_zero_interval():
@@ -74,11 +74,11 @@ def test_racings_bound_is_exact_on_the_whole_set_and_covers_at_its_level():
     misses, bounds = 0, {250: [], 750: []}
     for _ in range(400):
         order = rng.permutation(population)
-        for seen in bounds:
+        for seen, found in bounds.items():
             drawn = order[:seen]
             bound = largest_difference(int((drawn == 1).sum()), int((drawn == -1).sum()),
                                        seen, total, alpha)
-            bounds[seen].append(bound)
+            found.append(bound)
             misses += bound < -15
     assert misses / 800 <= 2 * alpha
     assert np.mean(bounds[750]) < np.mean(bounds[250])

@@ -6,9 +6,9 @@ import logging
 import numpy as np
 import pytest
 
-from raysoup.inputs.data import DataError, EvalSet, read_eval_set, write_eval_set
 from raysoup.errors import RaysoupError
 from raysoup.evaluate import load_eval_sets
+from raysoup.inputs.data import DataError, EvalSet, read_eval_set, write_eval_set
 from raysoup.inputs.tasks import eval_set_sources
 
 CLASSES = ["cat", "dog", "car", "ship"]

@@ -14,11 +14,13 @@ from raysoup.errors import RaysoupError
 from raysoup.inputs.pool import IngredientPool, load_pretrained
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
 from raysoup.methods.dare import drop_and_rescale, entry_draws
-from raysoup.methods.iso_c import (IsoCConfig, IsoCtsConfig, common_size, iso_c_delta,
-                                   iso_cts_delta)
+from raysoup.methods.iso_c import IsoCConfig, IsoCtsConfig, common_size, iso_c_delta, iso_cts_delta
 from raysoup.methods.merged_delta import delta_mixer
-from raysoup.methods.task_arithmetic import (TaskArithmeticConfig, TaskArithmeticMixer,
-                                             task_arithmetic_merge)
+from raysoup.methods.task_arithmetic import (
+    TaskArithmeticConfig,
+    TaskArithmeticMixer,
+    task_arithmetic_merge,
+)
 from raysoup.methods.ties_merging import TiesMergingConfig, TiesMixer, ties_merge
 from raysoup.methods.tsv_merge import TsvMergeConfig, tsv_delta
 from raysoup.search import LocalSearch

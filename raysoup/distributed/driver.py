@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import ray
 
+from ..cache import JudgementCache
 from ..checkpoint import load_state, save_state
 from ..console import LOG_FILE, console_logging, file_logging
 from ..errors import RaysoupError
-from ..cache import JudgementCache
 from ..evaluate import VAL, accuracy_row, ood_sets
 from ..inputs.pool import load_pretrained
 from ..inputs.storage import join
@@ -27,9 +27,9 @@ from ..mixing import to_numpy
 from ..numerics import enter
 from ..rundir import RunDir
 from ..stats import compare
-from .tracking import Tracker
 from .evaluators import EvaluatorPool, EvaluatorSpec
 from .racing import Racing
+from .tracking import Tracker
 from .tune_search import TuneSearch
 
 if TYPE_CHECKING:

@@ -11,9 +11,9 @@ import numpy as np
 import ray
 from ray.exceptions import RayTaskError
 
+from ..cache import JudgementCache, set_key
 from ..components import Components
 from ..errors import RaysoupError
-from ..cache import JudgementCache, set_key
 from ..evaluate import VAL
 from ..inputs.data import EvalSetSource
 from ..inputs.model import ModelSpec

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from ray import tune
@@ -19,7 +19,7 @@ TRACKING_DIR = "tracking"  # the driver's TensorBoard events, in the run directo
 MLFLOW_DIR = "mlruns"  # the default MLflow file store, in the run directory
 
 
-@lru_cache(maxsize=None)
+@cache
 def mlflow_client(uri: str):
     from mlflow.tracking import MlflowClient
     if uri.startswith("file:"):

@@ -17,15 +17,21 @@ from ray import tune
 from ray.tune.search import Searcher
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from ..cache import PointCache
 from ..errors import RaysoupError
 from ..inputs.pool import state_dict_sha256
 from ..mixing import StateDict, to_numpy
 from ..search import Bound, Mixer, PassResult, best_index, chosen_name, make_optimizer
 from .evaluators import EvaluatorSpec, timeout_as_error
 from .racing import Racing, RacingScheduler
-from ..cache import PointCache
-from .workers import (METRIC, ResidentModels, evaluate_points, mixing_trial,
-                      racing_trial, told_accuracies)
+from .workers import (
+    METRIC,
+    ResidentModels,
+    evaluate_points,
+    mixing_trial,
+    racing_trial,
+    told_accuracies,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -222,8 +228,9 @@ class TuneSearch:
         optimizer = make_optimizer(name, start, lower, upper, budget, self.num_workers, seed)
         searcher = BatchNevergradSearch(optimizer, budget, self.num_workers, self.val_rows,
                                         racing=self.racing is not None)
-        common = dict(actors=self.actors, mode=self.evaluators.mode, resident=self.resident,
-                      timeout_s=self.evaluators.timeout_s, cache=self.cache)
+        common = {"actors": self.actors, "mode": self.evaluators.mode,
+                  "resident": self.resident, "timeout_s": self.evaluators.timeout_s,
+                  "cache": self.cache}
         if self.racing is None:
             trainable, scheduler = tune.with_parameters(mixing_trial, **common), None
         else:

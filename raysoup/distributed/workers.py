@@ -40,8 +40,8 @@ class EvaluatorActor:
 
         from .. import numerics as numeric_domains
         from ..console import console_logging
-        from ..inputs.data import EvalSet, read_eval_set, shard_rows, take
         from ..evaluate import Evaluator
+        from ..inputs.data import EvalSet, read_eval_set, shard_rows, take
         from ..inputs.model import allow_models_here
         allow_models_here()
         console_logging()  # learned soup's progress lines reach the driver's console

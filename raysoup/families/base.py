@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,14 +25,14 @@ from ..errors import RaysoupError
 StateDict = dict[str, torch.Tensor]
 # One batch of an evaluation set as the model takes it: uint8 images (N, C, H, W), or named
 # tensors (input_ids, attention_mask, ...) passed as keyword arguments.
-Batch = Union[torch.Tensor, dict[str, torch.Tensor]]
+Batch = torch.Tensor | dict[str, torch.Tensor]
 # What a family's evaluation sets hold: an image shape (channels, height, width) or "text".
-Inputs = Union[tuple[int, ...], str]
+Inputs = tuple[int, ...] | str
 
-FAMILIES: dict[str, "Family"] = {}
+FAMILIES: dict[str, Family] = {}
 
 
-def register(family: "Family") -> "Family":
+def register(family: Family) -> Family:
     FAMILIES[family.name] = family
     return family
 

@@ -10,7 +10,6 @@ import math
 import os
 from pathlib import Path
 
-
 from ..inputs.pool import CheckpointError, load_state_dict
 from .base import StateDict
 

@@ -19,7 +19,7 @@ import difflib
 import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Optional
+from typing import Annotated, Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -37,11 +37,11 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 class TimmSpec:
     arch: str
     num_classes: Annotated[int, Field(ge=2)]
-    img_size: Optional[Annotated[int, Field(ge=1)]] = None
-    in_chans: Optional[Annotated[int, Field(ge=1)]] = None
+    img_size: Annotated[int, Field(ge=1)] | None = None
+    in_chans: Annotated[int, Field(ge=1)] | None = None
     kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
-    mean: Optional[tuple[float, ...]] = None
-    std: Optional[tuple[float, ...]] = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     family: ClassVar[str] = "timm"
 
     def to_dict(self) -> dict:

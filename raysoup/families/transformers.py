@@ -211,7 +211,7 @@ class Transformers(Family):
         from ..inputs.pool import load_state_dict
         return as_float32(load_state_dict(path))
 
-    @functools.lru_cache(maxsize=1)
+    @functools.lru_cache(maxsize=1)  # noqa: B019 - one family object per process, by design
     def base_weights(self, spec: TransformersSpec) -> StateDict:
         """The model folder's own weights: what LoRA adapters are deltas to."""
         return as_float32(_from_pretrained(spec, Path(spec.path)).state_dict())

@@ -8,10 +8,10 @@ ever decodes or re-augments an image. A text set holds a `text` (string) or a pr
 
 from __future__ import annotations
 
-import logging
 import gzip
 import hashlib
 import json
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.ipc
 from scipy import ndimage
 
-from . import storage
 from ..errors import RaysoupError
+from . import storage
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def write_eval_set(eval_set: EvalSet, path: Path) -> None:
                           "label": labels})
         table = table.replace_schema_metadata({"name": eval_set.name})
     else:
-        n, *shape = eval_set.images.shape
+        _n, *shape = eval_set.images.shape
         flat = pa.array(eval_set.images.reshape(-1), type=pa.uint8())
         images = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(shape)))
         table = pa.table({"image": images, "label": labels})

@@ -62,13 +62,13 @@ class ModelSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "manifest.json") -> "ModelSpec":
+    def from_dict(cls, d: dict, where: str = "manifest.json") -> ModelSpec:
         """A manifest's `model` entry, validated strictly (types, bounds, no unknown keys)."""
         from ..typed import validate
         spec = validate(cls, d, where, "model.", "model")
         return spec.with_arch_defaults() if spec.arch else spec
 
-    def with_arch_defaults(self) -> "ModelSpec":
+    def with_arch_defaults(self) -> ModelSpec:
         """Input size and embedding width from open_clip's config of `arch`; mean and std
         too, unless given (weights trained with other values need them in the manifest)."""
         config = arch_config(self.arch)

@@ -18,9 +18,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save_file
 
-from . import storage
 from ..errors import RaysoupError
 from ..families import family_of, spec_from_dict, state_dict_template
+from . import storage
 
 StateDict = dict[str, torch.Tensor]
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -214,7 +214,7 @@ class IngredientPool:
         self.ingredients = {i.name: i for i in ingredients}
 
     @classmethod
-    def from_zoo(cls, zoo: str | Path) -> "IngredientPool":
+    def from_zoo(cls, zoo: str | Path) -> IngredientPool:
         """`ingredients` in the manifest: a list of {name, file}, or a glob pattern (e.g.
         "checkpoints/*.pt"; names are the file stems)."""
         zoo = storage.resolve(zoo)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import storage
 from ..families import spec_from_dict
+from . import storage
 from .data import ClassMap, DataError, EvalSetSource
 from .pool import read_manifest
 

@@ -1,7 +1,16 @@
 """Merge methods behind one registry: ``METHODS[name](ctx, **options) -> MethodResult``."""
 
-from . import (baselines, fisher_merging, iso_c, learned_soup,  # noqa: F401  (register)
-               manifold_mix, model_stock, task_arithmetic, ties_merging, tsv_merge)
+from . import (  # noqa: F401  (register)
+               baselines,
+               fisher_merging,
+               iso_c,
+               learned_soup,
+               manifold_mix,
+               model_stock,
+               task_arithmetic,
+               ties_merging,
+               tsv_merge,
+)
 from .base import METHOD_INFO, METHODS, MethodResult, SoupContext, ValidationJudge, register
 
 __all__ = ["METHODS", "METHOD_INFO", "MethodResult", "SoupContext", "ValidationJudge",

@@ -15,8 +15,8 @@ from pydantic import Field
 
 from ..components import Components
 from ..errors import RaysoupError
-from ..mixing import StateDict
 from ..inputs.pool import IngredientPool
+from ..mixing import StateDict
 from ..search import Mixer, Search, check_optimizer
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class SoupContext:
     fisher: Callable[[StateDict, object], dict[str, np.ndarray]] | None = None
 
     @classmethod
-    def rank(cls, pool: IngredientPool, judge: ValidationJudge, **rest) -> "SoupContext":
+    def rank(cls, pool: IngredientPool, judge: ValidationJudge, **rest) -> SoupContext:
         scores = [(name, judge(pool.load(name))) for name in pool.names]
         # Stable sort: ties keep pool order, so the ranking is deterministic.
         return cls(pool, judge, sorted(scores, key=lambda s: -s[1]), **rest)

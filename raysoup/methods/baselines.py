@@ -49,7 +49,7 @@ def greedy_soup(ctx: SoupContext, config: GreedySoupConfig = GreedySoupConfig()
     """From the best ingredient, in ranking order, add a candidate when the soup with it
     scores >= on val (the paper's rule), or > with `strict` (the model soups code's)."""
     ranking = ctx.ranking if config.rank_ties == "pool_order" else \
-        sorted(ctx.ranking[::-1], key=lambda s: -s[1])  # stable: ties end reversed
+        sorted(ctx.ranking[::-1], key=lambda s: -s[1])  # noqa: C415 (stable: ties end reversed)
     names = [ranking[0][0]]
     soup, best = ctx.pool.load(names[0]), ranking[0][1]
     running = RunningSum()

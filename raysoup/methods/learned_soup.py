@@ -15,9 +15,9 @@ from typing import Annotated, Literal
 
 import numpy as np
 import psutil
-from pydantic import Field
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from ..components import Components
 from ..errors import RaysoupError

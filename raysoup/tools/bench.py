@@ -11,8 +11,8 @@ drawn from the table (raysoup.tools.bench_plots).
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,12 +21,12 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from .bench_plots import CORRECTNESS
 from ..config import PoolConfig, ResourcesConfig, RunConfig, section
 from ..errors import RaysoupError
 from ..methods.manifold_mix import ManifoldMixConfig
 from ..report import append_rows, machine
 from ..search import check_optimizer
+from .bench_plots import CORRECTNESS
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +64,16 @@ class BenchGrid:
                     continue  # strictly sequential: only k = 1
                 for budget in self.budgets:
                     for seed in self.seeds:
-                        cells.append(dict(kind="grid", optimizer=opt, budget=budget, parallel=k,
-                                          seed=seed, components=self.components,
-                                          drop_unused=False))
+                        cells.append({"kind": "grid", "optimizer": opt, "budget": budget,
+                                      "parallel": k, "seed": seed,
+                                      "components": self.components, "drop_unused": False})
         ablation = [(g, False) for g in self.granularities] + \
             [(self.components, True)] * bool(self.granularities)  # none: no ablation
         for components, drop_unused in ablation:
-            cells.append(dict(kind="ablation", optimizer=self.ablation_optimizer,
-                              budget=self.ablation_budget, parallel=1, seed=self.seeds[0],
-                              components=components, drop_unused=drop_unused))
+            cells.append({"kind": "ablation", "optimizer": self.ablation_optimizer,
+                          "budget": self.ablation_budget, "parallel": 1,
+                          "seed": self.seeds[0], "components": components,
+                          "drop_unused": drop_unused})
         for cell in cells:
             cell["cell"] = (f"{cell['kind']}/{cell['optimizer']}/b{cell['budget']}/"
                             f"p{cell['parallel']}/s{cell['seed']}/{cell['components']}"

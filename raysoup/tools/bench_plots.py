@@ -206,9 +206,9 @@ def summary_table(rows: list[dict], correct: dict | None = None,
     the paired differences against the reference optimiser at the same budget and seeds
     (one trial at a time) and against greedy soup."""
     correct = correct or {}
-    lines = [f"| optimiser | budget/comp | k | seeds | val (min–max) | OOD avg (min–max) | "
-             f"val − {reference_optimizer} | OOD − {reference_optimizer} | val − greedy | "
-             f"OOD − greedy | evals | wall s |",
+    lines = [(f"| optimiser | budget/comp | k | seeds | val (min–max) | OOD avg (min–max) | "
+              f"val − {reference_optimizer} | OOD − {reference_optimizer} | val − greedy | "
+              f"OOD − greedy | evals | wall s |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     grid = [r for r in rows if r["kind"] == "grid"]
     greedy = [r for r in rows if r["cell"] == "reference/greedy_soup"]

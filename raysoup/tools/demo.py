@@ -8,9 +8,9 @@ import logging
 from datetime import datetime
 from pathlib import Path
 
+from ..cache import cache_dir
 from ..config import PoolConfig, ResourcesConfig, RunConfig
 from ..errors import RaysoupError
-from ..cache import cache_dir
 from ..methods.manifold_mix import ManifoldMixConfig
 from ..runner import execute
 from .zoo import QUICK_ZOO, SHIPPED_ZOO, ZooConfig, build_zoo, install_shipped_zoo

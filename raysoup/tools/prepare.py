@@ -18,8 +18,8 @@ redoes only the shards without their .json, so an interrupted run resumes where 
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -35,8 +35,8 @@ import pyarrow.parquet
 from PIL import Image
 from tqdm import tqdm
 
-from ..inputs.data import DataError, EvalSet, write_eval_set
 from ..errors import RaysoupError
+from ..inputs.data import DataError, EvalSet, write_eval_set
 from ..inputs.model import preprocess_config
 from ..inputs.storage import write_json
 

@@ -23,8 +23,8 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from ..errors import RaysoupError
+from ..evaluate import VAL, Evaluator
 from ..inputs import data
-from ..evaluate import Evaluator, VAL
 from ..inputs.model import ModelSpec, build_classifier
 from ..inputs.pool import file_sha256, load_state_dict, save_state_dict
 from ..inputs.storage import atomic, write_json
@@ -75,7 +75,7 @@ class ZooConfig:
         return {**asdict(self), "model": self.model.to_dict()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ZooConfig":
+    def from_dict(cls, d: dict) -> ZooConfig:
         d = dict(d)
         d["model"] = ModelSpec.from_dict(d["model"])
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
@@ -123,7 +123,7 @@ def train(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, *, epo
     gen = torch.Generator().manual_seed(seed)
     mix_rng = np.random.default_rng(seed)
     x, y = torch.from_numpy(images), torch.from_numpy(labels)
-    steps = max(1, int(math.ceil(epochs * len(y) / batch_size)))
+    steps = max(1, math.ceil(epochs * len(y) / batch_size))
     warmup = max(1, steps // 20)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -215,7 +215,7 @@ def build_zoo(out: Path, config: ZooConfig) -> Path:
         if base is not None:  # a fine-tune: its own part of the training split
             model.load_state_dict(load_state_dict(base))
             rows = np.sort(np.random.default_rng(hp["seed"]).choice(
-                len(train_y), int(round(config.finetune_data_fraction * len(train_y))),
+                len(train_y), round(config.finetune_data_fraction * len(train_y)),
                 replace=False))
         train(model, train_x[rows], train_y[rows], epochs=hp["epochs"], lr=hp["lr"],
               weight_decay=hp["weight_decay"], label_smoothing=hp["label_smoothing"],
