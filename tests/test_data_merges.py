@@ -11,8 +11,7 @@ from raysoup.errors import RaysoupError
 from raysoup.evaluate import VAL
 from raysoup.inputs.pool import IngredientPool, load_pretrained
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
-from raysoup.methods.adamerging import (AdaMergingConfig, check_memory, entropy,
-                                        learn_coefficients)
+from raysoup.methods.adamerging import AdaMergingConfig, check_memory, entropy, learn_coefficients
 from raysoup.methods.regmean import RegMeanConfig, gram_sum, regmean_solve
 from raysoup.search import LocalSearch
 

@@ -1,8 +1,9 @@
 """Merge methods behind one registry: ``METHODS[name](ctx, **options) -> MethodResult``."""
 
-from . import (adamerging, baselines, fisher_merging, iso_c,  # noqa: F401  (register)
-               learned_soup, manifold_mix, model_stock, regmean, task_arithmetic,
-               ties_merging, tsv_merge)
+# Registration order is the configuration reference's order of sections.
+from . import (baselines, fisher_merging, iso_c, learned_soup,  # noqa: F401, I001  (register)
+               manifold_mix, model_stock, task_arithmetic, ties_merging, tsv_merge,
+               regmean, adamerging)
 from .base import METHOD_INFO, METHODS, MethodResult, SoupContext, ValidationJudge, register
 
 __all__ = ["METHODS", "METHOD_INFO", "MethodResult", "SoupContext", "ValidationJudge",
