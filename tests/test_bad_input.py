@@ -77,6 +77,11 @@ CONFIG_CASES = [
     ("", "[learned_soup]\ngranularity = 'layer'",
      r"learned_soup.granularity = \"layer\": expected 'component' \| 'tensor'"),
     ("", "[learned_soup]\nscale = 1", r"learned_soup.scale = 1: expected bool"),
+    ("", "[regmean]\nalpha_bounds = [0.5, 1.5]", r"regmean.alpha_bounds must be \[lower, "
+                                                 r"upper\] with 0 <= lower < upper <= 1"),
+    ("", "[adamerging]\ninit = 2", r"adamerging.init = 2: expected float"),
+    ("", "[adamerging]\ngranularity = 'layer'",
+     r"adamerging.granularity = \"layer\": expected 'tensor' \| 'component'"),
     ("", "[greedy_soup]\nstrict = 'true'", r'greedy_soup.strict = "true": expected bool'),
     ("", "[greedy_soup]\nrank_ties = 'random'",
      r"greedy_soup.rank_ties = \"random\": expected 'pool_order' \| 'reverse'"),

@@ -25,8 +25,8 @@ X_i stacks every position of every validation image (tokens included); G_i is di
 the number of images (the same for every ingredient, so the merge is unchanged). The Grams
 are computed on the evaluators, each over its validation shard, summed in the driver: one
 forward pass over val per ingredient, counted as one evaluation each. Streamed: one
-ingredient and its Grams are resident at a time, beside the running sums (about three
-models' worth of linear weights and Grams)."""
+ingredient and its Grams are resident at a time, beside the running mean and the three
+running sums of regmean_solve, which the search's evaluators hold too."""
 
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ class RegMeanConfig(KnobSearch):
 def gram_sum(evaluator, set_name: str, state_dict: StateDict, config: RegMeanConfig,
              stream: int = 0) -> tuple[dict[str, np.ndarray], int]:
     """X^T X of the inputs of every merged linear weight (by its state-dict key), summed
-    over the `set_name` rows the evaluator holds, and the number of rows."""
+    over the `set_name` rows the evaluator holds, and the number of rows (`stream`: the
+    shard, unused: nothing is sampled)."""
     from ..families import take_rows
 
     model = evaluator.model
@@ -73,7 +74,8 @@ def gram_sum(evaluator, set_name: str, state_dict: StateDict, config: RegMeanCon
 
     def add(key: str, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).double()
-        grams[key] = x.T @ x if key not in grams else grams[key] + x.T @ x
+        gram = x.T @ x
+        grams[key] = gram if key not in grams else grams[key] + gram
 
     def linear_hook(key):
         return lambda module, args: add(key, args[0])
