@@ -178,11 +178,14 @@ def plan(prepared: Prepared) -> str:
         elif name == "greedy_soup":
             lines.append(f"greedy_soup: {n - 1} evaluations")
         elif hasattr(method_config, "budget"):
-            lines.append(f"{name}: {method_config.optimizer}, {method_config.budget} "
-                         f"evaluations")
-        elif name == "learned_soup":
-            lines.append(f"learned_soup: {method_config.epochs} passes over val with "
+            lines.append(f"{name}: " + (f"a Gram pass over val per ingredient ({n}), then "
+                                        if name == "regmean" else "")
+                         + f"{method_config.optimizer}, {method_config.budget} evaluations")
+        elif name in ("learned_soup", "adamerging"):
+            lines.append(f"{name}: {method_config.epochs} passes over val with "
                          f"gradients, on one evaluator")
+        elif name == "fisher_merging":
+            lines.append(f"fisher_merging: a Fisher pass over val per ingredient ({n})")
         else:
             lines.append(f"{name}: no validation search")
     count = r.evaluators or "one per GPU (or per CPU on a CPU-only cluster)"

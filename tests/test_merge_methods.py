@@ -113,12 +113,12 @@ def context(tiny_zoo):
     judge = ValidationJudge(evaluator.accuracy)
     components = partition(list(pool.load(pool.names[0])), "granularity-1")
 
-    def learner(models, config):
-        return learn_mixing_logits(evaluator, VAL, models, components, config)
+    def learn(fn, models, config):
+        return fn(evaluator, VAL, models, components, config)
 
     return SoupContext.rank(pool, judge, components=components,
                             search=LocalSearch(judge, components),
-                            pretrained=load_pretrained(str(tiny_zoo)), learner=learner)
+                            pretrained=load_pretrained(str(tiny_zoo)), learn=learn)
 
 
 def test_learned_soup_lowers_the_validation_loss_of_the_uniform_soup(context, tiny_zoo):
@@ -288,12 +288,12 @@ def test_learned_soup_weighs_each_tensor_with_granularity_tensor():
     components = partition(list(pool.load("a")), "whole-model")
     seen = []
 
-    def learner(models, config):  # a stand-in: fixed logits, softmax (1/2, 1/2), (3/4, 1/4)
+    def learn(fn, models, config):  # a stand-in: fixed logits, softmax (1/2, 1/2), (3/4, 1/4)
         seen.append(config.granularity)
         return np.array([[0.0, math.log(3.0)], [0.0, 0.0]]), 1.0
 
     ctx = SoupContext(pool, ValidationJudge(lambda sd: 0.0), [], components=components,
-                      learner=learner)
+                      learn=learn)
     result = METHODS["learned_soup"](ctx, config=LearnedSoupConfig(granularity="tensor"))
     assert result.details.components == ["x.u", "x.v"] and seen == ["tensor"]
     torch.testing.assert_close(result.state_dict["x.u"], t(2.0))  # (1 + 3) / 2

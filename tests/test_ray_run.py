@@ -446,7 +446,8 @@ def test_no_model_is_built_outside_the_evaluators(soup_zoo, tmp_path):
     path.write_text(f"methods = {sorted(METHODS)}\nreport_ingredients = true\n" +
                     path.read_text() + "[task_arithmetic]\nbudget = 3\nsearch_dare = true\n"
                     "[ties_merging]\nbudget = 3\ndare = 0.2\n[tsv_merge]\nbudget = 3\n"
-                    "[iso_c]\nbudget = 3\n[iso_cts]\nbudget = 3\n[learned_soup]\nepochs = 1\n")
+                    "[iso_c]\nbudget = 3\n[iso_cts]\nbudget = 3\n[learned_soup]\nepochs = 1\n"
+                    "[regmean]\nbudget = 3\n[adamerging]\nepochs = 1\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", EVALUATORS_ONLY: "1"}
     build = "from raysoup.inputs.model import build_classifier, ModelSpec; " \
         "build_classifier(ModelSpec())"
@@ -466,6 +467,11 @@ def test_no_model_is_built_outside_the_evaluators(soup_zoo, tmp_path):
     # one Fisher pass over val per ingredient, on the evaluators
     assert report["methods"]["fisher_merging"]["evaluations"] == len(report["ranking"])
     assert report["methods"]["learned_soup"]["betas"]
+    # RegMean: a Gram pass over val per ingredient, then its search; AdaMerging: 1 epoch
+    assert report["methods"]["regmean"]["evaluations"] == len(report["ranking"]) + 3
+    assert set(report["methods"]["regmean"]["knobs"]) == {"alpha"}
+    assert report["methods"]["adamerging"]["evaluations"] == 1
+    assert all(0 <= x <= 1 for row in report["methods"]["adamerging"]["lambdas"] for x in row)
     assert all(r["vs"]["best_individual"]["val"]["p"] is not None
                for n, r in report["methods"].items() if n != "best_individual")
     assert report["references"]["pretrained"]["ood_avg"] is not None

@@ -189,7 +189,7 @@ def test_a_report_set_of_another_image_size_is_refused_naming_it(tiny_zoo, tmp_p
 
 
 @pytest.mark.parametrize("method", ["model_stock", "task_arithmetic", "ties_merging",
-                                    "tsv_merge", "iso_c", "iso_cts"])
+                                    "tsv_merge", "iso_c", "iso_cts", "adamerging"])
 def test_a_method_that_needs_pretrained_refuses_a_pool_without_it(tiny_zoo, tmp_path, method):
     zoo = tmp_path / "zoo"
     shutil.copytree(tiny_zoo, zoo)
@@ -228,11 +228,13 @@ def test_the_conventions_are_read_from_the_config_and_checked(tiny_zoo, tmp_path
     assert err.count("\n") == 1 and "model_stock.average" in err and "Traceback" not in err
 
 
-def test_learned_soup_too_large_for_its_memory_limit_is_refused_before_ray(tiny_zoo, tmp_path):
+@pytest.mark.parametrize("method", ["learned_soup", "adamerging"])
+def test_a_learner_too_large_for_its_memory_limit_is_refused_before_ray(tiny_zoo, tmp_path,
+                                                                        method):
     path = tmp_path / "run.toml"
-    path.write_text(config_text(tiny_zoo, extra="methods = ['learned_soup']") +
-                    "[learned_soup]\nmax_memory_gb = 0.000001\n")
-    with pytest.raises(RaysoupError, match="learned_soup holds every ingredient"):
+    path.write_text(config_text(tiny_zoo, extra=f"methods = ['{method}']") +
+                    f"[{method}]\nmax_memory_gb = 0.000001\n")
+    with pytest.raises(RaysoupError, match=f"{method} holds every ingredient"):
         validate_run(load_config(path), resume=False)
     assert not ray.is_initialized()
 

@@ -352,12 +352,12 @@ def test_fisher_merging_weighs_each_parameter_by_the_ingredients_fisher():
                        "ft-1": {"w": t(3.0, 6.0), "buf": t(4.0), "n": torch.tensor(9)}})
     seen = []
 
-    def fisher(sd, config):
+    def fisher(fn, sd, config):
         name = "ft-0" if float(sd["w"][0]) == 1.0 else "ft-1"
         seen.append(name)
         return fishers[name]
 
-    ctx = SoupContext(pool, ValidationJudge(lambda sd: 0.0), [], fisher=fisher)
+    ctx = SoupContext(pool, ValidationJudge(lambda sd: 0.0), [], statistic=fisher)
     result = METHODS["fisher_merging"](ctx)
     torch.testing.assert_close(result.state_dict["w"], t(1.5, 4.0))
     torch.testing.assert_close(result.state_dict["buf"], t(3.0))
@@ -403,11 +403,12 @@ def test_fisher_merging_runs_behind_the_registry(context, tiny_zoo):
     from raysoup.methods.fisher_merging import fisher_sum
     evaluator = val_evaluator(tiny_zoo)
 
-    def fisher(sd, config):
-        total, rows = fisher_sum(evaluator, VAL, sd, config)
+    def fisher(fn, sd, config):
+        assert fn is fisher_sum
+        total, rows = fn(evaluator, VAL, sd, config, 0)
         return {k: v / rows for k, v in total.items()}
 
-    ctx = SoupContext(context.pool, context.judge, context.ranking, fisher=fisher)
+    ctx = SoupContext(context.pool, context.judge, context.ranking, statistic=fisher)
     result = METHODS["fisher_merging"](ctx)
     assert result.evaluations == len(context.pool) and result.ingredients == context.pool.names
     assert set(result.state_dict) == set(context.pool.load(context.pool.names[0]))

@@ -122,7 +122,7 @@ class SoupDriver:
                     for n, a in ranking))
         pretrained = load_pretrained(config.pool.zoo)
         ctx = SoupContext(pool, judge, ranking, self.prepared.components, self.search,
-                          pretrained, self.judge.learn_soup, self.judge.fisher)
+                          pretrained, self.judge.learn, self.judge.statistic)
         judged = Judged(self.judge)
         if config.report_ingredients:
             ingredients = {n: {**judged.add(n, pool.load(n)), "ingredients": [n]}

@@ -131,19 +131,19 @@ class EvaluatorPool:
     def accuracy(self, state_dict: StateDict, set_name: str = VAL) -> float:
         return float(self.correctness(state_dict, [set_name])[set_name].mean())
 
-    def learn_soup(self, models: list[StateDict], config) -> tuple[np.ndarray, float]:
-        """Learned soup's mixing logits and logit scale, learned by the first evaluator on
-        all of val."""
+    def learn(self, fn, models: list[StateDict], config):
+        """fn(evaluator, "val", models, components, config) in the first evaluator, on all
+        of val (`fn` travels by reference: a function of a raysoup.methods module)."""
         refs = [ray.put(to_numpy(m)) for m in models]
-        return ray.get(self.actors[0].learn_soup.remote(refs, config))
+        return ray.get(self.actors[0].learn.remote(fn, refs, config))
 
-    def fisher(self, state_dict: StateDict, config) -> dict[str, np.ndarray]:
-        """The diagonal Fisher of a model on all of val: each actor's sum over its shard
+    def statistic(self, fn, state_dict: StateDict, config) -> dict[str, np.ndarray]:
+        """A per-row statistic of a model on all of val: each actor's sums over its shard
         (one actor's, when each holds all of val), added up and divided by the rows."""
         ref = ray.put(to_numpy(state_dict))
         actors = self.actors if self.evaluators.mode == "sharded" else self.actors[:1]
-        with timeout_as_error(self.evaluators.timeout_s, "the Fisher of a model on val"):
-            parts = ray.get([a.fisher.remote(ref, config) for a in actors],
+        with timeout_as_error(self.evaluators.timeout_s, f"{fn.__name__} of a model on val"):
+            parts = ray.get([a.statistic.remote(fn, ref, config) for a in actors],
                             timeout=self.evaluators.timeout_s)
         rows = sum(n for _, n in parts)
         return {k: sum(p[k] for p, _ in parts) / rows for k in parts[0][0]}

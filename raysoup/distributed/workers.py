@@ -126,13 +126,11 @@ class EvaluatorActor:
         return self.evaluator.score(batches, source.class_map).cpu().numpy()
 
 
-    def learn_soup(self, model_refs: Sequence[ray.ObjectRef], config
-                   ) -> tuple[np.ndarray, float]:
-        """Learned soup's mixing logits and logit scale, learned on every validation row
-        (read again here: this actor may hold only its shard)."""
+    def learn(self, fn, model_refs: Sequence[ray.ObjectRef], config):
+        """fn(evaluator, "val", models, components, config) on every validation row (read
+        again here: this actor may hold only its shard): learned soup, AdaMerging."""
         from ..evaluate import Evaluator
         from ..inputs.data import read_eval_set
-        from ..methods.learned_soup import learn_mixing_logits
         from ..mixing import from_numpy
         if self.whole_val is None:
             self.whole_val = Evaluator(self.spec, [read_eval_set(self.sources[VAL],
@@ -140,16 +138,15 @@ class EvaluatorActor:
                                        device=str(self.evaluator.device), domain=self.domain,
                                        metric=self.evaluator.metric)
         models = [from_numpy(m) for m in ray.get(list(model_refs))]
-        return learn_mixing_logits(self.whole_val, VAL, models, self.components, config)
+        return fn(self.whole_val, VAL, models, self.components, config)
 
-    def fisher(self, model: dict, config) -> tuple[dict, int]:
-        """The summed squared per-image gradients of a model (numpy arrays, resolved by Ray
-        from the object store) over this actor's validation shard, and its row count
-        (Fisher merging; the driver sums the shards)."""
-        from ..methods.fisher_merging import fisher_sum
+    def statistic(self, fn, model: dict, config) -> tuple[dict, int]:
+        """fn(evaluator, "val", model, config, shard): a model's per-row sums (numpy
+        arrays) over this actor's validation shard and its row count (Fisher, Gram
+        matrices; the driver sums the shards). The model arrives resolved by Ray."""
         from ..mixing import from_numpy
         self.loaded = ((), None)  # the evaluator's weights change under the mixing cache
-        return fisher_sum(self.evaluator, VAL, from_numpy(model), config, self.shard)
+        return fn(self.evaluator, VAL, from_numpy(model), config, self.shard)
 
 
 @ray.remote(num_cpus=0, max_restarts=0)

@@ -1,5 +1,5 @@
 """What every merge method gets (a pool, a validation judge, the ranking, the components,
-a search, the pretrained weights and a learner) and returns:
+a search, the pretrained weights and the data passes on the evaluators) and returns:
 ``METHODS[name](ctx, **options) -> MethodResult``. ``METHOD_INFO[name]`` says what a method
 needs before a run starts (its config class, the pretrained weights, a memory check)."""
 
@@ -63,12 +63,14 @@ class SoupContext:
     components: Components | None = None  # the weights' partition, for per-component mixing
     search: Search | None = None          # evaluates and optimises mixing points
     pretrained: StateDict | None = None   # the manifest's `pretrained` (task-vector methods)
-    # Learns per-(ingredient, component) mixing logits and a logit scale by gradient on
-    # the validation split (learned soup): on Ray, in one evaluator actor; in-process in tests.
-    learner: Callable[[Sequence[StateDict], object], tuple[np.ndarray, float]] | None = None
-    # The diagonal Fisher of a model on val, per float parameter, from the evaluators
-    # (Fisher merging): on Ray, each over its shard, summed; in-process in tests.
-    fisher: Callable[[StateDict, object], dict[str, np.ndarray]] | None = None
+    # The data passes of methods that read the validation images, run where the evaluators
+    # are (on Ray, in the evaluator actors; in-process in tests). `learn(fn, models,
+    # config)`: fn(evaluator, "val", models, components, config) in one evaluator holding
+    # all of val (gradient methods: learned soup, AdaMerging). `statistic(fn, state_dict,
+    # config)`: fn(evaluator, "val", state_dict, config, stream) -> (sums per key, rows) on
+    # every validation shard, the sums added up and divided by the rows (Fisher, Gram).
+    learn: Callable[[Callable, Sequence[StateDict], object], object] | None = None
+    statistic: Callable[[Callable, StateDict, object], dict[str, np.ndarray]] | None = None
 
     @classmethod
     def rank(cls, pool: IngredientPool, judge: ValidationJudge, **rest) -> SoupContext:

@@ -99,15 +99,15 @@ def fisher_sum(evaluator, set_name: str, state_dict: StateDict, config: FisherMe
 @register("fisher_merging", config=FisherMergingConfig)
 def fisher_merging(ctx: SoupContext, config: FisherMergingConfig = FisherMergingConfig()
                    ) -> MethodResult:
-    if ctx.fisher is None:
-        raise RaysoupError("fisher_merging needs the context's fisher (the evaluators)")
+    if ctx.statistic is None:
+        raise RaysoupError("fisher_merging needs the context's statistic (the evaluators)")
     names = ctx.pool.names
     weighted: dict[str, torch.Tensor] = {}
     weights: dict[str, torch.Tensor] = {}
     rest: StateDict = {}  # buffers: averaged; non-float tensors: ingredient 0's
     for i, name in enumerate(names):
         sd = ctx.pool.load(name)
-        fisher = ctx.fisher(sd, config)
+        fisher = ctx.statistic(fisher_sum, sd, config)
         for key, v in sd.items():
             if key in fisher:
                 f = torch.from_numpy(fisher[key]).clamp(min=config.floor)

@@ -50,25 +50,32 @@ class LearnedSoupConfig:
         return asdict(self)
 
 
-def memory_estimate(pool: IngredientPool) -> tuple[int, int]:
-    """(bytes learned soup holds, bytes of one ingredient): every ingredient twice (as
-    received and stacked per weight), plus the mixed weights, their gradients and Adam's
-    state; activations of one batch are small next to that."""
+def memory_estimate(pool: IngredientPool, copies: int = 3) -> tuple[int, int]:
+    """(bytes a method that learns in one evaluator holds, bytes of one ingredient): every
+    ingredient twice (as received and stacked per weight), plus `copies` models' worth
+    (learned soup: the mixed weights, their gradients and Adam's state); activations of one
+    batch are small next to that."""
     one = sum(v.numel() * v.element_size() for v in pool.load(pool.names[0]).values())
-    return one * (2 * len(pool) + 3), one
+    return one * (2 * len(pool) + copies), one
+
+
+def check_resident_memory(pool: IngredientPool, max_memory_gb: float, method: str,
+                          copies: int = 3) -> None:
+    """One clear line before any cluster work where `method` would not fit in one
+    evaluator: `max_memory_gb`, or (0) what this machine has available."""
+    need, one = memory_estimate(pool, copies)
+    limit = max_memory_gb * 2**30 or psutil.virtual_memory().available
+    if need > limit:
+        where = f"{method}.max_memory_gb" if max_memory_gb else "available on this machine"
+        raise RaysoupError(
+            f"{method} holds every ingredient in one evaluator: about {need / 2**30:.1f} "
+            f"GiB for {len(pool)} ingredients of {one / 2**20:.0f} MiB, more than the "
+            f"{limit / 2**30:.1f} GiB {where}; leave it out of `methods` or raise "
+            f"{method}.max_memory_gb")
 
 
 def check_memory(pool: IngredientPool, config: LearnedSoupConfig) -> None:
-    need, one = memory_estimate(pool)
-    limit = config.max_memory_gb * 2**30 or psutil.virtual_memory().available
-    if need > limit:
-        where = "learned_soup.max_memory_gb" if config.max_memory_gb else \
-            "available on this machine"
-        raise RaysoupError(
-            f"learned_soup holds every ingredient in one evaluator: about {need / 2**30:.1f} "
-            f"GiB for {len(pool)} ingredients of {one / 2**20:.0f} MiB, more than the "
-            f"{limit / 2**30:.1f} GiB {where}; leave it out of `methods` or raise "
-            f"learned_soup.max_memory_gb")
+    check_resident_memory(pool, config.max_memory_gb, "learned_soup")
 
 
 def mixing_components(components: Components, config: LearnedSoupConfig,
@@ -138,12 +145,12 @@ class LearnedSoupDetails:
 @register("learned_soup", config=LearnedSoupConfig, check=check_memory)
 def learned_soup(ctx: SoupContext, config: LearnedSoupConfig = LearnedSoupConfig()
                  ) -> MethodResult:
-    if ctx.learner is None or ctx.components is None:
-        raise RaysoupError("learned_soup needs the context's learner and components")
+    if ctx.learn is None or ctx.components is None:
+        raise RaysoupError("learned_soup needs the context's learn and components")
     names = ctx.pool.names
     models = [ctx.pool.load(n) for n in names]
     components = mixing_components(ctx.components, config, models[0])
-    logits, scale = ctx.learner(models, config)
+    logits, scale = ctx.learn(learn_mixing_logits, models, config)
     del models  # the soup below loads one ingredient at a time
     betas = softmax(logits)
     merged = weighted_sum(lambda j: ctx.pool.load(names[j]), betas, components)

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 DEMO_METHODS = ("best_individual", "uniform_soup", "greedy_soup", "model_stock",
                 "task_arithmetic", "ties_merging", "tsv_merge", "iso_c", "iso_cts",
-                "fisher_merging", "learned_soup", "manifold_mix")
+                "fisher_merging", "regmean", "learned_soup", "adamerging", "manifold_mix")
 # The demo's reduced ManifoldMix budget (the reference spends 30 per component per pass).
 DEMO_EVALS_PER_COMPONENT = 10
 QUICK_EVALS_PER_COMPONENT = 4
