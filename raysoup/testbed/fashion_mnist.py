@@ -21,8 +21,6 @@ IDX_FILES = {
     "test_images": "t10k-images-idx3-ubyte.gz",
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
-CLASS_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat",
-               "sandal", "shirt", "sneaker", "bag", "ankle-boot")
 # The validation rows are fixed for every zoo: a permutation of the 60k train rows by
 # this seed; the last `val_size` rows are held out and never trained on.
 SPLIT_SEED = 20230915
