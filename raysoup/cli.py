@@ -98,12 +98,12 @@ def _zoo_build(args: argparse.Namespace) -> None:
     if args.ingredients is not None and args.ingredients < 2:
         raise RaysoupError(f"--ingredients must be at least 2, got {args.ingredients}")
     if args.text:
-        from .tools.text_zoo import TINY_TEXT_ZOO, TextZooConfig, build_text_zoo, with_overrides
+        from .testbed.text import TINY_TEXT_ZOO, TextZooConfig, build_text_zoo, with_overrides
         base = TINY_TEXT_ZOO if args.quick else TextZooConfig()
         build_text_zoo(args.out, with_overrides(base, ingredients=args.ingredients,
                                                 seed=args.seed))
     else:
-        from .tools.zoo import QUICK_ZOO, ZooConfig, build_zoo, with_overrides
+        from .testbed.image import QUICK_ZOO, ZooConfig, build_zoo, with_overrides
         base = QUICK_ZOO if args.quick else ZooConfig()
         build_zoo(args.out, with_overrides(base, ingredients=args.ingredients, seed=args.seed))
     print(f"[zoo] ready: {args.out}/manifest.json")

@@ -13,7 +13,7 @@ import torch
 from raysoup.inputs.model import ModelSpec
 from raysoup.inputs.pool import IngredientPool
 from raysoup.methods import SoupContext, ValidationJudge
-from raysoup.tools.zoo import ZooConfig, build_zoo
+from raysoup.testbed.image import ZooConfig, build_zoo
 
 from .helpers import val_evaluator
 

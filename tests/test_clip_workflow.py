@@ -21,9 +21,10 @@ from raysoup.components import partition, unused_keys
 from raysoup.errors import RaysoupError
 from raysoup.evaluate import Evaluator
 from raysoup.families import state_dict_template
-from raysoup.inputs.data import EvalSetSource, load_fashion_mnist, read_eval_set
+from raysoup.inputs.data import EvalSetSource, read_eval_set
 from raysoup.inputs.model import ModelSpec, build_classifier, clip_model
 from raysoup.inputs.pool import CheckpointError, IngredientPool, check_state_dict, load_state_dict
+from raysoup.testbed.fashion_mnist import load_fashion_mnist
 from raysoup.tools.zeroshot import resolve_pretrained, zeroshot_classifier
 
 CLASSES = ["t-shirt", "trouser", "pullover"]

@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from raysoup.cli import main
 from raysoup.methods import METHODS
+from raysoup.testbed.image import build_zoo
 from raysoup.tools.demo import DEMO_METHODS
-from raysoup.tools.zoo import build_zoo
 
 from .conftest import TINY_ZOO
 
@@ -128,13 +128,13 @@ def test_zoo_build_quick_through_the_cli(tiny_zoo, tmp_path, monkeypatch, capsys
     real quick zoo trains for minutes on 2 cores): the CLI builds the API's zoo file for
     file."""
     from raysoup.inputs.pool import file_sha256
-    from raysoup.tools import zoo
-    monkeypatch.setattr(zoo, "QUICK_ZOO", TINY_ZOO)
+    from raysoup.testbed import image
+    monkeypatch.setattr(image, "QUICK_ZOO", TINY_ZOO)
     built = tmp_path / "built"
     assert main(["zoo", "build", "--quick", "--ingredients", "2", "--out", str(built)]) == 0
     assert f"[zoo] ready: {built}/manifest.json" in capsys.readouterr().out
     manifest = json.loads((built / "manifest.json").read_text())
-    quick = zoo.with_overrides(TINY_ZOO, ingredients=2)
+    quick = image.with_overrides(TINY_ZOO, ingredients=2)
     assert manifest["config"] == json.loads(json.dumps(quick.to_dict()))
     assert [i["name"] for i in manifest["ingredients"]] == ["ft-00", "ft-01"]
     for entry in [manifest["pretrained"], *manifest["ingredients"]]:
@@ -157,7 +157,7 @@ def test_the_shipped_zoo_installs_with_the_same_evaluation_sets_here(tmp_path):
     check that the README's figures hold on this machine), and a changed weight file is
     refused by name."""
     from raysoup.inputs.pool import CheckpointError, IngredientPool
-    from raysoup.tools.zoo import SHIPPED_ZOO, install_shipped_zoo
+    from raysoup.testbed.image import SHIPPED_ZOO, install_shipped_zoo
     zoo = install_shipped_zoo(tmp_path / "zoo")
     shipped = json.loads((SHIPPED_ZOO / "manifest.json").read_text())
     installed = json.loads((zoo / "manifest.json").read_text())

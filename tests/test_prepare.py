@@ -10,7 +10,8 @@ import pyarrow.parquet
 import pytest
 from PIL import Image
 
-from raysoup.inputs.data import DataError, load_fashion_mnist, read_eval_set
+from raysoup.inputs.data import DataError, read_eval_set
+from raysoup.testbed.fashion_mnist import load_fashion_mnist
 from raysoup.tools.prepare import prepare_dataset
 
 CLASSES = ("dress", "pullover", "trouser")  # sorted: the folder order

@@ -11,15 +11,15 @@ import pyarrow as pa
 import pytest
 
 from raysoup.errors import RaysoupError
-from raysoup.inputs import text_data
-from raysoup.inputs.text_data import (
+from raysoup.testbed import fortunes
+from raysoup.testbed.fortunes import (
     TextSet,
     make_shift,
     read_text_set,
     text_content_sha256,
     write_text_set,
 )
-from raysoup.tools.text_zoo import (
+from raysoup.testbed.text import (
     SHIPPED_TEXT_ZOO,
     TINY_TEXT_ZOO,
     build_text_zoo,
@@ -29,7 +29,7 @@ from raysoup.tools.text_zoo import (
 
 @pytest.fixture(scope="module")
 def splits():
-    return text_data.topic_splits()
+    return fortunes.topic_splits()
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +40,12 @@ def texts(splits):
 def test_splits_are_disjoint_stratified_and_fixed(splits):
     seen = [set(s.texts) for s in splits.values()]
     assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1:])
-    counts = {name: np.bincount(s.labels, minlength=len(text_data.CLASSES))
+    counts = {name: np.bincount(s.labels, minlength=len(fortunes.CLASSES))
               for name, s in splits.items()}
     assert (counts["val"] > 0).all() and (counts["id"] > 0).all()
     share = counts["val"] / sum(counts.values())
-    assert np.allclose(share, text_data.VAL_FRACTION, atol=0.01)
-    again = text_data.topic_splits()
+    assert np.allclose(share, fortunes.VAL_FRACTION, atol=0.01)
+    again = fortunes.topic_splits()
     assert again["val"].texts == splits["val"].texts
 
 
@@ -70,7 +70,7 @@ def test_casing_changes_only_case(texts):
         assert after.lower() == before.lower()
     assert sum(a != b for a, b in zip(texts, shifted)) > 0.9 * len(texts)
     upper = sum(a == a.upper() for a in shifted) / len(shifted)
-    assert abs(upper - (1 - text_data.RANDOM_CASE_SHARE)) < 0.1
+    assert abs(upper - (1 - fortunes.RANDOM_CASE_SHARE)) < 0.1
 
 
 def test_word_dropout_removes_about_its_rate(texts):
@@ -83,14 +83,14 @@ def test_word_dropout_removes_about_its_rate(texts):
         assert all(w in it for w in kept)  # a subsequence: order kept, nothing new
         before_words += len(words)
         after_words += len(kept)
-    assert abs(1 - after_words / before_words - text_data.WORD_DROPOUT) < 0.03
+    assert abs(1 - after_words / before_words - fortunes.WORD_DROPOUT) < 0.03
 
 
 def test_sources_are_unseen_and_labelled_by_topic(splits):
     every = {t for s in splits.values() for t in s.texts}
-    sources = text_data.held_out_sources(every)
+    sources = fortunes.held_out_sources(every)
     assert len(sources) > 500 and not (set(sources.texts) & every)
-    topics = {text_data.CLASSES.index(t) for t in text_data.HELD_OUT_SOURCES.values()}
+    topics = {fortunes.CLASSES.index(t) for t in fortunes.HELD_OUT_SOURCES.values()}
     assert set(np.unique(sources.labels)) == topics
 
 
@@ -109,7 +109,7 @@ def test_arrow_round_trip_and_fingerprint(tmp_path, texts):
 def test_missing_fortunes_names_the_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("RAYSOUP_FORTUNES_DIR", str(tmp_path))
     with pytest.raises(RaysoupError, match=rf"fortunes not found in {re.escape(str(tmp_path))}"):
-        text_data.topic_splits()
+        fortunes.topic_splits()
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_tiny_build_loads_offline_with_transformers(tiny_text_zoo):
     manifest = json.loads((tiny_text_zoo / "manifest.json").read_text())
     model = manifest["model"]
     assert model == {"family": "transformers", "task": "sequence-classification",
-                     "path": "pretrained", "num_classes": len(text_data.CLASSES),
+                     "path": "pretrained", "num_classes": len(fortunes.CLASSES),
                      "max_length": TINY_TEXT_ZOO.max_length}
     assert len(manifest["ingredients"]) == TINY_TEXT_ZOO.ingredients
     tokenizer = AutoTokenizer.from_pretrained(tiny_text_zoo / model["path"])
@@ -138,7 +138,7 @@ def test_tiny_build_loads_offline_with_transformers(tiny_text_zoo):
         assert 0 <= entry["val_acc"] <= 1
         classifier = AutoModelForSequenceClassification.from_pretrained(folder)
         assert classifier.forward(**batch).logits.shape == (2, model["num_classes"])
-    for name in ("val", "id", *text_data.SHIFT_NAMES):
+    for name in ("val", "id", *fortunes.SHIFT_NAMES):
         entry = manifest["eval_sets"][name]
         text_set = read_text_set(tiny_text_zoo / entry["file"])
         assert len(text_set) == entry["rows"]
@@ -168,12 +168,12 @@ def test_tampered_set_fails_its_check(tiny_text_zoo, tmp_path):
     entry = manifest["eval_sets"]["val"]
     path = tmp_path / "val.arrow"
     shutil.copy(tiny_text_zoo / entry["file"], path)
-    text_data.verify_text_set(path, entry["sha256"], "val")
+    fortunes.verify_text_set(path, entry["sha256"], "val")
     text_set = read_text_set(path)
     text_set.texts[0] = text_set.texts[0].upper()
     write_text_set(text_set, path)
     with pytest.raises(RaysoupError) as err:
-        text_data.verify_text_set(path, entry["sha256"], "val")
+        fortunes.verify_text_set(path, entry["sha256"], "val")
     assert "\n" not in str(err.value) and "text set 'val'" in str(err.value)
 
 
@@ -186,7 +186,7 @@ def test_shipped_text_zoo_installs(tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from raysoup.inputs.pool import file_sha256
-    from raysoup.tools.text_zoo import correct, encode
+    from raysoup.testbed.text import correct, encode
 
     zoo = install_shipped_text_zoo(tmp_path / "zoo")
     manifest = json.loads((zoo / "manifest.json").read_text())

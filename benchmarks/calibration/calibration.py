@@ -33,8 +33,8 @@ from raysoup.methods.manifold_mix import ManifoldMixConfig
 from raysoup.report import provenance_note
 from raysoup.runner import execute
 from raysoup.stats import OOD_AVG, format_difference
+from raysoup.testbed.image import ZooConfig, build_zoo
 from raysoup.tools.demo import DEMO_EVALS_PER_COMPONENT, DEMO_RESOURCES
-from raysoup.tools.zoo import ZooConfig, build_zoo
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("best_individual", "uniform_soup", "greedy_soup", "manifold_mix")

@@ -181,7 +181,7 @@ def logits(args) -> None:
 def calibration_zoo(seed: int, work: Path) -> Path:
     """The shipped zoo's recipe with another seed, on the shipped pretrained model (as the
     calibration's zoos share theirs), built once under `work`."""
-    from raysoup.tools.zoo import ZooConfig, build_zoo
+    from raysoup.testbed.image import ZooConfig, build_zoo
     shipped = default_zoo()
     manifest = json.loads((shipped / "manifest.json").read_text())
     if seed == manifest["config"]["seed"]:

@@ -13,7 +13,7 @@ from ..config import PoolConfig, ResourcesConfig, RunConfig
 from ..errors import RaysoupError
 from ..methods.manifold_mix import ManifoldMixConfig
 from ..runner import execute
-from .zoo import QUICK_ZOO, SHIPPED_ZOO, ZooConfig, build_zoo, install_shipped_zoo
+from ..testbed.image import QUICK_ZOO, SHIPPED_ZOO, ZooConfig, build_zoo, install_shipped_zoo
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def demo_zoo(quick: bool = False, zoo_dir: Path | None = None) -> Path:
 
 def shipped_text_zoo_dir() -> Path:
     """The shipped fortunes text zoo, installed into the cache on first use."""
-    from .text_zoo import SHIPPED_TEXT_ZOO, install_shipped_text_zoo
+    from ..testbed.text import SHIPPED_TEXT_ZOO, install_shipped_text_zoo
     digest = hashlib.sha256((SHIPPED_TEXT_ZOO / "manifest.json").read_bytes()).hexdigest()
     zoo_dir = cache_dir() / f"text-testbed-{digest[:12]}"
     if not (zoo_dir / "manifest.json").is_file():

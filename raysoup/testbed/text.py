@@ -1,7 +1,7 @@
 """The text testbed: a miniature of the model soups setting on fortune-cookie topics.
 
 A tiny BERT (an HF config, random init, trained here on CPU) classifies a fortune by its
-category file (raysoup.inputs.text_data). As in the image testbed (tools/zoo.py), one
+category file (testbed.fortunes). As in the image testbed (testbed/image.py), one
 shared "pretrained" model is the analog of a broadly pretrained checkpoint: masked-language
 modelling on every training text, then the topic task on one part of the training split.
 Each ingredient fine-tunes it on its own random share of the other part, with
@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 from .. import stats
 from ..errors import RaysoupError
-from ..inputs import text_data
 from ..inputs.pool import file_sha256
 from ..inputs.storage import atomic, write_json
+from . import fortunes
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +121,9 @@ def bert_config(config: TextZooConfig, vocab_size: int):
         num_hidden_layers=config.layers, num_attention_heads=config.heads,
         intermediate_size=config.intermediate_size,
         max_position_embeddings=config.max_positions, pad_token_id=PAD,
-        num_labels=len(text_data.CLASSES),
-        id2label=dict(enumerate(text_data.CLASSES)),
-        label2id={c: i for i, c in enumerate(text_data.CLASSES)})
+        num_labels=len(fortunes.CLASSES),
+        id2label=dict(enumerate(fortunes.CLASSES)),
+        label2id={c: i for i, c in enumerate(fortunes.CLASSES)})
 
 
 def encode(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -234,12 +234,12 @@ def draw_hyperparameters(config: TextZooConfig, index: int) -> dict:
     }
 
 
-def _subset(text_set: text_data.TextSet, size: int | None, seed: int) -> text_data.TextSet:
+def _subset(text_set: fortunes.TextSet, size: int | None, seed: int) -> fortunes.TextSet:
     """`size` rows of the set drawn by `seed`, in their order (all rows when None)."""
     if size is None or size >= len(text_set):
         return text_set
     keep = np.sort(np.random.default_rng(seed).choice(len(text_set), size, replace=False))
-    return text_data.TextSet(text_set.name, [text_set.texts[i] for i in keep],
+    return fortunes.TextSet(text_set.name, [text_set.texts[i] for i in keep],
                              text_set.labels[keep])
 
 
@@ -248,12 +248,12 @@ def write_text_eval_sets(out: Path, config: TextZooConfig, root: Path | None = N
     each with its content sha256."""
     (out / "data").mkdir(parents=True, exist_ok=True)
     entries = {}
-    for s in text_data.build_text_eval_sets(root):
-        s = _subset(s, config.eval_size, text_data.SPLIT_SEED)
+    for s in fortunes.build_text_eval_sets(root):
+        s = _subset(s, config.eval_size, fortunes.SPLIT_SEED)
         path = out / "data" / f"{s.name}.arrow"
-        text_data.write_text_set(s, path)
+        fortunes.write_text_set(s, path)
         entries[s.name] = {"file": str(path.relative_to(out)), "rows": len(s),
-                           "sha256": text_data.text_content_sha256(s.texts, s.labels)}
+                           "sha256": fortunes.text_content_sha256(s.texts, s.labels)}
     return entries
 
 
@@ -276,10 +276,10 @@ def build_text_zoo(out: Path, config: TextZooConfig, root: Path | None = None) -
     try:
         t0 = time.time()
         out.mkdir(parents=True, exist_ok=True)
-        train_set = _subset(text_data.topic_splits(root)["train"], config.train_size,
+        train_set = _subset(fortunes.topic_splits(root)["train"], config.train_size,
                             config.seed)
         eval_files = write_text_eval_sets(out, config, root)
-        val = text_data.read_text_set(out / eval_files["val"]["file"])
+        val = fortunes.read_text_set(out / eval_files["val"]["file"])
 
         tokenizer = train_tokenizer(train_set.texts, config)
         rows, labels = encode(tokenizer, train_set.texts), train_set.labels
@@ -337,9 +337,9 @@ def build_text_zoo(out: Path, config: TextZooConfig, root: Path | None = None) -
         manifest = {
             "format": TEXT_ZOO_FORMAT, "config": config.to_dict(),
             "model": {"family": "transformers", "task": "sequence-classification",
-                      "path": "pretrained", "num_classes": len(text_data.CLASSES),
+                      "path": "pretrained", "num_classes": len(fortunes.CLASSES),
                       "max_length": config.max_length},  # as trained: evaluate so too
-            "classes": list(text_data.CLASSES),
+            "classes": list(fortunes.CLASSES),
             "pretrained": pretrained, "ingredients": ingredients, "eval_sets": eval_files,
             "build_seconds": round(time.time() - t0, 1)}
         manifest["calibration"] = calibrate(out, manifest)
@@ -363,7 +363,7 @@ def calibrate(zoo: Path, manifest: dict) -> dict:
 
     zoo = Path(zoo)
     tokenizer = AutoTokenizer.from_pretrained(zoo / manifest["model"]["path"])
-    sets = {name: text_data.read_text_set(zoo / e["file"])
+    sets = {name: fortunes.read_text_set(zoo / e["file"])
             for name, e in manifest["eval_sets"].items()}
     encoded = {name: (encode(tokenizer, s.texts), s.labels) for name, s in sets.items()}
     best = max(manifest["ingredients"], key=lambda e: e["val_acc"])
@@ -394,7 +394,7 @@ def install_shipped_text_zoo(out: Path, shipped: Path = SHIPPED_TEXT_ZOO,
     manifest = json.loads((shipped / "manifest.json").read_text())
     with atomic(out) as tmp:
         shutil.copytree(shipped, tmp, ignore=shutil.ignore_patterns("*.tmp", "__pycache__"))
-        where = root or text_data.fortunes_dir()
+        where = root or fortunes.fortunes_dir()
         logger.info(f"[text zoo] making the evaluation sets from the fortunes in {where}")
         made = write_text_eval_sets(tmp, TextZooConfig.from_dict(manifest["config"]), root)
         for name, entry in manifest["eval_sets"].items():

@@ -24,10 +24,11 @@ from tqdm import tqdm
 
 from ..errors import RaysoupError
 from ..evaluate import VAL, Evaluator
-from ..inputs import data
+from ..inputs.data import content_sha256, read_eval_set, write_eval_set
 from ..inputs.model import ModelSpec, build_classifier
 from ..inputs.pool import file_sha256, load_state_dict, save_state_dict
 from ..inputs.storage import atomic, write_json
+from . import fashion_mnist
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ ZOO_FORMAT = 1
 # (made from Fashion-MNIST, bitwise the same everywhere). CPU training is not bitwise
 # reproducible across CPU models and thread counts, so building it again here would not
 # give the README's numbers.
-SHIPPED_ZOO = Path(__file__).with_name("testbed_zoo")
+SHIPPED_ZOO = Path(__file__).with_name("image_zoo")
 AUGMENT_CHUNK = 8  # images per augmentation draw: per-chunk randomness at batch speed
 
 
@@ -192,15 +193,16 @@ def build_zoo(out: Path, config: ZooConfig) -> Path:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.time()
 
-    arrays = data.load_fashion_mnist()
-    train_idx = data.train_val_split(len(arrays["train_labels"]), config.val_size)[0]
+    arrays = fashion_mnist.load_fashion_mnist()
+    train_idx = fashion_mnist.train_val_split(len(arrays["train_labels"]),
+                                              config.val_size)[0]
     if config.train_size is not None:
         train_idx = np.sort(np.random.default_rng(config.seed).choice(
             train_idx, config.train_size, replace=False))
     train_x, train_y = arrays["train_images"][train_idx], arrays["train_labels"][train_idx]
 
     eval_files = write_eval_sets(out, config, arrays)
-    val_set = data.read_eval_set(out / eval_files[VAL]["file"])
+    val_set = read_eval_set(out / eval_files[VAL]["file"])
     evaluator = Evaluator(config.model, [val_set], device="cpu")
 
     def trained(name: str, base: Path | None, hp: dict, transform, desc: str) -> dict:
@@ -249,14 +251,14 @@ def build_zoo(out: Path, config: ZooConfig) -> Path:
 def write_eval_sets(out: Path, config: ZooConfig, arrays: dict[str, np.ndarray]) -> dict:
     """val, id and the shifted sets as Arrow files under out/data; their manifest entries,
     each with its content sha256."""
-    val_idx = data.train_val_split(len(arrays["train_labels"]), config.val_size)[1]
+    val_idx = fashion_mnist.train_val_split(len(arrays["train_labels"]), config.val_size)[1]
     (out / "data").mkdir(parents=True, exist_ok=True)
     eval_files = {}
-    for s in data.build_eval_sets(arrays, val_idx, config.test_size):
+    for s in fashion_mnist.build_eval_sets(arrays, val_idx, config.test_size):
         path = out / "data" / f"{s.name}.arrow"
-        data.write_eval_set(s, path)
+        write_eval_set(s, path)
         eval_files[s.name] = {"file": str(path.relative_to(out)), "rows": len(s),
-                              "sha256": data.content_sha256(s)}
+                              "sha256": content_sha256(s)}
     return eval_files
 
 
@@ -270,15 +272,16 @@ def install_shipped_zoo(out: Path, shipped: Path = SHIPPED_ZOO) -> Path:
     manifest = json.loads((shipped / "manifest.json").read_text())
     with atomic(out) as tmp:
         shutil.copytree(shipped, tmp, ignore=shutil.ignore_patterns("*.tmp", "__pycache__"))
-        logger.info(f"[zoo] making the evaluation sets from Fashion-MNIST ({data.data_dir()})")
+        where = fashion_mnist.data_dir()
+        logger.info(f"[zoo] making the evaluation sets from Fashion-MNIST ({where})")
         made = write_eval_sets(tmp, ZooConfig.from_dict(manifest["config"]),
-                               data.load_fashion_mnist())
+                               fashion_mnist.load_fashion_mnist())
         for name, entry in manifest["eval_sets"].items():
             if made.get(name, {}).get("sha256") != entry["sha256"]:
                 raise RaysoupError(
                     f"evaluation set {name!r} made on this machine differs from the shipped "
                     f"zoo's (sha256 {made.get(name, {}).get('sha256', 'missing')[:16]}... vs "
-                    f"{entry['sha256'][:16]}...): is {data.data_dir()} the Debian package's "
+                    f"{entry['sha256'][:16]}...): is {where} the Debian package's "
                     f"Fashion-MNIST, and numpy/scipy as in constraints.txt?")
     return out
 

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc
 
-from .data import DataError
+from ..inputs.data import DataError
 
 DEFAULT_FORTUNES_DIR = Path("/usr/share/games/fortunes")
 # The topic classes: category files of Debian's `fortunes` package with 580+ entries that
