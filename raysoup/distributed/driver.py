@@ -42,13 +42,13 @@ class Judged:
     """Every model judged on every evaluation set, with its per-image correctness kept for
     the paired comparisons of the report."""
 
-    def __init__(self, judge: EvaluatorPool):
-        self.judge = judge
+    def __init__(self, evaluator_pool: EvaluatorPool):
+        self.evaluator_pool = evaluator_pool
         self.correctness: dict[str, dict[str, np.ndarray]] = {}
 
     def add(self, name: str, state_dict) -> dict:
         t0 = time.perf_counter()
-        self.correctness[name] = self.judge.correctness(state_dict)
+        self.correctness[name] = self.evaluator_pool.correctness(state_dict)
         row = accuracy_row(self.correctness[name])
         images = sum(len(c) for c in self.correctness[name].values())
         logger.info(f"[report] {name}: judged on {len(self.correctness[name])} sets "
@@ -83,15 +83,15 @@ class SoupDriver:
         enter(evaluators.numerics, threads=1, strict=False)
         self.prepared = prepared
         config = prepared.config
-        self.judge = EvaluatorPool(actors, evaluators, prepared.pool.spec,
-                                   prepared.eval_sources,
-                                   JudgementCache(join(cache_root, "judgements")))
+        self.evaluator_pool = EvaluatorPool(actors, evaluators, prepared.pool.spec,
+                                            prepared.eval_sources,
+                                            JudgementCache(join(cache_root, "judgements")))
         self.metrics = Tracker(config.out, config.tracking,
                                {"zoo": str(config.pool.zoo), "methods": ",".join(config.methods),
                                 "out": str(config.out)})
         self.search = TuneSearch(actors, evaluators, config.method.num_workers,
                                  config.out / "tune", config.resources.max_failures,
-                                 join(cache_root, "points"), self.judge.set_keys.get(VAL),
+                                 join(cache_root, "points"), self.evaluator_pool.set_keys.get(VAL),
                                  self.metrics.pass_callbacks,
                                  config.tracking.progress_interval_s,
                                  Racing(config.method.racing_chunks,
@@ -103,7 +103,7 @@ class SoupDriver:
     def _ranking(self, judge: ValidationJudge) -> tuple[list, float, MixState | None]:
         """The ranking on val (from ManifoldMix's checkpoint when resuming) and its cost."""
         config, pool = self.prepared.config, self.prepared.pool
-        saved = load_state(self.state_dir, config.fingerprint(), self.judge.domain) \
+        saved = load_state(self.state_dir, config.fingerprint(), self.evaluator_pool.domain) \
             if "manifold_mix" in config.methods else None
         if saved is not None:
             state, ranking = saved
@@ -116,14 +116,14 @@ class SoupDriver:
 
     def run(self) -> dict:
         config, pool = self.prepared.config, self.prepared.pool
-        judge = ValidationJudge(self.judge.accuracy, rows=self.search.val_rows)
+        judge = ValidationJudge(self.evaluator_pool.accuracy, rows=self.search.val_rows)
         ranking, ranking_s, state = self._ranking(judge)
         logger.info("[driver] ranking on val: " + ", ".join(f"{n} {100 * a:.2f}"
                     for n, a in ranking))
         pretrained = load_pretrained(config.pool.zoo)
         ctx = SoupContext(pool, judge, ranking, self.prepared.components, self.search,
-                          pretrained, self.judge.learn, self.judge.statistic)
-        judged = Judged(self.judge)
+                          pretrained, self.evaluator_pool.learn, self.evaluator_pool.statistic)
+        judged = Judged(self.evaluator_pool)
         if config.report_ingredients:
             ingredients = {n: {**judged.add(n, pool.load(n)), "ingredients": [n]}
                            for n in pool.names}
@@ -132,7 +132,7 @@ class SoupDriver:
                                "ingredients": [n]} for n, acc in ranking}
         options = {name: {"config": c} for name, c in config.method_configs().items()}
         def on_step(state: MixState) -> None:
-            save_state(self.state_dir, state, config.fingerprint(), ranking, self.judge.domain)
+            save_state(self.state_dir, state, config.fingerprint(), ranking, self.evaluator_pool.domain)
             # Another head resumes from what is uploaded: the step, its passes, the log.
             self.run_dir.sync("driver", "tune", LOG_FILE)
             self.metrics.step(state.next_candidate - 1, state.history[-1], state.accuracy,
@@ -176,10 +176,10 @@ class SoupDriver:
         self.metrics.close()
         references = {} if pretrained is None else \
             {"pretrained": judged.add("pretrained", pretrained)}
-        cache = self.judge.cache
+        cache = self.evaluator_pool.cache
         return {"methods": rows, "ingredients": ingredients, "references": references,
                 "ranking": ranking, "correctness": judged.correctness, "fused": fused,
-                "numerics": self.judge.domain, "run_dir": self.run_dir,
+                "numerics": self.evaluator_pool.domain, "run_dir": self.run_dir,
                 "cache": {"points_cached": self.search.cached_points,
                           "judgements_cached": cache.cached,
                           "judgements_measured": cache.measured}}
