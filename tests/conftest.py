@@ -24,6 +24,16 @@ TINY_ZOO = ZooConfig(ingredients=4, val_size=500, train_size=3000, test_size=500
                      finetune_lr=(3e-4, 1e-3), finetune_data_fraction=0.5, model=TINY_SPEC)
 
 
+GROUPS = ("unit", "ray", "cluster")  # the folders; each test gets its folder's marker
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        group = item.path.parent.name
+        if group in GROUPS:
+            item.add_marker(group)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _threads():
     torch.set_num_threads(1)

@@ -1,5 +1,5 @@
 """One evaluation in a process set up as an evaluator actor is (raysoup.numerics), run by
-tests/test_numerics.py under other kernel settings: `python numerics_probe.py ZOO
+tests/ray/test_numerics.py under other kernel settings: `python numerics_probe.py ZOO
 NUMERICS OUT.npz`. Writes the mixed model's val logits and per-image hits."""
 
 import os

@@ -15,7 +15,7 @@ from raysoup.errors import RaysoupError
 from raysoup.report import PRE_PROVENANCE, git_state, machine
 from raysoup.tools.bench import QUICK_GRID, BenchGrid, best_so_far, load_grid
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
 BENCH_RESULTS = BENCHMARKS / "optimizer_budget" / "results"  # one folder per zoo
 
 

@@ -155,7 +155,7 @@ def test_the_example_config_lists_every_key_at_its_default():
     from raysoup.methods import METHOD_INFO
     from raysoup.methods.manifold_mix import ManifoldMixConfig
     from raysoup.tracking import TrackingConfig
-    path = Path(__file__).parents[1] / "examples" / "run.toml"
+    path = Path(__file__).parents[2] / "examples" / "run.toml"
     raw = tomllib.loads(path.read_text())
     config = load_config(path)
     sections = {name: info.config for name, info in METHOD_INFO.items()
@@ -246,7 +246,7 @@ def test_the_documented_configuration_reference_is_the_typed_models_table():
     from pathlib import Path
 
     from raysoup.config import reference_table
-    doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
     begin, end = "<!-- config-reference:begin -->\n", "\n<!-- config-reference:end -->"
     assert begin in doc and end in doc
     assert doc.split(begin)[1].split(end)[0] == reference_table()

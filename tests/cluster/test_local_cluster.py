@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from .helpers import load_local_cluster
+from ..helpers import load_local_cluster
 
 local = load_local_cluster()
 

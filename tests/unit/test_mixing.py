@@ -6,7 +6,7 @@ from raysoup.components import partition
 from raysoup.inputs.model import build_classifier
 from raysoup.mixing import RunningSum, average, lambdas_to_betas, mix, weighted_sum
 
-from .conftest import TINY_SPEC
+from ..conftest import TINY_SPEC
 
 
 def random_state_dicts(n, seed=0):

@@ -28,7 +28,7 @@ from raysoup.inputs.tasks import eval_set_sources
 from raysoup.rundir import RunDir
 from raysoup.runner import execute
 
-from .helpers import (
+from ..helpers import (
     assert_measured,
     cluster_client_env,
     load_local_cluster,

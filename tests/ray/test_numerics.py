@@ -14,7 +14,7 @@ from raysoup.errors import RaysoupError
 from raysoup.inputs.pool import IngredientPool
 from raysoup.methods.manifold_mix import MixState
 
-PROBE = Path(__file__).with_name("numerics_probe.py")
+PROBE = Path(__file__).parents[1] / "numerics_probe.py"
 # Another machine's kernel choices, as far as one machine can show them: ATen's scalar
 # kernels (no FMA, other reduction widths), MKL and oneDNN held to AVX2.
 OTHER_CPU = {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "AVX2",

@@ -25,7 +25,7 @@ from raysoup.methods.ties_merging import TiesMergingConfig, TiesMixer, ties_merg
 from raysoup.methods.tsv_merge import TsvMergeConfig, tsv_delta
 from raysoup.search import LocalSearch
 
-from .helpers import MemoryPool, val_evaluator
+from ..helpers import MemoryPool, val_evaluator
 
 
 def t(*rows):

@@ -18,8 +18,8 @@ from raysoup.metrics import load_metric
 from raysoup.runner import validate_run
 from raysoup.stats import compare, paired
 
-from . import user_metrics
-from .helpers import write_config
+from .. import user_metrics
+from ..helpers import write_config
 
 
 def test_soft_scores_are_the_true_class_probability(tiny_zoo):

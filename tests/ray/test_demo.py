@@ -12,7 +12,7 @@ from raysoup.methods import METHODS
 from raysoup.testbed.image import build_zoo
 from raysoup.tools.demo import DEMO_METHODS
 
-from .conftest import TINY_ZOO
+from ..conftest import TINY_ZOO
 
 pytestmark = pytest.mark.slow
 

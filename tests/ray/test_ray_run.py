@@ -28,8 +28,8 @@ from raysoup.mixing import lambdas_to_betas, to_numpy
 from raysoup.runner import execute
 from raysoup.search import LocalSearch, lerp_mixer
 
-from . import failing_mixer
-from .helpers import assert_measured, own_cache, val_evaluator, write_config
+from .. import failing_mixer
+from ..helpers import assert_measured, own_cache, val_evaluator, write_config
 
 
 @pytest.fixture(scope="module", autouse=True)

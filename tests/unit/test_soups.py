@@ -13,7 +13,7 @@ from raysoup.methods import METHODS, SoupContext, ValidationJudge
 from raysoup.methods.baselines import GreedySoupConfig
 from raysoup.mixing import average
 
-from .helpers import MemoryPool
+from ..helpers import MemoryPool
 
 
 @pytest.fixture(scope="module")

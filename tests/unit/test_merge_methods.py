@@ -26,7 +26,7 @@ from raysoup.methods.ties_merging import TiesMergingConfig, ties_merge
 from raysoup.mixing import weighted_sum
 from raysoup.search import LocalSearch
 
-from .helpers import MemoryPool, val_evaluator
+from ..helpers import MemoryPool, val_evaluator
 
 
 def t(*values):

@@ -16,7 +16,7 @@ from raysoup.cli import build_parser, main
 from raysoup.console import console_logging
 from raysoup.inputs.pool import load_state_dict
 
-from .helpers import write_config
+from ..helpers import write_config
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +240,7 @@ def test_load_report_names_a_missing_or_broken_report(tmp_path):
 @pytest.mark.slow
 def test_report_on_a_benchmark_folder_redraws_its_figures_and_summary(tmp_path, capsys):
     from pathlib import Path
-    committed = (Path(__file__).parents[1] / "benchmarks" / "optimizer_budget" / "results" /
+    committed = (Path(__file__).parents[2] / "benchmarks" / "optimizer_budget" / "results" /
                  "earlier_testbed_b10")
     folder = tmp_path / "bench"
     folder.mkdir()
@@ -302,7 +302,7 @@ def test_wait_for_autoscaler_lets_a_run_wait_for_evaluators_the_cluster_lacks(so
     from raysoup.errors import RaysoupError
     from raysoup.runner import execute
 
-    from .helpers import write_config as config_file
+    from ..helpers import write_config as config_file
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         refused = config_file(tmp_path / "a.toml", soup_zoo, str(tmp_path / "a"),

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .helpers import assert_measured, cluster_client_env, load_local_cluster, write_config
+from ..helpers import assert_measured, cluster_client_env, load_local_cluster, write_config
 
 local = load_local_cluster()
 # Two 1-CPU evaluators on three 1-CPU workers: one CPU left for a restart after a node dies.

@@ -13,7 +13,7 @@ from raysoup.inputs.pool import (
     save_state_dict,
 )
 
-from .conftest import TINY_SPEC
+from ..conftest import TINY_SPEC
 
 
 def good_state_dict():

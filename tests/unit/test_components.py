@@ -5,7 +5,7 @@ from torch import nn
 from raysoup.components import ComponentError, check_partition, partition, unused_keys
 from raysoup.inputs.model import build_classifier
 
-from .conftest import TINY_SPEC
+from ..conftest import TINY_SPEC
 
 
 def model_soups_vit_b32_keys():

@@ -15,7 +15,7 @@ from raysoup.methods.adamerging import AdaMergingConfig, check_memory, entropy, 
 from raysoup.methods.regmean import RegMeanConfig, gram_sum, regmean_solve
 from raysoup.search import LocalSearch
 
-from .helpers import MemoryPool, val_evaluator
+from ..helpers import MemoryPool, val_evaluator
 
 
 def t(*rows):

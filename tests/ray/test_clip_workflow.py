@@ -228,7 +228,7 @@ def test_unsupported_architectures_and_given_normalisation():
 
 def test_examples_parse():
     from raysoup.config import load_config
-    examples = Path(__file__).parents[1] / "examples" / "clip"
+    examples = Path(__file__).parents[2] / "examples" / "clip"
     config = load_config(examples / "run.toml")
     assert config.methods == ("greedy_soup", "manifold_mix") and config.method.drop_unused
     manifest = json.loads((examples / "manifest.json").read_text())

@@ -1,0 +1,1 @@
+"""Tests on a real multi-node Ray cluster on loopback (cluster/local.py) or object storage."""

@@ -1,0 +1,1 @@
+"""Tests without Ray: the plain core, configs, inputs and methods in-process."""
