@@ -14,7 +14,7 @@ from .errors import RaysoupError
 def _demo(args: argparse.Namespace) -> None:
     from .tools.demo import run_demo
     run_demo(out=args.out, quick=args.quick, zoo_dir=args.zoo, verify_sha256=not args.no_verify,
-             text=args.text)
+             text=args.text, every_method=args.all)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -122,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, **kwargs) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[verbosity], **kwargs)
 
-    demo = command("demo", help="run every method on the embedded Fashion-MNIST zoo")
+    demo = command("demo", help="run the merge methods on the shipped Fashion-MNIST zoo")
+    demo.add_argument("--all", action="store_true", help="every method, the slow data "
+                      "passes too (Fisher, RegMean, AdaMerging, Iso-CTS), and every "
+                      "ingredient judged on every set (scatter.png)")
     demo.add_argument("--out", type=Path, help="run directory (default: a fresh runs/demo-*)")
     demo.add_argument("--quick", action="store_true", help="smaller zoo and budget (smoke run)")
     demo.add_argument("--text", action="store_true", help="the shipped fortunes text zoo "

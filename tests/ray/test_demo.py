@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from raysoup.cli import main
 from raysoup.methods import METHODS
 from raysoup.testbed.image import build_zoo
-from raysoup.tools.demo import DEMO_METHODS
+from raysoup.tools.demo import ALL_METHODS, DEMO_METHODS
 
 from ..conftest import TINY_ZOO
 
@@ -39,7 +39,8 @@ def test_demo_quick_writes_report_parquet_and_scatter(tiny_zoo, tmp_path, capsys
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["quick"] is True and report["config"]["pool"] == str(cached)
-    assert tuple(report["methods"]) == DEMO_METHODS and set(DEMO_METHODS) == set(METHODS)
+    assert tuple(report["methods"]) == ALL_METHODS and set(ALL_METHODS) == set(METHODS)
+    assert set(DEMO_METHODS) < set(ALL_METHODS) and "manifold_mix" in DEMO_METHODS
     for row in report["methods"].values():
         assert {"val", "id", "ood", "ood_avg", "ingredients", "evaluations", "wall_s"} <= set(row)
         assert all(0 <= v <= 1 for v in [row["val"], row["id"], *row["ood"].values()])
