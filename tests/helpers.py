@@ -7,15 +7,40 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from raysoup.components import partition
 from raysoup.evaluate import VAL, Evaluator, load_eval_sets
-from raysoup.inputs.pool import IngredientPool
+from raysoup.inputs.pool import IngredientPool, load_pretrained
 from raysoup.inputs.tasks import eval_set_sources
+from raysoup.methods import SoupContext, ValidationJudge
+from raysoup.search import LocalSearch
 
 
 def val_evaluator(zoo: Path) -> Evaluator:
     pool = IngredientPool.from_zoo(zoo)
     return Evaluator(pool.spec, load_eval_sets({VAL: eval_set_sources(zoo)[VAL]},
                                                pool.spec.num_classes))
+
+
+def in_process_context(zoo: Path) -> SoupContext:
+    """What a method gets on `zoo`, every forward and data pass in this process (on Ray
+    they run on the evaluators): the ranking, per-layer components, a local search, the
+    pretrained weights, and the learn and statistic hooks over the whole validation set."""
+    pool = IngredientPool.from_zoo(zoo)
+    evaluator = val_evaluator(zoo)
+    judge = ValidationJudge(evaluator.accuracy)
+    components = partition(list(pool.load(pool.names[0])), "granularity-1")
+
+    def learn(fn, models, config):
+        return fn(evaluator, VAL, models, components, config)
+
+    def statistic(fn, state_dict, config):
+        total, rows = fn(evaluator, VAL, state_dict, config, 0)
+        return {k: v / rows for k, v in total.items()}
+
+    return SoupContext.rank(pool, judge, components=components,
+                            search=LocalSearch(judge, components),
+                            pretrained=load_pretrained(str(zoo)), learn=learn,
+                            statistic=statistic)
 
 
 @contextmanager

@@ -9,13 +9,13 @@ import torch
 from raysoup.components import Components, partition
 from raysoup.errors import RaysoupError
 from raysoup.evaluate import VAL
-from raysoup.inputs.pool import IngredientPool, load_pretrained
+from raysoup.inputs.pool import IngredientPool
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
 from raysoup.methods.adamerging import AdaMergingConfig, check_memory, entropy, learn_coefficients
 from raysoup.methods.regmean import RegMeanConfig, gram_sum, regmean_solve
 from raysoup.search import LocalSearch
 
-from ..helpers import MemoryPool, val_evaluator
+from ..helpers import MemoryPool, in_process_context, val_evaluator
 
 
 def t(*rows):
@@ -114,22 +114,7 @@ def test_gram_sum_hooks_every_called_linear_and_self_attention_input(tiny_zoo):
 
 @pytest.fixture(scope="module")
 def context(tiny_zoo):
-    pool = IngredientPool.from_zoo(tiny_zoo)
-    evaluator = val_evaluator(tiny_zoo)
-    judge = ValidationJudge(evaluator.accuracy)
-    components = partition(list(pool.load(pool.names[0])), "granularity-1")
-
-    def learn(fn, models, config):
-        return fn(evaluator, VAL, models, components, config)
-
-    def statistic(fn, sd, config):
-        total, rows = fn(evaluator, VAL, sd, config, 0)
-        return {k: v / rows for k, v in total.items()}
-
-    return SoupContext.rank(pool, judge, components=components,
-                            search=LocalSearch(judge, components),
-                            pretrained=load_pretrained(str(tiny_zoo)), learn=learn,
-                            statistic=statistic)
+    return in_process_context(tiny_zoo)
 
 
 def test_regmean_runs_behind_the_registry(context):

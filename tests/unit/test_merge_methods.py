@@ -11,7 +11,7 @@ import torch
 from raysoup.components import partition
 from raysoup.errors import RaysoupError
 from raysoup.evaluate import VAL
-from raysoup.inputs.pool import IngredientPool, load_pretrained
+from raysoup.inputs.pool import IngredientPool
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
 from raysoup.methods.learned_soup import (
     LearnedSoupConfig,
@@ -24,9 +24,8 @@ from raysoup.methods.model_stock import ModelStockConfig, model_stock_merge
 from raysoup.methods.task_arithmetic import TaskArithmeticConfig, task_arithmetic_merge
 from raysoup.methods.ties_merging import TiesMergingConfig, ties_merge
 from raysoup.mixing import weighted_sum
-from raysoup.search import LocalSearch
 
-from ..helpers import MemoryPool, val_evaluator
+from ..helpers import MemoryPool, in_process_context, val_evaluator
 
 
 def t(*values):
@@ -108,17 +107,7 @@ def test_learned_soup_softmax_columns_sum_to_one_and_zero_logits_are_uniform():
 
 @pytest.fixture(scope="module")
 def context(tiny_zoo):
-    pool = IngredientPool.from_zoo(tiny_zoo)
-    evaluator = val_evaluator(tiny_zoo)
-    judge = ValidationJudge(evaluator.accuracy)
-    components = partition(list(pool.load(pool.names[0])), "granularity-1")
-
-    def learn(fn, models, config):
-        return fn(evaluator, VAL, models, components, config)
-
-    return SoupContext.rank(pool, judge, components=components,
-                            search=LocalSearch(judge, components),
-                            pretrained=load_pretrained(str(tiny_zoo)), learn=learn)
+    return in_process_context(tiny_zoo)
 
 
 def test_learned_soup_lowers_the_validation_loss_of_the_uniform_soup(context, tiny_zoo):

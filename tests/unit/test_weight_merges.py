@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from raysoup.components import partition
 from raysoup.errors import RaysoupError
-from raysoup.inputs.pool import IngredientPool, load_pretrained
+from raysoup.inputs.pool import IngredientPool
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
 from raysoup.methods.dare import drop_and_rescale, entry_draws
 from raysoup.methods.iso_c import IsoCConfig, IsoCtsConfig, common_size, iso_c_delta, iso_cts_delta
@@ -23,9 +22,8 @@ from raysoup.methods.task_arithmetic import (
 )
 from raysoup.methods.ties_merging import TiesMergingConfig, TiesMixer, ties_merge
 from raysoup.methods.tsv_merge import TsvMergeConfig, tsv_delta
-from raysoup.search import LocalSearch
 
-from ..helpers import MemoryPool, val_evaluator
+from ..helpers import MemoryPool, in_process_context, val_evaluator
 
 
 def t(*rows):
@@ -294,12 +292,7 @@ def test_the_svd_merges_read_one_ingredient_at_a_time(delta, reads):
 
 @pytest.fixture(scope="module")
 def context(tiny_zoo):
-    pool = IngredientPool.from_zoo(tiny_zoo)
-    judge = ValidationJudge(val_evaluator(tiny_zoo).accuracy)
-    components = partition(list(pool.load(pool.names[0])), "granularity-1")
-    return SoupContext.rank(pool, judge, components=components,
-                            search=LocalSearch(judge, components),
-                            pretrained=load_pretrained(str(tiny_zoo)))
+    return in_process_context(tiny_zoo)
 
 
 @pytest.mark.parametrize("name, config, bounds", [
