@@ -280,10 +280,17 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
     import sys
     import time
     out = tmp_path / "zoo"
-    proc = subprocess.Popen([sys.executable, "-m", "raysoup.cli", "zoo", "build", "--quick",
-                             "--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    # As in a terminal's foreground: a suite started in the background (`.ci/run &`) has
+    # SIGINT ignored, a child would inherit that, and its Python would never raise
+    # KeyboardInterrupt; a handled signal is reset to the default in the child instead.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "raysoup.cli", "zoo", "build",
+                                 "--quick", "--out", str(out)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    finally:
+        signal.signal(signal.SIGINT, before)
     deadline = time.time() + 120
     while not out.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)  # the build has started: main() is running the command
