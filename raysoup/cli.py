@@ -41,8 +41,9 @@ def _report(args: argparse.Namespace) -> None:
         else:
             from .api import load_report
             from .runner import redraw
-            print(load_report(args.run_dir).table())
-            paths = redraw(run.local)
+            report = load_report(args.run_dir)
+            print(report.table())
+            paths = redraw(run.local, report.raw)
         written = [p.relative_to(run.local).as_posix() for p in paths]
         run.sync(*written)  # a URI's redrawn figures go back beside its report
     for rel in written:

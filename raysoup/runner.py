@@ -249,11 +249,10 @@ def write_betas(out: Path, betas: np.ndarray, ingredients: list[str], components
     plt.close(fig)
 
 
-def redraw(run_dir: Path) -> list[Path]:
-    """`raysoup report`: a finished run's figures drawn again from its report.json."""
-    from .api import load_report
+def redraw(run_dir: Path, report: dict) -> list[Path]:
+    """`raysoup report`: a finished run's figures drawn again into `run_dir` from its
+    report.json (`report`, as read)."""
     from .report import draw_scatter
-    report = load_report(run_dir).raw
     drawn = [run_dir / "scatter.png"] if draw_scatter(report, run_dir / "scatter.png") else []
     row = report["methods"].get("manifold_mix")
     if row is not None:
