@@ -25,7 +25,7 @@ def _run(args: argparse.Namespace) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .runner import plan, validate_run
+    from .preflight import plan, validate_run
     print(plan(validate_run(load_config(args.config), resume=args.resume)))
     print(f"[check] {args.config}: ok (nothing was started)")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -19,14 +19,15 @@ from pydantic import Field
 
 from .errors import RaysoupError
 from .inputs import storage
-from .methods.manifold_mix import ManifoldMixConfig
 from .numerics import Numerics
+from .search import check_optimizer
 from .tracking import TrackingConfig
 from .typed import field_types, validate
 
 Location = str  # a path (shared by every node) or a URI that pyarrow.fs reads (s3://, gs://)
 Positive = Annotated[float, Field(gt=0)]
 NonNegative = Annotated[int, Field(ge=0)]
+AtLeastOne = Annotated[int, Field(ge=1)]
 
 
 @dataclass(frozen=True)
@@ -61,20 +62,41 @@ class ResourcesConfig:
 
 
 @dataclass(frozen=True)
+class SearchConfig:
+    """How every method's validation search runs (Tune + nevergrad on the evaluators): the
+    weights' components, mixed per component, and the points in flight."""
+    components: str = "granularity-1"  # a preset of raysoup.components, or regex rules
+    drop_unused: bool = False          # leave out weights the classifier never uses
+    num_workers: AtLeastOne = 1        # points in flight at once (1: sequential optimisers)
+    # Racing (opt-in, num_workers = 1): stop scoring a point once it cannot beat the pass's
+    # best at racing_confidence, after any of racing_chunks validation chunks.
+    racing: bool = False
+    racing_chunks: Annotated[int, Field(ge=2, le=100)] = 8
+    racing_confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.99
+
+    def __post_init__(self):
+        if self.racing and self.num_workers != 1:
+            raise RaysoupError(f"search.racing scores one point at a time: it needs "
+                               f"num_workers = 1, got {self.num_workers}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     pool: PoolConfig
     out: Path | str               # a local or shared path, or a URI (a str) the run uploads to
-    method: ManifoldMixConfig = field(default_factory=ManifoldMixConfig)
+    methods: tuple[str, ...] = ("manifold_mix",)  # run on one shared ranking, in this order
+    # The methods' configs, by method name (a TOML section each); defaults if absent.
+    options: dict = field(default_factory=dict)
+    search: SearchConfig = field(default_factory=SearchConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     source: Path | None = None    # the TOML file it came from
-    # Methods to run on one shared ranking (all but manifold_mix in the driver process).
-    methods: tuple[str, ...] = ("manifold_mix",)
     # Judge every ingredient on every set too (report rows and scatter plot); off, only the
     # ranking's val accuracies are reported: the full table costs N x all sets.
     report_ingredients: bool = False
     metric: str = ""              # "package.module:function" (raysoup.metrics); "": top-1
-    # The other methods' configs, by method name (a TOML section each); defaults if absent.
-    options: dict = field(default_factory=dict)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cache: str | None = None      # judgements and points by content; None: RAYSOUP_CACHE's
 
@@ -84,21 +106,33 @@ class RunConfig:
         if unknown or not self.methods:
             raise RaysoupError(f"methods: unknown method(s) {unknown or '(none given)'}; "
                                f"known: {sorted(METHODS)}")
+        for name, config in self.method_configs().items():
+            if hasattr(config, "optimizer"):  # every search runs num_workers points at once
+                try:
+                    check_optimizer(config.optimizer, self.search.num_workers)
+                except RaysoupError as e:
+                    raise RaysoupError(f"{name}.optimizer with search.num_workers = "
+                                       f"{self.search.num_workers}: {e}") from None
 
     def method_configs(self) -> dict[str, object]:
-        """The config of every method in `methods` that has one (manifold_mix: `method`)."""
+        """The config of every method in `methods` that has one."""
         from .methods import METHOD_INFO
-        configs = {name: self.options.get(name) or METHOD_INFO[name].config()
-                   for name in self.methods if METHOD_INFO[name].config is not None}
-        if "manifold_mix" in self.methods:
-            configs["manifold_mix"] = self.method
-        return configs
+        return {name: self.options.get(name) or METHOD_INFO[name].config()
+                for name in self.methods if METHOD_INFO[name].config is not None}
+
+    def resumable(self) -> list[str]:
+        """The methods that checkpoint their steps, which --resume continues."""
+        from .methods import METHOD_INFO
+        return [name for name in self.methods if METHOD_INFO[name].resumable]
 
     def fingerprint(self) -> dict:
-        """What must not change between a run and its --resume."""
+        """What must not change between a run and its --resume: the pool, the search, the
+        metric and every resumable method's config."""
+        configs = self.method_configs()
         # Through JSON, so it compares equal to the copy saved in a checkpoint.
         return json.loads(json.dumps({"pool": storage.resolve(self.pool.zoo),
-                                      "method": self.method.to_dict(),
+                                      "search": self.search.to_dict(),
+                                      **{n: configs[n].to_dict() for n in self.resumable()},
                                       **({"metric": self.metric} if self.metric else {})}))
 
 
@@ -124,11 +158,13 @@ def section(cls, table: dict, name: str, where: str, base: Path):
 
 
 def method_sections() -> dict[str, type]:
-    """The TOML section of every method with a config of its own, by method name
-    (ManifoldMix's is `[method]`)."""
+    """The TOML section of every method with a config of its own, by method name."""
     from .methods import METHOD_INFO
-    return {name: info.config for name, info in METHOD_INFO.items()
-            if info.config is not None and name != "manifold_mix"}
+    return {name: info.config for name, info in METHOD_INFO.items() if info.config is not None}
+
+
+RUN_SECTIONS = {"pool": PoolConfig, "search": SearchConfig, "resources": ResourcesConfig,
+                "tracking": TrackingConfig}
 
 
 def load_config(path: Path) -> RunConfig:
@@ -141,9 +177,11 @@ def load_config(path: Path) -> RunConfig:
         raise RaysoupError(f"{path} is not UTF-8 text: {e}") from e
     except tomllib.TOMLDecodeError as e:
         raise RaysoupError(f"{path} is not valid TOML: {e}") from e
+    if "method" in raw:
+        raise RaysoupError(f"{path}: [method] is now two sections: [manifold_mix] (the "
+                           f"method's own keys) and [search] ({', '.join(f.name for f in fields(SearchConfig))})")
     by_method = method_sections()
-    sections = {"pool": PoolConfig, "method": ManifoldMixConfig, "resources": ResourcesConfig,
-                "tracking": TrackingConfig, **by_method}
+    sections = {**RUN_SECTIONS, **by_method}
     top_level = {f.name for f in fields(TopLevel)}
     unknown = sorted(set(raw) - set(sections) - top_level)
     if unknown:
@@ -153,19 +191,21 @@ def load_config(path: Path) -> RunConfig:
         raise RaysoupError(f"{path}: needs `out = \"DIR\"` and a [pool] section with `zoo`")
     where, base = str(path), path.parent
     top = section(TopLevel, {k: v for k, v in raw.items() if k in top_level}, "", where, base)
-    return RunConfig(
-        pool=section(PoolConfig, raw["pool"], "pool", where, base),
-        out=top.out if storage.is_uri(top.out) else base / Path(top.out).expanduser(),
-        method=section(ManifoldMixConfig, raw.get("method", {}), "method", where, base),
-        resources=section(ResourcesConfig, raw.get("resources", {}), "resources", where, base),
-        source=path,
-        methods=top.methods,
-        report_ingredients=top.report_ingredients,
-        cache=storage.resolve(top.cache, base) if top.cache else None,
-        metric=top.metric,
-        options={name: section(cls, raw[name], name, where, base)
-                 for name, cls in by_method.items() if name in raw},
-        tracking=section(TrackingConfig, raw.get("tracking", {}), "tracking", where, base))
+    run = {name: section(cls, raw.get(name, {}), name, where, base)
+           for name, cls in RUN_SECTIONS.items() if name != "pool"}
+    try:
+        return RunConfig(
+            pool=section(PoolConfig, raw["pool"], "pool", where, base),
+            out=top.out if storage.is_uri(top.out) else base / Path(top.out).expanduser(),
+            methods=top.methods,
+            options={name: section(cls, raw[name], name, where, base)
+                     for name, cls in by_method.items() if name in raw},
+            source=path,
+            report_ingredients=top.report_ingredients,
+            cache=storage.resolve(top.cache, base) if top.cache else None,
+            metric=top.metric, **run)
+    except RaysoupError as e:
+        raise RaysoupError(f"{where}: {e}") from None
 
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "run.toml"
@@ -188,9 +228,7 @@ def reference_table(example: Path = EXAMPLE) -> str:
             meanings[last] += " " + comment.strip()
         else:
             last = None
-    sections = [("", TopLevel), ("pool", PoolConfig), ("method", ManifoldMixConfig),
-                ("resources", ResourcesConfig), ("tracking", TrackingConfig),
-                *method_sections().items()]
+    sections = [("", TopLevel), *RUN_SECTIONS.items(), *method_sections().items()]
     rows = ["| section | key | type | default | meaning |", "|---|---|---|---|---|"]
     for name, cls in sections:
         types = field_types(cls)

@@ -1,5 +1,6 @@
 """Shared test helpers: a validation evaluator, small run configs, cluster/local.py."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -8,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from raysoup.components import partition
+from raysoup.config import SearchConfig
 from raysoup.evaluate import VAL, Evaluator, load_eval_sets
 from raysoup.inputs.pool import IngredientPool, load_pretrained
 from raysoup.inputs.tasks import eval_set_sources
@@ -71,13 +73,16 @@ def assert_measured(row: dict, after_step: int = 0) -> int:
 
 
 def write_config(path: Path, zoo: Path | str, out: str, resources: dict | None = None,
-                 **method) -> Path:
-    """A small `raysoup run` config: 2 CPU evaluators, 3 evaluations per component."""
+                 **keys) -> Path:
+    """A small `raysoup run` config: 2 CPU evaluators, 3 evaluations per component; `keys`
+    go to [search] (its keys) or [manifold_mix] (the rest)."""
     resources = {"evaluators": 2, "cpus_per_evaluator": 0.5, "gpus_per_evaluator": 0,
                  **(resources or {})}
-    lines = [f'out = "{out}"', "[pool]", f'zoo = "{zoo}"', "[method]",
-             "evals_per_component = 3", "tau = 0.9",
-             *(f"{k} = {json.dumps(v)}" for k, v in method.items()),
+    search_keys = {f.name for f in dataclasses.fields(SearchConfig)}
+    lines = [f'out = "{out}"', "[pool]", f'zoo = "{zoo}"', "[search]",
+             *(f"{k} = {json.dumps(v)}" for k, v in keys.items() if k in search_keys),
+             "[manifold_mix]", "evals_per_component = 3", "tau = 0.9",
+             *(f"{k} = {json.dumps(v)}" for k, v in keys.items() if k not in search_keys),
              "[resources]", *(f"{k} = {json.dumps(v)}" for k, v in resources.items())]
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -72,8 +72,9 @@ def calibrate(config: ZooConfig, work: Path, label: str, first_zoo: Path | None,
     out = work / f"run-seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    report = execute(RunConfig(PoolConfig(str(zoo)), out, ManifoldMixConfig(
-        evals_per_component=evals_per_component), DEMO_RESOURCES, methods=METHODS))
+    report = execute(RunConfig(PoolConfig(str(zoo)), out, methods=METHODS, options={
+        "manifold_mix": ManifoldMixConfig(evals_per_component=evals_per_component)},
+        resources=DEMO_RESOURCES))
     methods = report["methods"]
     row = {"label": label, "seed": seed, "recipe": json.dumps(config.to_dict()),
            "build_s": round(build_s, 1), "run_s": round(time.perf_counter() - t0, 1),

@@ -72,7 +72,7 @@ def run_manifold_mix(zoo: Path, numerics: str, machine_name: str, work: Path) ->
     config = work / f"{numerics}-{machine_name}.toml"
     config.write_text("\n".join([
         f'out = "{out}"', 'methods = ["manifold_mix"]', "[pool]", f'zoo = "{zoo}"',
-        "[method]", f"evals_per_component = {DEMO_EVALS_PER_COMPONENT}", "[resources]",
+        "[manifold_mix]", f"evals_per_component = {DEMO_EVALS_PER_COMPONENT}", "[resources]",
         f"evaluators = {DEMO_RESOURCES.evaluators}",
         f"cpus_per_evaluator = {DEMO_RESOURCES.cpus_per_evaluator}",
         f'numerics = "{numerics}"']) + "\n")

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/commo
 from common import append_result, machine, parse_args
 
 from raysoup.components import partition
+from raysoup.config import SearchConfig
 from raysoup.evaluate import VAL, Evaluator, load_eval_sets
 from raysoup.inputs.pool import IngredientPool, load_state_dict, read_manifest, save_state_dict
 from raysoup.inputs.storage import write_json
@@ -138,7 +139,7 @@ def measure(pool_dir: Path, evals_per_component: int) -> dict:
     uniform = phases.run("uniform_soup", lambda: METHODS["uniform_soup"](ctx))
     greedy = phases.run("greedy_soup", lambda: METHODS["greedy_soup"](ctx))
     config = ManifoldMixConfig(evals_per_component=evals_per_component)
-    components = partition(list(pool.load(pool.names[0])), config.components)
+    components = partition(list(pool.load(pool.names[0])), SearchConfig().components)
     ctx.components, ctx.search = components, LocalSearch(judge, components)
     mixed = phases.run("manifold_mix", lambda: METHODS["manifold_mix"](ctx, config))
     return {**phases.row, "peak_rss_mib": peak_rss_mib(), "evaluations": judge.evaluations,

@@ -2,7 +2,7 @@
 
 ManifoldMix with the demo's settings (NGOpt, 10 evaluations per component, 2 sharded
 evaluators) runs twice per optimiser seed on each zoo through the Tune path, without the
-point cache: every point evaluated in full, and raced (method.racing). Records the
+point cache: every point evaluated in full, and raced (search.racing). Records the
 validation images forwarded (promise tests and passes) and whether every step's
 accept/reject decision and the final ingredients are the same. Target: at least 2x fewer
 forwards, same decisions.
@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/commo
 from common import append_result, default_zoo, machine, parse_args
 
 from raysoup.components import partition
+from raysoup.config import SearchConfig
 from raysoup.distributed.evaluators import EvaluatorSpec, start_evaluators
 from raysoup.distributed.racing import Racing
 from raysoup.distributed.tune_search import TuneSearch
@@ -61,7 +62,7 @@ def manifold_mix(zoo: Path, ranked: SoupContext, racing: Racing | None, seed: in
     """One ManifoldMix run on fresh evaluators: its decisions, forwards and wall time."""
     config = ManifoldMixConfig(evals_per_component=evals_per_component, seed=seed)
     pool, ranking = ranked.pool, ranked.ranking
-    components = partition(list(pool.load(ranking[0][0])), config.components)
+    components = partition(list(pool.load(ranking[0][0])), SearchConfig().components)
     spec = EvaluatorSpec(count=DEMO_RESOURCES.evaluators, mode="sharded",
                          cpus=DEMO_RESOURCES.cpus_per_evaluator)
     actors = start_evaluators(pool.spec, eval_set_sources(zoo), components, spec)

@@ -42,14 +42,13 @@ from ray import tune
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
 from common import append_result, machine, parse_args
 
-from raysoup.checkpoint import save_state
+from raysoup.checkpoint import StepCheckpoint
 from raysoup.components import partition
 from raysoup.distributed.evaluators import EvaluatorPool, EvaluatorSpec
 from raysoup.distributed.tune_search import TuneSearch
 from raysoup.inputs.data import EvalSetSource
 from raysoup.inputs.model import ModelSpec, build_classifier, clip_model
 from raysoup.inputs.pool import IngredientPool
-from raysoup.methods.manifold_mix import MixState
 from raysoup.search import lerp_mixer
 
 INGREDIENTS = 72
@@ -266,10 +265,9 @@ def main() -> None:
     ray.get([x.simulate_mixing.remote(args.gpu_mix_load_s) for x in actors])
     gpu = measure_passes(search, clocks, actors, start, args.trials)
     ray.get([x.simulate_mixing.remote(None) for x in actors])
-    state = MixState(a, [pool.names[0]], 0.5, [[0.5] * len(components)], 2)
-    # A fresh folder: an earlier run's checkpoint of the same state would be reused.
-    _, checkpoint_s = timed(save_state, args.dir / f"driver-{time.time()}", state, {}, [],
-                            judge.domain)
+    # A fresh folder: an earlier run's checkpoint of the same weights would be reused.
+    checkpoint = StepCheckpoint(args.dir / f"driver-{time.time()}", {}, judge.domain)
+    _, checkpoint_s = timed(checkpoint.save, {"accepted": [pool.names[0]]}, a, 1)
 
     # The report's dispatch: one model on every report set.
     _, report_s = timed(judge.correctness, a, list(REPORT_SETS))

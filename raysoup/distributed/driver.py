@@ -9,21 +9,20 @@ import os
 import socket
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
 
 from ..cache import JudgementCache
-from ..checkpoint import load_state, save_state
+from ..checkpoint import StepCheckpoint, load_ranking, save_ranking
 from ..console import LOG_FILE, console_logging, file_logging
 from ..errors import RaysoupError
 from ..evaluate import VAL, accuracy_row, ood_sets
 from ..inputs.pool import load_pretrained
 from ..inputs.storage import join
-from ..methods import METHODS, SoupContext, ValidationJudge
-from ..methods.manifold_mix import MixState
-from ..mixing import to_numpy
+from ..methods import METHOD_INFO, METHODS, SoupContext, ValidationJudge
 from ..numerics import enter
 from ..rundir import RunDir
 from ..stats import compare
@@ -33,7 +32,7 @@ from .tracking import Tracker
 from .tune_search import TuneSearch
 
 if TYPE_CHECKING:
-    from ..runner import Prepared
+    from ..preflight import Prepared
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +67,8 @@ class Judged:
 @ray.remote(num_cpus=0, max_restarts=0)
 class SoupDriver:
     """Owns the sequential state of a run: ranks, runs every method, judges every model.
-    Every forward pass goes to the evaluator actors; a ManifoldMix step checkpoint is
-    written after every candidate (and uploaded, when `out` is a URI). `cache_root`: the
+    Every forward pass goes to the evaluator actors; a resumable method's step checkpoint
+    is written after every step (and uploaded, when `out` is a URI). `cache_root`: the
     cache of the process that started the run (the config's or its RAYSOUP_CACHE), not of
     whichever node this actor's worker was started by."""
 
@@ -89,35 +88,50 @@ class SoupDriver:
         self.metrics = Tracker(config.out, config.tracking,
                                {"zoo": str(config.pool.zoo), "methods": ",".join(config.methods),
                                 "out": str(config.out)})
-        self.search = TuneSearch(actors, evaluators, config.method.num_workers,
+        search = config.search
+        self.search = TuneSearch(actors, evaluators, search.num_workers,
                                  config.out / "tune", config.resources.max_failures,
                                  join(cache_root, "points"), self.evaluator_pool.set_keys.get(VAL),
                                  self.metrics.pass_callbacks,
                                  config.tracking.progress_interval_s,
-                                 Racing(config.method.racing_chunks,
-                                        config.method.racing_confidence)
-                                 if config.method.racing else None)
+                                 Racing(search.racing_chunks, search.racing_confidence)
+                                 if search.racing else None)
         self.state_dir = config.out / "driver"
         self.run_dir = run_dir or RunDir(config.out)
 
-    def _ranking(self, judge: ValidationJudge) -> tuple[list, float, MixState | None]:
-        """The ranking on val (from ManifoldMix's checkpoint when resuming) and its cost."""
+    def _ranking(self, judge: ValidationJudge) -> tuple[list, float]:
+        """The ranking on val and its cost: kept in `driver/` when a method of the run is
+        resumable, and read from there on a resume."""
         config, pool = self.prepared.config, self.prepared.pool
-        saved = load_state(self.state_dir, config.fingerprint(), self.evaluator_pool.domain) \
-            if "manifold_mix" in config.methods else None
+        keep = bool(config.resumable())
+        saved = load_ranking(self.state_dir, config.fingerprint(), self.evaluator_pool.domain) \
+            if keep else None
         if saved is not None:
-            state, ranking = saved
-            logger.info(f"[driver] resuming after step {state.next_candidate - 1}: "
-                        f"{len(state.accepted)} ingredient(s), val {100 * state.accuracy:.2f}")
-            return [tuple(r) for r in ranking], 0.0, state
+            logger.info(f"[driver] resuming: the ranking of {len(saved)} ingredients from "
+                        f"{self.state_dir}")
+            return saved, 0.0
         t0 = time.perf_counter()
         ranking = SoupContext.rank(pool, judge).ranking
-        return ranking, time.perf_counter() - t0, None
+        if keep:
+            save_ranking(self.state_dir, ranking, config.fingerprint(), self.evaluator_pool.domain)
+            self.run_dir.sync("driver")
+        return ranking, time.perf_counter() - t0
+
+    def _context(self, ctx: SoupContext, name: str) -> SoupContext:
+        """`ctx` with the method's step checkpoint (if it keeps one) and tracker."""
+        config = self.prepared.config
+        checkpoint = StepCheckpoint(
+            self.state_dir / name, config.fingerprint(), self.evaluator_pool.domain,
+            # Another head resumes from what is uploaded: the step, its passes, the log.
+            on_save=lambda: self.run_dir.sync("driver", "tune", LOG_FILE)) \
+            if METHOD_INFO[name].resumable else None
+        return replace(ctx, checkpoint=checkpoint,
+                       track=lambda step, values: self.metrics.step(name, step, values))
 
     def run(self) -> dict:
         config, pool = self.prepared.config, self.prepared.pool
         judge = ValidationJudge(self.evaluator_pool.accuracy, rows=self.search.val_rows)
-        ranking, ranking_s, state = self._ranking(judge)
+        ranking, ranking_s = self._ranking(judge)
         logger.info("[driver] ranking on val: " + ", ".join(f"{n} {100 * a:.2f}"
                     for n, a in ranking))
         pretrained = load_pretrained(config.pool.zoo)
@@ -130,25 +144,17 @@ class SoupDriver:
         else:
             ingredients = {n: {"val": acc, "id": None, "ood": {}, "ood_avg": None,
                                "ingredients": [n]} for n, acc in ranking}
-        options = {name: {"config": c} for name, c in config.method_configs().items()}
-        def on_step(state: MixState) -> None:
-            save_state(self.state_dir, state, config.fingerprint(), ranking, self.evaluator_pool.domain)
-            # Another head resumes from what is uploaded: the step, its passes, the log.
-            self.run_dir.sync("driver", "tune", LOG_FILE)
-            self.metrics.step(state.next_candidate - 1, state.history[-1], state.accuracy,
-                              len(state.accepted), state.evaluations)
-
-        options.setdefault("manifold_mix", {}).update(state=state, on_step=on_step)
-        rows, fused = {}, None
+        configs = config.method_configs()
+        rows, written = {}, []
         for name in config.methods:
             t0, cached = time.perf_counter(), self.search.cached_points
             stopped = self.search.stopped_points
-            result = METHODS[name](ctx, **options.get(name, {}))
+            method_ctx = self._context(ctx, name)
+            result = METHODS[name](method_ctx, configs[name]) if name in configs else \
+                METHODS[name](method_ctx)
             details = result.details_dict()
-            if name == "manifold_mix":
-                fused = to_numpy(result.state_dict)
-            if "config" in options.get(name, {}):
-                details["config"] = options[name]["config"].to_dict()
+            if name in configs:
+                details["config"] = configs[name].to_dict()
             wall = time.perf_counter() - t0 + (ranking_s if result.ranked else 0.0)
             rows[name] = {**judged.add(name, result.state_dict),
                           "ingredients": result.ingredients,
@@ -158,12 +164,14 @@ class SoupDriver:
                           # evaluations answered by the point cache (measured before)
                           "cached_evaluations": self.search.cached_points - cached,
                           **({"stopped_evaluations": self.search.stopped_points - stopped}
-                             if config.method.racing else {}), **details}
+                             if config.search.racing else {}), **details}
             self.metrics.method(name, rows[name])
             logger.info(f"[driver] {name}: val {100 * rows[name]['val']:.2f}, "
                         f"{len(result.ingredients)} ingredient(s)"
                         + (f", {rows[name]['cached_evaluations']} of its evaluations from the "
                            f"point cache" if rows[name]["cached_evaluations"] else ""))
+            if METHOD_INFO[name].write is not None:  # under `out`, on this (the head's) node
+                written += METHOD_INFO[name].write(config.out, rows[name], result.state_dict)
         # Every method against the best ingredient and greedy soup, paired on the same images.
         best = ranking[0][0]
         if best not in judged.correctness:
@@ -178,7 +186,7 @@ class SoupDriver:
             {"pretrained": judged.add("pretrained", pretrained)}
         cache = self.evaluator_pool.cache
         return {"methods": rows, "ingredients": ingredients, "references": references,
-                "ranking": ranking, "correctness": judged.correctness, "fused": fused,
+                "ranking": ranking, "correctness": judged.correctness, "written": written,
                 "numerics": self.evaluator_pool.domain, "run_dir": self.run_dir,
                 "cache": {"points_cached": self.search.cached_points,
                           "judgements_cached": cache.cached,

@@ -118,16 +118,14 @@ class Tracker:
         if self.mlflow is not None:
             self.mlflow.log(values, step)
 
-    def step(self, position: int, step: dict, best: float, ingredients: int,
-             evaluations: int) -> None:
-        scalars = {"promise_accuracy": step["promise_accuracy"],
-                   **{f"pass{i + 1}_accuracy": p["accuracy"]
-                      for i, p in enumerate(step["passes"])},
-                   "accepted": float(step["accepted"]), "evaluations": evaluations,
-                   "best_so_far": best, "ingredients": ingredients}
-        self._scalars({f"manifold_mix/{k}": v for k, v in scalars.items()}, position)
+    def step(self, method: str, position: int, values: dict) -> None:
+        """A method's metrics after one of its steps: numbers as scalars, text as text."""
+        self._scalars({f"{method}/{k}": v for k, v in values.items()
+                       if not isinstance(v, str)}, position)
         if self.writer is not None:
-            self.writer.add_text("manifold_mix/candidate", step["candidate"], position)
+            for key, text in values.items():
+                if isinstance(text, str):
+                    self.writer.add_text(f"{method}/{key}", text, position)
 
     def method(self, name: str, row: dict) -> None:
         self._scalars({f"methods/{name}/{key}": row[key] for key in

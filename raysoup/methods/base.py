@@ -1,14 +1,16 @@
 """What every merge method gets (a pool, a validation judge, the ranking, the components,
-a search, the pretrained weights and the data passes on the evaluators) and returns:
-``METHODS[name](ctx, **options) -> MethodResult``. ``METHOD_INFO[name]`` says what a method
-needs before a run starts (its config class, the pretrained weights, a memory check)."""
+a search, the pretrained weights, the data passes on the evaluators, a step checkpoint) and
+returns: ``METHODS[name](ctx, config) -> MethodResult``. ``METHOD_INFO[name]`` holds the
+method's hooks: its config section, what it needs before a run starts (the pretrained
+weights, a check of the pool), its line of the plan, and the files it writes."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Annotated, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, ClassVar
 
 import numpy as np
 from pydantic import Field
@@ -18,6 +20,9 @@ from ..errors import RaysoupError
 from ..inputs.pool import IngredientPool
 from ..mixing import StateDict
 from ..search import Mixer, Search, check_optimizer
+
+if TYPE_CHECKING:
+    from ..checkpoint import StepCheckpoint
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +76,11 @@ class SoupContext:
     # every validation shard, the sums added up and divided by the rows (Fisher, Gram).
     learn: Callable[[Callable, Sequence[StateDict], object], object] | None = None
     statistic: Callable[[Callable, StateDict, object], dict[str, np.ndarray]] | None = None
+    # A method that works in steps saves each completed one here and resumes from the last
+    # (raysoup.checkpoint.StepCheckpoint; None: nothing is kept, as in tests).
+    checkpoint: StepCheckpoint | None = None
+    # Per-step metrics to the run's trackers: track(step, {name: number or text}).
+    track: Callable[[int, dict], None] | None = None
 
     @classmethod
     def rank(cls, pool: IngredientPool, judge: ValidationJudge, **rest) -> SoupContext:
@@ -97,11 +107,25 @@ METHODS: dict[str, Method] = {}
 
 @dataclass(frozen=True)
 class MethodInfo:
-    """What a run checks before any cluster work: the method's config (a TOML section of
-    its name), whether it needs the manifest's `pretrained`, and a check of the pool."""
+    """A method's hooks. Before any cluster work: its config (the TOML section of its name),
+    whether it needs the manifest's `pretrained`, a check of the pool and config, and its
+    line of `raysoup check`'s plan, plan(config, ingredients, components). `resumable`: it
+    saves its steps in `ctx.checkpoint`, which `--resume` continues. `write(out, row,
+    state_dict)`: its own files beside the report from its report row (and its merged
+    weights; None when `raysoup report` redraws figures), returning their names."""
     config: type | None = None
     needs_pretrained: bool = False
     check: Callable[[IngredientPool, object], None] | None = None
+    plan: Callable[[object, int, int], str] | None = None
+    resumable: bool = False
+    write: Callable[[Path, dict, StateDict | None], list[str]] | None = None
+
+    def plan_line(self, config, ingredients: int, components: int) -> str:
+        if self.plan is not None:
+            return self.plan(config, ingredients, components)
+        if hasattr(config, "budget"):
+            return f"{config.optimizer}, {config.budget} evaluations"
+        return "no validation search"
 
 
 METHOD_INFO: dict[str, MethodInfo] = {}

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from ..config import PoolConfig, ResourcesConfig, RunConfig, section
+from ..config import PoolConfig, RunConfig, SearchConfig, section
 from ..errors import RaysoupError
 from ..methods.manifold_mix import ManifoldMixConfig
 from ..report import append_rows, machine
@@ -121,12 +121,15 @@ def run_cell(cell: dict, zoo: str, out: Path) -> tuple[dict, dict]:
     shutil.rmtree(cell_dir, ignore_errors=True)  # an interrupted cell starts over
     reference = cell["kind"] == "reference"
     name = cell["optimizer"] if reference else "manifold_mix"
-    method = ManifoldMixConfig() if reference else ManifoldMixConfig(
-        optimizer=cell["optimizer"], evals_per_component=cell["budget"],
-        num_workers=cell["parallel"], seed=cell["seed"], components=cell["components"],
-        drop_unused=cell["drop_unused"])
-    report = execute(RunConfig(PoolConfig(zoo), cell_dir, method, ResourcesConfig(),
-                               methods=(name,)))
+    config = RunConfig(PoolConfig(zoo), cell_dir, methods=(name,)) if reference else \
+        RunConfig(PoolConfig(zoo), cell_dir, methods=(name,),
+                  options={name: ManifoldMixConfig(optimizer=cell["optimizer"],
+                                                   evals_per_component=cell["budget"],
+                                                   seed=cell["seed"])},
+                  search=SearchConfig(components=cell["components"],
+                                      drop_unused=cell["drop_unused"],
+                                      num_workers=cell["parallel"]))
+    report = execute(config)
     r = report["methods"][name]
     row = {**cell, "val": r["val"], "id": r["id"], "ood_avg": r["ood_avg"],
            "ood": json.dumps(r["ood"]), "wall_s": r["wall_s"], "accepted": len(r["ingredients"]),

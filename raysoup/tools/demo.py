@@ -96,7 +96,7 @@ def run_demo(out: Path | None = None, quick: bool = False, zoo_dir: Path | None 
     budget = QUICK_EVALS_PER_COMPONENT if quick else DEMO_EVALS_PER_COMPONENT
     everything = every_method or quick or text
     config = RunConfig(PoolConfig(str(zoo_dir), verify_sha256), fresh_run_dir(out),
-                       ManifoldMixConfig(evals_per_component=budget), DEMO_RESOURCES,
                        methods=ALL_METHODS if everything else DEMO_METHODS,
-                       report_ingredients=everything)
+                       options={"manifold_mix": ManifoldMixConfig(evals_per_component=budget)},
+                       resources=DEMO_RESOURCES, report_ingredients=everything)
     return execute(config, extra={"quick": quick, "text": text})

@@ -118,7 +118,7 @@ def test_a_run_submitted_with_ray_job_submit_completes(fault_free):
 def test_killing_the_driver_then_resuming_gives_the_identical_result(cluster, soup_zoo,
                                                                      fault_free, tmp_path):
     config = run_config(tmp_path, soup_zoo, "killed")
-    state = tmp_path / "killed" / "driver" / "state.json"
+    state = tmp_path / "killed" / "driver" / "manifold_mix" / "state.json"
     proc = start_run(cluster, config, tmp_path / "cache-killed")
     wait_for(state, proc)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -128,7 +128,7 @@ def test_killing_the_driver_then_resuming_gives_the_identical_result(cluster, so
     resumed = start_run(cluster, config, tmp_path / "cache-resumed", "--resume")
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output[-3000:]
-    assert f"[driver] resuming after step {done}:" in output
+    assert f"[manifold_mix] resuming after step {done}:" in output
     assert_same(outcome(tmp_path / "killed"), outcome(fault_free[1]))
     # The steps after the checkpoint were measured by the resumed run, not read back.
     assert assert_measured(manifold_mix_row(tmp_path / "killed"), after_step=done) > 0

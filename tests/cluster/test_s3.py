@@ -235,7 +235,7 @@ def test_a_run_with_out_on_s3_uploads_every_output_and_no_secret(run_on_s3):
     uploaded = objects(f"s3://{BUCKET}/run-a")
     assert {"report.json", "results.parquet", "correctness.parquet", "beta.parquet",
             "beta.png", "history.json", "fused.safetensors", "raysoup.log",
-            "driver/state.json"} <= set(uploaded)
+            "driver/ranking.json", "driver/manifold_mix/state.json"} <= set(uploaded)
     assert json.loads(uploaded["report.json"])["methods"] == \
         json.loads(json.dumps(report["methods"]))
     history = json.loads(uploaded["history.json"])
@@ -311,7 +311,7 @@ def test_a_run_killed_on_a_4_node_cluster_resumes_from_s3_on_another_head(
                                 stderr=subprocess.STDOUT, text=True)
 
     proc = client("cache-a")
-    fs, base = pafs.FileSystem.from_uri(f"{uri}/driver/state.json")
+    fs, base = pafs.FileSystem.from_uri(f"{uri}/driver/manifold_mix/state.json")
     deadline = time.time() + 300
     while (fs.get_file_info(base).type != pafs.FileType.File and time.time() < deadline
            and proc.poll() is None):
@@ -319,20 +319,21 @@ def test_a_run_killed_on_a_4_node_cluster_resumes_from_s3_on_another_head(
     os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: the client and its driver
     output = proc.communicate()[0]
     uploaded = objects(uri)
-    assert "driver/state.json" in uploaded, f"the run never uploaded a step:\n{output[-3000:]}"
+    step = "driver/manifold_mix/state.json"
+    assert step in uploaded, f"the run never uploaded a step:\n{output[-3000:]}"
     assert "report.json" not in uploaded
-    done = json.loads(uploaded["driver/state.json"])["state"]["next_candidate"] - 1
+    done = json.loads(uploaded[step])["state"]["next_candidate"] - 1
     with pytest.raises(RaysoupError, match="holds an unfinished run"):
         execute(load_config(path))
     resumed = client("cache-b", "--resume")
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output[-3000:]
-    assert f"[driver] resuming after step {done}:" in output
+    assert f"[manifold_mix] resuming after step {done}:" in output
     report = json.loads(objects(uri)["report.json"])
     a, b = first["methods"]["manifold_mix"], report["methods"]["manifold_mix"]
     assert a["ingredients"] == b["ingredients"] and a["history"] == b["history"]
     assert a["val"] == b["val"] and report["config"]["resumed"]
-    assert f"[driver] resuming after step {done}:" in objects(uri)["raysoup.log"].decode()
+    assert f"[manifold_mix] resuming after step {done}:" in objects(uri)["raysoup.log"].decode()
     assert assert_measured(b, after_step=done) > 0
 
 

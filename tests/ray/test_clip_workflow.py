@@ -187,8 +187,8 @@ def test_clip_workflow_end_to_end(tmp_path):
     (tmp_path / "run.toml").write_text(
         'out = "run"\nmethods = ["greedy_soup", "manifold_mix"]\n'
         '[pool]\nzoo = "zoo"\n'
-        '[method]\ncomponents = "granularity-1"\ndrop_unused = true\n'
-        'evals_per_component = 2\ntau = 0.5\n'
+        '[search]\ncomponents = "granularity-1"\ndrop_unused = true\n'
+        '[manifold_mix]\nevals_per_component = 2\ntau = 0.5\n'
         '[resources]\nevaluators = 1\ncpus_per_evaluator = 1\n')
     done = raysoup("run", "run.toml", cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -230,6 +230,6 @@ def test_examples_parse():
     from raysoup.config import load_config
     examples = Path(__file__).parents[2] / "examples" / "clip"
     config = load_config(examples / "run.toml")
-    assert config.methods == ("greedy_soup", "manifold_mix") and config.method.drop_unused
+    assert config.methods == ("greedy_soup", "manifold_mix") and config.search.drop_unused
     manifest = json.loads((examples / "manifest.json").read_text())
     assert ModelSpec.from_dict(manifest["model"]).arch == "ViT-B-32-quickgelu"

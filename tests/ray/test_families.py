@@ -152,7 +152,8 @@ def _run_config(tmp_path, zoo, methods, out="out"):
     path.write_text("\n".join([
         f'out = "{tmp_path / out}"', f"methods = {json.dumps(methods)}",
         "[pool]", f'zoo = "{zoo}"',
-        "[method]", 'components = "per-block"', "evals_per_component = 2", "tau = 0.9",
+        "[search]", 'components = "per-block"',
+        "[manifold_mix]", "evals_per_component = 2", "tau = 0.9",
         "[task_arithmetic]", "budget = 3", "[ties_merging]", "budget = 3",
         "[learned_soup]", "epochs = 2",
         "[resources]", "evaluators = 2", "cpus_per_evaluator = 0.5",
@@ -292,7 +293,7 @@ def test_a_pool_that_disagrees_is_refused_in_one_line(text_zoo, tmp_path, change
 
 
 def test_a_text_set_without_a_tokenizer_is_refused_before_ray(text_zoo, tmp_path):
-    from raysoup.runner import validate_run
+    from raysoup.preflight import validate_run
 
     def drop_tokenizer(m, zoo):
         for f in ("tokenizer.json", "tokenizer_config.json"):

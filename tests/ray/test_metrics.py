@@ -15,7 +15,7 @@ from raysoup.evaluate import VAL, Evaluator, load_eval_sets
 from raysoup.inputs.pool import IngredientPool
 from raysoup.inputs.tasks import eval_set_sources
 from raysoup.metrics import load_metric
-from raysoup.runner import validate_run
+from raysoup.preflight import validate_run
 from raysoup.stats import compare, paired
 
 from .. import user_metrics
@@ -86,7 +86,7 @@ def test_racing_refuses_a_soft_metric_and_takes_a_binary_one(tiny_zoo, tmp_path)
     path = write_config(tmp_path / "run.toml", tiny_zoo, "out", racing=True)
     text = path.read_text()
     path.write_text('metric = "tests.user_metrics:soft"\n' + text)
-    with pytest.raises(RaysoupError, match=r"method.racing compares points on right/wrong "
+    with pytest.raises(RaysoupError, match=r"search.racing compares points on right/wrong "
                                            r"answers; metric = 'tests.user_metrics:soft'"):
         validate_run(load_config(path), resume=False)
     path.write_text('metric = "tests.user_metrics:top2"\n' + text)

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raysoup.checkpoint import load_state, save_state
+from raysoup.checkpoint import StepCheckpoint
 from raysoup.errors import RaysoupError
 from raysoup.inputs.pool import IngredientPool
-from raysoup.methods.manifold_mix import MixState
 
 PROBE = Path(__file__).parents[1] / "numerics_probe.py"
 # Another machine's kernel choices, as far as one machine can show them: ATen's scalar
@@ -63,10 +62,10 @@ def test_a_portable_evaluator_without_the_pinned_kernels_is_refused(tiny_zoo, tm
 
 def test_a_run_is_not_resumed_in_another_numeric_domain(tiny_zoo, tmp_path):
     pool = IngredientPool.from_zoo(tiny_zoo)
-    state = MixState(pool.load(pool.names[0]), [pool.names[0]], 0.5, next_candidate=2)
-    save_state(tmp_path, state, {"config": 1}, [], "cpu native AVX512 (a CPU)")
-    assert load_state(tmp_path, {"config": 1}, "cpu native AVX512 (a CPU)") is not None
+    StepCheckpoint(tmp_path, {"config": 1}, "cpu native AVX512 (a CPU)").save(
+        {"accepted": [pool.names[0]]}, pool.load(pool.names[0]), version=1)
+    assert StepCheckpoint(tmp_path, {"config": 1}, "cpu native AVX512 (a CPU)").load()
     with pytest.raises(RaysoupError, match="evaluated in the numeric domain 'cpu native "
                                            "AVX512 \\(a CPU\\)', but the evaluators now "
                                            "compute in 'cpu native AVX2"):
-        load_state(tmp_path, {"config": 1}, "cpu native AVX2 (another CPU)")
+        StepCheckpoint(tmp_path, {"config": 1}, "cpu native AVX2 (another CPU)").load()

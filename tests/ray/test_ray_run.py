@@ -81,11 +81,11 @@ def test_tune_path_makes_the_same_decisions_as_the_plain_loop(uninterrupted):
     pool = IngredientPool.from_zoo(config.pool.zoo)
     evaluator = val_evaluator(config.pool.zoo)
     judge = ValidationJudge(evaluator.accuracy, rows=len(evaluator.sets[VAL][1]))
-    components = partition(list(pool.load(pool.names[0])), config.method.components)
+    components = partition(list(pool.load(pool.names[0])), config.search.components)
     ranking = [tuple(r) for r in report["ranking"]]
     local = METHODS["manifold_mix"](SoupContext(pool, judge, ranking, components,
                                                 LocalSearch(judge, components)),
-                                    config.method)
+                                    config.method_configs()["manifold_mix"])
     tuned = report["methods"]["manifold_mix"]
     assert local.ingredients == tuned["ingredients"]
     assert json.loads(json.dumps(local.details.history)) == tuned["history"]
@@ -103,7 +103,7 @@ def test_resume_after_killing_the_run_gives_the_identical_result(uninterrupted, 
     proc = subprocess.Popen([sys.executable, "-m", "raysoup.cli", "run", str(path)],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    state = tmp_path / "out" / "driver" / "state.json"
+    state = tmp_path / "out" / "driver" / "manifold_mix" / "state.json"
     deadline = time.time() + 300
     while not state.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -118,7 +118,7 @@ def test_resume_after_killing_the_run_gives_the_identical_result(uninterrupted, 
     assert a["ingredients"] == b["ingredients"] and a["history"] == b["history"]
     # The recovery happened: it resumed after the checkpointed steps, and measured the rest.
     log = (tmp_path / "out" / "raysoup.log").read_text()
-    assert f"[driver] resuming after step {done}:" in log and report_b["config"]["resumed"]
+    assert f"[manifold_mix] resuming after step {done}:" in log and report_b["config"]["resumed"]
     assert assert_measured(b, after_step=done) > 0
     fused_a = load_file(config_a.out / "fused.safetensors")
     fused_b = load_file(tmp_path / "out" / "fused.safetensors")
@@ -130,7 +130,7 @@ def test_resume_after_killing_the_run_gives_the_identical_result(uninterrupted, 
 def test_a_run_with_baselines_resumes_manifold_mix_from_its_checkpoint(soup_zoo, tmp_path):
     """An interrupted `methods = [greedy_soup, manifold_mix]` run: --resume reruns the
     baseline and continues ManifoldMix after its last saved step instead of starting over."""
-    from raysoup.checkpoint import save_state
+    from raysoup.checkpoint import StepCheckpoint, save_ranking
     from raysoup.methods.manifold_mix import MixState
     from raysoup.numerics import describe
     path = write_config(tmp_path / "run.toml", soup_zoo, "out")
@@ -141,10 +141,11 @@ def test_a_run_with_baselines_resumes_manifold_mix_from_its_checkpoint(soup_zoo,
     best, acc = ranking[0]
     # A checkpoint after the last candidate: every step done, the best ingredient alone
     # (a fresh run accepts "twin", the exact copy of the best).
-    save_state(config.out / "driver", MixState(pool.load(best), [best], acc,
-                                               next_candidate=len(ranking)),
-               config.fingerprint(), ranking,
-               describe(config.resources.numerics, threads=1))  # 0.5 CPU: one thread
+    domain = describe(config.resources.numerics, threads=1)  # 0.5 CPU: one thread
+    save_ranking(config.out / "driver", ranking, config.fingerprint(), domain)
+    state = MixState(pool.load(best), [best], acc, next_candidate=len(ranking))
+    StepCheckpoint(config.out / "driver" / "manifold_mix", config.fingerprint(),
+                   domain).save(state.summary(), state.accumulator, version=1)
     with pytest.raises(RaysoupError, match="unfinished run; continue it with --resume"):
         execute(config)
     report = execute(config, resume=True)

@@ -13,7 +13,7 @@ from raysoup.cli import main
 from raysoup.config import load_config
 from raysoup.errors import RaysoupError
 from raysoup.inputs.data import EvalSet, write_eval_set
-from raysoup.runner import validate_run
+from raysoup.preflight import validate_run
 
 
 def write(tmp_path, zoo, top="", sections=""):
@@ -24,32 +24,33 @@ def write(tmp_path, zoo, top="", sections=""):
 
 # (top-level lines, section lines, the message), one distinct input class each.
 CONFIG_CASES = [
-    ("", "[method]\nphase2 = 'false'",
-     r'method.phase2 = "false": expected bool \(input should be a valid boolean\)'),
+    ("", "[manifold_mix]\nphase2 = 'false'",
+     r'manifold_mix.phase2 = "false": expected bool \(input should be a valid boolean\)'),
     ("report_ingredients = 'false'", "", r'report_ingredients = "false": expected bool'),
-    ("", "[method]\nevals_per_component = 2.5",
-     (r"method.evals_per_component = 2.5: expected int, >= 1 \(input should be a valid "
+    ("", "[manifold_mix]\nevals_per_component = 2.5",
+     (r"manifold_mix.evals_per_component = 2.5: expected int, >= 1 \(input should be a valid "
       r"integer\)")),
-    ("", "[method]\nlater_pass_bounds = [0.3]",
-     r"method.later_pass_bounds = \[0.3\]: expected tuple\[float, float\] \(too few values\)"),
-    ("", "[method]\nlater_pass_bounds = [0.3, 0.6, 0.9]",
-     r"method.later_pass_bounds = \[0.3, 0.6, 0.9\]: expected tuple\[float, float\]"),
-    ("", "[method]\nlater_pass_bounds = ['low', 1.0]",
-     r'method.later_pass_bounds = \["low", 1.0\]: expected tuple\[float, float\]'),
+    ("", "[manifold_mix]\nlater_pass_bounds = [0.3]",
+     r"manifold_mix.later_pass_bounds = \[0.3\]: expected tuple\[float, float\] \(too few values\)"),
+    ("", "[manifold_mix]\nlater_pass_bounds = [0.3, 0.6, 0.9]",
+     r"manifold_mix.later_pass_bounds = \[0.3, 0.6, 0.9\]: expected tuple\[float, float\]"),
+    ("", "[manifold_mix]\nlater_pass_bounds = ['low', 1.0]",
+     r'manifold_mix.later_pass_bounds = \["low", 1.0\]: expected tuple\[float, float\]'),
     ("methods = 'greedy_soup'", "",
      (r'methods = "greedy_soup": expected tuple\[str, \.\.\.\], length >= 1 \(input should '
       r'be a valid array')),
     ("methods = ['greedy_soup', 3]", "", r"methods = \[\"greedy_soup\", 3\]: expected tuple"),
-    ("", "[method]\nbounds_delta = 0",
-     r"method.bounds_delta = 0: expected float, > 0, <= 1 \(input should be greater than 0\)"),
-    ("", "[method]\nseed = -1", r"method.seed = -1: expected int"),
-    ("", "[method]\nnum_workers = 0", r"method.num_workers = 0: expected int"),
-    ("", "[method]\nmu_bounds = [1.4, 0.7]", r"mu_bounds must satisfy 0 < lower < upper"),
-    ("", "[method]\nthird_pass_gain = -0.1", r"method.third_pass_gain = -0.1"),
-    ("", "[method]\nphase2_evals_per_weight = 0", r"method.phase2_evals_per_weight = 0"),
-    ("", "[method]\ncomponents = 5", r"method.components = 5: expected str"),
-    ("", "[method]\noptimizer = 'Cobyla'\nnum_workers = 2",
-     r"optimizer 'Cobyla' is strictly sequential"),
+    ("", "[manifold_mix]\nbounds_delta = 0",
+     r"manifold_mix.bounds_delta = 0: expected float, > 0, <= 1 \(input should be greater than 0\)"),
+    ("", "[manifold_mix]\nseed = -1", r"manifold_mix.seed = -1: expected int"),
+    ("", "[search]\nnum_workers = 0", r"search.num_workers = 0: expected int"),
+    ("", "[manifold_mix]\nmu_bounds = [1.4, 0.7]", r"mu_bounds must satisfy 0 < lower < upper"),
+    ("", "[manifold_mix]\nthird_pass_gain = -0.1", r"manifold_mix.third_pass_gain = -0.1"),
+    ("", "[manifold_mix]\nphase2_evals_per_weight = 0", r"manifold_mix.phase2_evals_per_weight = 0"),
+    ("", "[search]\ncomponents = 5", r"search.components = 5: expected str"),
+    ("", "[manifold_mix]\noptimizer = 'Cobyla'\n[search]\nnum_workers = 2",
+     (r"manifold_mix.optimizer with search.num_workers = 2: optimizer 'Cobyla' is strictly "
+     r"sequential")),
     ("", "[resources]\nevaluators = -1", r"resources.evaluators = -1: expected int"),
     ("", "[resources]\ncpus_per_evaluator = 0", r"resources.cpus_per_evaluator = 0"),
     ("", "[resources]\ngpus_per_evaluator = -2", r"resources.gpus_per_evaluator = -2"),
@@ -91,8 +92,10 @@ CONFIG_CASES = [
      r"tracking.callbacks: cannot import 'no_such_package:Logger'"),
     ("", "[tracking]\ntensorboard = 1", r"tracking.tensorboard = 1: expected bool"),
     ("", "[methdo]\ntau = 0.9", r"unknown key\(s\) or section\(s\) \['methdo'\]"),
-    ("", "[method]\ntau = 0\n[pool.extra]\nx = 1", r"unknown key\(s\) pool.extra"),
-    ("method = 3", "", r"\[method\] must be a table of keys, got 3"),
+    ("", "[manifold_mix]\ntau = 0\n[pool.extra]\nx = 1", r"unknown key\(s\) pool.extra"),
+    ("search = 3", "", r"\[search\] must be a table of keys, got 3"),
+    ("", "[method]\ntau = 0.9", (r"\[method\] is now two sections: \[manifold_mix\] \(the "
+     r"method's own keys\) and \[search\] \(components, drop_unused, num_workers")),
 ]
 
 
@@ -234,7 +237,7 @@ def test_a_cache_under_a_file_is_refused(tiny_zoo, tmp_path):
 
 def test_check_prints_the_plan_without_starting_ray(tiny_zoo, tmp_path, capsys):
     path = write(tmp_path, tiny_zoo, "methods = ['greedy_soup', 'ties_merging', "
-                 "'manifold_mix']", "[method]\nevals_per_component = 3\n"
+                 "'manifold_mix']", "[manifold_mix]\nevals_per_component = 3\n"
                  "[ties_merging]\nbudget = 7")
     assert main(["check", str(path)]) == 0
     out = capsys.readouterr().out
@@ -246,10 +249,10 @@ def test_check_prints_the_plan_without_starting_ray(tiny_zoo, tmp_path, capsys):
 
 
 def test_check_turns_a_bad_config_into_one_line(tiny_zoo, tmp_path, capsys):
-    path = write(tmp_path, tiny_zoo, "", "[method]\nphase2 = 'no'")
+    path = write(tmp_path, tiny_zoo, "", "[manifold_mix]\nphase2 = 'no'")
     assert main(["check", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "method.phase2" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and "manifold_mix.phase2" in err and "Traceback" not in err
 
 
 def test_an_unreachable_cluster_address_is_one_line_not_a_hang(tiny_zoo, tmp_path, capsys):

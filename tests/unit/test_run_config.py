@@ -13,26 +13,26 @@ from raysoup.config import load_config
 from raysoup.errors import RaysoupError
 from raysoup.inputs.data import EvalSet, write_eval_set
 from raysoup.inputs.pool import load_state_dict, save_state_dict
-from raysoup.runner import validate_run
+from raysoup.preflight import validate_run
 
 DOMAIN = "a numeric domain"  # what the evaluators of the saved run computed in
 
 
 def config_text(zoo, out="out", method="", resources="", extra=""):
-    return (f'out = "{out}"\n{extra}\n[pool]\nzoo = "{zoo}"\n[method]\n{method}\n'
+    return (f'out = "{out}"\n{extra}\n[pool]\nzoo = "{zoo}"\n[manifold_mix]\n{method}\n'
             f"[resources]\n{resources}\n")
 
 
 @pytest.mark.parametrize("method, resources, extra, message", [
     ("optimizer = 'NGOptt'", "", "", "unknown nevergrad optimizer 'NGOptt'"),
     ("evals_per_component = 0", "", "",
-     (r"method.evals_per_component = 0: expected int, >= 1 \(input should be greater than or "
+     (r"manifold_mix.evals_per_component = 0: expected int, >= 1 \(input should be greater than or "
       r"equal to 1\)")),
     ("tau = 1.5", "", "",
-     r"method.tau = 1.5: expected float, > 0, <= 1 \(input should be less than or equal to 1\)"),
+     r"manifold_mix.tau = 1.5: expected float, > 0, <= 1 \(input should be less than or equal to 1\)"),
     ("later_pass_bounds = [0.3, 1.5]", "", "", "later_pass_bounds"),
-    ("components = 'granularity-9'", "", "", "unknown components preset 'granularity-9'"),
-    ("optimiser = 'NGOpt'", "", "", "unknown key.*method.optimiser"),
+    ("[search]\ncomponents = 'granularity-9'", "", "", "unknown components preset 'granularity-9'"),
+    ("optimiser = 'NGOpt'", "", "", "unknown key.*manifold_mix.optimiser"),
     ("", "evaluation = 'sometimes'", "", "resources.evaluation"),
     ("", "", "seed = 3", r"unknown key\(s\) or section\(s\) \['seed'\]"),
     ("", "", "methods = ['greedy_soup', 'greedier_soup']",
@@ -110,20 +110,16 @@ def test_eval_sets_and_pretrained_are_checked_before_ray(tiny_zoo, tmp_path, cha
 
 
 def test_resume_from_a_run_with_another_config_is_refused(tiny_zoo, tmp_path):
-    from raysoup.checkpoint import save_state
-    from raysoup.inputs.pool import IngredientPool
-    from raysoup.methods.manifold_mix import MixState
+    from raysoup.checkpoint import save_ranking
     path = tmp_path / "run.toml"
     path.write_text(config_text(tiny_zoo, method="tau = 0.99"))
     config = load_config(path)
-    pool = IngredientPool.from_zoo(tiny_zoo)
-    save_state(config.out / "driver", MixState(pool.load("ft-00"), ["ft-00"], 0.5),
-               config.fingerprint(), [("ft-00", 0.5)], DOMAIN)
+    save_ranking(config.out / "driver", [("ft-00", 0.5)], config.fingerprint(), DOMAIN)
     with pytest.raises(RaysoupError, match="unfinished run; continue it with --resume"):
         validate_run(config, resume=False)
     validate_run(config, resume=True)  # same config: fine
     path.write_text(config_text(tiny_zoo, method="tau = 0.95"))
-    with pytest.raises(RaysoupError, match="different config.*method"):
+    with pytest.raises(RaysoupError, match="different config.*manifold_mix"):
         validate_run(load_config(path), resume=True)
 
 
@@ -131,7 +127,7 @@ def test_resume_of_a_run_without_manifold_mix_is_refused(tiny_zoo, tmp_path):
     from raysoup.runner import execute
     path = tmp_path / "run.toml"
     path.write_text(config_text(tiny_zoo, extra="methods = ['greedy_soup', 'uniform_soup']"))
-    with pytest.raises(RaysoupError, match=r"--resume continues manifold_mix.*"
+    with pytest.raises(RaysoupError, match=r"--resume continues .*resumable method.*"
                                            r"\['greedy_soup', 'uniform_soup'\] keep none"):
         execute(load_config(path), resume=True)
     assert not ray.is_initialized()
@@ -151,20 +147,15 @@ def test_the_example_config_lists_every_key_at_its_default():
     from dataclasses import fields
     from pathlib import Path
 
-    from raysoup.config import ResourcesConfig
-    from raysoup.methods import METHOD_INFO
-    from raysoup.methods.manifold_mix import ManifoldMixConfig
-    from raysoup.tracking import TrackingConfig
+    from raysoup.config import RUN_SECTIONS, method_sections
     path = Path(__file__).parents[2] / "examples" / "run.toml"
     raw = tomllib.loads(path.read_text())
     config = load_config(path)
-    sections = {name: info.config for name, info in METHOD_INFO.items()
-                if info.config is not None and name != "manifold_mix"}
-    assert set(raw) == {"out", "methods", "report_ingredients", "cache", "metric", "pool", "method",
-                        "resources", "tracking", *sections}
-    for name, cls, parsed in [("method", ManifoldMixConfig, config.method),
-                              ("resources", ResourcesConfig, config.resources),
-                              ("tracking", TrackingConfig, config.tracking),
+    sections = method_sections()
+    assert set(raw) == {"out", "methods", "report_ingredients", "cache", "metric",
+                        *RUN_SECTIONS, *sections}
+    for name, cls, parsed in [*((n, c, getattr(config, n)) for n, c in RUN_SECTIONS.items()
+                                if n != "pool"),
                               *((n, c, config.options[n]) for n, c in sections.items())]:
         assert set(raw[name]) == {f.name for f in fields(cls)}, name
         assert parsed == cls(), name
@@ -252,29 +243,27 @@ def test_the_documented_configuration_reference_is_the_typed_models_table():
     assert doc.split(begin)[1].split(end)[0] == reference_table()
 
 
-def test_step_checkpoints_write_the_weights_only_when_a_candidate_is_accepted(tiny_zoo,
-                                                                              tmp_path):
-    """After a rejected step only state.json changes; an accepted one writes the new
-    accumulator and removes the old; another config's checkpoint is never reused."""
-    from raysoup.checkpoint import load_state, save_state
+def test_a_step_checkpoint_writes_the_weights_only_when_they_change(tiny_zoo, tmp_path):
+    """A step that keeps the weights' version rewrites only state.json; a new version writes
+    the new weights and removes the old; another config's checkpoint is never reused."""
+    from raysoup.checkpoint import StepCheckpoint
     from raysoup.inputs.pool import IngredientPool
-    from raysoup.methods.manifold_mix import MixState
     pool = IngredientPool.from_zoo(tiny_zoo)
     a, b = pool.load("ft-00"), pool.load("ft-01")
-    driver, fingerprint = tmp_path / "driver", {"method": {"tau": 0.99}}
-    save_state(driver, MixState(a, ["ft-00"], 0.5, next_candidate=2), fingerprint, [], DOMAIN)
-    first = driver / "accumulator-0002.safetensors"
+    checkpoint = StepCheckpoint(tmp_path / "mm", {"manifold_mix": {"tau": 0.99}}, DOMAIN)
+    checkpoint.save({"step": 1}, a, version=1)
+    first = tmp_path / "mm" / "weights-0001.safetensors"
     written = first.stat().st_mtime_ns
-    save_state(driver, MixState(a, ["ft-00"], 0.5, next_candidate=3), fingerprint, [], DOMAIN)
-    assert [p.name for p in driver.glob("accumulator-*")] == [first.name]
+    checkpoint.save({"step": 2}, a, version=1)
+    assert [p.name for p in (tmp_path / "mm").glob("weights-*")] == [first.name]
     assert first.stat().st_mtime_ns == written
-    state, _ = load_state(driver, fingerprint, DOMAIN)
-    assert state.next_candidate == 3 and all(torch.equal(state.accumulator[k], a[k]) for k in a)
-    save_state(driver, MixState(b, ["ft-00", "ft-01"], 0.6, next_candidate=4), fingerprint, [],
-               DOMAIN)
-    assert [p.name for p in driver.glob("accumulator-*")] == ["accumulator-0004.safetensors"]
-    assert all(torch.equal(load_state(driver, fingerprint, DOMAIN)[0].accumulator[k], b[k])
-               for k in b)
-    other = {"method": {"tau": 0.9}}
-    save_state(driver, MixState(a, ["ft-00", "ft-01"], 0.6, next_candidate=5), other, [], DOMAIN)
-    assert all(torch.equal(load_state(driver, other, DOMAIN)[0].accumulator[k], a[k]) for k in a)
+    state, weights = checkpoint.load()
+    assert state == {"step": 2} and all(torch.equal(weights[k], a[k]) for k in a)
+    checkpoint.save({"step": 3}, b, version=2)
+    assert [p.name for p in (tmp_path / "mm").glob("weights-*")] == ["weights-0002.safetensors"]
+    assert all(torch.equal(checkpoint.load()[1][k], b[k]) for k in b)
+    other = StepCheckpoint(tmp_path / "mm", {"manifold_mix": {"tau": 0.9}}, DOMAIN)
+    with pytest.raises(RaysoupError, match=r"different config \(differs in: manifold_mix\)"):
+        other.load()
+    with pytest.raises(RaysoupError, match="numeric domain 'a numeric domain'"):
+        StepCheckpoint(tmp_path / "mm", {"manifold_mix": {"tau": 0.99}}, "another").load()

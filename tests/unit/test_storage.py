@@ -12,7 +12,7 @@ from raysoup.errors import RaysoupError
 from raysoup.evaluate import load_eval_sets
 from raysoup.inputs.pool import IngredientPool
 from raysoup.inputs.tasks import eval_set_sources
-from raysoup.runner import validate_run
+from raysoup.preflight import validate_run
 
 
 def test_a_zoo_behind_a_uri_reads_the_same_as_its_path(tiny_zoo):

@@ -29,11 +29,11 @@ from typing import Annotated
 import numpy as np
 from pydantic import Field
 
-from ..components import Components
-from ..errors import RaysoupError
-from ..mixing import StateDict, lambdas_to_betas, mix, weighted_sum
-from ..search import ScaledBetaMixer, Search, check_optimizer, lerp_mixer
-from .base import MethodResult, SoupContext, closeness, count_close, register
+from ...components import Components
+from ...errors import RaysoupError
+from ...mixing import StateDict, lambdas_to_betas, mix, weighted_sum
+from ...search import ScaledBetaMixer, Search, check_optimizer, lerp_mixer
+from ..base import MethodResult, SoupContext, closeness, count_close
 
 logger = logging.getLogger(__name__)
 AtLeastOne = Annotated[int, Field(ge=1)]
@@ -41,12 +41,10 @@ AtLeastOne = Annotated[int, Field(ge=1)]
 
 @dataclass(frozen=True)
 class ManifoldMixConfig:
-    """Every knob of the method; defaults are the reference's published run."""
-    components: str = "granularity-1"  # a preset of raysoup.components
-    drop_unused: bool = False          # leave out weights the classifier never uses
+    """Every knob of the method; defaults are the reference's published run. (The
+    components and the points in flight are the run's `[search]`.)"""
     optimizer: str = "NGOpt"           # any name in nevergrad.optimizers.registry
     evals_per_component: AtLeastOne = 30  # budget per pass = components x this
-    num_workers: AtLeastOne = 1        # points in flight at once (1: sequential optimisers)
     tau: Annotated[float, Field(gt=0, le=1)] = 0.998  # promise test threshold
     # pass 1 bounds: lambda0 +- delta (1 - lambda0)
     bounds_delta: Annotated[float, Field(gt=0, le=1)] = 0.5
@@ -56,30 +54,12 @@ class ManifoldMixConfig:
     third_pass_gain: Annotated[float, Field(ge=0)] = 0.3
     strict: bool = False               # accept on > instead of >=
     seed: Annotated[int, Field(ge=0)] = 0  # optimiser seed (the same for every pass)
-    # Racing (opt-in, on Ray, num_workers = 1): stop scoring a point once it cannot beat
-    # the pass's best at racing_confidence, after any of racing_chunks validation chunks.
-    racing: bool = False
-    racing_chunks: Annotated[int, Field(ge=2, le=100)] = 8
-    racing_confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.99
     phase2: bool = False
     mu_bounds: tuple[float, float] = (0.7, 1.4)
     phase2_evals_per_weight: AtLeastOne = 50  # phase 2 budget = ingredients x components x this
 
     def __post_init__(self):
-        check_optimizer(self.optimizer, self.num_workers)
-        if self.racing and self.num_workers != 1:
-            raise RaysoupError(f"method.racing scores one point at a time: it needs "
-                               f"num_workers = 1, got {self.num_workers}")
-        if self.evals_per_component < 1:
-            raise RaysoupError(f"evals_per_component (the budget) must be >= 1, got "
-                               f"{self.evals_per_component}")
-        if self.phase2_evals_per_weight < 1:
-            raise RaysoupError(f"phase2_evals_per_weight must be >= 1, got "
-                               f"{self.phase2_evals_per_weight}")
-        if not 0.0 < self.tau <= 1.0:
-            raise RaysoupError(f"tau must be in (0, 1], got {self.tau}")
-        if not 0.0 < self.bounds_delta <= 1.0:  # 0 would leave pass 1 nothing to search
-            raise RaysoupError(f"bounds_delta must be in (0, 1], got {self.bounds_delta}")
+        check_optimizer(self.optimizer, 1)
         lo, hi = self.later_pass_bounds
         if not 0.0 <= lo < hi <= 1.0:
             raise RaysoupError(f"later_pass_bounds must satisfy 0 <= lower < upper <= 1, got "
@@ -229,7 +209,6 @@ class ManifoldMixDetails:
     phase2: dict | None = None
 
 
-@register("manifold_mix")
 def manifold_mix(ctx: SoupContext, config: ManifoldMixConfig = ManifoldMixConfig(),
                  state: MixState | None = None,
                  on_step: Callable[[MixState], None] | None = None) -> MethodResult:
