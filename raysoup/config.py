@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -22,65 +22,76 @@ from .inputs import storage
 from .numerics import Numerics
 from .search import check_optimizer
 from .tracking import TrackingConfig
-from .typed import field_types, validate
+from .typed import describe, example_toml, section_config, validate
 
 Location = str  # a path (shared by every node) or a URI that pyarrow.fs reads (s3://, gs://)
-Positive = Annotated[float, Field(gt=0)]
-NonNegative = Annotated[int, Field(ge=0)]
-AtLeastOne = Annotated[int, Field(ge=1)]
 
 
-@dataclass(frozen=True)
+@section_config
 class PoolConfig:
-    zoo: Location                 # a raysoup zoo: its manifest names model, ingredients, data
-    verify_sha256: bool = True    # refuse files whose sha256 differs from the manifest's
+    """The ingredients and the evaluation sets."""
+    SECTION: ClassVar[str] = "pool"
+    zoo: Location = Field(
+        description="a folder (or a pyarrow.fs URI) with manifest.json: `raysoup zoo build "
+                    "--out runs/zoo`, or your own pool (docs/clip.md, docs/models.md)",
+        examples=["../runs/zoo"])
+    verify_sha256: bool = Field(
+        True, description="refuse files whose sha256 differs from the manifest's")
 
 
-@dataclass(frozen=True)
-class ResourcesConfig:
-    evaluators: NonNegative = 0   # 0: one per GPU, or one per CPU on a CPU-only cluster
-    evaluation: Literal["auto", "sharded", "whole"] = "auto"
-    cpus_per_evaluator: Positive = 1.0
-    gpus_per_evaluator: Annotated[float, Field(ge=-1)] = -1.0  # -1: 1 if the cluster has GPUs
-    bf16: bool = False            # bf16 autocast on GPU evaluators
-    eval_timeout_s: Positive = 600.0
-    max_failures: NonNegative = 2  # retries of a failed trial before it is scored 0
-    wait_for_autoscaler: bool = False  # evaluators may wait for nodes the cluster adds
-    start_timeout_s: Positive = 600.0  # evaluators not up by then: fail loudly
-    numerics: Numerics = "portable"  # CPU kernels: the same bits on any AVX2 CPU, or native
-
-    def __post_init__(self):
-        if self.evaluation not in ("auto", "sharded", "whole"):
-            raise RaysoupError(f"resources.evaluation must be auto, sharded or whole, got "
-                               f"{self.evaluation!r}")
-        if self.evaluators < 0:
-            raise RaysoupError(f"resources.evaluators must be >= 0, got {self.evaluators}")
-        if self.cpus_per_evaluator <= 0:
-            raise RaysoupError("resources.cpus_per_evaluator must be > 0")
-        if self.eval_timeout_s <= 0 or self.max_failures < 0:
-            raise RaysoupError("resources.eval_timeout_s must be > 0 and max_failures >= 0")
-
-
-@dataclass(frozen=True)
+@section_config
 class SearchConfig:
-    """How every method's validation search runs (Tune + nevergrad on the evaluators): the
-    weights' components, mixed per component, and the points in flight."""
-    components: str = "granularity-1"  # a preset of raysoup.components, or regex rules
-    drop_unused: bool = False          # leave out weights the classifier never uses
-    num_workers: AtLeastOne = 1        # points in flight at once (1: sequential optimisers)
-    # Racing (opt-in, num_workers = 1): stop scoring a point once it cannot beat the pass's
-    # best at racing_confidence, after any of racing_chunks validation chunks.
-    racing: bool = False
-    racing_chunks: Annotated[int, Field(ge=2, le=100)] = 8
-    racing_confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.99
+    """How every method's validation search runs (Tune + nevergrad on the evaluators)."""
+    SECTION: ClassVar[str] = "search"
+    components: str = Field(
+        "granularity-1", description="the weights' components, each mixed with its own "
+                                     "weight: granularity-0..3, per-block, whole-model, or "
+                                     "regex rules")
+    drop_unused: bool = Field(False, description="leave out weights the classifier never uses")
+    num_workers: int = Field(
+        1, ge=1, description="points in flight (asked together, one Tune trial); > 1 needs a "
+                             "parallel optimizer")
+    racing: bool = Field(
+        False, description="stop scoring a point once it cannot beat the pass's best "
+                           "(num_workers = 1; the default scores every point fully)")
+    racing_chunks: int = Field(8, ge=2, le=100,
+                               description="racing: validation chunks, a look after each")
+    racing_confidence: float = Field(
+        0.99, gt=0.5, lt=1, description="racing: confidence that a stopped point would not win")
 
     def __post_init__(self):
-        if self.racing and self.num_workers != 1:
+        if self.racing and self.num_workers != 1:  # one rule across two keys
             raise RaysoupError(f"search.racing scores one point at a time: it needs "
                                f"num_workers = 1, got {self.num_workers}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@section_config
+class ResourcesConfig:
+    """What the evaluator actors reserve and how they compute."""
+    SECTION: ClassVar[str] = "resources"
+    evaluators: int = Field(0, ge=0, description="0: one per GPU, or one per CPU on a "
+                                                 "CPU-only cluster")
+    evaluation: Literal["auto", "sharded", "whole"] = Field(
+        "auto", description="sharded for num_workers = 1, else whole")
+    cpus_per_evaluator: float = Field(
+        1.0, gt=0, description="CPUs each evaluator actor reserves (its torch threads)")
+    gpus_per_evaluator: float = Field(-1.0, ge=-1,
+                                      description="-1: 1 when the cluster has GPUs, else 0")
+    bf16: bool = Field(False, description="bf16 autocast on GPU evaluators")
+    eval_timeout_s: float = Field(
+        600.0, gt=0, description="one evaluation slower than this fails its trial")
+    max_failures: int = Field(2, ge=0,
+                              description="retries of a failed trial before it is scored 0")
+    wait_for_autoscaler: bool = Field(
+        False, description="evaluators may wait for nodes the cluster adds")
+    start_timeout_s: float = Field(600.0, gt=0,
+                                   description="evaluators not up by then: fail loudly")
+    numerics: Numerics = Field(
+        "portable", description='CPU kernels: "portable" gives the same bits on any x86-64 '
+                                'CPU with AVX2; "native" is each CPU\'s fastest')
 
 
 @dataclass(frozen=True)
@@ -136,14 +147,24 @@ class RunConfig:
                                       **({"metric": self.metric} if self.metric else {})}))
 
 
-@dataclass(frozen=True)
+@section_config
 class TopLevel:
-    """The keys outside any section."""
-    out: str
-    methods: Annotated[tuple[str, ...], Field(min_length=1)] = ("manifold_mix",)
-    report_ingredients: bool = False
-    cache: str = ""
-    metric: str = ""
+    """raysoup run examples/run.toml (relative paths are relative to this file). Every key
+    at its default, generated from raysoup's typed config (scripts/config_reference.py)."""
+    out: str = Field(description="run directory: report, fused model, beta, Tune folders; "
+                                 "or a URI (s3://bucket/run) uploaded to",
+                     examples=["../runs/example"])
+    methods: tuple[str, ...] = Field(
+        ("manifold_mix",), min_length=1,
+        description="the registry's methods (docs/merge_methods.md) to run on one shared "
+                    "ranking, in this order")
+    report_ingredients: bool = Field(
+        False, description="also judge every ingredient on every set (their report rows and "
+                           "scatter.png)")
+    cache: str = Field("", description="judgements and measured points by content: a path "
+                                       "or URI shared by the cluster (\"\": RAYSOUP_CACHE's)")
+    metric: str = Field("", description='"package.module:function": a score in [0, 1] per '
+                                        'example from (logits, labels); "": top-1 correctness')
 
 
 def section(cls, table: dict, name: str, where: str, base: Path):
@@ -211,30 +232,27 @@ def load_config(path: Path) -> RunConfig:
 EXAMPLE = Path(__file__).parents[1] / "examples" / "run.toml"
 
 
-def reference_table(example: Path = EXAMPLE) -> str:
-    """The README's configuration reference: every section and key of the typed models,
-    with its type and default, and its meaning from the comment beside it in
-    examples/run.toml (a test keeps the README's copy equal to this)."""
-    meanings, current, last = {}, "", None
-    for line in example.read_text().splitlines():
-        code, _, comment = line.partition("#")
-        code = code.strip()
-        if code.startswith("["):
-            current, last = code.split("]")[0].strip("["), None
-        elif "=" in code:
-            last = (current, code.split("=")[0].strip())
-            meanings[last] = comment.strip()
-        elif line.startswith(" ") and comment and last:  # a comment's continuation line
-            meanings[last] += " " + comment.strip()
-        else:
-            last = None
-    sections = [("", TopLevel), *RUN_SECTIONS.items(), *method_sections().items()]
+def config_sections() -> list[tuple[str, type, str]]:
+    """(TOML section, its class, what it is) for the top level, the run's sections and
+    every method's, in the reference's order."""
+    def about(cls) -> str:
+        return " ".join((cls.__doc__ or "").split())
+    return [("", TopLevel, about(TopLevel)),
+            *((name, cls, about(cls)) for name, cls in RUN_SECTIONS.items()),
+            *((name, cls, about(cls)) for name, cls in method_sections().items())]
+
+
+def example_config() -> str:
+    """examples/run.toml: every key at its default, its meaning beside it."""
+    return example_toml(config_sections())
+
+
+def reference_table() -> str:
+    """docs/configuration.md's reference: every section and key with its type and bounds,
+    default and meaning (a test keeps the file equal to this)."""
     rows = ["| section | key | type | default | meaning |", "|---|---|---|---|---|"]
-    for name, cls in sections:
-        types = field_types(cls)
-        for f in fields(cls):
-            default = "required" if f.default is MISSING else json.dumps(f.default)
-            cells = [name and f"[{name}]", f"`{f.name}`", types[f.name], default,
-                     meanings.get((name, f.name), "")]
+    for name, cls, _ in config_sections():
+        for key, *cells in describe(cls):
+            cells = [name and f"[{name}]", f"`{key}`", *cells]
             rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows)

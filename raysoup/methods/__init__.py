@@ -1,11 +1,15 @@
-"""Merge methods behind one registry: ``METHODS[name](ctx, **options) -> MethodResult``."""
+"""Merge methods behind one registry: ``METHODS[name](ctx, config) -> MethodResult``.
 
-# Registration order is the configuration reference's order of sections.
-from . import (  # noqa: F401, I001  (register)
-    baselines, fisher_merging, iso_c, learned_soup, manifold_mix, model_stock,
-    task_arithmetic, ties_merging, tsv_merge, regmean, adamerging,
-)
+Every module (or package) in this folder is imported here, so a method registers itself
+by being in it (docs/adding_a_method.md)."""
+
+import importlib
+import pkgutil
+
 from .base import METHOD_INFO, METHODS, MethodResult, SoupContext, ValidationJudge, register
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = ["METHODS", "METHOD_INFO", "MethodResult", "SoupContext", "ValidationJudge",
            "register"]

@@ -241,7 +241,7 @@ def test_load_report_names_a_missing_or_broken_report(tmp_path):
 def test_report_on_a_benchmark_folder_redraws_its_figures_and_summary(tmp_path, capsys):
     from pathlib import Path
     committed = (Path(__file__).parents[2] / "benchmarks" / "optimizer_budget" / "results" /
-                 "earlier_testbed_b10")
+                 "shipped_zoo")
     folder = tmp_path / "bench"
     folder.mkdir()
     for name in ("bench.parquet", "correctness.parquet"):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Annotated
+from typing import ClassVar
 
 import numpy as np
 from pydantic import Field
@@ -32,42 +32,38 @@ from pydantic import Field
 from ...components import Components
 from ...errors import RaysoupError
 from ...mixing import StateDict, lambdas_to_betas, mix, weighted_sum
-from ...search import ScaledBetaMixer, Search, check_optimizer, lerp_mixer
+from ...search import ScaledBetaMixer, Search, lerp_mixer
+from ...typed import Interval, Optimizer, section_config
 from ..base import MethodResult, SoupContext, closeness, count_close
 
 logger = logging.getLogger(__name__)
-AtLeastOne = Annotated[int, Field(ge=1)]
+WeightBounds = Interval(0, 1)     # bounds on a mixing weight lambda
+ScaleBounds = Interval(0)         # bounds on a scale mu of beta
 
 
-@dataclass(frozen=True)
+@section_config
 class ManifoldMixConfig:
-    """Every knob of the method; defaults are the reference's published run. (The
-    components and the points in flight are the run's `[search]`.)"""
-    optimizer: str = "NGOpt"           # any name in nevergrad.optimizers.registry
-    evals_per_component: AtLeastOne = 30  # budget per pass = components x this
-    tau: Annotated[float, Field(gt=0, le=1)] = 0.998  # promise test threshold
-    # pass 1 bounds: lambda0 +- delta (1 - lambda0)
-    bounds_delta: Annotated[float, Field(gt=0, le=1)] = 0.5
-    later_pass_bounds: tuple[float, float] = (0.3, 1.0)
-    later_passes: bool = True          # passes 2 and 3 after an acceptance
-    # pass 3 if pass 2 gained >= 1 + this (1 - tau)
-    third_pass_gain: Annotated[float, Field(ge=0)] = 0.3
-    strict: bool = False               # accept on > instead of >=
-    seed: Annotated[int, Field(ge=0)] = 0  # optimiser seed (the same for every pass)
-    phase2: bool = False
-    mu_bounds: tuple[float, float] = (0.7, 1.4)
-    phase2_evals_per_weight: AtLeastOne = 50  # phase 2 budget = ingredients x components x this
-
-    def __post_init__(self):
-        check_optimizer(self.optimizer, 1)
-        lo, hi = self.later_pass_bounds
-        if not 0.0 <= lo < hi <= 1.0:
-            raise RaysoupError(f"later_pass_bounds must satisfy 0 <= lower < upper <= 1, got "
-                               f"{list(self.later_pass_bounds)}")
-        lo, hi = self.mu_bounds
-        if not 0.0 < lo < hi:
-            raise RaysoupError(f"mu_bounds must satisfy 0 < lower < upper, got "
-                               f"{list(self.mu_bounds)}")
+    """ManifoldMixMS: every knob of the method; the defaults are the reference's published
+    run. (The components and the points in flight are the run's [search].)"""
+    SECTION: ClassVar[str] = "manifold_mix"
+    optimizer: Optimizer = Field("NGOpt", description="any nevergrad name: Cobyla, CMA, "
+                                                      "TwoPointsDE, ...")
+    evals_per_component: int = Field(30, ge=1,
+                                     description="budget per pass = components x this")
+    tau: float = Field(0.998, gt=0, le=1,
+                       description="promise test: try C if acc(lerp) >= tau * acc(A)")
+    bounds_delta: float = Field(0.5, gt=0, le=1,
+                                description="pass 1 bounds: lambda0 +- delta (1 - lambda0)")
+    later_pass_bounds: WeightBounds = Field((0.3, 1.0), description="bounds of passes 2 and 3")
+    later_passes: bool = Field(True, description="passes 2 and 3 after an acceptance")
+    third_pass_gain: float = Field(
+        0.3, ge=0, description="pass 3 if pass 2 gained >= 1 + this (1 - tau)")
+    strict: bool = Field(False, description="accept on > instead of >=")
+    seed: int = Field(0, ge=0, description="optimiser seed (the same for every pass)")
+    phase2: bool = Field(False, description="optional mu refinement of beta")
+    mu_bounds: ScaleBounds = Field((0.7, 1.4), description="phase 2: bounds of each mu")
+    phase2_evals_per_weight: int = Field(
+        50, ge=1, description="phase 2 budget = ingredients x components x this")
 
     def to_dict(self) -> dict:
         return asdict(self)
