@@ -115,9 +115,9 @@ def register(name: str, **info) -> Callable[[Method], Method]:
     return wrap
 
 
-# The shared keys of every KnobSearch (a subclass may give another default).
+# KnobSearch's budget, for a subclass that gives it another default.
 Budget = Annotated[int, Field(ge=1, description="validation evaluations of the search")]
-ScaleBounds = Interval()  # a scale's range: any lower < upper
+ScaleBounds = Interval()  # the range of a merge's scale (lambda, alpha): any lower < upper
 
 
 @section_config
