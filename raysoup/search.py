@@ -20,6 +20,7 @@ import numpy as np
 from .components import Components
 from .errors import RaysoupError
 from .mixing import StateDict, mix, weighted_sum
+from .typed import known_optimizer
 
 # scipy's Cobyla (behind nevergrad) warns that its final trust radius is below the default
 # for our small bounded ranges and adjusts it itself; nothing for users to act on.
@@ -74,13 +75,10 @@ class Search(Protocol):
 def check_optimizer(name: str, num_workers: int) -> None:
     """Fail early, before any cluster work, on a name nevergrad does not know or a
     strictly sequential optimiser asked to run trials in parallel."""
-    if name not in ng.optimizers.registry:
-        import difflib
-        close = [n for n in ng.optimizers.registry if n.lower() == name.lower()] or \
-            difflib.get_close_matches(name, list(ng.optimizers.registry), n=1, cutoff=0.8)
-        hint = f"; did you mean {close[0]!r}?" if close else \
-            " (see nevergrad.optimizers.registry for the names)"
-        raise RaysoupError(f"unknown nevergrad optimizer {name!r}{hint}")
+    try:
+        known_optimizer(name)
+    except ValueError as e:
+        raise RaysoupError(str(e)) from None
     if num_workers < 1:
         raise RaysoupError(f"num_workers must be at least 1, got {num_workers}")
     if num_workers > 1 and getattr(ng.optimizers.registry[name], "no_parallelization", False):

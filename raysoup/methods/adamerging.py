@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -34,29 +34,28 @@ from ..errors import RaysoupError
 from ..families import take_rows
 from ..inputs.pool import IngredientPool
 from ..mixing import StateDict
-from ..typed import check_choices
+from ..typed import section_config
 from .base import MethodResult, SoupContext, register
-from .learned_soup import check_resident_memory, mixing_components
+from .learned_soup import BatchSize, MaxMemory, Seed, check_resident_memory, mixing_components
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@section_config
 class AdaMergingConfig:
-    epochs: Annotated[int, Field(ge=1)] = 2   # passes over val's images (forward and backward)
-    lr: Annotated[float, Field(gt=0)] = 0.01  # Adam, on the coefficients
-    batch_size: Annotated[int, Field(ge=1)] = 64
-    init: Annotated[float, Field(ge=0, le=1)] = 0.3  # every lambda's start (the paper's prior)
-    seed: Annotated[int, Field(ge=0)] = 0     # batch order
-    max_memory_gb: Annotated[float, Field(ge=0)] = 0.0  # 0: what this machine has available
-    granularity: Literal["tensor", "component"] = "tensor"  # a lambda per tensor or component
-
-    def __post_init__(self):
-        check_choices(self, "adamerging")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.max_memory_gb < 0 \
-                or not 0 <= self.init <= 1:
-            raise RaysoupError(f"adamerging needs epochs >= 1, batch_size >= 1, lr > 0, "
-                               f"0 <= init <= 1 and max_memory_gb >= 0; got {self}")
+    SECTION: ClassVar[str] = "adamerging"
+    SUMMARY: ClassVar[str] = ("task arithmetic with a lambda per ingredient and tensor, by Adam "
+                              "on the entropy of val's predictions (no labels)")
+    epochs: Annotated[int, Field(ge=1, description=(
+        "passes over val's images (forward and backward)"))] = 2
+    lr: Annotated[float, Field(gt=0, description="Adam's learning rate on the lambdas")] = 0.01
+    batch_size: BatchSize = 64
+    init: Annotated[float, Field(ge=0, le=1, description=(
+        "every lambda's start (the paper's prior)"))] = 0.3
+    seed: Seed = 0
+    max_memory_gb: MaxMemory = 0.0
+    granularity: Annotated[Literal["tensor", "component"], Field(description=(
+        'a lambda per tensor (the paper\'s layer-wise), or "component"'))] = "tensor"
 
     def to_dict(self) -> dict:
         return asdict(self)

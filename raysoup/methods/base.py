@@ -19,7 +19,8 @@ from ..components import Components
 from ..errors import RaysoupError
 from ..inputs.pool import IngredientPool
 from ..mixing import StateDict
-from ..search import Mixer, Search, check_optimizer
+from ..search import Mixer, Search
+from ..typed import Interval, Optimizer, section_config
 
 if TYPE_CHECKING:
     from ..checkpoint import StepCheckpoint
@@ -138,33 +139,23 @@ def register(name: str, **info) -> Callable[[Method], Method]:
     return wrap
 
 
-@dataclass(frozen=True)
+# KnobSearch's budget, for a subclass that gives it another default.
+Budget = Annotated[int, Field(ge=1, description="validation evaluations of the search")]
+ScaleBounds = Interval()  # the range of a merge's scale (lambda, alpha): any lower < upper
+
+
+@section_config
 class KnobSearch:
     """A merge method's continuous knobs chosen on val by the run's search (Tune +
     nevergrad on the evaluator pool, as ManifoldMix's passes). Subclasses name their TOML
-    section and check their bounds in `check`."""
+    section (SECTION) and say what it does in a line (SUMMARY, its comment in the example
+    config); their keys' bounds are their types'."""
     SECTION: ClassVar[str] = ""
-    optimizer: str = "NGOpt"
-    budget: Annotated[int, Field(ge=1)] = 10    # validation evaluations of the search
-    seed: Annotated[int, Field(ge=0)] = 0
-
-    def __post_init__(self):
-        check_optimizer(self.optimizer, 1)
-        if self.budget < 1:
-            raise RaysoupError(f"{self.SECTION}.budget must be >= 1, got {self.budget}")
-        self.check()
-
-    def check(self) -> None:
-        pass
-
-    def check_bounds(self, key: str, low: float = float("-inf"),
-                     high: float = float("inf")) -> None:
-        bounds = getattr(self, key)
-        if not (len(bounds) == 2 and low <= bounds[0] < bounds[1] <= high):
-            rule = "lower < upper" if low == float("-inf") else \
-                f"{low:g} <= lower < upper <= {high:g}"
-            raise RaysoupError(f"{self.SECTION}.{key} must be [lower, upper] with {rule}, got "
-                               f"{list(bounds)}")
+    SUMMARY: ClassVar[str] = ""
+    optimizer: Annotated[Optimizer, Field(description="the search's nevergrad optimizer")] = \
+        "NGOpt"
+    budget: Budget = 10
+    seed: Annotated[int, Field(ge=0, description="the search's seed")] = 0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field
 
 from ..mixing import RunningSum, average
-from ..typed import check_choices
+from ..typed import section_config
 from .base import MethodResult, SoupContext, closeness, count_close, register
 
 
@@ -22,16 +24,15 @@ def uniform_soup(ctx: SoupContext) -> MethodResult:
     return MethodResult(average(ctx.pool.load(n) for n in names), names, 0, ranked=False)
 
 
-@dataclass(frozen=True)
+@section_config
 class GreedySoupConfig:
     """The defaults are the paper's rule and raysoup's shared ranking."""
-    strict: bool = False     # accept on > instead of >= (as ManifoldMix's method.strict)
-    # ingredients tied on val: in pool order (the shared ranking), or in reverse pool order
-    # (the model soups code: an ascending stable sort, reversed)
-    rank_ties: Literal["pool_order", "reverse"] = "pool_order"
-
-    def __post_init__(self):
-        check_choices(self, "greedy_soup")
+    SECTION: ClassVar[str] = "greedy_soup"
+    SUMMARY: ClassVar[str] = ""
+    strict: Annotated[bool, Field(description="accept on > instead of >=")] = False
+    rank_ties: Annotated[Literal["pool_order", "reverse"], Field(description=(
+        'ingredients tied on val: in pool order (the shared ranking), or "reverse" pool '
+        "order (the model soups code: an ascending stable sort, reversed)"))] = "pool_order"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -13,13 +13,12 @@ Conventions picked here:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Annotated
 
 import torch
 from pydantic import Field
 
-from ..errors import RaysoupError
+from ..typed import Interval, section_config
 
 
 def entry_draws(shape: torch.Size, seed: int, ingredient: int, key: str) -> torch.Tensor:
@@ -39,19 +38,20 @@ def drop_and_rescale(tau: torch.Tensor, p: float, seed: int, ingredient: int,
     return torch.where(kept, tau / (1.0 - p), torch.zeros_like(tau))
 
 
-@dataclass(frozen=True)
-class DareKnobs:
-    """The DARE keys of a method's config (its KnobSearch checks `dare_bounds`)."""
-    dare: Annotated[float, Field(ge=0, lt=1)] = 0.0   # drop rate p (0: off); the search's start
-    search_dare: bool = False                         # also search p on val within dare_bounds
-    dare_bounds: tuple[float, float] = (0.0, 0.9)
-    dare_seed: Annotated[int, Field(ge=0)] = 0
+DareBounds = Interval(0.0, 0.99)
 
-    def check_dare(self, section: str) -> None:
-        if not 0.0 <= self.dare < 1.0:
-            raise RaysoupError(f"{section}.dare must be in [0, 1), got {self.dare}")
-        if self.search_dare:
-            self.check_bounds("dare_bounds", 0.0, 0.99)
+
+@section_config
+class DareKnobs:
+    """The DARE keys of a method's config."""
+    dare: Annotated[float, Field(ge=0, lt=1, description=(
+        "DARE drop rate p of each task vector entry, the rest scaled by 1/(1-p); 0: off (the "
+        "search's start if searched)"))] = 0.0
+    search_dare: Annotated[bool, Field(description="also search p on val")] = False
+    dare_bounds: Annotated[DareBounds, Field(description="p's range when searched")] = \
+        (0.0, 0.9)
+    dare_seed: Annotated[int, Field(ge=0, description=(
+        "seeds the drops (per ingredient and tensor)"))] = 0
 
     def dare_knob(self) -> tuple[list[str], list[float], list[float], list[float]]:
         """(names, start, lower, upper) of p when it is searched, else empty lists."""

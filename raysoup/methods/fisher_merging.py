@@ -16,8 +16,8 @@ its Fisher are resident at a time, beside the two running sums."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
-from typing import Annotated
+from dataclasses import asdict
+from typing import Annotated, ClassVar
 
 import numpy as np
 import torch
@@ -26,19 +26,22 @@ from pydantic import Field
 
 from ..errors import RaysoupError
 from ..mixing import StateDict
+from ..typed import section_config
 from .base import MethodResult, SoupContext, register
 
 
-@dataclass(frozen=True)
+@section_config
 class FisherMergingConfig:
-    batch_size: Annotated[int, Field(ge=1)] = 32   # images per vectorised per-image gradient
-    floor: Annotated[float, Field(gt=0)] = 1e-6    # each F_i at least this
-    seed: Annotated[int, Field(ge=0)] = 0           # the sampled labels
-
-    def __post_init__(self):
-        if self.batch_size < 1 or not self.floor > 0:
-            raise RaysoupError(f"fisher_merging needs batch_size >= 1 and floor > 0, got "
-                               f"{self.batch_size} and {self.floor}")
+    SECTION: ClassVar[str] = "fisher_merging"
+    SUMMARY: ClassVar[str] = ("the ingredients averaged per parameter, weighted by each one's "
+                              "diagonal Fisher on val (computed on the evaluators)")
+    batch_size: Annotated[int, Field(ge=1, description=(
+        "images per vectorised per-image gradient (holds this many gradients: this x the "
+        "weights in memory)"))] = 32
+    floor: Annotated[float, Field(gt=0, description=(
+        "each Fisher at least this (all at it: the plain mean)"))] = 1e-6
+    seed: Annotated[int, Field(ge=0, description=(
+        "the labels drawn from each model's prediction"))] = 0
 
     def to_dict(self) -> dict:
         return asdict(self)

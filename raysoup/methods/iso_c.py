@@ -22,13 +22,12 @@ reads the pool twice (the sum, then each task's residual) and holds U_c of every
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, ClassVar
 
 import torch
 from pydantic import Field
 
-from ..errors import RaysoupError
+from ..typed import section_config
 from .base import MethodResult, SoupContext, register
 from .merged_delta import ScaleSearch, is_matrix, polar, task_vectors, tune_scale
 
@@ -49,11 +48,13 @@ def iso_c_delta(ctx: SoupContext) -> dict[str, torch.Tensor]:
             for k, total in sums.items()}
 
 
-@dataclass(frozen=True)
+@section_config
 class IsoCConfig(ScaleSearch):
     """alpha starts at 1.0 and is searched within `scale_bounds` (the authors choose it on
     validation data too)."""
     SECTION: ClassVar[str] = "iso_c"
+    SUMMARY: ClassVar[str] = ("the summed task matrices with a flat spectrum (mean singular "
+                              "value); alpha chosen on val")
 
 
 @register("iso_c", config=IsoCConfig, needs_pretrained=True)
@@ -101,18 +102,14 @@ def iso_cts_delta(ctx: SoupContext, fraction: float) -> dict[str, torch.Tensor]:
     return delta
 
 
-@dataclass(frozen=True)
+@section_config
 class IsoCtsConfig(ScaleSearch):
     """alpha as for Iso-C; the common subspace's share of each matrix's rank is fixed (the
     authors' 0.8)."""
     SECTION: ClassVar[str] = "iso_cts"
-    common_space_fraction: Annotated[float, Field(gt=0, le=1)] = 0.8
-
-    def check(self) -> None:
-        super().check()
-        if not 0.0 < self.common_space_fraction <= 1.0:
-            raise RaysoupError(f"iso_cts.common_space_fraction must be in (0, 1], got "
-                               f"{self.common_space_fraction}")
+    SUMMARY: ClassVar[str] = "Iso-C with task-specific subspaces beside a common one"
+    common_space_fraction: Annotated[float, Field(gt=0, le=1, description=(
+        "share of each matrix's rank kept as the common subspace"))] = 0.8
 
 
 @register("iso_cts", config=IsoCtsConfig, needs_pretrained=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 import psutil
@@ -24,27 +24,34 @@ from ..errors import RaysoupError
 from ..families import take_rows
 from ..inputs.pool import IngredientPool
 from ..mixing import StateDict, weighted_sum
-from ..typed import check_choices
+from ..typed import section_config
 from .base import MethodResult, SoupContext, register
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class LearnedSoupConfig:
-    epochs: Annotated[int, Field(ge=1)] = 5  # passes over val (forward and backward)
-    lr: Annotated[float, Field(gt=0)] = 0.05  # Adam, on the mixing logits
-    batch_size: Annotated[int, Field(ge=1)] = 256
-    seed: Annotated[int, Field(ge=0)] = 0     # batch order
-    max_memory_gb: Annotated[float, Field(ge=0)] = 0.0  # 0: what this machine has available
-    granularity: Literal["component", "tensor"] = "component"  # a weight per component or tensor
-    scale: bool = False  # also learn a scale of the output logits (model soups' temperature)
+# The keys learned soup and AdaMerging share (their gradient pass in one evaluator).
+Seed = Annotated[int, Field(ge=0, description="batch order")]
+BatchSize = Annotated[int, Field(ge=1, description="validation images per gradient step")]
+MaxMemory = Annotated[float, Field(ge=0, description=(
+    "refuse above this estimate; 0: this machine's available memory"))]
 
-    def __post_init__(self):
-        check_choices(self, "learned_soup")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.max_memory_gb < 0:
-            raise RaysoupError(f"learned_soup needs epochs >= 1, batch_size >= 1, lr > 0 and "
-                               f"max_memory_gb >= 0; got {self}")
+
+@section_config
+class LearnedSoupConfig:
+    SECTION: ClassVar[str] = "learned_soup"
+    SUMMARY: ClassVar[str] = "softmax mixing weights per ingredient, by Adam on val"
+    epochs: Annotated[int, Field(ge=1, description=(
+        "passes over val (forward and backward)"))] = 5
+    lr: Annotated[float, Field(gt=0, description=(
+        "Adam's learning rate on the mixing logits"))] = 0.05
+    batch_size: BatchSize = 256
+    seed: Seed = 0
+    max_memory_gb: MaxMemory = 0.0
+    granularity: Annotated[Literal["component", "tensor"], Field(description=(
+        'a weight per component, or "tensor" (model soups\' by layer)'))] = "component"
+    scale: Annotated[bool, Field(description=(
+        "also learn a scale of the output logits (model soups' temperature)"))] = False
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -5,15 +5,16 @@ task arithmetic chooses lambda: w = w_0 + alpha * delta."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from ..components import Components
 from ..mixing import StateDict
-from .base import KnobSearch, MethodResult, SoupContext, tune_knobs
+from ..typed import section_config
+from .base import KnobSearch, MethodResult, ScaleBounds, SoupContext, tune_knobs
 
 
 def is_matrix(tensor: torch.Tensor) -> bool:
@@ -52,15 +53,11 @@ def delta_mixer(models: Sequence[StateDict], x: np.ndarray,
             for k, v in w0.items()}
 
 
-@dataclass(frozen=True)
+@section_config
 class ScaleSearch(KnobSearch):
     """alpha starts at `start` and is searched within `scale_bounds`."""
-    SECTION: ClassVar[str] = ""
-    scale_bounds: tuple[float, float] = (0.0, 2.0)
-    start: float = 1.0
-
-    def check(self) -> None:
-        self.check_bounds("scale_bounds")
+    scale_bounds: Annotated[ScaleBounds, Field(description="alpha's range")] = (0.0, 2.0)
+    start: Annotated[float, Field(description="alpha's start")] = 1.0
 
 
 def tune_scale(ctx: SoupContext, delta: dict[str, torch.Tensor], config: ScaleSearch

@@ -6,26 +6,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
-from typing import Literal
+from dataclasses import asdict
+from typing import Annotated, ClassVar, Literal
 
 import torch
+from pydantic import Field
 
 from ..errors import RaysoupError
 from ..mixing import StateDict
-from ..typed import check_choices
+from ..typed import section_config
 from .base import MethodResult, SoupContext, register
 
 
-@dataclass(frozen=True)
+@section_config
 class ModelStockConfig:
     """The defaults: mergekit's reading of the paper for N > 2, with t clipped (the demo's
     table comes from them); docs/merge_methods.md compares the peers."""
-    clip: bool = True    # clip t to [0, 1]: opposed deltas give w_0, never an extrapolation
-    average: Literal["cosine", "angle"] = "cosine"  # mean pairwise cosine, or cos(mean angle)
-
-    def __post_init__(self):
-        check_choices(self, "model_stock")
+    SECTION: ClassVar[str] = "model_stock"
+    SUMMARY: ClassVar[str] = ""
+    clip: Annotated[bool, Field(description=(
+        "clip t to [0, 1]: opposed deltas give w_0, never an extrapolation; false: "
+        "extrapolate (both peers)"))] = True
+    average: Annotated[Literal["cosine", "angle"], Field(description=(
+        'mean pairwise cosine, or "angle": cos of the mean angle (FusionBench)'))] = "cosine"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -31,7 +31,6 @@ running sums of regmean_solve, which the search's evaluators hold too."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Annotated, ClassVar
 
 import numpy as np
@@ -42,21 +41,21 @@ from torch import nn
 from ..components import Components
 from ..errors import RaysoupError
 from ..mixing import StateDict
+from ..typed import Interval, section_config
 from .base import KnobSearch, MethodResult, SoupContext, register, tune_knobs
 
 
-@dataclass(frozen=True)
+@section_config
 class RegMeanConfig(KnobSearch):
     """alpha starts at `start` and is searched within `alpha_bounds` on val."""
     SECTION: ClassVar[str] = "regmean"
-    alpha_bounds: tuple[float, float] = (0.0, 1.0)
-    start: float = 0.5
-    batch_size: Annotated[int, Field(ge=1)] = 256  # images per forward pass of the Gram pass
-
-    def check(self) -> None:
-        self.check_bounds("alpha_bounds", 0.0, 1.0)
-        if self.batch_size < 1:
-            raise RaysoupError(f"regmean.batch_size must be >= 1, got {self.batch_size}")
+    SUMMARY: ClassVar[str] = ("linear layers merged to reproduce each ingredient's outputs on "
+                              "its own val inputs (Gram matrices, on the evaluators)")
+    alpha_bounds: Annotated[Interval(0.0, 1.0), Field(description=(
+        "alpha's range (the Grams' off-diagonal scale)"))] = (0.0, 1.0)
+    start: Annotated[float, Field(description="alpha's start")] = 0.5
+    batch_size: Annotated[int, Field(ge=1, description=(
+        "images per forward pass of the Gram pass"))] = 256
 
 
 def gram_sum(evaluator, set_name: str, state_dict: StateDict, config: RegMeanConfig,

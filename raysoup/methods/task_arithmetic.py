@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import numpy as np
+from pydantic import Field
 
 from ..components import Components
 from ..mixing import StateDict
-from .base import KnobSearch, MethodResult, SoupContext, register, tune_knobs
+from ..typed import section_config
+from .base import KnobSearch, MethodResult, ScaleBounds, SoupContext, register, tune_knobs
 from .dare import DareKnobs, drop_and_rescale
 
 
@@ -46,16 +48,14 @@ class TaskArithmeticMixer:
         return task_arithmetic_merge(models[0], models[1:], float(x[0]), p, self.dare_seed)
 
 
-@dataclass(frozen=True)
+@section_config
 class TaskArithmeticConfig(DareKnobs, KnobSearch):
     """lambda starts at 1/N (the uniform soup) and is searched within `scale_bounds` (the
     paper's grid spans [0, 1]); DARE off by default."""
     SECTION: ClassVar[str] = "task_arithmetic"
-    scale_bounds: tuple[float, float] = (0.0, 1.0)
-
-    def check(self) -> None:
-        self.check_bounds("scale_bounds")
-        self.check_dare(self.SECTION)
+    SUMMARY: ClassVar[str] = "w0 + lambda sum_i (w_i - w_0); lambda chosen on val"
+    scale_bounds: Annotated[ScaleBounds, Field(description=(
+        "lambda's range (the search starts at 1/N)"))] = (0.0, 1.0)
 
 
 @register("task_arithmetic", config=TaskArithmeticConfig, needs_pretrained=True)

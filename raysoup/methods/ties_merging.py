@@ -28,8 +28,8 @@ from pydantic import Field
 
 from ..components import Components
 from ..mixing import StateDict
-from ..typed import check_choices
-from .base import KnobSearch, MethodResult, SoupContext, register, tune_knobs
+from ..typed import Interval, section_config
+from .base import Budget, KnobSearch, MethodResult, ScaleBounds, SoupContext, register, tune_knobs
 from .dare import DareKnobs, drop_and_rescale
 
 Trim = Literal["global", "per_tensor"]
@@ -117,25 +117,27 @@ class TiesMixer:
                           self.topk, self.zero_sign, p, self.dare_seed)
 
 
-@dataclass(frozen=True)
+@section_config
 class TiesMergingConfig(DareKnobs, KnobSearch):
     """The search starts at the paper's defaults (lambda 1, density 0.2). The conventions
     default to a global trim to round(density * P) entries (ties at the cutoff kept) and a
     zero sign sum electing nothing (the demo's table comes from them); DARE off."""
     SECTION: ClassVar[str] = "ties_merging"
-    budget: Annotated[int, Field(ge=1)] = 20
-    scale_bounds: tuple[float, float] = (0.0, 2.0)
-    density_bounds: tuple[float, float] = (0.05, 1.0)
-    start: tuple[float, float] = (1.0, 0.2)   # (lambda, density)
-    trim: Trim = "global"
-    topk: TopK = "round"
-    zero_sign: ZeroSign = "zero"
-
-    def check(self) -> None:
-        check_choices(self, self.SECTION)
-        self.check_bounds("scale_bounds")
-        self.check_bounds("density_bounds", 0.0, 1.0)
-        self.check_dare(self.SECTION)
+    SUMMARY: ClassVar[str] = "trim, elect sign, disjoint mean; lambda and density on val"
+    budget: Budget = 20
+    scale_bounds: Annotated[ScaleBounds, Field(description="lambda's range")] = (0.0, 2.0)
+    density_bounds: Annotated[Interval(0.0, 1.0), Field(description=(
+        "share of each task vector kept (after DARE, if on)"))] = (0.05, 1.0)
+    start: Annotated[tuple[float, float], Field(description=(
+        "(lambda, density): the paper's defaults"))] = (1.0, 0.2)
+    trim: Annotated[Trim, Field(description=(
+        'rank magnitudes over the whole task vector, or "per_tensor" (mergekit)'))] = "global"
+    topk: Annotated[TopK, Field(description=(
+        'keep round(density P) entries, "floor": int(density P) (mergekit), "floor_plus_one" '
+        "(authors); ties kept"))] = "round"
+    zero_sign: Annotated[ZeroSign, Field(description=(
+        'a zero sign sum elects nothing, "positive" (mergekit) or "majority" (authors, '
+        "FusionBench)"))] = "zero"
 
 
 @register("ties_merging", config=TiesMergingConfig, needs_pretrained=True)

@@ -19,11 +19,11 @@ in float64. Streamed: one ingredient is read at a time; per matrix the T truncat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from ..typed import section_config
 from .base import MethodResult, SoupContext, register
 from .merged_delta import ScaleSearch, is_matrix, polar, task_vectors, tune_scale
 
@@ -52,10 +52,12 @@ def tsv_delta(ctx: SoupContext) -> dict[str, torch.Tensor]:
     return delta
 
 
-@dataclass(frozen=True)
+@section_config
 class TsvMergeConfig(ScaleSearch):
     """alpha starts at the authors' 1.0 and is searched within `scale_bounds`."""
     SECTION: ClassVar[str] = "tsv_merge"
+    SUMMARY: ClassVar[str] = ("task singular vectors: each task matrix's top 1/N singular "
+                              "vectors, orthogonalised together; alpha chosen on val")
 
 
 @register("tsv_merge", config=TsvMergeConfig, needs_pretrained=True)

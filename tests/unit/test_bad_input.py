@@ -79,7 +79,8 @@ CONFIG_CASES = [
      r"learned_soup.granularity = \"layer\": expected 'component' \| 'tensor'"),
     ("", "[learned_soup]\nscale = 1", r"learned_soup.scale = 1: expected bool"),
     ("", "[regmean]\nalpha_bounds = [0.5, 1.5]",
-     r"regmean.alpha_bounds must be \[lower, upper\] with 0 <= lower < upper <= 1"),
+     (r"regmean.alpha_bounds = \[0.5, 1.5\]: must be \[lower, upper\] with "
+      r"0 <= lower < upper <= 1")),
     ("", "[adamerging]\ninit = 2", r"adamerging.init = 2: expected float"),
     ("", "[adamerging]\ngranularity = 'layer'",
      r"adamerging.granularity = \"layer\": expected 'tensor' \| 'component'"),
@@ -87,9 +88,11 @@ CONFIG_CASES = [
     ("", "[greedy_soup]\nrank_ties = 'random'",
      r"greedy_soup.rank_ties = \"random\": expected 'pool_order' \| 'reverse'"),
     ("", "[tracking]\ncallbacks = ['json:dumps']",
-     r"tracking.callbacks: 'json:dumps' is not a ray.tune.Callback class"),
+     (r"tracking.callbacks = \[\"json:dumps\"\]: 'json:dumps' is not a ray.tune.Callback "
+      r"class")),
     ("", "[tracking]\ncallbacks = ['no_such_package:Logger']",
-     r"tracking.callbacks: cannot import 'no_such_package:Logger'"),
+     (r"tracking.callbacks = \[\"no_such_package:Logger\"\]: cannot import "
+      r"'no_such_package:Logger'")),
     ("", "[tracking]\ntensorboard = 1", r"tracking.tensorboard = 1: expected bool"),
     ("", "[methdo]\ntau = 0.9", r"unknown key\(s\) or section\(s\) \['methdo'\]"),
     ("", "[manifold_mix]\ntau = 0\n[pool.extra]\nx = 1", r"unknown key\(s\) pool.extra"),

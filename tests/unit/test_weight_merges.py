@@ -88,12 +88,16 @@ def test_ties_with_dare_drops_and_rescales_before_trimming():
 
 
 @pytest.mark.parametrize("config, message", [
-    (lambda: TaskArithmeticConfig(dare=1.0), r"task_arithmetic.dare must be in \[0, 1\)"),
+    (lambda: TaskArithmeticConfig(dare=1.0),
+     r"task_arithmetic.dare = 1.0: expected float, >= 0, < 1"),
     (lambda: TiesMergingConfig(search_dare=True, dare_bounds=(0.5, 0.2)),
-     r"ties_merging.dare_bounds must be \[lower, upper\] with 0 <= lower < upper <= 0.99"),
-    (lambda: TsvMergeConfig(scale_bounds=(1.0, 1.0)), "tsv_merge.scale_bounds"),
-    (lambda: IsoCConfig(budget=0), "iso_c.budget must be >= 1"),
-    (lambda: IsoCtsConfig(common_space_fraction=0.0), "iso_cts.common_space_fraction"),
+     (r"ties_merging.dare_bounds = \[0.5, 0.2\]: must be \[lower, upper\] with "
+      r"0 <= lower < upper <= 0.99")),
+    (lambda: TsvMergeConfig(scale_bounds=(1.0, 1.0)),
+     r"tsv_merge.scale_bounds = \[1.0, 1.0\]: must be \[lower, upper\] with lower < upper"),
+    (lambda: IsoCConfig(budget=0), r"iso_c.budget = 0: expected int, >= 1"),
+    (lambda: IsoCtsConfig(common_space_fraction=0.0),
+     r"iso_cts.common_space_fraction = 0.0: expected float, > 0, <= 1"),
 ])
 def test_bad_settings_are_refused_by_name(config, message):
     with pytest.raises(RaysoupError, match=message):
