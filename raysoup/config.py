@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
@@ -24,40 +24,41 @@ from .search import check_optimizer
 from .tracking import TrackingConfig
 from .typed import describe, example_toml, section_config, validate
 
-Location = str  # a path (shared by every node) or a URI that pyarrow.fs reads (s3://, gs://)
-
 
 @section_config
 class PoolConfig:
-    """The ingredients and the evaluation sets."""
     SECTION: ClassVar[str] = "pool"
-    zoo: Location = Field(
+    SUMMARY: ClassVar[str] = "the ingredients and the evaluation sets"
+    zoo: Annotated[str, Field(
         description="a folder (or a pyarrow.fs URI) with manifest.json: `raysoup zoo build "
                     "--out runs/zoo`, or your own pool (docs/clip.md, docs/models.md)",
-        examples=["../runs/zoo"])
-    verify_sha256: bool = Field(
-        True, description="refuse files whose sha256 differs from the manifest's")
+        examples=["../runs/zoo"])]
+    verify_sha256: Annotated[bool, Field(
+        description="refuse files whose sha256 differs from the manifest's")] = True
 
 
 @section_config
 class SearchConfig:
-    """How every method's validation search runs (Tune + nevergrad on the evaluators)."""
     SECTION: ClassVar[str] = "search"
-    components: str = Field(
-        "granularity-1", description="the weights' components, each mixed with its own "
-                                     "weight: granularity-0..3, per-block, whole-model, or "
-                                     "regex rules")
-    drop_unused: bool = Field(False, description="leave out weights the classifier never uses")
-    num_workers: int = Field(
-        1, ge=1, description="points in flight (asked together, one Tune trial); > 1 needs a "
-                             "parallel optimizer")
-    racing: bool = Field(
-        False, description="stop scoring a point once it cannot beat the pass's best "
-                           "(num_workers = 1; the default scores every point fully)")
-    racing_chunks: int = Field(8, ge=2, le=100,
-                               description="racing: validation chunks, a look after each")
-    racing_confidence: float = Field(
-        0.99, gt=0.5, lt=1, description="racing: confidence that a stopped point would not win")
+    SUMMARY: ClassVar[str] = ("how every method's validation search runs (Tune + nevergrad "
+                              "on the evaluators)")
+    components: Annotated[str, Field(
+        description="the weights' components, each mixed with its own weight: "
+                    "granularity-0..3, per-block, whole-model, or regex rules")] = \
+        "granularity-1"
+    drop_unused: Annotated[bool, Field(
+        description="leave out weights the classifier never uses")] = False
+    num_workers: Annotated[int, Field(
+        ge=1, description="points in flight (asked together, one Tune trial); > 1 needs a "
+                          "parallel optimizer")] = 1
+    racing: Annotated[bool, Field(
+        description="stop scoring a point once it cannot beat the pass's best "
+                    "(num_workers = 1; the default scores every point fully)")] = False
+    racing_chunks: Annotated[int, Field(
+        ge=2, le=100, description="racing: validation chunks, a look after each")] = 8
+    racing_confidence: Annotated[float, Field(
+        gt=0.5, lt=1, description="racing: confidence that a stopped point would not "
+                                  "win")] = 0.99
 
     def __post_init__(self):
         if self.racing and self.num_workers != 1:  # one rule across two keys
@@ -70,28 +71,28 @@ class SearchConfig:
 
 @section_config
 class ResourcesConfig:
-    """What the evaluator actors reserve and how they compute."""
     SECTION: ClassVar[str] = "resources"
-    evaluators: int = Field(0, ge=0, description="0: one per GPU, or one per CPU on a "
-                                                 "CPU-only cluster")
-    evaluation: Literal["auto", "sharded", "whole"] = Field(
-        "auto", description="sharded for num_workers = 1, else whole")
-    cpus_per_evaluator: float = Field(
-        1.0, gt=0, description="CPUs each evaluator actor reserves (its torch threads)")
-    gpus_per_evaluator: float = Field(-1.0, ge=-1,
-                                      description="-1: 1 when the cluster has GPUs, else 0")
-    bf16: bool = Field(False, description="bf16 autocast on GPU evaluators")
-    eval_timeout_s: float = Field(
-        600.0, gt=0, description="one evaluation slower than this fails its trial")
-    max_failures: int = Field(2, ge=0,
-                              description="retries of a failed trial before it is scored 0")
-    wait_for_autoscaler: bool = Field(
-        False, description="evaluators may wait for nodes the cluster adds")
-    start_timeout_s: float = Field(600.0, gt=0,
-                                   description="evaluators not up by then: fail loudly")
-    numerics: Numerics = Field(
-        "portable", description='CPU kernels: "portable" gives the same bits on any x86-64 '
-                                'CPU with AVX2; "native" is each CPU\'s fastest')
+    SUMMARY: ClassVar[str] = "what the evaluator actors reserve and how they compute"
+    evaluators: Annotated[int, Field(
+        ge=0, description="0: one per GPU, or one per CPU on a CPU-only cluster")] = 0
+    evaluation: Annotated[Literal["auto", "sharded", "whole"], Field(
+        description="sharded for num_workers = 1, else whole")] = "auto"
+    cpus_per_evaluator: Annotated[float, Field(
+        gt=0, description="CPUs each evaluator actor reserves (its torch threads)")] = 1.0
+    gpus_per_evaluator: Annotated[float, Field(
+        ge=-1, description="-1: 1 when the cluster has GPUs, else 0")] = -1.0
+    bf16: Annotated[bool, Field(description="bf16 autocast on GPU evaluators")] = False
+    eval_timeout_s: Annotated[float, Field(
+        gt=0, description="one evaluation slower than this fails its trial")] = 600.0
+    max_failures: Annotated[int, Field(
+        ge=0, description="retries of a failed trial before it is scored 0")] = 2
+    wait_for_autoscaler: Annotated[bool, Field(
+        description="evaluators may wait for nodes the cluster adds")] = False
+    start_timeout_s: Annotated[float, Field(
+        gt=0, description="evaluators not up by then: fail loudly")] = 600.0
+    numerics: Annotated[Numerics, Field(
+        description='CPU kernels: "portable" gives the same bits on any x86-64 CPU with '
+                    'AVX2; "native" is each CPU\'s fastest')] = "portable"
 
 
 @dataclass(frozen=True)
@@ -149,31 +150,28 @@ class RunConfig:
 
 @section_config
 class TopLevel:
-    """raysoup run examples/run.toml (relative paths are relative to this file). Every key
-    at its default, generated from raysoup's typed config (scripts/config_reference.py)."""
-    out: str = Field(description="run directory: report, fused model, beta, Tune folders; "
-                                 "or a URI (s3://bucket/run) uploaded to",
-                     examples=["../runs/example"])
-    methods: tuple[str, ...] = Field(
-        ("manifold_mix",), min_length=1,
-        description="the registry's methods (docs/merge_methods.md) to run on one shared "
-                    "ranking, in this order")
-    report_ingredients: bool = Field(
-        False, description="also judge every ingredient on every set (their report rows and "
-                           "scatter.png)")
-    cache: str = Field("", description="judgements and measured points by content: a path "
-                                       "or URI shared by the cluster (\"\": RAYSOUP_CACHE's)")
-    metric: str = Field("", description='"package.module:function": a score in [0, 1] per '
-                                        'example from (logits, labels); "": top-1 correctness')
+    SUMMARY: ClassVar[str] = (
+        "raysoup run examples/run.toml (relative paths are relative to this file). Every key "
+        "at its default, generated from raysoup's typed config (scripts/config_reference.py).")
+    out: Annotated[str, Field(
+        description="run directory: report, fused model, beta, Tune folders; or a URI "
+                    "(s3://bucket/run) uploaded to", examples=["../runs/example"])]
+    methods: Annotated[tuple[str, ...], Field(
+        min_length=1, description="the registry's methods (docs/merge_methods.md) to run on "
+                                  "one shared ranking, in this order")] = ("manifold_mix",)
+    report_ingredients: Annotated[bool, Field(
+        description="also judge every ingredient on every set (their report rows and "
+                    "scatter.png)")] = False
+    cache: Annotated[str, Field(
+        description="judgements and measured points by content: a path or URI shared by "
+                    "the cluster (\"\": RAYSOUP_CACHE's)")] = ""
+    metric: Annotated[str, Field(
+        description='"package.module:function": a score in [0, 1] per example from (logits, '
+                    'labels); "": top-1 correctness')] = ""
 
 
-def section(cls, table: dict, name: str, where: str, base: Path):
-    """One TOML table into the dataclass `cls` (raysoup.typed.validate), paths resolved
-    relative to the config file."""
-    if isinstance(table, dict):
-        location = {f.name for f in fields(cls) if f.type == "Location"}
-        table = {k: storage.resolve(v, base) if k in location and isinstance(v, str) else v
-                 for k, v in table.items()}
+def section(cls, table: dict, name: str, where: str):
+    """One TOML table into the section_config class `cls` (raysoup.typed.validate)."""
     return validate(cls, table, where, f"{name}." if name else "",
                     f"[{name}]" if name else "the top level")
 
@@ -181,7 +179,8 @@ def section(cls, table: dict, name: str, where: str, base: Path):
 def method_sections() -> dict[str, type]:
     """The TOML section of every method with a config of its own, by method name."""
     from .methods import METHOD_INFO
-    return {name: info.config for name, info in METHOD_INFO.items() if info.config is not None}
+    return {name: METHOD_INFO[name].config for name in sorted(METHOD_INFO)
+            if METHOD_INFO[name].config is not None}
 
 
 RUN_SECTIONS = {"pool": PoolConfig, "search": SearchConfig, "resources": ResourcesConfig,
@@ -211,17 +210,16 @@ def load_config(path: Path) -> RunConfig:
     if "pool" not in raw or "out" not in raw:
         raise RaysoupError(f"{path}: needs `out = \"DIR\"` and a [pool] section with `zoo`")
     where, base = str(path), path.parent
-    top = section(TopLevel, {k: v for k, v in raw.items() if k in top_level}, "", where, base)
-    run = {name: section(cls, raw.get(name, {}), name, where, base)
+    top = section(TopLevel, {k: v for k, v in raw.items() if k in top_level}, "", where)
+    pool = section(PoolConfig, raw["pool"], "pool", where)
+    run = {name: section(cls, raw.get(name, {}), name, where)
            for name, cls in RUN_SECTIONS.items() if name != "pool"}
-    try:
+    options = {name: section(cls, raw[name], name, where)
+               for name, cls in by_method.items() if name in raw}
+    try:  # the rules across sections (RunConfig's own checks)
         return RunConfig(
-            pool=section(PoolConfig, raw["pool"], "pool", where, base),
-            out=top.out if storage.is_uri(top.out) else base / Path(top.out).expanduser(),
-            methods=top.methods,
-            options={name: section(cls, raw[name], name, where, base)
-                     for name, cls in by_method.items() if name in raw},
-            source=path,
+            pool=replace(pool, zoo=storage.resolve(pool.zoo, base)), out=top.out if storage.is_uri(top.out) else base / Path(top.out).expanduser(),
+            methods=top.methods, options=options, source=path,
             report_ingredients=top.report_ingredients,
             cache=storage.resolve(top.cache, base) if top.cache else None,
             metric=top.metric, **run)
@@ -235,11 +233,9 @@ EXAMPLE = Path(__file__).parents[1] / "examples" / "run.toml"
 def config_sections() -> list[tuple[str, type, str]]:
     """(TOML section, its class, what it is) for the top level, the run's sections and
     every method's, in the reference's order."""
-    def about(cls) -> str:
-        return " ".join((cls.__doc__ or "").split())
-    return [("", TopLevel, about(TopLevel)),
-            *((name, cls, about(cls)) for name, cls in RUN_SECTIONS.items()),
-            *((name, cls, about(cls)) for name, cls in method_sections().items())]
+    return [("", TopLevel, TopLevel.SUMMARY),
+            *((name, cls, cls.SUMMARY) for name, cls in RUN_SECTIONS.items()),
+            *((name, cls, cls.SUMMARY) for name, cls in method_sections().items())]
 
 
 def example_config() -> str:

@@ -36,7 +36,14 @@ from ..inputs.pool import IngredientPool
 from ..mixing import StateDict
 from ..typed import section_config
 from .base import MethodResult, SoupContext, register
-from .learned_soup import BatchSize, MaxMemory, Seed, check_resident_memory, mixing_components
+from .learned_soup import (
+    BatchSize,
+    MaxMemory,
+    Seed,
+    check_resident_memory,
+    gradient_plan,
+    mixing_components,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +140,8 @@ class AdaMergingDetails:
     lambdas: list[list[float]]   # ingredients x components, each in [0, 1]
 
 
-@register("adamerging", config=AdaMergingConfig, needs_pretrained=True, check=check_memory)
+@register("adamerging", config=AdaMergingConfig, needs_pretrained=True, check=check_memory,
+          plan=gradient_plan)
 def adamerging(ctx: SoupContext, config: AdaMergingConfig = AdaMergingConfig()
                ) -> MethodResult:
     if ctx.learn is None or ctx.components is None:

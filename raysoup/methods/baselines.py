@@ -44,7 +44,7 @@ class GreedySoupDetails:
     close_decisions: dict[str, int]  # how many verdicts were a tie or one image
 
 
-@register("greedy_soup", config=GreedySoupConfig)
+@register("greedy_soup", config=GreedySoupConfig, plan=lambda config, n, m: f"{n - 1} evaluations")
 def greedy_soup(ctx: SoupContext, config: GreedySoupConfig = GreedySoupConfig()
                 ) -> MethodResult:
     """From the best ingredient, in ranking order, add a candidate when the soup with it

@@ -99,7 +99,8 @@ def fisher_sum(evaluator, set_name: str, state_dict: StateDict, config: FisherMe
     return {k: v.cpu().numpy() for k, v in total.items()}, rows
 
 
-@register("fisher_merging", config=FisherMergingConfig)
+@register("fisher_merging", config=FisherMergingConfig,
+          plan=lambda config, n, m: f"a Fisher pass over val per ingredient ({n})")
 def fisher_merging(ctx: SoupContext, config: FisherMergingConfig = FisherMergingConfig()
                    ) -> MethodResult:
     if ctx.statistic is None:

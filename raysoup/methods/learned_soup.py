@@ -149,7 +149,11 @@ class LearnedSoupDetails:
     scale: float               # the learned logit scale (1: not learned)
 
 
-@register("learned_soup", config=LearnedSoupConfig, check=check_memory)
+def gradient_plan(config, ingredients: int, components: int) -> str:
+    return f"{config.epochs} passes over val with gradients, on one evaluator"
+
+
+@register("learned_soup", config=LearnedSoupConfig, check=check_memory, plan=gradient_plan)
 def learned_soup(ctx: SoupContext, config: LearnedSoupConfig = LearnedSoupConfig()
                  ) -> MethodResult:
     if ctx.learn is None or ctx.components is None:

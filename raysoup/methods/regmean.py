@@ -126,7 +126,9 @@ def regmean_mixer(models: Sequence[StateDict], x: np.ndarray,
     return merged
 
 
-@register("regmean", config=RegMeanConfig)
+@register("regmean", config=RegMeanConfig,
+          plan=lambda config, n, m: f"a Gram pass over val per ingredient ({n}), then "
+                                    f"{config.optimizer}, {config.budget} evaluations")
 def regmean(ctx: SoupContext, config: RegMeanConfig = RegMeanConfig()) -> MethodResult:
     if ctx.statistic is None:
         raise RaysoupError("regmean needs the context's statistic (the evaluators)")

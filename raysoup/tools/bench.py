@@ -98,7 +98,7 @@ def load_grid(path: Path | None, quick: bool) -> BenchGrid:
     table = raw.pop("grid", {})
     if raw:
         raise RaysoupError(f"{path}: unknown section(s) {sorted(raw)}; known: ['grid']")
-    grid = section(BenchGrid, table, "grid", str(path), Path(path).parent)
+    grid = section(BenchGrid, table, "grid", str(path))
     return replace(base, **{k: getattr(grid, k) for k in table})  # the keys the file sets
 
 

@@ -31,7 +31,8 @@ CONFIG_CASES = [
      (r"manifold_mix.evals_per_component = 2.5: expected int, >= 1 \(input should be a valid "
       r"integer\)")),
     ("", "[manifold_mix]\nlater_pass_bounds = [0.3]",
-     r"manifold_mix.later_pass_bounds = \[0.3\]: expected tuple\[float, float\] \(too few values\)"),
+     (r"manifold_mix.later_pass_bounds = \[0.3\]: expected tuple\[float, float\], 0 <= lower < "
+     r"upper <= 1 \(too few values\)")),
     ("", "[manifold_mix]\nlater_pass_bounds = [0.3, 0.6, 0.9]",
      r"manifold_mix.later_pass_bounds = \[0.3, 0.6, 0.9\]: expected tuple\[float, float\]"),
     ("", "[manifold_mix]\nlater_pass_bounds = ['low', 1.0]",
@@ -44,7 +45,7 @@ CONFIG_CASES = [
      r"manifold_mix.bounds_delta = 0: expected float, > 0, <= 1 \(input should be greater than 0\)"),
     ("", "[manifold_mix]\nseed = -1", r"manifold_mix.seed = -1: expected int"),
     ("", "[search]\nnum_workers = 0", r"search.num_workers = 0: expected int"),
-    ("", "[manifold_mix]\nmu_bounds = [1.4, 0.7]", r"mu_bounds must satisfy 0 < lower < upper"),
+    ("", "[manifold_mix]\nmu_bounds = [1.4, 0.7]", r"manifold_mix.mu_bounds = \[1.4, 0.7\]: must be \[lower, upper\] with 0 <= lower < upper"),
     ("", "[manifold_mix]\nthird_pass_gain = -0.1", r"manifold_mix.third_pass_gain = -0.1"),
     ("", "[manifold_mix]\nphase2_evals_per_weight = 0", r"manifold_mix.phase2_evals_per_weight = 0"),
     ("", "[search]\ncomponents = 5", r"search.components = 5: expected str"),

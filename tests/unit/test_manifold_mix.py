@@ -6,6 +6,7 @@ that candidate and recover per-component lambdas, and beta must rebuild the accu
 """
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -117,15 +118,15 @@ def test_same_seed_same_result(pool, components):
 @pytest.mark.parametrize("bad, message", [
     ({"optimizer": "Cobylaa"}, "unknown nevergrad optimizer 'Cobylaa'"),
     ({"optimizer": "cobyla"}, "did you mean 'Cobyla'"),
-    ({"optimizer": "Cobyla", "num_workers": 4}, "strictly sequential"),
-    ({"evals_per_component": 0}, "budget"),
-    ({"tau": 0.0}, "tau must be in (0, 1]"),
-    ({"tau": 1.5}, "tau must be in (0, 1]"),
+    ({"num_workers": 4}, "unknown key(s) manifold_mix.num_workers"),
+    ({"evals_per_component": 0}, "manifold_mix.evals_per_component = 0: expected int, >= 1"),
+    ({"tau": 0.0}, "manifold_mix.tau = 0.0: expected float, > 0, <= 1"),
+    ({"tau": 1.5}, "manifold_mix.tau = 1.5: expected float, > 0, <= 1"),
     ({"later_pass_bounds": (0.3, 1.2)}, "later_pass_bounds"),
     ({"bounds_delta": -0.1}, "bounds_delta"),
 ])
 def test_bad_method_config_is_refused_with_the_value(bad, message):
-    with pytest.raises(RaysoupError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(RaysoupError, match=re.escape(message)):
         ManifoldMixConfig(**bad)
 
 

@@ -141,14 +141,16 @@ def test_missing_or_broken_config_file(tmp_path):
         load_config(tmp_path / "bad.toml")
 
 
-def test_the_example_config_lists_every_key_at_its_default():
-    """examples/run.toml is the reference of the config: every key there, each at its default."""
+def test_the_example_config_is_generated_and_every_key_is_at_its_default():
+    """examples/run.toml is written from the typed models (scripts/config_reference.py):
+    every key there with its meaning, each at its default."""
     import tomllib
     from dataclasses import fields
     from pathlib import Path
 
-    from raysoup.config import RUN_SECTIONS, method_sections
+    from raysoup.config import RUN_SECTIONS, example_config, method_sections
     path = Path(__file__).parents[2] / "examples" / "run.toml"
+    assert path.read_text() == example_config(), "run scripts/config_reference.py"
     raw = tomllib.loads(path.read_text())
     config = load_config(path)
     sections = method_sections()
@@ -232,7 +234,7 @@ def test_a_learner_too_large_for_its_memory_limit_is_refused_before_ray(tiny_zoo
 
 def test_the_documented_configuration_reference_is_the_typed_models_table():
     """docs/configuration.md's table of every key (type, bounds, default, meaning) is
-    generated from the typed config models and examples/run.toml's comments; it must not
+    generated from the typed config models (scripts/config_reference.py); it must not
     drift from them."""
     from pathlib import Path
 

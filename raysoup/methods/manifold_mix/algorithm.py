@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import numpy as np
 from pydantic import Field
@@ -43,27 +43,32 @@ ScaleBounds = Interval(0)         # bounds on a scale mu of beta
 
 @section_config
 class ManifoldMixConfig:
-    """ManifoldMixMS: every knob of the method; the defaults are the reference's published
-    run. (The components and the points in flight are the run's [search].)"""
+    """Every knob of the method; the defaults are the reference's published run. (The
+    components and the points in flight are the run's [search].)"""
     SECTION: ClassVar[str] = "manifold_mix"
-    optimizer: Optimizer = Field("NGOpt", description="any nevergrad name: Cobyla, CMA, "
-                                                      "TwoPointsDE, ...")
-    evals_per_component: int = Field(30, ge=1,
-                                     description="budget per pass = components x this")
-    tau: float = Field(0.998, gt=0, le=1,
-                       description="promise test: try C if acc(lerp) >= tau * acc(A)")
-    bounds_delta: float = Field(0.5, gt=0, le=1,
-                                description="pass 1 bounds: lambda0 +- delta (1 - lambda0)")
-    later_pass_bounds: WeightBounds = Field((0.3, 1.0), description="bounds of passes 2 and 3")
-    later_passes: bool = Field(True, description="passes 2 and 3 after an acceptance")
-    third_pass_gain: float = Field(
-        0.3, ge=0, description="pass 3 if pass 2 gained >= 1 + this (1 - tau)")
-    strict: bool = Field(False, description="accept on > instead of >=")
-    seed: int = Field(0, ge=0, description="optimiser seed (the same for every pass)")
-    phase2: bool = Field(False, description="optional mu refinement of beta")
-    mu_bounds: ScaleBounds = Field((0.7, 1.4), description="phase 2: bounds of each mu")
-    phase2_evals_per_weight: int = Field(
-        50, ge=1, description="phase 2 budget = ingredients x components x this")
+    SUMMARY: ClassVar[str] = "ManifoldMixMS (arXiv 2309.08610)"
+    optimizer: Annotated[Optimizer, Field(
+        description="any nevergrad name: Cobyla, CMA, TwoPointsDE, ...")] = "NGOpt"
+    evals_per_component: Annotated[int, Field(
+        ge=1, description="budget per pass = components x this")] = 30
+    tau: Annotated[float, Field(
+        gt=0, le=1, description="promise test: try C if acc(lerp) >= tau * acc(A)")] = 0.998
+    bounds_delta: Annotated[float, Field(
+        gt=0, le=1, description="pass 1 bounds: lambda0 +- delta (1 - lambda0)")] = 0.5
+    later_pass_bounds: Annotated[WeightBounds, Field(
+        description="bounds of passes 2 and 3")] = (0.3, 1.0)
+    later_passes: Annotated[bool, Field(
+        description="passes 2 and 3 after an acceptance")] = True
+    third_pass_gain: Annotated[float, Field(
+        ge=0, description="pass 3 if pass 2 gained >= 1 + this (1 - tau)")] = 0.3
+    strict: Annotated[bool, Field(description="accept on > instead of >=")] = False
+    seed: Annotated[int, Field(
+        ge=0, description="optimiser seed (the same for every pass)")] = 0
+    phase2: Annotated[bool, Field(description="optional mu refinement of beta")] = False
+    mu_bounds: Annotated[ScaleBounds, Field(description="phase 2: bounds of each mu")] = \
+        (0.7, 1.4)
+    phase2_evals_per_weight: Annotated[int, Field(
+        ge=1, description="phase 2 budget = ingredients x components x this")] = 50
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -205,7 +210,7 @@ class ManifoldMixDetails:
     phase2: dict | None = None
 
 
-def manifold_mix(ctx: SoupContext, config: ManifoldMixConfig = ManifoldMixConfig(),
+def manifold_mix(ctx: SoupContext, config: ManifoldMixConfig,
                  state: MixState | None = None,
                  on_step: Callable[[MixState], None] | None = None) -> MethodResult:
     """`ctx` carries the components and the search; `state` and `on_step` resume from and
