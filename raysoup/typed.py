@@ -137,12 +137,14 @@ def error_line(cls, error: ValidationError, given: dict, where: str, prefix: str
     if isinstance(key, int):  # a positional argument in Python
         names = [f.name for f in dataclasses.fields(cls)]
         key = names[key] if key < len(names) else f"argument {key + 1}"
-    value = f"{head}{prefix}{key} = {shown(given.get(key))}"
+    types = {row[0]: row[1] for row in describe(cls)}
+    if key not in given:  # a required key left out (not a value too short)
+        return f"{head}{prefix}{key} is required: expected {types.get(key, '?')}"
+    value = f"{head}{prefix}{key} = {shown(given[key])}"
     if first["type"] == "value_error":  # a Rule's: what the value must be
         return f"{value}: {first['ctx']['error']}"
     message = "too few values" if first["type"] == "missing" else \
         first["msg"][0].lower() + first["msg"][1:]
-    types = {row[0]: row[1] for row in describe(cls)}
     return f"{value}: expected {types.get(key, '?')} ({message})"
 
 

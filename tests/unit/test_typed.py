@@ -144,6 +144,13 @@ def test_a_bad_model_spec_or_bench_grid_built_in_python_is_one_line(build, messa
     assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
 
 
+def test_a_required_key_left_out_is_named_as_required():
+    assert error(TimmSpec, {"num_classes": 3}, "model") == \
+        "run.toml: model.arch is required: expected str"
+    with pytest.raises(RaysoupError, match=r"^path is required: expected str$"):
+        TransformersSpec("sequence-classification", num_classes=2)
+
+
 def test_model_specs_travel_pickled_and_a_timm_spec_hashes_without_its_kwargs():
     timm = TimmSpec("resnet10t", 3, kwargs={"depth": 2})
     for spec in (ModelSpec(width=32, mean=(0.1,), std=(0.2,)), timm,
