@@ -15,9 +15,8 @@ import typing
 from collections.abc import Iterable
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, ConfigDict, TypeAdapter, ValidationError, with_config
+from pydantic import AfterValidator, ConfigDict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
-from pydantic.dataclasses import is_pydantic_dataclass
 
 from .errors import RaysoupError
 
@@ -88,8 +87,7 @@ def section_config(cls):
 
 @functools.cache
 def _adapter(cls) -> TypeAdapter:
-    # A plain dataclass (one not yet on section_config) gets the same strict config.
-    return TypeAdapter(cls if is_pydantic_dataclass(cls) else with_config(SECTION_CONFIG)(cls))
+    return TypeAdapter(cls)
 
 
 def type_name(annotation) -> str:
@@ -104,33 +102,18 @@ def type_name(annotation) -> str:
 BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >="}
 
 
-def constraint_words(metadata: Iterable, rules: bool = True) -> list[str]:
+def constraint_words(metadata: Iterable) -> list[str]:
     """pydantic metadata in words: ['>= 1'] for Ge(1) or Field(ge=1), and each Rule's
-    words (with `rules`)."""
+    words."""
     out = []
     for info in metadata:
         for constraint in getattr(info, "metadata", [info]):
             for attr, symbol in BOUNDS.items():
                 if getattr(constraint, attr, None) is not None:
                     out.append(f"{symbol} {getattr(constraint, attr)}")
-            if rules and isinstance(constraint, Rule) and constraint.words:
+            if isinstance(constraint, Rule) and constraint.words:
                 out.append(constraint.words)
     return out
-
-
-def bounds(annotation) -> list[str]:
-    """An Annotated type's pydantic bounds, e.g. ['>= 1'] for Annotated[int, Field(ge=1)]."""
-    if typing.get_origin(annotation) is not typing.Annotated:
-        return []
-    return constraint_words(annotation.__metadata__, rules=False)
-
-
-def field_types(cls) -> dict[str, str]:
-    """Each field's type as a person writes it, with its bounds: int, >= 1 (of a plain
-    dataclass too; describe() adds a section_config class's rules)."""
-    hints = typing.get_type_hints(cls, include_extras=True)
-    return {k: ", ".join([type_name(typing.get_type_hints(cls)[k]), *bounds(t)])
-            for k, t in hints.items()}
 
 
 def shown(value) -> str:
@@ -154,19 +137,20 @@ def error_line(cls, error: ValidationError, given: dict, where: str, prefix: str
     if isinstance(key, int):  # a positional argument in Python
         names = [f.name for f in dataclasses.fields(cls)]
         key = names[key] if key < len(names) else f"argument {key + 1}"
-    value = f"{head}{prefix}{key} = {shown(given.get(key))}"
+    types = {row[0]: row[1] for row in describe(cls)}
+    if key not in given:  # a required key left out (not a value too short)
+        return f"{head}{prefix}{key} is required: expected {types.get(key, '?')}"
+    value = f"{head}{prefix}{key} = {shown(given[key])}"
     if first["type"] == "value_error":  # a Rule's: what the value must be
         return f"{value}: {first['ctx']['error']}"
     message = "too few values" if first["type"] == "missing" else \
         first["msg"][0].lower() + first["msg"][1:]
-    types = {row[0]: row[1] for row in describe(cls)} if is_pydantic_dataclass(cls) else \
-        field_types(cls)
     return f"{value}: expected {types.get(key, '?')} ({message})"
 
 
 def validate(cls, table, where: str, prefix: str = "", what: str = ""):
-    """`table` into the dataclass `cls`, strictly, as JSON types (an integer is a valid
-    float; nothing converts to a bool or a string); the dataclass's own checks run too.
+    """`table` into the section_config class `cls`, strictly, as JSON types (an integer is a
+    valid float; nothing converts to a bool or a string); the class's own checks run too.
     `where` names the file, `prefix` the section ("method."), `what` the table."""
     what = what or f"[{prefix.rstrip('.')}]"
     if not isinstance(table, dict):

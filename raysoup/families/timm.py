@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 import functools
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
@@ -26,6 +26,7 @@ from pydantic import Field
 
 from ..components import TIMM_PRESETS
 from ..errors import RaysoupError
+from ..typed import section_config, validate
 from .base import Batch, Family, StateDict, as_float32, export_state_dict_like, register
 
 # Keys of the model entry itself; kwargs must not repeat them.
@@ -33,15 +34,26 @@ OWN_KEYS = ("pretrained", "num_classes", "in_chans", "img_size")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-@dataclass(frozen=True)
+@section_config
 class TimmSpec:
-    arch: str
-    num_classes: Annotated[int, Field(ge=2)]
-    img_size: Annotated[int, Field(ge=1)] | None = None
-    in_chans: Annotated[int, Field(ge=1)] | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
+    arch: Annotated[str, Field(
+        description="a timm model name (timm.list_models()), optionally with a .tag; built "
+                    "without pretrained weights")]
+    num_classes: Annotated[int, Field(ge=2, description="the classifier head's classes")]
+    img_size: Annotated[int | None, Field(
+        ge=1, description="the evaluation images' size, which a fixed-input-size model (ViT, "
+                          "Swin, ...) is built for; default: the pretrained config's")] = None
+    in_chans: Annotated[int | None, Field(
+        ge=1, description="input channels; default: the pretrained config's")] = None
+    kwargs: Annotated[dict[str, Any], Field(
+        description="further timm.create_model arguments (not pretrained, num_classes, "
+                    "in_chans or img_size)")] = field(default_factory=dict, hash=False)
+    mean: Annotated[tuple[float, ...] | None, Field(
+        description="per-channel mean the images are normalised with; default: the "
+                    "pretrained config's")] = None
+    std: Annotated[tuple[float, ...] | None, Field(
+        description="per-channel std the images are normalised with; default: the "
+                    "pretrained config's")] = None
     family: ClassVar[str] = "timm"
 
     def to_dict(self) -> dict:
@@ -85,7 +97,6 @@ class Timm(Family):
     presets = TIMM_PRESETS
 
     def spec_from_dict(self, entry: dict, where: str) -> TimmSpec:
-        from ..typed import validate
         spec = validate(TimmSpec, entry, where, "model.", "model")
         repeated = sorted(set(spec.kwargs) & set(OWN_KEYS))
         if repeated:

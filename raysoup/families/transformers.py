@@ -21,7 +21,7 @@ import functools
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
@@ -31,6 +31,7 @@ from pydantic import Field
 
 from ..components import BLOCK_PRESETS
 from ..errors import RaysoupError
+from ..typed import section_config, validate
 from .base import Batch, Family, StateDict, as_float32, register, relative_folder
 
 TASKS = {"sequence-classification": "AutoModelForSequenceClassification",
@@ -40,12 +41,19 @@ CLIP = "clip-classification"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-@dataclass(frozen=True)
+@section_config
 class TransformersSpec:
-    task: Literal["sequence-classification", "image-classification", "clip-classification"]
-    path: str                     # the model folder (absolute once read from a manifest)
-    num_classes: Annotated[int, Field(ge=2)]
-    max_length: Annotated[int, Field(ge=1)] = 128  # text: every row padded/truncated to it
+    task: Annotated[Literal["sequence-classification", "image-classification",
+                            "clip-classification"], Field(
+        description="the model class: AutoModelForSequenceClassification, "
+                    "AutoModelForImageClassification, or HF CLIP's vision tower plus a linear "
+                    "head")]
+    path: Annotated[str, Field(
+        description="the save_pretrained model folder beside the manifest (absolute once read "
+                    "from a manifest)")]
+    num_classes: Annotated[int, Field(ge=2, description="the classifier head's classes")]
+    max_length: Annotated[int, Field(
+        ge=1, description="text: every row padded or truncated to this many tokens")] = 128
     family: ClassVar[str] = "transformers"
 
     def to_dict(self) -> dict:
@@ -123,14 +131,13 @@ class Transformers(Family):
     presets = BLOCK_PRESETS
 
     def spec_from_dict(self, entry: dict, where: str) -> TransformersSpec:
-        from ..typed import validate
         spec = validate(TransformersSpec, entry, where, "model.", "model")
         folder = relative_folder(where, spec.path, "model.path")
         config = hf_config(folder)
         if spec.task != CLIP and config.num_labels != spec.num_classes:
             raise RaysoupError(f"{where}: model.num_classes = {spec.num_classes}, but "
                                f"{folder}/config.json has {config.num_labels} labels")
-        spec = TransformersSpec(spec.task, folder, spec.num_classes, spec.max_length)
+        spec = replace(spec, path=folder)
         self.template(spec)  # a config that does not build fails here, in one line
         return spec
 

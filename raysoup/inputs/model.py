@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import Annotated
 
 import open_clip
@@ -25,8 +25,7 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import RaysoupError
-
-AtLeastOne = Annotated[int, Field(ge=1)]
+from ..typed import section_config, validate
 
 # The model soups wrapper deletes CLIP's text transformer; checkpoints saved with it kept
 # ("keep_lang") carry these keys, which no image classifier uses.
@@ -34,22 +33,38 @@ TEXT_TRANSFORMER_PREFIX = "model.transformer."
 DATA_PARALLEL_PREFIX = "module."
 
 
-@dataclass(frozen=True)
+@section_config
 class ModelSpec:
     """Architecture of an ingredient; stored in every zoo manifest (`model`)."""
 
-    arch: str = ""            # an open_clip model name; "" = the custom tower below
-    image_size: AtLeastOne = 28
-    in_channels: AtLeastOne = 1
-    patch_size: AtLeastOne = 7
-    width: AtLeastOne = 96
-    layers: AtLeastOne = 4
-    heads: AtLeastOne = 4
-    embed_dim: AtLeastOne = 64
-    num_classes: Annotated[int, Field(ge=2)] = 10
-    normalize_features: bool = True
-    mean: Annotated[tuple[float, ...], Field(min_length=1)] = (0.2860,)
-    std: Annotated[tuple[float, ...], Field(min_length=1)] = (0.3530,)
+    arch: Annotated[str, Field(
+        description="an open_clip model name (e.g. \"ViT-B-32\"); \"\" = the testbed's "
+                    "custom ViT tower, shaped by the keys below")] = ""
+    image_size: Annotated[int, Field(
+        ge=1, description="input images' height and width (with arch: open_clip's config "
+                          "of it)")] = 28
+    in_channels: Annotated[int, Field(
+        ge=1, description="input images' channels (with arch: 3)")] = 1
+    patch_size: Annotated[int, Field(
+        ge=1, description="the custom tower's patch size")] = 7
+    width: Annotated[int, Field(
+        ge=1, description="the custom tower's width")] = 96
+    layers: Annotated[int, Field(
+        ge=1, description="the custom tower's transformer blocks")] = 4
+    heads: Annotated[int, Field(
+        ge=1, description="the custom tower's attention heads")] = 4
+    embed_dim: Annotated[int, Field(
+        ge=1, description="the tower's output features (with arch: open_clip's config "
+                          "of it)")] = 64
+    num_classes: Annotated[int, Field(ge=2, description="the linear head's classes")] = 10
+    normalize_features: Annotated[bool, Field(
+        description="L2-normalise the tower's features before the head")] = True
+    mean: Annotated[tuple[float, ...], Field(
+        min_length=1, description="per-channel mean the images are normalised with (with "
+                                  "arch: open_clip's preprocessing, unless given)")] = (0.2860,)
+    std: Annotated[tuple[float, ...], Field(
+        min_length=1, description="per-channel std the images are normalised with (with "
+                                  "arch: open_clip's preprocessing, unless given)")] = (0.3530,)
 
     @property
     def family(self) -> str:
@@ -64,7 +79,6 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, d: dict, where: str = "manifest.json") -> ModelSpec:
         """A manifest's `model` entry, validated strictly (types, bounds, no unknown keys)."""
-        from ..typed import validate
         spec = validate(cls, d, where, "model.", "model")
         return spec.with_arch_defaults() if spec.arch else spec
 

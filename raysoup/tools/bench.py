@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
+from typing import Annotated, ClassVar
 
 import numpy as np
 import pyarrow.parquet as pq
+from pydantic import Field
 from tqdm import tqdm
 
 from ..config import PoolConfig, RunConfig, SearchConfig, section
@@ -26,6 +28,7 @@ from ..errors import RaysoupError
 from ..methods.manifold_mix import ManifoldMixConfig
 from ..report import append_rows, machine
 from ..search import check_optimizer
+from ..typed import Optimizer, Rule, known_optimizer, section_config
 from .bench_plots import CORRECTNESS
 
 logger = logging.getLogger(__name__)
@@ -33,25 +36,48 @@ logger = logging.getLogger(__name__)
 REFERENCE_METHODS = ("uniform_soup", "greedy_soup")
 
 
-@dataclass(frozen=True)
-class BenchGrid:
-    optimizers: tuple[str, ...] = ("NGOpt", "Cobyla", "CMA", "TwoPointsDE", "OnePlusOne",
-                                   "RandomSearch")
-    budgets: tuple[int, ...] = (5, 10, 20, 30)   # evaluations per component per pass
-    parallel: tuple[int, ...] = (1, 2, 4)        # points in flight (where the optimiser allows)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    components: str = "granularity-1"            # the grid's components (the reference's)
-    # The ablation: each partition at one optimiser and budget, plus unused weights left out.
-    granularities: tuple[str, ...] = ("whole-model", "granularity-0", "granularity-1",
-                                      "granularity-2", "granularity-3", "per-block")
-    ablation_optimizer: str = "NGOpt"
-    ablation_budget: int = 10
+def known_optimizers(names: tuple[str, ...]) -> tuple[str, ...]:
+    """`names` if nevergrad knows each, else ValueError with the closest name."""
+    for name in names:
+        known_optimizer(name)
+    return names
 
-    def __post_init__(self):
-        for name in self.optimizers + (self.ablation_optimizer,):
-            check_optimizer(name, 1)
-        if min(self.budgets + (self.ablation_budget,)) < 1 or min(self.parallel) < 1:
-            raise RaysoupError("grid budgets and parallel trials must be >= 1")
+
+def each_at_least_one(values: tuple[int, ...]) -> tuple[int, ...]:
+    if min(values, default=1) < 1:
+        raise ValueError("every value must be >= 1")
+    return values
+
+
+Optimizers = Annotated[tuple[str, ...], Rule(known_optimizers, "nevergrad optimizer names")]
+Counts = Annotated[tuple[int, ...], Rule(each_at_least_one, "each >= 1")]
+
+
+@section_config
+class BenchGrid:
+    """The cells of a benchmark: the grid and the granularity ablation (a bench config's
+    [grid])."""
+    SECTION: ClassVar[str] = "grid"
+    optimizers: Annotated[Optimizers, Field(
+        description="the grid's optimisers")] = ("NGOpt", "Cobyla", "CMA", "TwoPointsDE",
+                                                 "OnePlusOne", "RandomSearch")
+    budgets: Annotated[Counts, Field(
+        description="the grid's budgets: evaluations per component per pass")] = (5, 10, 20, 30)
+    parallel: Annotated[Counts, Field(
+        description="the grid's points in flight (where the optimiser allows)")] = (1, 2, 4)
+    seeds: Annotated[tuple[int, ...], Field(
+        min_length=1, description="the grid's seeds; the ablation runs the first")] = (0, 1, 2)
+    components: Annotated[str, Field(
+        description="the grid's components (the ablation's reference)")] = "granularity-1"
+    granularities: Annotated[tuple[str, ...], Field(
+        description="the ablation: each partition at one optimiser and budget, plus unused "
+                    "weights left out (none: no ablation)")] = (
+        "whole-model", "granularity-0", "granularity-1", "granularity-2", "granularity-3",
+        "per-block")
+    ablation_optimizer: Annotated[Optimizer, Field(
+        description="the ablation's optimiser")] = "NGOpt"
+    ablation_budget: Annotated[int, Field(
+        ge=1, description="the ablation's evaluations per component per pass")] = 10
 
     def cells(self) -> list[dict]:
         """Every cell's settings, each with a stable `cell` key (the resume key)."""

@@ -11,11 +11,15 @@ import pytest
 from pydantic import Field
 
 from raysoup.errors import RaysoupError
+from raysoup.families.timm import TimmSpec
+from raysoup.families.transformers import TransformersSpec
+from raysoup.inputs.model import ModelSpec
 from raysoup.methods import METHOD_INFO
 from raysoup.methods.learned_soup import LearnedSoupConfig
 from raysoup.methods.regmean import RegMeanConfig
 from raysoup.methods.task_arithmetic import TaskArithmeticConfig
 from raysoup.methods.ties_merging import TiesMergingConfig
+from raysoup.tools.bench import BenchGrid
 from raysoup.tracking import TrackingConfig
 from raysoup.typed import (
     COMMENT_COLUMN,
@@ -121,6 +125,44 @@ def test_a_section_stays_a_frozen_dataclass_checked_on_replace_and_pickled_whole
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.budget = 5
     assert pickle.loads(pickle.dumps(config)) == config
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: ModelSpec(mean=[0.5]),  # a list is not a tuple in Python
+     "mean = [0.5]: expected tuple[float, ...], length >= 1 (input should be a valid tuple)"),
+    (lambda: TimmSpec("resnet10t", 1), "num_classes = 1: expected int, >= 2"),
+    (lambda: TransformersSpec("translation", "m", 2),
+     "task = \"translation\": expected 'sequence-classification' | "),
+    (lambda: BenchGrid(parallel=(1, 0)), "grid.parallel = [1, 0]: every value must be >= 1"),
+    (lambda: BenchGrid(optimizers=("Cobylla",)),
+     ("grid.optimizers = [\"Cobylla\"]: unknown nevergrad optimizer 'Cobylla'; did you mean "
+      "'Cobyla'?")),
+])
+def test_a_bad_model_spec_or_bench_grid_built_in_python_is_one_line(build, message):
+    with pytest.raises(RaysoupError) as raised:
+        build()
+    assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+
+
+def test_a_required_key_left_out_is_named_as_required():
+    assert error(TimmSpec, {"num_classes": 3}, "model") == \
+        "run.toml: model.arch is required: expected str"
+    with pytest.raises(RaysoupError, match=r"^path is required: expected str$"):
+        TransformersSpec("sequence-classification", num_classes=2)
+
+
+def test_model_specs_travel_pickled_and_a_timm_spec_hashes_without_its_kwargs():
+    timm = TimmSpec("resnet10t", 3, kwargs={"depth": 2})
+    for spec in (ModelSpec(width=32, mean=(0.1,), std=(0.2,)), timm,
+                 TransformersSpec("sequence-classification", "/m", 4)):
+        assert pickle.loads(pickle.dumps(spec)) == spec
+    assert hash(timm) == hash(TimmSpec("resnet10t", 3))
+
+
+@pytest.mark.parametrize("cls", [ModelSpec, TimmSpec, TransformersSpec, BenchGrid],
+                         ids=lambda cls: cls.__name__)
+def test_every_key_of_the_model_specs_and_the_bench_grid_says_what_it_means(cls):
+    assert all(description for _, _, _, description in describe(cls))
 
 
 def test_describe_gives_each_keys_type_with_bounds_default_and_meaning():
