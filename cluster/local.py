@@ -39,10 +39,12 @@ import psutil
 HOST = "127.0.0.1"
 WORKER_PORTS_PER_NODE = 100
 # The GCS declares a silent raylet dead after about period * threshold (default 3 s * 5).
-FAST_FAILURE_DETECTION_ENV = {"RAY_health_check_initial_delay_ms": "1000",
-                              "RAY_health_check_period_ms": "500",
-                              "RAY_health_check_timeout_ms": "500",
-                              "RAY_health_check_failure_threshold": "3"}
+FAST_FAILURE_DETECTION_ENV = {
+    "RAY_health_check_initial_delay_ms": "1000",
+    "RAY_health_check_period_ms": "500",
+    "RAY_health_check_timeout_ms": "500",
+    "RAY_health_check_failure_threshold": "3",
+}
 # A node on 127.0.0.1 binds its gRPC ports to loopback only, but Ray swaps 127.0.0.1 for the
 # host's reachable IP (services.resolve_ip_for_localhost) in `ray start --node-ip-address` and
 # in a client's RAY_ADDRESS. Single-host mode (this env var) keeps 127.0.0.1 in clients and in
@@ -127,10 +129,18 @@ def free_port_block(size: int) -> int:
 
 
 class LocalCluster:
-    def __init__(self, head: NodeSpec = NodeSpec(), workers: list[NodeSpec] = (),
-                 temp_dir: str | None = None, env: dict | None = None,
-                 object_store_memory: int = 512 * 2**20, fast_failure_detection: bool = False,
-                 dashboard: bool = False, token: str | None = None, start_timeout: float = 60):
+    def __init__(
+        self,
+        head: NodeSpec = NodeSpec(),
+        workers: list[NodeSpec] = (),
+        temp_dir: str | None = None,
+        env: dict | None = None,
+        object_store_memory: int = 512 * 2**20,
+        fast_failure_detection: bool = False,
+        dashboard: bool = False,
+        token: str | None = None,
+        start_timeout: float = 60,
+    ):
         self.head, self.workers, self.token = head, list(workers), token
         self.object_store_memory, self.dashboard = object_store_memory, dashboard
         self.env = {**(FAST_FAILURE_DETECTION_ENV if fast_failure_detection else {}), **(env or {})}
@@ -149,13 +159,18 @@ class LocalCluster:
     @property
     def client_env(self) -> dict:
         """What a client process (driver, `ray status`, `ray job submit`) needs in its env."""
-        env = {**LOOPBACK_ENV, "RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token",
-               "RAY_AUTH_TOKEN_PATH": str(self.root / "auth_token")}
+        env = {
+            **LOOPBACK_ENV,
+            "RAY_ADDRESS": self.address,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.root / "auth_token"),
+        }
         return env | ({"RAY_API_SERVER_ADDRESS": self.dashboard_url} if self.dashboard else {})
 
     def start(self) -> LocalCluster:
         if self.dashboard:
             from ray._private.utils import get_dashboard_dependency_error
+
             if error := get_dashboard_dependency_error():
                 raise RuntimeError(f"the dashboard needs ray[default]: {error}")
         # Short, so that Ray's unix socket paths stay under 107 bytes.
@@ -173,15 +188,24 @@ class LocalCluster:
             if self.dashboard:
                 self.dashboard_url = f"http://{HOST}:{dashboard_port}"
             # The head runs a headless dashboard process even without the UI: its own port too.
-            head_args = ["--head", f"--port={gcs_port}", f"--include-dashboard={self.dashboard}",
-                         f"--dashboard-host={HOST}", f"--dashboard-port={dashboard_port}"]
+            head_args = [
+                "--head",
+                f"--port={gcs_port}",
+                f"--include-dashboard={self.dashboard}",
+                f"--dashboard-host={HOST}",
+                f"--dashboard-port={dashboard_port}",
+            ]
             # Raylets on one host must not hand out the same worker ports: a block each.
             worker_ports = free_port_block(WORKER_PORTS_PER_NODE * (1 + len(self.workers)))
             self._start_node("head", self.head, head_args, worker_ports)
             self.wait_for_nodes(1, self.start_timeout)  # workers join a running GCS
             for i, spec in enumerate(self.workers, start=1):
-                self._start_node(f"worker-{i - 1}", spec, [f"--address={self.address}"],
-                                 worker_ports + i * WORKER_PORTS_PER_NODE)
+                self._start_node(
+                    f"worker-{i - 1}",
+                    spec,
+                    [f"--address={self.address}"],
+                    worker_ports + i * WORKER_PORTS_PER_NODE,
+                )
             self.wait_for_nodes(len(self.nodes), self.start_timeout)
         except BaseException:
             self.stop()
@@ -194,30 +218,61 @@ class LocalCluster:
         node_dir = self.root / name
         node_dir.mkdir()
         ports = free_ports(6)
-        cmd = [sys.executable, "-c", RAY_CLI, "start", "--block", *args, f"--node-name={name}",
-               f"--node-ip-address={HOST}", f"--temp-dir={node_dir}", f"--num-cpus={spec.cpus}",
-               f"--num-gpus={spec.gpus}", f"--resources={json.dumps(spec.resources)}",
-               f"--object-store-memory={self.object_store_memory}",
-               f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
-               f"--metrics-export-port={ports[2]}", f"--dashboard-agent-listen-port={ports[3]}",
-               f"--dashboard-agent-grpc-port={ports[4]}", f"--runtime-env-agent-port={ports[5]}",
-               f"--min-worker-port={worker_port}",
-               f"--max-worker-port={worker_port + WORKER_PORTS_PER_NODE - 1}",
-               "--disable-usage-stats", "--log-style=record"]
+        cmd = [
+            sys.executable,
+            "-c",
+            RAY_CLI,
+            "start",
+            "--block",
+            *args,
+            f"--node-name={name}",
+            f"--node-ip-address={HOST}",
+            f"--temp-dir={node_dir}",
+            f"--num-cpus={spec.cpus}",
+            f"--num-gpus={spec.gpus}",
+            f"--resources={json.dumps(spec.resources)}",
+            f"--object-store-memory={self.object_store_memory}",
+            f"--node-manager-port={ports[0]}",
+            f"--object-manager-port={ports[1]}",
+            f"--metrics-export-port={ports[2]}",
+            f"--dashboard-agent-listen-port={ports[3]}",
+            f"--dashboard-agent-grpc-port={ports[4]}",
+            f"--runtime-env-agent-port={ports[5]}",
+            f"--min-worker-port={worker_port}",
+            f"--max-worker-port={worker_port + WORKER_PORTS_PER_NODE - 1}",
+            "--disable-usage-stats",
+            "--log-style=record",
+        ]
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_ADDRESS")}
-        env |= {**self.env, **LOOPBACK_ENV, "RAY_AUTH_MODE": "token",
-                "RAY_AUTH_TOKEN_PATH": str(self.root / "auth_token")}
+        env |= {
+            **self.env,
+            **LOOPBACK_ENV,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.root / "auth_token"),
+        }
         log_path = node_dir / "ray_start.log"
         with open(log_path, "wb") as log:  # own session: the CLI's Ctrl-C reaches us only
-            process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                       stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            process = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         self.nodes.append(Node(name, process, ports[0], log_path))
 
     def node_table(self) -> list[dict]:
         """One dict per node the GCS knows, dead ones too: name, alive, ip, port, resources."""
         env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"} | self.client_env
-        out = subprocess.run([sys.executable, "-c", NODES_SCRIPT, self.address],
-                             capture_output=True, text=True, env=env, timeout=30, check=False)
+        out = subprocess.run(
+            [sys.executable, "-c", NODES_SCRIPT, self.address],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+            check=False,
+        )
         if out.returncode:
             raise RuntimeError(f"GCS query failed: {out.stderr[-2000:]}")
         return json.loads(out.stdout)
@@ -237,10 +292,12 @@ class LocalCluster:
             if len(alive) == count:
                 return table
             if time.monotonic() > deadline:
-                tails = [f"--- {n.name} ---\n{n.log_tail()}" for n in self.nodes
-                         if n.port not in alive]
-                raise TimeoutError(f"{len(alive)}/{count} nodes alive after {timeout} s\n"
-                                   + "\n".join(tails))
+                tails = [
+                    f"--- {n.name} ---\n{n.log_tail()}" for n in self.nodes if n.port not in alive
+                ]
+                raise TimeoutError(
+                    f"{len(alive)}/{count} nodes alive after {timeout} s\n" + "\n".join(tails)
+                )
             time.sleep(0.5)
 
     def kill_raylet(self, worker: int) -> int:
@@ -273,8 +330,13 @@ class LocalCluster:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["start"])
-    for flag, default in [("workers", 2), ("worker-cpus", 1), ("worker-gpus", 0),
-                          ("head-cpus", 1), ("object-store-mb", 512)]:
+    for flag, default in [
+        ("workers", 2),
+        ("worker-cpus", 1),
+        ("worker-gpus", 0),
+        ("head-cpus", 1),
+        ("object-store-mb", 512),
+    ]:
         parser.add_argument(f"--{flag}", type=int, default=default)
     parser.add_argument("--dashboard", action="store_true", help="needs ray[default]")
     parser.add_argument("--fast-failure-detection", action="store_true")
@@ -283,11 +345,13 @@ def main() -> None:
     # a background job inherits it ignored.
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, signal.default_int_handler)
-    cluster = LocalCluster(NodeSpec(args.head_cpus),
-                           [NodeSpec(args.worker_cpus, args.worker_gpus)] * args.workers,
-                           object_store_memory=args.object_store_mb * 2**20,
-                           fast_failure_detection=args.fast_failure_detection,
-                           dashboard=args.dashboard)
+    cluster = LocalCluster(
+        NodeSpec(args.head_cpus),
+        [NodeSpec(args.worker_cpus, args.worker_gpus)] * args.workers,
+        object_store_memory=args.object_store_mb * 2**20,
+        fast_failure_detection=args.fast_failure_detection,
+        dashboard=args.dashboard,
+    )
     try:
         cluster.start()
         print(f"address: {cluster.address}\ndashboard: {cluster.dashboard_url or 'off'}")

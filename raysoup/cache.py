@@ -92,14 +92,19 @@ class JudgementCache(KeyedArrays):
         super().__init__(root)
         self.cached = self.measured = 0
 
-    def correctness(self, state_dict: Mapping, set_keys: Mapping[str, str],
-                    sets: list[str], judge) -> dict[str, np.ndarray]:
+    def correctness(
+        self, state_dict: Mapping, set_keys: Mapping[str, str], sets: list[str], judge
+    ) -> dict[str, np.ndarray]:
         """Per set of `sets`: the cached correctness where there is one (sets with a key in
         `set_keys`), else `judge(missing sets)`'s, which is cached."""
         from .inputs.pool import state_dict_sha256  # torch: not for the trial processes
+
         weights = state_dict_sha256(state_dict) if set_keys else ""
-        keys = {name: hashlib.sha256(f"{weights}:{set_keys[name]}".encode()).hexdigest()
-                for name in sets if name in set_keys}
+        keys = {
+            name: hashlib.sha256(f"{weights}:{set_keys[name]}".encode()).hexdigest()
+            for name in sets
+            if name in set_keys
+        }
         hits = {name: h for name, key in keys.items() if (h := self.get(key)) is not None}
         missing = [name for name in sets if name not in hits]
         self.cached += len(hits)
@@ -112,8 +117,9 @@ class JudgementCache(KeyedArrays):
         return {name: hits[name] for name in sets}
 
 
-def set_key(sha256: str | None, spec, class_map: dict | None, bf16: bool,
-            domain: str, metric=None) -> str | None:
+def set_key(
+    sha256: str | None, spec, class_map: dict | None, bf16: bool, domain: str, metric=None
+) -> str | None:
     """What decides a set's per-image results besides the weights: the set, the model,
     bf16, the numeric domain of the kernels (raysoup.numerics) and the metric (its name
     and source). None: the set has no recorded fingerprint, so its judgements are not
@@ -121,8 +127,9 @@ def set_key(sha256: str | None, spec, class_map: dict | None, bf16: bool,
     if not sha256:
         return None
     key = [sha256, spec.to_dict(), class_map, bf16, domain]
-    return hashlib.sha256(json.dumps(key + ([metric.identity] if metric else []))
-                          .encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(key + ([metric.identity] if metric else [])).encode()
+    ).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,7 @@ class PointCache:
     models, the mixer, the validation set and the evaluators' layout, so a point measured
     once (a promise point that is pass 1's start, a rerun of the same step) is read back,
     not evaluated again. The optimiser is told the same value either way."""
+
     root: str
     scope: str
 

@@ -33,26 +33,37 @@ def read_checked(path: str, fingerprint: dict, domain: str | None = None) -> dic
     saved = json.loads(storage.read_bytes(path))
     where = path.rsplit("/", 1)[0]
     if saved["fingerprint"] != fingerprint:
-        changed = sorted(k for k in set(fingerprint) | set(saved["fingerprint"])
-                         if fingerprint.get(k) != saved["fingerprint"].get(k))
-        raise RaysoupError(f"cannot resume {where}: it was started with a different "
-                           f"config (differs in: {', '.join(changed)})")
+        changed = sorted(
+            k
+            for k in set(fingerprint) | set(saved["fingerprint"])
+            if fingerprint.get(k) != saved["fingerprint"].get(k)
+        )
+        raise RaysoupError(
+            f"cannot resume {where}: it was started with a different "
+            f"config (differs in: {', '.join(changed)})"
+        )
     if domain is not None and saved.get("numerics") != domain:
-        raise RaysoupError(f"cannot resume {where}: its steps were evaluated in the "
-                           f"numeric domain {saved.get('numerics')!r}, but the evaluators "
-                           f"now compute in {domain!r}; resume with the same "
-                           f"resources.numerics on the same kind of CPU (\"portable\" "
-                           f"runs on any AVX2 CPU), or start a fresh run")
+        raise RaysoupError(
+            f"cannot resume {where}: its steps were evaluated in the "
+            f"numeric domain {saved.get('numerics')!r}, but the evaluators "
+            f"now compute in {domain!r}; resume with the same "
+            f'resources.numerics on the same kind of CPU ("portable" '
+            f"runs on any AVX2 CPU), or start a fresh run"
+        )
     return saved
 
 
 def save_ranking(directory: Path, ranking: list, fingerprint: dict, domain: str) -> None:
-    write_json(Path(directory) / RANKING_FILE, {"fingerprint": fingerprint, "numerics": domain,
-                                                "ranking": ranking}, indent=1)
+    write_json(
+        Path(directory) / RANKING_FILE,
+        {"fingerprint": fingerprint, "numerics": domain, "ranking": ranking},
+        indent=1,
+    )
 
 
-def load_ranking(directory: Path | str, fingerprint: dict, domain: str | None = None
-                 ) -> list[tuple[str, float]] | None:
+def load_ranking(
+    directory: Path | str, fingerprint: dict, domain: str | None = None
+) -> list[tuple[str, float]] | None:
     saved = read_checked(storage.join(str(directory), RANKING_FILE), fingerprint, domain)
     return None if saved is None else [tuple(r) for r in saved["ranking"]]
 
@@ -63,8 +74,13 @@ class StepCheckpoint:
     leaves them as they were rewrites only the JSON, not a model-sized file. `on_save`
     runs after every save (the run uploads the step when `out` is a URI)."""
 
-    def __init__(self, directory: Path, fingerprint: dict, domain: str,
-                 on_save: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        fingerprint: dict,
+        domain: str,
+        on_save: Callable[[], None] | None = None,
+    ):
         self.directory, self.fingerprint, self.domain = Path(directory), fingerprint, domain
         self.on_save = on_save
 
@@ -75,8 +91,16 @@ class StepCheckpoint:
         name = f"weights-{version:04d}.safetensors"
         if not (previous and previous["weights"] == name and (self.directory / name).is_file()):
             save_state_dict(weights, self.directory / name)
-        write_json(path, {"fingerprint": self.fingerprint, "numerics": self.domain,
-                          "weights": name, "state": state}, indent=1)
+        write_json(
+            path,
+            {
+                "fingerprint": self.fingerprint,
+                "numerics": self.domain,
+                "weights": name,
+                "state": state,
+            },
+            indent=1,
+        )
         for old in self.directory.glob("weights-*.safetensors"):
             if old.name != name:
                 old.unlink()

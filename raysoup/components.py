@@ -36,14 +36,17 @@ class ComponentError(RaysoupError):
 class Components:
     names: tuple[str, ...]
     keys: tuple[tuple[str, ...], ...]  # keys[i] are the state-dict keys of component names[i]
-    unmixed: tuple[str, ...] = ()      # keys left out of mixing (accumulator value kept)
+    unmixed: tuple[str, ...] = ()  # keys left out of mixing (accumulator value kept)
 
     def __len__(self) -> int:
         return len(self.names)
 
     def to_dict(self) -> dict:
-        return {"names": list(self.names), "keys": [list(k) for k in self.keys],
-                "unmixed": list(self.unmixed)}
+        return {
+            "names": list(self.names),
+            "keys": [list(k) for k in self.keys],
+            "unmixed": list(self.unmixed),
+        }
 
 
 def _depth_prefix(key: str, level: int) -> str:
@@ -62,6 +65,7 @@ def _block_or_level(pattern: re.Pattern, level: int):
     def name_of(key: str) -> str:
         m = pattern.match(key)
         return m.group(1) if m else _depth_prefix(key, level)
+
     return name_of
 
 
@@ -94,7 +98,7 @@ def _timm_block(key: str) -> str:
     last = None
     for last in _TIMM_BLOCK.finditer(key):
         pass
-    return key[:last.end()] if last else _depth_prefix(key, 0)
+    return key[: last.end()] if last else _depth_prefix(key, 0)
 
 
 TIMM_PRESETS = {**PRESETS, "per-block": _timm_block}
@@ -111,17 +115,24 @@ def _rules_name_of(rules: Sequence[tuple[str, str]]):
             if rx.search(key):
                 return name
         raise ComponentError(f"component spec leaves key {key!r} uncovered")
+
     return name_of
 
 
-def partition(keys: Sequence[str], preset: str | Sequence[tuple[str, str]],
-              unused: Iterable[str] = (), presets: Mapping = PRESETS) -> Components:
+def partition(
+    keys: Sequence[str],
+    preset: str | Sequence[tuple[str, str]],
+    unused: Iterable[str] = (),
+    presets: Mapping = PRESETS,
+) -> Components:
     """Split `keys` into components by a preset name (of `presets`: the model family's) or
     ordered (name, regex) rules."""
     if isinstance(preset, str):
         if preset not in presets:
-            raise ComponentError(f"unknown components preset {preset!r}; "
-                                 f"choose one of {sorted(presets)} or give regex rules")
+            raise ComponentError(
+                f"unknown components preset {preset!r}; "
+                f"choose one of {sorted(presets)} or give regex rules"
+            )
         name_of = presets[preset]
     else:
         name_of = _rules_name_of(preset)
@@ -129,8 +140,11 @@ def partition(keys: Sequence[str], preset: str | Sequence[tuple[str, str]],
     groups = _group((k for k in keys if k not in unused), name_of)
     if not groups:
         raise ComponentError("no keys left to mix")
-    return Components(tuple(groups), tuple(tuple(v) for v in groups.values()),
-                      tuple(k for k in keys if k in unused))
+    return Components(
+        tuple(groups),
+        tuple(tuple(v) for v in groups.values()),
+        tuple(k for k in keys if k in unused),
+    )
 
 
 def check_partition(components: Components, keys: Sequence[str]) -> None:
@@ -139,8 +153,9 @@ def check_partition(components: Components, keys: Sequence[str]) -> None:
     for name, group in zip(components.names, components.keys):
         for key in group:
             if key in seen:
-                raise ComponentError(f"key {key!r} is in two components: {seen[key]!r} and "
-                                     f"{name!r}")
+                raise ComponentError(
+                    f"key {key!r} is in two components: {seen[key]!r} and {name!r}"
+                )
             seen[key] = name
     for key in components.unmixed:
         if key in seen:

@@ -35,7 +35,8 @@ def file_logging(run_dir: Path) -> None:
     """Every raysoup log line of this process, DEBUG included, appended to run_dir/raysoup.log
     (the driver process and the SoupDriver actor both write there)."""
     handler = logging.FileHandler(Path(run_dir) / LOG_FILE, mode="a", encoding="utf-8")
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    )
     handler.setLevel(logging.DEBUG)
     _replace(handler, "file")

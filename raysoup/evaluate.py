@@ -24,10 +24,17 @@ ID = "id"
 
 
 class Evaluator:
-    def __init__(self, spec, eval_sets: list[EvalSet], batch_size: int = 1000,
-                 device: str | None = None, autocast_bf16: bool = False,
-                 cache: JudgementCache | None = None, domain: str | None = None,
-                 metric: Metric | None = None):
+    def __init__(
+        self,
+        spec,
+        eval_sets: list[EvalSet],
+        batch_size: int = 1000,
+        device: str | None = None,
+        autocast_bf16: bool = False,
+        cache: JudgementCache | None = None,
+        domain: str | None = None,
+        metric: Metric | None = None,
+    ):
         """`domain`: the numeric domain this process was set up for (raysoup.numerics);
         default, this process's own kernels as they are. `metric`: default top-1."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -37,13 +44,20 @@ class Evaluator:
         self.batch_size = batch_size
         self.autocast_bf16 = autocast_bf16 and self.device.type == "cuda"
         # Resident copies (encode copies: the Arrow buffers are read-only memory maps).
-        self.sets = {s.name: (self.encode(s.inputs),
-                              torch.from_numpy(np.array(s.labels)).to(self.device),
-                              s.class_map)
-                     for s in eval_sets}
+        self.sets = {
+            s.name: (
+                self.encode(s.inputs),
+                torch.from_numpy(np.array(s.labels)).to(self.device),
+                s.class_map,
+            )
+            for s in eval_sets
+        }
         self.cache, self.metric = cache, metric
-        self.set_keys = {s.name: key for s in eval_sets if (key := set_key(
-            s.sha256, spec, s.class_map, self.autocast_bf16, domain, metric))}
+        self.set_keys = {
+            s.name: key
+            for s in eval_sets
+            if (key := set_key(s.sha256, spec, s.class_map, self.autocast_bf16, domain, metric))
+        }
         self._projections: dict = {}
 
     def _projection(self, class_map: ClassMap | None):
@@ -56,8 +70,8 @@ class Evaluator:
             index = torch.zeros(len(class_map), width, dtype=torch.int64)
             mask = torch.zeros(len(class_map), width, dtype=torch.bool)
             for label, group in enumerate(class_map):
-                index[label, :len(group)] = torch.tensor(group, dtype=torch.int64)
-                mask[label, :len(group)] = True
+                index[label, : len(group)] = torch.tensor(group, dtype=torch.int64)
+                mask[label, : len(group)] = True
             self._projections[class_map] = index.to(self.device), mask.to(self.device)
         return self._projections[class_map]
 
@@ -73,8 +87,9 @@ class Evaluator:
         """A set's rows (images, or text columns: tokenised here) as tensors on the device."""
         return to_device(self.family.encode(self.spec, inputs), self.device)
 
-    def logits(self, batch: Batch, params: Mapping[str, torch.Tensor] | None = None
-               ) -> torch.Tensor:
+    def logits(
+        self, batch: Batch, params: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """The model's per-example logits (with `params` in place of its weights)."""
         return self.family.forward(self.spec, self.model, batch, params)
 
@@ -92,13 +107,15 @@ class Evaluator:
         hits = []
         for inputs, labels in batches:
             inputs = to_device(inputs, self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                enabled=self.autocast_bf16):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
                 logits = self.project(self.logits(inputs), class_map)
             labels = torch.as_tensor(labels).to(self.device)
             hits.append(score(self.metric, logits, labels).to(self.device))
-        return torch.cat(hits) if hits else \
-            torch.zeros(0, dtype=torch.bool if self.metric is None else torch.float64)
+        return (
+            torch.cat(hits)
+            if hits
+            else torch.zeros(0, dtype=torch.bool if self.metric is None else torch.float64)
+        )
 
     def hits(self, set_name: str, rows: np.ndarray | None = None) -> torch.Tensor:
         """Per image of a set (or of its `rows`, in that order): right or wrong, or the
@@ -107,9 +124,13 @@ class Evaluator:
         if rows is not None:
             index = torch.as_tensor(rows, device=self.device)
             inputs, labels = take_rows(inputs, index), labels[index]
-        return self.score(((take_rows(inputs, slice(i, i + self.batch_size)),
-                            labels[i:i + self.batch_size])
-                           for i in range(0, len(labels), self.batch_size)), class_map)
+        return self.score(
+            (
+                (take_rows(inputs, slice(i, i + self.batch_size)), labels[i : i + self.batch_size])
+                for i in range(0, len(labels), self.batch_size)
+            ),
+            class_map,
+        )
 
     def correct(self, set_name: str) -> tuple[int | float, int]:
         """(correct, total) of the loaded weights on one set; with a metric, (the sum of
@@ -121,8 +142,9 @@ class Evaluator:
     def accuracy(self, state_dict: Mapping[str, torch.Tensor], set_name: str = VAL) -> float:
         return float(self.correctness(state_dict, [set_name])[set_name].mean())
 
-    def correctness(self, state_dict: Mapping[str, torch.Tensor],
-                    sets: list[str] | None = None) -> dict[str, np.ndarray]:
+    def correctness(
+        self, state_dict: Mapping[str, torch.Tensor], sets: list[str] | None = None
+    ) -> dict[str, np.ndarray]:
         """Per set (default: all), per image: right or wrong, or the metric's score (what
         paired comparisons need); read from the cache where these weights were judged on that set before."""
         sets = list(self.sets) if sets is None else sets
@@ -149,12 +171,18 @@ def accuracy_row(correctness: Mapping[str, np.ndarray]) -> dict:
     model gets in a report."""
     acc = {name: float(hits.mean()) for name, hits in correctness.items()}
     ood = {name: acc[name] for name in ood_sets(acc)}
-    return {"val": acc.get(VAL), "id": acc.get(ID), "ood": ood,
-            "ood_avg": float(np.mean(list(ood.values()))) if ood else None}
+    return {
+        "val": acc.get(VAL),
+        "id": acc.get(ID),
+        "ood": ood,
+        "ood_avg": float(np.mean(list(ood.values()))) if ood else None,
+    }
 
 
-def load_eval_sets(sources: Mapping[str, EvalSetSource | str | Path], num_classes: int,
-                   ) -> list[EvalSet]:
+def load_eval_sets(
+    sources: Mapping[str, EvalSetSource | str | Path],
+    num_classes: int,
+) -> list[EvalSet]:
     sets = []
     for name, source in sources.items():
         s = read_eval_set(source, num_classes)

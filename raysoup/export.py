@@ -22,19 +22,20 @@ def export_like(run_dir: Path | str, like: str, out: Path | str) -> Path | str:
     report = load_report(run_dir)
     pool = IngredientPool.from_zoo(report.raw["zoo"]["dir"])
     if like not in pool.ingredients:
-        raise RaysoupError(f"--like {like!r}: no such ingredient; the pool has "
-                           f"{', '.join(pool.names)}")
+        raise RaysoupError(
+            f"--like {like!r}: no such ingredient; the pool has {', '.join(pool.names)}"
+        )
     with RunDir.reading(run_dir, "fused.safetensors") as run:
         if not (run.local / "fused.safetensors").is_file():
-            raise RaysoupError(f"{run_dir} has no fused.safetensors (a run with manifold_mix "
-                               f"writes it)")
+            raise RaysoupError(
+                f"{run_dir} has no fused.safetensors (a run with manifold_mix writes it)"
+            )
         fused = load_state_dict(run.local / "fused.safetensors")
     like_path = str(pool.ingredients[like].path)
     export = family_of(pool.spec).export
     if not storage.is_uri(str(out)):
         return export(pool.spec, fused, like_path, Path(out))
     with tempfile.TemporaryDirectory(prefix="raysoup-export-") as staging:
-        written = export(pool.spec, fused, like_path,
-                         Path(staging) / PurePosixPath(str(out)).name)
+        written = export(pool.spec, fused, like_path, Path(staging) / PurePosixPath(str(out)).name)
         storage.upload_tree(written, str(out))
     return str(out)

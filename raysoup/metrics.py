@@ -27,10 +27,10 @@ CHECK_ROWS = 8  # the small batch a metric is tried on before any cluster work
 
 @dataclass(frozen=True)
 class Metric:
-    name: str                       # "package.module:function"
+    name: str  # "package.module:function"
     function: Callable
-    identity: str                   # what cached results are keyed on: name + source sha256
-    binary: bool                    # its scores on the check batch were all 0 or 1
+    identity: str  # what cached results are keyed on: name + source sha256
+    binary: bool  # its scores on the check batch were all 0 or 1
 
 
 def _source_sha256(function: Callable) -> str:
@@ -49,24 +49,30 @@ def checked_scores(scores, rows: int, name: str) -> torch.Tensor:
     try:
         scores = torch.as_tensor(scores)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise RaysoupError(f"metric {name!r} returned {type(scores).__name__}, not one score "
-                           f"per example ({e})") from None
+        raise RaysoupError(
+            f"metric {name!r} returned {type(scores).__name__}, not one score per example ({e})"
+        ) from None
     if tuple(scores.shape) != (rows,):
-        raise RaysoupError(f"metric {name!r} returned shape {tuple(scores.shape)} for a batch "
-                           f"of {rows} examples; it must return one score per example, "
-                           f"shape ({rows},)")
+        raise RaysoupError(
+            f"metric {name!r} returned shape {tuple(scores.shape)} for a batch "
+            f"of {rows} examples; it must return one score per example, "
+            f"shape ({rows},)"
+        )
     if scores.dtype == torch.bool:
         return scores
-    if scores.is_complex() or not (scores.is_floating_point() or scores.dtype.is_signed
-                                   or scores.dtype == torch.uint8):
-        raise RaysoupError(f"metric {name!r} returned {scores.dtype} scores; give real "
-                           f"numbers in [0, 1]")
+    if scores.is_complex() or not (
+        scores.is_floating_point() or scores.dtype.is_signed or scores.dtype == torch.uint8
+    ):
+        raise RaysoupError(
+            f"metric {name!r} returned {scores.dtype} scores; give real numbers in [0, 1]"
+        )
     scores = scores.to(torch.float64)
     bad = ~((scores >= 0) & (scores <= 1))  # NaN is bad too
     if bad.any():
         value = float(scores[bad][0])
-        raise RaysoupError(f"metric {name!r} returned a score of {value} (scores must lie in "
-                           f"[0, 1])")
+        raise RaysoupError(
+            f"metric {name!r} returned a score of {value} (scores must lie in [0, 1])"
+        )
     return scores
 
 
@@ -76,23 +82,25 @@ def load_metric(name: str, num_classes: int) -> Metric:
     [0, 1]."""
     module_name, _, attribute = name.partition(":")
     if not module_name or not attribute:
-        raise RaysoupError(f"metric = {name!r}: write it as \"package.module:function\"")
+        raise RaysoupError(f'metric = {name!r}: write it as "package.module:function"')
     try:
         function = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as e:
         raise RaysoupError(f"metric = {name!r}: cannot import it ({e})") from None
     if not callable(function):
-        raise RaysoupError(f"metric = {name!r} is a {type(function).__name__}, not a function "
-                           f"of (logits, labels)")
+        raise RaysoupError(
+            f"metric = {name!r} is a {type(function).__name__}, not a function of (logits, labels)"
+        )
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(CHECK_ROWS, num_classes, generator=generator)
     labels = torch.arange(CHECK_ROWS) % num_classes
     try:
         scores = function(logits, labels)
     except Exception as e:  # noqa: BLE001 - the user's code: any failure is theirs to see
-        raise RaysoupError(f"metric = {name!r} fails on a batch of {CHECK_ROWS} logits "
-                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                           ) from None
+        raise RaysoupError(
+            f"metric = {name!r} fails on a batch of {CHECK_ROWS} logits "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     scores = checked_scores(scores, CHECK_ROWS, name)
     binary = bool(((scores == 0) | (scores == 1)).all())
     return Metric(name, function, f"{name}@{_source_sha256(function)}", binary)
@@ -110,7 +118,9 @@ def as_binary(scores, name: str):
     scores = np.asarray(scores)
     if scores.dtype != bool:
         if not np.isin(scores, (0, 1)).all():
-            raise RaysoupError(f"metric {name!r} returned a score other than 0 or 1; "
-                               f"method.racing needs right/wrong scores")
+            raise RaysoupError(
+                f"metric {name!r} returned a score other than 0 or 1; "
+                f"method.racing needs right/wrong scores"
+            )
         scores = scores.astype(bool)
     return scores

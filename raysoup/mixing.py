@@ -16,8 +16,12 @@ from .components import Components
 StateDict = dict[str, torch.Tensor]
 
 
-def mix(accumulator: Mapping[str, torch.Tensor], candidate: Mapping[str, torch.Tensor],
-        lambdas: Sequence[float], components: Components) -> StateDict:
+def mix(
+    accumulator: Mapping[str, torch.Tensor],
+    candidate: Mapping[str, torch.Tensor],
+    lambdas: Sequence[float],
+    components: Components,
+) -> StateDict:
     """A'_i = lambda_i * A_i + (1 - lambda_i) * C_i per component i; unmixed keys keep A."""
     if len(lambdas) != len(components):
         raise ValueError(f"{len(lambdas)} lambdas for {len(components)} components")
@@ -86,8 +90,9 @@ def lambdas_to_betas(lambda_rows: np.ndarray) -> np.ndarray:
     return betas
 
 
-def weighted_sum(load: Callable[[int], Mapping[str, torch.Tensor]], betas: np.ndarray,
-                 components: Components) -> StateDict:
+def weighted_sum(
+    load: Callable[[int], Mapping[str, torch.Tensor]], betas: np.ndarray, components: Components
+) -> StateDict:
     """sum_j beta_j * ingredient_j per component, loading ingredient j via load(j) in turn.
 
     Accumulates in float64 and returns each key in its input dtype. Unmixed and
@@ -123,6 +128,7 @@ def from_numpy(arrays: Mapping[str, np.ndarray]) -> StateDict:
     returns fresh tensors, so nothing ever writes into them.
     """
     import warnings
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return {k: torch.from_numpy(v) for k, v in arrays.items()}

@@ -35,8 +35,7 @@ Numerics = Literal["portable", "native"]
 PORTABLE_CAPABILITY = "AVX2"
 # Read by ATen and MKL when they first load, so they are set in the process's environment
 # (a Ray runtime_env), never changed after torch has started.
-PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": PORTABLE_CAPABILITY.lower(),
-                "MKL_CBWR": PORTABLE_CAPABILITY}
+PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": PORTABLE_CAPABILITY.lower(), "MKL_CBWR": PORTABLE_CAPABILITY}
 
 
 def runtime_env(numerics: Numerics) -> dict | None:
@@ -59,13 +58,18 @@ def describe(numerics: Numerics, threads: int, device: str = "cpu") -> str:
     """The name of the domain a process with these settings computes in: part of every
     cache key and step checkpoint, and of the report."""
     import torch
+
     if device.startswith("cuda"):
         return f"cuda {torch.cuda.get_device_name(torch.device(device))}, torch {torch.__version__}"
     if numerics == "native":
-        return (f"cpu native {torch.backends.cpu.get_cpu_capability()} ({cpu_model()}), "
-                f"torch {torch.__version__}, {threads} thread(s)")
-    return (f"cpu portable {PORTABLE_CAPABILITY} (MKL_CBWR, no oneDNN), torch "
-            f"{torch.__version__}, {threads} thread(s)")
+        return (
+            f"cpu native {torch.backends.cpu.get_cpu_capability()} ({cpu_model()}), "
+            f"torch {torch.__version__}, {threads} thread(s)"
+        )
+    return (
+        f"cpu portable {PORTABLE_CAPABILITY} (MKL_CBWR, no oneDNN), torch "
+        f"{torch.__version__}, {threads} thread(s)"
+    )
 
 
 def enter(numerics: Numerics, threads: int, device: str = "cpu", strict: bool = True) -> str:
@@ -73,16 +77,19 @@ def enter(numerics: Numerics, threads: int, device: str = "cpu", strict: bool = 
     portable process whose CPU cannot run the pinned kernels is refused (`strict`), or
     logged."""
     import torch
+
     torch.set_num_threads(max(1, threads))
     if numerics == "portable" and not device.startswith("cuda"):
         torch.backends.mkldnn.enabled = False  # oneDNN's kernels depend on the CPU's caches
         capability = torch.backends.cpu.get_cpu_capability()
         pinned = {k: os.environ.get(k) for k in PORTABLE_ENV}
         if capability != PORTABLE_CAPABILITY or pinned != PORTABLE_ENV:
-            message = (f"resources.numerics = \"portable\" needs x86-64 CPUs with AVX2: node "
-                       f"{platform.node()} ({cpu_model()}, {platform.machine()}) runs ATen's "
-                       f"{capability} kernels with {pinned}; set resources.numerics = "
-                       f"\"native\" (results then repeat on one CPU model only)")
+            message = (
+                f'resources.numerics = "portable" needs x86-64 CPUs with AVX2: node '
+                f"{platform.node()} ({cpu_model()}, {platform.machine()}) runs ATen's "
+                f"{capability} kernels with {pinned}; set resources.numerics = "
+                f'"native" (results then repeat on one CPU model only)'
+            )
             if strict:
                 raise RaysoupError(message)
             logger.warning(message)

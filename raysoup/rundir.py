@@ -27,12 +27,12 @@ from .inputs import storage
 logger = logging.getLogger(__name__)
 
 REPORT = "report.json"  # a finished run's marker, uploaded last
-STATE = "state.json"    # a step checkpoint's marker, uploaded after its weights
+STATE = "state.json"  # a step checkpoint's marker, uploaded after its weights
 
 
 @dataclass
 class RunDir:
-    local: Path               # where the run writes
+    local: Path  # where the run writes
     remote: str | None = None  # the URI `out` names; None: `local` is `out` itself
     # Relative path -> (size, mtime_ns) of each file as last copied to or from `remote`.
     synced: dict = field(default_factory=dict)
@@ -51,7 +51,7 @@ class RunDir:
         roots = [self.local / n for n in names] if names else [self.local]
         found = {}
         for root in roots:
-            for path in ([root] if root.is_file() else sorted(root.rglob("*"))):
+            for path in [root] if root.is_file() else sorted(root.rglob("*")):
                 if path.is_file():
                     st = path.stat()
                     found[path.relative_to(self.local).as_posix()] = (st.st_size, st.st_mtime_ns)
@@ -63,9 +63,11 @@ class RunDir:
             size += copy(rel)
         if paths:
             seconds = time.perf_counter() - t0
-            logger.debug(f"[out] {what} {len(paths)} file(s), {size / 1e6:.1f} MB in "
-                         f"{seconds:.1f} s ({size / 1e6 / max(seconds, 1e-9):.1f} MB/s): "
-                         f"{self.remote}")
+            logger.debug(
+                f"[out] {what} {len(paths)} file(s), {size / 1e6:.1f} MB in "
+                f"{seconds:.1f} s ({size / 1e6 / max(seconds, 1e-9):.1f} MB/s): "
+                f"{self.remote}"
+            )
 
     @classmethod
     @contextmanager
@@ -86,13 +88,18 @@ class RunDir:
     def _pull(self, names: tuple[str, ...] = ()) -> None:
         fs, base = storage.filesystem(self.remote)
         try:
-            infos = fs.get_file_info(pafs.FileSelector(base, recursive=True,
-                                                       allow_not_found=True))
+            infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
         except OSError as e:
             raise RaysoupError(f"out = {self.remote!r}: cannot list it ({e})") from None
-        files = sorted(rel for rel in (str(PurePosixPath(i.path).relative_to(base))
-                                       for i in infos if i.type == pafs.FileType.File)
-                       if not names or any(rel == n or rel.startswith(f"{n}/") for n in names))
+        files = sorted(
+            rel
+            for rel in (
+                str(PurePosixPath(i.path).relative_to(base))
+                for i in infos
+                if i.type == pafs.FileType.File
+            )
+            if not names or any(rel == n or rel.startswith(f"{n}/") for n in names)
+        )
 
         def download(rel: str) -> int:
             target = self.local / rel
@@ -115,8 +122,10 @@ class RunDir:
             return
         fs, base = storage.filesystem(self.remote)
         files = self._files(names)
-        changed = sorted((rel for rel, stamp in files.items() if self.synced.get(rel) != stamp),
-                         key=lambda rel: (PurePosixPath(rel).name in (STATE, REPORT), rel))
+        changed = sorted(
+            (rel for rel, stamp in files.items() if self.synced.get(rel) != stamp),
+            key=lambda rel: (PurePosixPath(rel).name in (STATE, REPORT), rel),
+        )
 
         def upload(rel: str) -> int:
             storage.copy_file(str(self.local / rel), storage.join(self.remote, rel))

@@ -41,20 +41,23 @@ def lerp_mixer(models: Sequence[StateDict], x: np.ndarray, components: Component
 class ScaledBetaMixer:
     """Phase 2: x are per-(ingredient, component) scales mu of beta, renormalised per
     component so that every column still sums to 1."""
+
     betas: np.ndarray
 
     def weights(self, x: np.ndarray) -> np.ndarray:
         scaled = self.betas * np.asarray(x, dtype=np.float64).reshape(self.betas.shape)
         return scaled / scaled.sum(axis=0, keepdims=True)
 
-    def __call__(self, models: Sequence[StateDict], x: np.ndarray,
-                 components: Components) -> StateDict:
+    def __call__(
+        self, models: Sequence[StateDict], x: np.ndarray, components: Components
+    ) -> StateDict:
         return weighted_sum(lambda j: models[j], self.weights(x), components)
 
 
 @dataclass
 class PassResult:
     """The outcome of one optimiser pass: the best point seen and its accuracy."""
+
     x: np.ndarray
     accuracy: float
     evaluations: int
@@ -68,8 +71,9 @@ class Search(Protocol):
 
     def accuracy(self, x: np.ndarray) -> float: ...
 
-    def optimise(self, start: np.ndarray, lower: Bound, upper: Bound, budget: int,
-                 seed: int, name: str) -> PassResult: ...
+    def optimise(
+        self, start: np.ndarray, lower: Bound, upper: Bound, budget: int, seed: int, name: str
+    ) -> PassResult: ...
 
 
 def check_optimizer(name: str, num_workers: int) -> None:
@@ -82,12 +86,21 @@ def check_optimizer(name: str, num_workers: int) -> None:
     if num_workers < 1:
         raise RaysoupError(f"num_workers must be at least 1, got {num_workers}")
     if num_workers > 1 and getattr(ng.optimizers.registry[name], "no_parallelization", False):
-        raise RaysoupError(f"optimizer {name!r} is strictly sequential; use num_workers = 1 "
-                           "or a parallel optimizer such as TwoPointsDE or CMA")
+        raise RaysoupError(
+            f"optimizer {name!r} is strictly sequential; use num_workers = 1 "
+            "or a parallel optimizer such as TwoPointsDE or CMA"
+        )
 
 
-def make_optimizer(name: str, start: np.ndarray, lower: Bound, upper: Bound, budget: int,
-                   num_workers: int, seed: int) -> ng.optimizers.base.Optimizer:
+def make_optimizer(
+    name: str,
+    start: np.ndarray,
+    lower: Bound,
+    upper: Bound,
+    budget: int,
+    num_workers: int,
+    seed: int,
+) -> ng.optimizers.base.Optimizer:
     """A seeded optimiser over one bounded vector x, starting at `start`; the bounds are
     one value for every coordinate or one per coordinate.
 
@@ -98,8 +111,9 @@ def make_optimizer(name: str, start: np.ndarray, lower: Bound, upper: Bound, bud
     start = np.clip(np.asarray(start, dtype=np.float64), lower, upper)
     space = ng.p.Instrumentation(x=ng.p.Array(init=start, lower=lower, upper=upper))
     space.random_state.seed(seed)
-    optimizer = ng.optimizers.registry[name](parametrization=space, budget=budget,
-                                             num_workers=num_workers)
+    optimizer = ng.optimizers.registry[name](
+        parametrization=space, budget=budget, num_workers=num_workers
+    )
     optimizer.enable_pickling()
     return optimizer
 
@@ -118,8 +132,9 @@ def best_index(accuracies: list[float]) -> int:
 class LocalSearch:
     """Evaluations and optimiser passes in this process: a plain nevergrad ask/tell loop."""
 
-    def __init__(self, judge: Callable[[StateDict], float], components: Components,
-                 num_workers: int = 1):
+    def __init__(
+        self, judge: Callable[[StateDict], float], components: Components, num_workers: int = 1
+    ):
         self.judge = judge
         self.components = components
         self.num_workers = num_workers
@@ -132,8 +147,9 @@ class LocalSearch:
     def accuracy(self, x: np.ndarray) -> float:
         return self.judge(self.mixer(self.models, np.asarray(x), self.components))
 
-    def optimise(self, start: np.ndarray, lower: Bound, upper: Bound, budget: int,
-                 seed: int, name: str) -> PassResult:
+    def optimise(
+        self, start: np.ndarray, lower: Bound, upper: Bound, budget: int, seed: int, name: str
+    ) -> PassResult:
         optimizer = make_optimizer(name, start, lower, upper, budget, self.num_workers, seed)
         points, accuracies = [], []
         while len(points) < budget:
@@ -148,8 +164,9 @@ class LocalSearch:
                 points.append(x)
                 accuracies.append(acc)
         best = best_index(accuracies)
-        return PassResult(points[best], accuracies[best], len(points), chosen_name(optimizer),
-                          accuracies, points)
+        return PassResult(
+            points[best], accuracies[best], len(points), chosen_name(optimizer), accuracies, points
+        )
 
 
 def first_model(models: Sequence[StateDict], x: np.ndarray, components: Components) -> StateDict:

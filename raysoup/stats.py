@@ -43,19 +43,39 @@ def paired(a: Sequence[np.ndarray], b: Sequence[np.ndarray], seed: int = 0) -> d
     b_only = int(sum((d < 0).sum() for d in differences))
     diff = float(_mean_of_means(*differences))
     if a_only + b_only == 0:  # the same predictions on every image: nothing to resample
-        return {"diff": 0.0, "lo": 0.0, "hi": 0.0, "p": 1.0 if binary else None,
-                "a_only": 0, "b_only": 0}
+        return {
+            "diff": 0.0,
+            "lo": 0.0,
+            "hi": 0.0,
+            "p": 1.0 if binary else None,
+            "a_only": 0,
+            "b_only": 0,
+        }
     interval = stats.bootstrap(
-        tuple(differences), _mean_of_means, n_resamples=RESAMPLES, confidence_level=CONFIDENCE,
-        method="percentile", paired=False, vectorized=True, batch=200,
-        random_state=np.random.default_rng(seed)).confidence_interval
+        tuple(differences),
+        _mean_of_means,
+        n_resamples=RESAMPLES,
+        confidence_level=CONFIDENCE,
+        method="percentile",
+        paired=False,
+        vectorized=True,
+        batch=200,
+        random_state=np.random.default_rng(seed),
+    ).confidence_interval
     p = float(stats.binomtest(a_only, a_only + b_only, 0.5).pvalue) if binary else None
-    return {"diff": diff, "lo": float(interval.low), "hi": float(interval.high),
-            "p": p, "a_only": a_only, "b_only": b_only}
+    return {
+        "diff": diff,
+        "lo": float(interval.low),
+        "hi": float(interval.high),
+        "p": p,
+        "a_only": a_only,
+        "b_only": b_only,
+    }
 
 
-def compare(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], ood_sets: Sequence[str],
-            seed: int = 0) -> dict[str, dict]:
+def compare(
+    a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], ood_sets: Sequence[str], seed: int = 0
+) -> dict[str, dict]:
     """Per set (the sets both were judged on) and for the OOD average: `paired(a, b)`."""
     out = {name: paired([a[name]], [b[name]], seed) for name in a if name in b}
     shifted = [s for s in ood_sets if s in a and s in b]
@@ -72,6 +92,8 @@ def format_difference(comparison: dict | None) -> str:
     """'+0.62 [+0.41, +0.83]' in points; '*' marks an interval that excludes zero."""
     if comparison is None:
         return "-"
-    text = (f"{100 * comparison['diff']:+.2f} [{100 * comparison['lo']:+.2f}, "
-            f"{100 * comparison['hi']:+.2f}]")
+    text = (
+        f"{100 * comparison['diff']:+.2f} [{100 * comparison['lo']:+.2f}, "
+        f"{100 * comparison['hi']:+.2f}]"
+    )
     return text + ("*" if excludes_zero(comparison) else " ")

@@ -30,18 +30,23 @@ class Rule(AfterValidator):
     """A check of a value beyond its type and bounds (an AfterValidator: it raises
     ValueError with what the value must be), with the words the reference's type column
     shows for it ("" for none)."""
+
     words: str = ""
 
 
 def Interval(low: float = -math.inf, high: float = math.inf):
     """[lower, upper] with low <= lower < upper <= high."""
-    words = "lower < upper" if (low, high) == (-math.inf, math.inf) else \
-        f"{low:g} <= lower < upper <= {high:g}"
+    words = (
+        "lower < upper"
+        if (low, high) == (-math.inf, math.inf)
+        else f"{low:g} <= lower < upper <= {high:g}"
+    )
 
     def check(pair: tuple[float, float]) -> tuple[float, float]:
         if not low <= pair[0] < pair[1] <= high:
             raise ValueError(f"must be [lower, upper] with {words}")
         return pair
+
     return Annotated[tuple[float, float], Rule(check, words)]
 
 
@@ -51,10 +56,15 @@ def known_optimizer(name: str) -> str:
 
     if name not in ng.optimizers.registry:
         import difflib
-        close = [n for n in ng.optimizers.registry if n.lower() == name.lower()] or \
-            difflib.get_close_matches(name, list(ng.optimizers.registry), n=1, cutoff=0.8)
-        hint = f"; did you mean {close[0]!r}?" if close else \
-            " (see nevergrad.optimizers.registry for the names)"
+
+        close = [
+            n for n in ng.optimizers.registry if n.lower() == name.lower()
+        ] or difflib.get_close_matches(name, list(ng.optimizers.registry), n=1, cutoff=0.8)
+        hint = (
+            f"; did you mean {close[0]!r}?"
+            if close
+            else " (see nevergrad.optimizers.registry for the names)"
+        )
         raise ValueError(f"unknown nevergrad optimizer {name!r}{hint}")
     return name
 
@@ -77,10 +87,17 @@ def section_config(cls):
         except ValidationError as e:
             section = getattr(type(self), "SECTION", "")
             names = [f.name for f in dataclasses.fields(type(self))]
-            raise RaysoupError(error_line(
-                type(self), e, {**dict(zip(names, args)), **kwargs}, "",
-                f"{section}." if section else "", f"[{section}]" if section else
-                type(self).__name__)) from None
+            raise RaysoupError(
+                error_line(
+                    type(self),
+                    e,
+                    {**dict(zip(names, args)), **kwargs},
+                    "",
+                    f"{section}." if section else "",
+                    f"[{section}]" if section else type(self).__name__,
+                )
+            ) from None
+
     cls.__init__ = __init__
     return cls
 
@@ -120,16 +137,17 @@ def shown(value) -> str:
     return json.dumps(value, default=str)
 
 
-def error_line(cls, error: ValidationError, given: dict, where: str, prefix: str,
-               what: str) -> str:
+def error_line(cls, error: ValidationError, given: dict, where: str, prefix: str, what: str) -> str:
     """pydantic's first error about `given` (the keys given for `cls`) as one line."""
     head = f"{where}: " if where else ""
     errors = error.errors()
     unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] in UNKNOWN_KEY)
     if unknown:
         known = sorted(f.name for f in dataclasses.fields(cls))
-        return (f"{head}unknown key(s) {', '.join(prefix + k for k in unknown)}; known keys "
-                f"of {what}: {', '.join(known)}")
+        return (
+            f"{head}unknown key(s) {', '.join(prefix + k for k in unknown)}; known keys "
+            f"of {what}: {', '.join(known)}"
+        )
     first = errors[0]
     if first["type"] == "value_error" and not first["loc"]:  # a __post_init__'s own line
         return f"{head}{first['ctx']['error']}"
@@ -143,8 +161,11 @@ def error_line(cls, error: ValidationError, given: dict, where: str, prefix: str
     value = f"{head}{prefix}{key} = {shown(given[key])}"
     if first["type"] == "value_error":  # a Rule's: what the value must be
         return f"{value}: {first['ctx']['error']}"
-    message = "too few values" if first["type"] == "missing" else \
-        first["msg"][0].lower() + first["msg"][1:]
+    message = (
+        "too few values"
+        if first["type"] == "missing"
+        else first["msg"][0].lower() + first["msg"][1:]
+    )
     return f"{value}: expected {types.get(key, '?')} ({message})"
 
 
@@ -174,10 +195,14 @@ def describe(cls) -> list[tuple[str, str, str, str]]:
     rows = []
     for key, info in cls.__pydantic_fields__.items():
         default = default_of(info)
-        rows.append((key, ", ".join([type_name(info.annotation),
-                                     *constraint_words(info.metadata)]),
-                     "required" if default is dataclasses.MISSING else shown(default),
-                     info.description or ""))
+        rows.append(
+            (
+                key,
+                ", ".join([type_name(info.annotation), *constraint_words(info.metadata)]),
+                "required" if default is dataclasses.MISSING else shown(default),
+                info.description or "",
+            )
+        )
     return rows
 
 
@@ -192,8 +217,7 @@ def toml_value(value) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}"
-                               for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"{value!r} has no TOML form")
 
 
@@ -231,4 +255,3 @@ def example_toml(sections: Iterable[tuple[str, type, str]]) -> str:
                 value = info.examples[0]
             out.extend(commented(f"{key} = {toml_value(value)}", info.description or ""))
     return "\n".join(out) + "\n"
-

@@ -19,9 +19,18 @@ from .helpers import val_evaluator
 
 # A zoo small enough to build once per test run in seconds, on real Fashion-MNIST.
 TINY_SPEC = ModelSpec(width=32, layers=2, heads=2, embed_dim=32)
-TINY_ZOO = ZooConfig(ingredients=4, val_size=500, train_size=3000, test_size=500,
-                     pretrain_epochs=4.0, pretrain_lr=3e-3, finetune_epochs=(1.0, 1.0),
-                     finetune_lr=(3e-4, 1e-3), finetune_data_fraction=0.5, model=TINY_SPEC)
+TINY_ZOO = ZooConfig(
+    ingredients=4,
+    val_size=500,
+    train_size=3000,
+    test_size=500,
+    pretrain_epochs=4.0,
+    pretrain_lr=3e-3,
+    finetune_epochs=(1.0, 1.0),
+    finetune_lr=(3e-4, 1e-3),
+    finetune_data_fraction=0.5,
+    model=TINY_SPEC,
+)
 
 
 GROUPS = ("unit", "ray", "cluster")  # the folders; each test gets its folder's marker

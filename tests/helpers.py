@@ -19,8 +19,9 @@ from raysoup.search import LocalSearch
 
 def val_evaluator(zoo: Path) -> Evaluator:
     pool = IngredientPool.from_zoo(zoo)
-    return Evaluator(pool.spec, load_eval_sets({VAL: eval_set_sources(zoo)[VAL]},
-                                               pool.spec.num_classes))
+    return Evaluator(
+        pool.spec, load_eval_sets({VAL: eval_set_sources(zoo)[VAL]}, pool.spec.num_classes)
+    )
 
 
 def in_process_context(zoo: Path) -> SoupContext:
@@ -39,10 +40,15 @@ def in_process_context(zoo: Path) -> SoupContext:
         total, rows = fn(evaluator, VAL, state_dict, config, 0)
         return {k: v / rows for k, v in total.items()}
 
-    return SoupContext.rank(pool, judge, components=components,
-                            search=LocalSearch(judge, components),
-                            pretrained=load_pretrained(str(zoo)), learn=learn,
-                            statistic=statistic)
+    return SoupContext.rank(
+        pool,
+        judge,
+        components=components,
+        search=LocalSearch(judge, components),
+        pretrained=load_pretrained(str(zoo)),
+        learn=learn,
+        statistic=statistic,
+    )
 
 
 @contextmanager
@@ -67,23 +73,37 @@ def assert_measured(row: dict, after_step: int = 0) -> int:
     evaluations = sum(s["evaluations"] for s in steps)
     passes = sum(len(s["passes"]) for s in steps)
     assert steps and passes, "nothing left to measure: the check would prove nothing"
-    assert row["cached_evaluations"] <= passes, \
+    assert row["cached_evaluations"] <= passes, (
         f"{row['cached_evaluations']} of {evaluations} evaluations came from the point cache"
+    )
     return evaluations - row["cached_evaluations"]
 
 
-def write_config(path: Path, zoo: Path | str, out: str, resources: dict | None = None,
-                 **keys) -> Path:
+def write_config(
+    path: Path, zoo: Path | str, out: str, resources: dict | None = None, **keys
+) -> Path:
     """A small `raysoup run` config: 2 CPU evaluators, 3 evaluations per component; `keys`
     go to [search] (its keys) or [manifold_mix] (the rest)."""
-    resources = {"evaluators": 2, "cpus_per_evaluator": 0.5, "gpus_per_evaluator": 0,
-                 **(resources or {})}
+    resources = {
+        "evaluators": 2,
+        "cpus_per_evaluator": 0.5,
+        "gpus_per_evaluator": 0,
+        **(resources or {}),
+    }
     search_keys = {f.name for f in dataclasses.fields(SearchConfig)}
-    lines = [f'out = "{out}"', "[pool]", f'zoo = "{zoo}"', "[search]",
-             *(f"{k} = {json.dumps(v)}" for k, v in keys.items() if k in search_keys),
-             "[manifold_mix]", "evals_per_component = 3", "tau = 0.9",
-             *(f"{k} = {json.dumps(v)}" for k, v in keys.items() if k not in search_keys),
-             "[resources]", *(f"{k} = {json.dumps(v)}" for k, v in resources.items())]
+    lines = [
+        f'out = "{out}"',
+        "[pool]",
+        f'zoo = "{zoo}"',
+        "[search]",
+        *(f"{k} = {json.dumps(v)}" for k, v in keys.items() if k in search_keys),
+        "[manifold_mix]",
+        "evals_per_component = 3",
+        "tau = 0.9",
+        *(f"{k} = {json.dumps(v)}" for k, v in keys.items() if k not in search_keys),
+        "[resources]",
+        *(f"{k} = {json.dumps(v)}" for k, v in resources.items()),
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -91,7 +111,8 @@ def write_config(path: Path, zoo: Path | str, out: str, resources: dict | None =
 def load_local_cluster():
     """cluster/local.py (a script, not part of the package) as a module."""
     spec = importlib.util.spec_from_file_location(
-        "local_cluster", Path(__file__).parents[1] / "cluster" / "local.py")
+        "local_cluster", Path(__file__).parents[1] / "cluster" / "local.py"
+    )
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses need it
     spec.loader.exec_module(module)
     return module
@@ -101,9 +122,15 @@ def cluster_client_env(cluster, cache: Path | None = None) -> dict:
     """The environment of a client process (`raysoup run --address`) of a cluster/local.py
     cluster: this one without its RAY_ variables, token auth, and its own RAYSOUP_CACHE."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    return env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": cluster.client_env[
-        "RAY_AUTH_TOKEN_PATH"], "HF_HUB_OFFLINE": "1"} | (
-        {"RAYSOUP_CACHE": str(cache)} if cache else {})
+    return (
+        env
+        | {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": cluster.client_env["RAY_AUTH_TOKEN_PATH"],
+            "HF_HUB_OFFLINE": "1",
+        }
+        | ({"RAYSOUP_CACHE": str(cache)} if cache else {})
+    )
 
 
 class MemoryPool:

@@ -27,13 +27,21 @@ except RaysoupError as e:
     print(e)
     sys.exit(3)
 pool = IngredientPool.from_zoo(zoo)
-evaluator = Evaluator(pool.spec, load_eval_sets({VAL: eval_set_sources(zoo)[VAL]},
-                                                pool.spec.num_classes), domain=domain)
+evaluator = Evaluator(
+    pool.spec,
+    load_eval_sets({VAL: eval_set_sources(zoo)[VAL]}, pool.spec.num_classes),
+    domain=domain,
+)
 a, c = pool.load(pool.names[0]), pool.load(pool.names[1])
 components = partition(list(a), "granularity-1")
 evaluator.load(mix(a, c, np.linspace(0.3, 0.7, len(components)), components))
 images = evaluator.sets[VAL][0]
 with torch.inference_mode():
     logits = evaluator.model(images).numpy()
-np.savez(out, logits=logits, hits=evaluator.hits(VAL).numpy(),
-         capability=torch.backends.cpu.get_cpu_capability(), domain=domain)
+np.savez(
+    out,
+    logits=logits,
+    hits=evaluator.hits(VAL).numpy(),
+    capability=torch.backends.cpu.get_cpu_capability(),
+    domain=domain,
+)

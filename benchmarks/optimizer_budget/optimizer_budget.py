@@ -31,10 +31,16 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=HERE / "grids" / "shipped_zoo.toml")
     parser.add_argument("--zoo", type=Path)
     parser.add_argument("--address")
-    args = parse_args(parser, HERE / "results" / "shipped_zoo",
-                      smoke={"config": HERE / "grids" / "smoke.toml"})
-    table = run_bench(args.zoo or default_zoo(), args.out, load_grid(args.config, quick=False),
-                      address=args.address, allow_dirty=args.allow_dirty)
+    args = parse_args(
+        parser, HERE / "results" / "shipped_zoo", smoke={"config": HERE / "grids" / "smoke.toml"}
+    )
+    table = run_bench(
+        args.zoo or default_zoo(),
+        args.out,
+        load_grid(args.config, quick=False),
+        address=args.address,
+        allow_dirty=args.allow_dirty,
+    )
     for path in write_all(table, args.out):
         print(f"wrote {path}")
 

@@ -41,8 +41,11 @@ def main() -> None:
     parser.add_argument("--budget-per-component", type=int, default=30)
     parser.add_argument("--optimizer", default="NGOpt")
     parser.add_argument("--cpus", type=int, default=os.cpu_count())
-    args = parse_args(parser, Path(__file__).resolve().parent / "results",
-                      smoke={"budget_per_component": 1, "cpus": 1})
+    args = parse_args(
+        parser,
+        Path(__file__).resolve().parent / "results",
+        smoke={"budget_per_component": 1, "cpus": 1},
+    )
     zoo = args.zoo or default_zoo()
 
     pool = IngredientPool.from_zoo(zoo)
@@ -83,17 +86,28 @@ def main() -> None:
 
     if plain.trace != tuned.trace:
         raise SystemExit("the two paths evaluated different points: not comparable")
-    row = {**machine(args.allow_dirty), "zoo": str(zoo), "val_rows": len(evaluator.sets[VAL][1]),
-           "optimizer": plain.optimizer, "evaluations": budget, "plain_s": plain_s,
-           "tune_s": tune_s, "direct_s": direct_s, "ratio": tune_s / plain_s,
-           "ratio_vs_direct": tune_s / direct_s,
-           "overhead_ms_per_trial": 1000 * (tune_s - direct_s) / budget,
-           "eval_ms": 1000 * plain_s / budget, "best_accuracy": tuned.accuracy}
+    row = {
+        **machine(args.allow_dirty),
+        "zoo": str(zoo),
+        "val_rows": len(evaluator.sets[VAL][1]),
+        "optimizer": plain.optimizer,
+        "evaluations": budget,
+        "plain_s": plain_s,
+        "tune_s": tune_s,
+        "direct_s": direct_s,
+        "ratio": tune_s / plain_s,
+        "ratio_vs_direct": tune_s / direct_s,
+        "overhead_ms_per_trial": 1000 * (tune_s - direct_s) / budget,
+        "eval_ms": 1000 * plain_s / budget,
+        "best_accuracy": tuned.accuracy,
+    }
     append_result(args.out, "overhead", row)
-    print(f"{budget} evaluations ({plain.optimizer}): plain loop {plain_s:.1f} s, Tune path "
-          f"{tune_s:.1f} s -> ratio {row['ratio']:.3f}; same evaluator actors called "
-          f"directly {direct_s:.1f} s -> Tune overhead {row['overhead_ms_per_trial']:.0f} "
-          f"ms/trial (ratio {row['ratio_vs_direct']:.3f})")
+    print(
+        f"{budget} evaluations ({plain.optimizer}): plain loop {plain_s:.1f} s, Tune path "
+        f"{tune_s:.1f} s -> ratio {row['ratio']:.3f}; same evaluator actors called "
+        f"directly {direct_s:.1f} s -> Tune overhead {row['overhead_ms_per_trial']:.0f} "
+        f"ms/trial (ratio {row['ratio_vs_direct']:.3f})"
+    )
 
 
 if __name__ == "__main__":

@@ -69,10 +69,14 @@ def write_ingredients(zoo: Path, folder: Path, count: int, noise: float) -> list
         source = sources[i % len(sources)]
         name = f"ing-{i:03d}"
         state_dict = noisy_copy(load_state_dict(zoo / source["file"]), noise, seed=i)
-        save_state_dict(state_dict, folder / f"{name}.safetensors",
-                        metadata={"source": source["name"], "noise": noise})
-        entries.append({"name": name, "file": f"ingredients/{name}.safetensors",
-                        "source": source["name"]})
+        save_state_dict(
+            state_dict,
+            folder / f"{name}.safetensors",
+            metadata={"source": source["name"], "noise": noise},
+        )
+        entries.append(
+            {"name": name, "file": f"ingredients/{name}.safetensors", "source": source["name"]}
+        )
     return entries
 
 
@@ -99,10 +103,17 @@ def build_pools(zoo: Path, work: Path, counts: list[int], noise: float) -> dict[
         for entry in entries[:n]:
             if not (pool_dir / entry["file"]).exists():
                 link_or_copy(work / entry["file"], pool_dir / entry["file"])
-        write_json(pool_dir / "manifest.json", {
-            "format": manifest["format"], "model": manifest["model"],
-            "eval_sets": manifest["eval_sets"], "ingredients": entries[:n],
-            "derived_from": str(zoo), "noise": noise})
+        write_json(
+            pool_dir / "manifest.json",
+            {
+                "format": manifest["format"],
+                "model": manifest["model"],
+                "eval_sets": manifest["eval_sets"],
+                "ingredients": entries[:n],
+                "derived_from": str(zoo),
+                "noise": noise,
+            },
+        )
         pools[n] = pool_dir
     return pools
 
@@ -132,8 +143,11 @@ def measure(pool_dir: Path, evals_per_component: int) -> dict:
     phases = Phases()
     pool = phases.run("load", lambda: IngredientPool.from_zoo(pool_dir))
     phases.run("validate", pool.validate)
-    evaluator = Evaluator(pool.spec, load_eval_sets({VAL: eval_set_sources(pool_dir)[VAL]},
-                                                    pool.spec.num_classes), device="cpu")
+    evaluator = Evaluator(
+        pool.spec,
+        load_eval_sets({VAL: eval_set_sources(pool_dir)[VAL]}, pool.spec.num_classes),
+        device="cpu",
+    )
     judge = ValidationJudge(evaluator.accuracy)
     ctx = phases.run("rank", lambda: SoupContext.rank(pool, judge))
     uniform = phases.run("uniform_soup", lambda: METHODS["uniform_soup"](ctx))
@@ -142,50 +156,89 @@ def measure(pool_dir: Path, evals_per_component: int) -> dict:
     components = partition(list(pool.load(pool.names[0])), SearchConfig().components)
     ctx.components, ctx.search = components, LocalSearch(judge, components)
     mixed = phases.run("manifold_mix", lambda: METHODS["manifold_mix"](ctx, config))
-    return {**phases.row, "peak_rss_mib": peak_rss_mib(), "evaluations": judge.evaluations,
-            "uniform_val": judge(uniform.state_dict), "greedy_kept": len(greedy.ingredients),
-            "greedy_val": judge(greedy.state_dict), "mix_accepted": len(mixed.ingredients),
-            "mix_val": mixed.details.val_accuracy}
+    return {
+        **phases.row,
+        "peak_rss_mib": peak_rss_mib(),
+        "evaluations": judge.evaluations,
+        "uniform_val": judge(uniform.state_dict),
+        "greedy_kept": len(greedy.ingredients),
+        "greedy_val": judge(greedy.state_dict),
+        "mix_accepted": len(mixed.ingredients),
+        "mix_val": mixed.details.val_accuracy,
+    }
 
 
 def measure_in_subprocess(pool_dir: Path, evals_per_component: int) -> dict:
     """`measure` in a fresh interpreter, so its peak RSS belongs to this pool alone."""
     # --allow-dirty: the parent checked the tree; this process writes no row.
-    out = subprocess.run([sys.executable, __file__, "--measure", str(pool_dir),
-                          "--evals-per-component", str(evals_per_component), "--allow-dirty"],
-                         check=True, stdout=subprocess.PIPE, text=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--measure",
+            str(pool_dir),
+            "--evals-per-component",
+            str(evals_per_component),
+            "--allow-dirty",
+        ],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def print_table(rows: list[dict]) -> None:
     """`over imports`: the peak less the RSS right after the imports (torch's libraries
     alone are most of the peak), i.e. what the pool and the methods added."""
-    print(f"{'N':>4}  {'peak RSS MiB':>12}  {'over imports':>12}  {'one ingr. MiB':>13}  "
-          f"{'N x ingr. MiB':>13}  {'ratio':>6}  {'wall s':>7}")
+    print(
+        f"{'N':>4}  {'peak RSS MiB':>12}  {'over imports':>12}  {'one ingr. MiB':>13}  "
+        f"{'N x ingr. MiB':>13}  {'ratio':>6}  {'wall s':>7}"
+    )
     for r in rows:
-        print(f"{r['n']:>4}  {r['peak_rss_mib']:>12.1f}  "
-              f"{r['peak_rss_mib'] - r['rss_imports_mib']:>12.1f}  "
-              f"{r['ingredient_bytes'] / MIB:>13.2f}  {r['pool_bytes'] / MIB:>13.1f}  "
-              f"{r['ratio']:>6.3f}  {r['wall_s']:>7.1f}")
+        print(
+            f"{r['n']:>4}  {r['peak_rss_mib']:>12.1f}  "
+            f"{r['peak_rss_mib'] - r['rss_imports_mib']:>12.1f}  "
+            f"{r['ingredient_bytes'] / MIB:>13.2f}  {r['pool_bytes'] / MIB:>13.1f}  "
+            f"{r['ratio']:>6.3f}  {r['wall_s']:>7.1f}"
+        )
     verdict = "met" if rows[-1]["ratio"] <= TARGET_RATIO else "MISSED"
-    print(f"target peak({rows[-1]['n']}) <= {TARGET_RATIO:.2f} x peak({rows[0]['n']}): "
-          f"{verdict}")
+    print(f"target peak({rows[-1]['n']}) <= {TARGET_RATIO:.2f} x peak({rows[0]['n']}): {verdict}")
 
 
-def run(zoo: Path, work: Path, counts: list[int], noise: float,
-        evals_per_component: int, out: Path, allow_dirty: bool) -> list[dict]:
+def run(
+    zoo: Path,
+    work: Path,
+    counts: list[int],
+    noise: float,
+    evals_per_component: int,
+    out: Path,
+    allow_dirty: bool,
+) -> list[dict]:
     pools = build_pools(zoo, work, counts, noise)
     ingredient_bytes = (pools[counts[0]] / "ingredients" / "ing-000.safetensors").stat().st_size
     rows, where = [], machine(allow_dirty)
     for n in counts:
         t0 = time.perf_counter()
         result = measure_in_subprocess(pools[n], evals_per_component)
-        rows.append({**where, "zoo": str(zoo), "n": n, "noise": noise,
-                     "evals_per_component": evals_per_component,
-                     "ingredient_bytes": ingredient_bytes, "pool_bytes": n * ingredient_bytes,
-                     "wall_s": round(time.perf_counter() - t0, 1), **result})
-        print(f"[pool_memory] N={n}: peak RSS {result['peak_rss_mib']:.1f} MiB "
-              f"({rows[-1]['wall_s']:.0f} s)", flush=True)
+        rows.append(
+            {
+                **where,
+                "zoo": str(zoo),
+                "n": n,
+                "noise": noise,
+                "evals_per_component": evals_per_component,
+                "ingredient_bytes": ingredient_bytes,
+                "pool_bytes": n * ingredient_bytes,
+                "wall_s": round(time.perf_counter() - t0, 1),
+                **result,
+            }
+        )
+        print(
+            f"[pool_memory] N={n}: peak RSS {result['peak_rss_mib']:.1f} MiB "
+            f"({rows[-1]['wall_s']:.0f} s)",
+            flush=True,
+        )
     for row in rows:
         row["ratio"] = row["peak_rss_mib"] / rows[0]["peak_rss_mib"]
         append_result(out, "pool_memory", row)
@@ -194,32 +247,66 @@ def run(zoo: Path, work: Path, counts: list[int], noise: float,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--zoo", type=Path, default=None,
-                        help="zoo to draw ingredients from (default: the demo's quick zoo)")
-    parser.add_argument("--work", type=Path, default=None,
-                        help="where to build the pools (default: a temporary directory)")
+    parser.add_argument(
+        "--zoo",
+        type=Path,
+        default=None,
+        help="zoo to draw ingredients from (default: the demo's quick zoo)",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="where to build the pools (default: a temporary directory)",
+    )
     parser.add_argument("--counts", type=int, nargs="+", default=[8, 24, 72])
-    parser.add_argument("--noise", type=float, default=0.01,
-                        help="noise added to each weight tensor, relative to its RMS")
-    parser.add_argument("--evals-per-component", type=int, default=2,
-                        help="ManifoldMix budget per component per pass")
+    parser.add_argument(
+        "--noise",
+        type=float,
+        default=0.01,
+        help="noise added to each weight tensor, relative to its RMS",
+    )
+    parser.add_argument(
+        "--evals-per-component",
+        type=int,
+        default=2,
+        help="ManifoldMix budget per component per pass",
+    )
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the per-N process
-    args = parse_args(parser, Path(__file__).resolve().parent / "results",
-                      smoke={"counts": [2, 3], "evals_per_component": 1})
+    args = parse_args(
+        parser,
+        Path(__file__).resolve().parent / "results",
+        smoke={"counts": [2, 3], "evals_per_component": 1},
+    )
     if args.measure is not None:
         print(json.dumps(measure(args.measure, args.evals_per_component)))
         return
     if args.zoo is None:
         from raysoup.tools.demo import demo_zoo
+
         args.zoo = demo_zoo(quick=True)
     counts = sorted(set(args.counts))
     if args.work is not None:
-        rows = run(args.zoo.resolve(), args.work.resolve(), counts, args.noise,
-                   args.evals_per_component, args.out, args.allow_dirty)
+        rows = run(
+            args.zoo.resolve(),
+            args.work.resolve(),
+            counts,
+            args.noise,
+            args.evals_per_component,
+            args.out,
+            args.allow_dirty,
+        )
     else:
         with tempfile.TemporaryDirectory(prefix="raysoup-pool-memory-") as work:
-            rows = run(args.zoo.resolve(), Path(work), counts, args.noise,
-                       args.evals_per_component, args.out, args.allow_dirty)
+            rows = run(
+                args.zoo.resolve(),
+                Path(work),
+                counts,
+                args.noise,
+                args.evals_per_component,
+                args.out,
+                args.allow_dirty,
+            )
     print_table(rows)
 
 

@@ -54,8 +54,14 @@ from raysoup.search import lerp_mixer
 INGREDIENTS = 72
 VAL_ROWS = 26_000  # ImageNet2p
 # ImageNet's validation set and the paper's 5 shifts (V2, Sketch, R, ObjectNet, A).
-REPORT_SETS = {"imagenet": 50_000, "imagenet_v2": 10_000, "imagenet_sketch": 50_889,
-               "imagenet_r": 30_000, "objectnet": 18_574, "imagenet_a": 7_500}
+REPORT_SETS = {
+    "imagenet": 50_000,
+    "imagenet_v2": 10_000,
+    "imagenet_sketch": 50_889,
+    "imagenet_r": 30_000,
+    "objectnet": 18_574,
+    "imagenet_a": 7_500,
+}
 # The reference's run: 27 of 71 candidates optimised, 6 accepted (a second pass each;
 # counted with a third pass each too, the most it could run).
 PROMISE_TESTS, PASSES, ACCEPTED = INGREDIENTS - 1, 27 + 6 + 6, 6
@@ -75,6 +81,7 @@ class RehearsalEvaluator:
         import torch
 
         from raysoup.inputs.model import build_classifier
+
         torch.set_num_threads(1)
         self.model = build_classifier(spec).eval()
         self.components, self.rows, self.images_per_s = components, rows, images_per_s
@@ -95,6 +102,7 @@ class RehearsalEvaluator:
 
     def _score(self, refs, x, set_name: str) -> int:
         from raysoup.mixing import from_numpy
+
         t0 = time.perf_counter()
         if tuple(r.hex() for r in refs) != self.ids:
             *model_refs, mixer_ref = refs
@@ -142,13 +150,16 @@ class PassClock(tune.Callback):
         self.ends.append(time.perf_counter())
 
 
-def measure_passes(search: TuneSearch, clocks: list[PassClock], actors: list,
-                   start: np.ndarray, trials: int) -> dict[str, float]:
+def measure_passes(
+    search: TuneSearch, clocks: list[PassClock], actors: list, start: np.ndarray, trials: int
+) -> dict[str, float]:
     """Two passes of T and 2T points (one point per trial): the time per point from the
     gaps between trials after the first, the rest of each pass is its fixed cost."""
     ray.get([x.timings.remote() for x in actors])  # from here: the passes' calls only
-    walls = [timed(search.optimise, start, 0.25, 0.75, points, seed, "NGOpt")[1]
-             for seed, points in enumerate((trials, 2 * trials))]
+    walls = [
+        timed(search.optimise, start, 0.25, 0.75, points, seed, "NGOpt")[1]
+        for seed, points in enumerate((trials, 2 * trials))
+    ]
     recorded = ray.get([x.timings.remote() for x in actors])
     passes = clocks[-2:]
     gaps = np.concatenate([np.diff(clock.ends) for clock in passes])
@@ -156,15 +167,18 @@ def measure_passes(search: TuneSearch, clocks: list[PassClock], actors: list,
     in_trial = float(np.mean([t for clock in passes for t in clock.in_trials[1:]]))
     # A sharded point waits for its slowest evaluator: the mean over the passes' points of
     # the longest mixing + loading + forward among the evaluators (each scored every point).
-    slowest = float(np.mean(np.max([np.add(t["mix_load"], t["forward"]) for t in recorded],
-                                   axis=0)))
-    return {"pass_fixed_s": (sum(walls) - 3 * trials * per_point) / 2,
-            "trial_s": per_point,  # per point: Tune, dispatch, mixing, forward
-            "mix_load_s": float(np.median(np.concatenate([t["mix_load"] for t in recorded]))),
-            "slowest_evaluator_s": slowest,
-            # Tune and dispatch per point, beyond the evaluators' work; Tune's share of it
-            "orchestration_per_point_s": per_point - slowest,
-            "tune_between_trials_s": per_point - in_trial}
+    slowest = float(
+        np.mean(np.max([np.add(t["mix_load"], t["forward"]) for t in recorded], axis=0))
+    )
+    return {
+        "pass_fixed_s": (sum(walls) - 3 * trials * per_point) / 2,
+        "trial_s": per_point,  # per point: Tune, dispatch, mixing, forward
+        "mix_load_s": float(np.median(np.concatenate([t["mix_load"] for t in recorded]))),
+        "slowest_evaluator_s": slowest,
+        # Tune and dispatch per point, beyond the evaluators' work; Tune's share of it
+        "orchestration_per_point_s": per_point - slowest,
+        "tune_between_trials_s": per_point - in_trial,
+    }
 
 
 def make_zoo(root: Path, spec: ModelSpec, distinct: int, ingredients: int) -> Path:
@@ -175,22 +189,33 @@ def make_zoo(root: Path, spec: ModelSpec, distinct: int, ingredients: int) -> Pa
     (zoo / "ingredients").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     classifier = build_classifier(spec).state_dict()
-    text = {f"model.{k}": v for k, v in clip_model(spec.arch).state_dict().items()
-            if not k.startswith("visual.")}
+    text = {
+        f"model.{k}": v
+        for k, v in clip_model(spec.arch).state_dict().items()
+        if not k.startswith("visual.")
+    }
     for i in range(distinct):
         g = torch.Generator().manual_seed(i)
-        moved = {k: v + 0.01 * v.std() * torch.randn(v.shape, generator=g)
-                 if v.is_floating_point() and v.numel() > 1 else v
-                 for k, v in classifier.items()}
-        torch.save({f"module.{k}": v for k, v in {**moved, **text}.items()},
-                   zoo / "ingredients" / f"distinct-{i}.pt")
+        moved = {
+            k: v + 0.01 * v.std() * torch.randn(v.shape, generator=g)
+            if v.is_floating_point() and v.numel() > 1
+            else v
+            for k, v in classifier.items()
+        }
+        torch.save(
+            {f"module.{k}": v for k, v in {**moved, **text}.items()},
+            zoo / "ingredients" / f"distinct-{i}.pt",
+        )
     for i in range(ingredients):
-        os.link(zoo / "ingredients" / f"distinct-{i % distinct}.pt",
-                zoo / "ingredients" / f"ft-{i:02d}.pt")
+        os.link(
+            zoo / "ingredients" / f"distinct-{i % distinct}.pt",
+            zoo / "ingredients" / f"ft-{i:02d}.pt",
+        )
     for i in range(distinct):
         (zoo / "ingredients" / f"distinct-{i}.pt").unlink()
-    (zoo / "manifest.json").write_text(json.dumps({
-        "model": spec.to_dict(), "ingredients": "ingredients/ft-*.pt", "eval_sets": {}}))
+    (zoo / "manifest.json").write_text(
+        json.dumps({"model": spec.to_dict(), "ingredients": "ingredients/ft-*.pt", "eval_sets": {}})
+    )
     return zoo
 
 
@@ -206,17 +231,33 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--distinct", type=int, default=2)
     parser.add_argument("--images-per-s", type=float, default=22_710.0)
-    parser.add_argument("--gpu-mix-load-s", type=float, default=0.01,
-                        help="assumed mixing + loading time per point on a GPU evaluator")
-    parser.add_argument("--dir", type=Path, help="the zoo and Tune's files (default: "
-                        "/tmp/raysoup-scale-ARCH; with --smoke, under --out)")
+    parser.add_argument(
+        "--gpu-mix-load-s",
+        type=float,
+        default=0.01,
+        help="assumed mixing + loading time per point on a GPU evaluator",
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        help="the zoo and Tune's files (default: "
+        "/tmp/raysoup-scale-ARCH; with --smoke, under --out)",
+    )
     parser.add_argument("--arch", default="ViT-B-32", help="the open_clip tower to rehearse")
-    parser.add_argument("--ingredients", type=int, default=INGREDIENTS,
-                        help="the rehearsal's pool (the projection is for the reference's 72)")
-    args = parse_args(parser, Path(__file__).resolve().parent / "results",
-                      smoke={"arch": "ViT-S-32", "trials": 2, "ingredients": 4})
-    args.dir = args.dir or (args.out / "work" if args.smoke else
-                            Path(f"/tmp/raysoup-scale-{args.arch}"))
+    parser.add_argument(
+        "--ingredients",
+        type=int,
+        default=INGREDIENTS,
+        help="the rehearsal's pool (the projection is for the reference's 72)",
+    )
+    args = parse_args(
+        parser,
+        Path(__file__).resolve().parent / "results",
+        smoke={"arch": "ViT-S-32", "trials": 2, "ingredients": 4},
+    )
+    args.dir = args.dir or (
+        args.out / "work" if args.smoke else Path(f"/tmp/raysoup-scale-{args.arch}")
+    )
     n = args.evaluators
     spec = ModelSpec.from_dict({"arch": args.arch, "num_classes": 1000})
     zoo = make_zoo(args.dir, spec, args.distinct, args.ingredients)
@@ -229,8 +270,12 @@ def main() -> None:
 
     ray.init(num_cpus=2, num_gpus=n, include_dashboard=False, log_to_driver=False)
     rows = {"val": VAL_ROWS // n, **{k: v // n for k, v in REPORT_SETS.items()}}
-    actors = [RehearsalEvaluator.options(num_cpus=0.01, num_gpus=1).remote(
-        spec, components, rows, args.images_per_s) for _ in range(n)]
+    actors = [
+        RehearsalEvaluator.options(num_cpus=0.01, num_gpus=1).remote(
+            spec, components, rows, args.images_per_s
+        )
+        for _ in range(n)
+    ]
     ray.get([a.ready.remote() for a in actors])
     evaluators = EvaluatorSpec(count=n, mode="sharded", cpus=0.01, gpus=1.0)
     sources = {name: EvalSetSource(name) for name in ["val", *REPORT_SETS]}
@@ -252,8 +297,9 @@ def main() -> None:
         clocks.append(PassClock())
         return clocks[-1:]
 
-    search = TuneSearch(actors, evaluators, 1, args.dir / f"tune-{time.time()}",
-                        callbacks=clock_the_pass)
+    search = TuneSearch(
+        actors, evaluators, 1, args.dir / f"tune-{time.time()}", callbacks=clock_the_pass
+    )
     a, c = pool.load(pool.names[0]), pool.load(pool.names[1])
     _, set_models_s = timed(search.set_models, [a, c], lerp_mixer)
     start = np.full(len(components), 0.5)
@@ -278,45 +324,61 @@ def main() -> None:
     per_ingredient = ranking_s / args.ingredients - forward_val_shard  # load, put, fetch, load
     report_images = sum(REPORT_SETS.values())
     report_dispatch = report_s - report_images / args.images_per_s / n
-    measured = {"pool_validate_s": pool_s + validate_s, "driver_load_s": load_s / args.ingredients,
-                "ranking_per_ingredient_s": per_ingredient, "set_models_s": set_models_s,
-                "promise_s": promise_s, "checkpoint_s": checkpoint_s,
-                "report_dispatch_s": report_dispatch,
-                **{f"cpu_mixing_{k}": v for k, v in cpu.items()},
-                **{f"gpu_mixing_{k}": v for k, v in gpu.items()}}
-    print(f"measured on {n} evaluators ({params / 1e6:.1f}M parameters, {len(components)} "
-          f"components, {args.trials} trials):")
+    measured = {
+        "pool_validate_s": pool_s + validate_s,
+        "driver_load_s": load_s / args.ingredients,
+        "ranking_per_ingredient_s": per_ingredient,
+        "set_models_s": set_models_s,
+        "promise_s": promise_s,
+        "checkpoint_s": checkpoint_s,
+        "report_dispatch_s": report_dispatch,
+        **{f"cpu_mixing_{k}": v for k, v in cpu.items()},
+        **{f"gpu_mixing_{k}": v for k, v in gpu.items()},
+    }
+    print(
+        f"measured on {n} evaluators ({params / 1e6:.1f}M parameters, {len(components)} "
+        f"components, {args.trials} trials):"
+    )
     for key, value in measured.items():
         print(f"  {key:28s} {value:8.3f}")
 
     budget = 30 * len(components)
     evaluations = PROMISE_TESTS + PASSES * budget
-    base = {**machine(args.allow_dirty), "evaluators_measured": n, "parameters": params,
-            "components": len(components), "budget_per_pass": budget,
-            "images_per_s": args.images_per_s, **measured}
-    print(f"\nprojected reference run: {INGREDIENTS} ingredients, {PASSES} passes of {budget} "
-          f"+ {PROMISE_TESTS} promise tests = {evaluations} evaluations")
-    print("| mixing + loading per point | GPUs | mode | pool + ranking | steps (set-up, "
-          "checkpoint, pass start) | search | report | total | vs 59 h |")
+    base = {
+        **machine(args.allow_dirty),
+        "evaluators_measured": n,
+        "parameters": params,
+        "components": len(components),
+        "budget_per_pass": budget,
+        "images_per_s": args.images_per_s,
+        **measured,
+    }
+    print(
+        f"\nprojected reference run: {INGREDIENTS} ingredients, {PASSES} passes of {budget} "
+        f"+ {PROMISE_TESTS} promise tests = {evaluations} evaluations"
+    )
+    print(
+        "| mixing + loading per point | GPUs | mode | pool + ranking | steps (set-up, "
+        "checkpoint, pass start) | search | report | total | vs 59 h |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     # Mixing runs where the evaluator's models are resident: on its GPU in a real run. The
     # CPU time measured here bounds it from above; the GPU figure is an assumption, and
     # its Tune and dispatch costs were measured with the cores left free as a GPU would.
     for mixing, mix_s, costs in (
-            (f"measured here (CPU, 1 thread): {cpu['mix_load_s']:.2f} s", cpu["mix_load_s"],
-             cpu),
-            (f"assumed on the GPU: {args.gpu_mix_load_s:.2f} s", args.gpu_mix_load_s, gpu)):
+        (f"measured here (CPU, 1 thread): {cpu['mix_load_s']:.2f} s", cpu["mix_load_s"], cpu),
+        (f"assumed on the GPU: {args.gpu_mix_load_s:.2f} s", args.gpu_mix_load_s, gpu),
+    ):
         orchestration, pass_fixed = costs["orchestration_per_point_s"], costs["pass_fixed_s"]
         for gpus in (1, 8, 64):
             val = forward_val / gpus
             # the pool's validation hashes every file: scaled to the reference's pool
-            ranking = measured["pool_validate_s"] * INGREDIENTS / args.ingredients + \
-                INGREDIENTS * (per_ingredient + val)
+            ranking = measured["pool_validate_s"] * INGREDIENTS / args.ingredients + INGREDIENTS * (
+                per_ingredient + val
+            )
             # A step checkpoint writes the weights only after an acceptance.
-            steps = PROMISE_TESTS * set_models_s + ACCEPTED * checkpoint_s + \
-                PASSES * pass_fixed
-            report = REPORTED_MODELS * (report_dispatch +
-                                        report_images / args.images_per_s / gpus)
+            steps = PROMISE_TESTS * set_models_s + ACCEPTED * checkpoint_s + PASSES * pass_fixed
+            report = REPORTED_MODELS * (report_dispatch + report_images / args.images_per_s / gpus)
             for mode in ("sharded", "whole"):
                 if mode == "sharded":  # one point at a time, its rows split over every GPU
                     per_point = orchestration + mix_s + val
@@ -324,14 +386,26 @@ def main() -> None:
                     per_point = (orchestration + mix_s + forward_val) / gpus
                 search_s = evaluations * per_point
                 total = ranking + steps + search_s + report
-                row = {**base, "mixing": mixing, "mix_load_assumed_s": mix_s, "gpus": gpus,
-                       "mode": mode, "ranking_s": ranking, "steps_s": steps,
-                       "search_s": search_s, "report_s": report, "total_s": total,
-                       "speedup_vs_reference": 59 * 3600 / total}
+                row = {
+                    **base,
+                    "mixing": mixing,
+                    "mix_load_assumed_s": mix_s,
+                    "gpus": gpus,
+                    "mode": mode,
+                    "ranking_s": ranking,
+                    "steps_s": steps,
+                    "search_s": search_s,
+                    "report_s": report,
+                    "total_s": total,
+                    "speedup_vs_reference": 59 * 3600 / total,
+                }
                 append_result(args.out, "scale", row)
-                print(f"| {mixing} | {gpus} | {mode} | {ranking / 60:.1f} min | "
-                      f"{steps / 60:.1f} min | {search_s / 60:.1f} min | {report / 60:.1f} min"
-                      f" | {total / 60:.1f} min | {row['speedup_vs_reference']:.0f}x |")
+                print(
+                    f"| {mixing} | {gpus} | {mode} | {ranking / 60:.1f} min | "
+                    f"{steps / 60:.1f} min | {search_s / 60:.1f} min | {report / 60:.1f} min"
+                    f" | {total / 60:.1f} min | {row['speedup_vs_reference']:.0f}x |"
+                )
+
 
 if __name__ == "__main__":
     main()

@@ -67,8 +67,7 @@ def sharded(n: int, eval_s: float, repeats: int) -> float:
 
 def tune_pass(n: int, k: int, eval_s: float, points: int, optimizer: str) -> float:
     """Seconds per point of one Tune pass: k points in flight on n evaluators."""
-    actors = [SyntheticEvaluator.remote(ROWS // n if k == 1 else ROWS, eval_s)
-              for _ in range(n)]
+    actors = [SyntheticEvaluator.remote(ROWS // n if k == 1 else ROWS, eval_s) for _ in range(n)]
     ray.get([a.ready.remote() for a in actors])
     spec = EvaluatorSpec(count=n, mode="sharded" if k == 1 else "whole", cpus=0.01, gpus=1.0)
     search = TuneSearch(actors, spec, k, Path("/tmp/raysoup-bench-scaling") / str(time.time()))
@@ -83,22 +82,32 @@ def tune_pass(n: int, k: int, eval_s: float, points: int, optimizer: str) -> flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--eval-s", type=float, default=0.4,
-                        help="synthetic cost of one whole validation pass (s)")
+    parser.add_argument(
+        "--eval-s", type=float, default=0.4, help="synthetic cost of one whole validation pass (s)"
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--trials-per-worker", type=int, default=8)
     parser.add_argument("--null-points", type=int, default=120)
-    args = parse_args(parser, HERE / "results", smoke={
-        "eval_s": 0.01, "sizes": [2], "trials_per_worker": 1, "null_points": 2})
-    ray.init(num_cpus=2, num_gpus=max(args.sizes), include_dashboard=False,
-             log_to_driver=False)
+    args = parse_args(
+        parser,
+        HERE / "results",
+        smoke={"eval_s": 0.01, "sizes": [2], "trials_per_worker": 1, "null_points": 2},
+    )
+    ray.init(num_cpus=2, num_gpus=max(args.sizes), include_dashboard=False, log_to_driver=False)
     base = {**machine(args.allow_dirty), "eval_s": args.eval_s, "fake_gpus": True}
 
     largest = max(args.sizes)
     for k, optimizer in ((1, "NGOpt"), (largest, "TwoPointsDE")):
         ms = 1000 * tune_pass(largest, k, 0.0, args.null_points, optimizer)
-        row = {**base, "eval_s": 0.0, "mode": "null", "n": largest, "k": k,
-               "optimizer": optimizer, "ms_per_point": ms}
+        row = {
+            **base,
+            "eval_s": 0.0,
+            "mode": "null",
+            "n": largest,
+            "k": k,
+            "optimizer": optimizer,
+            "ms_per_point": ms,
+        }
         append_result(args.out, "scaling", row)
         print(f"null     k={k} on {largest} evaluators ({optimizer}): {ms:.1f} ms per point")
 
@@ -107,14 +116,31 @@ def main() -> None:
     for n in args.sizes:
         seconds = sharded(n, args.eval_s, 10)
         rate = 1 / tune_pass(n, n, args.eval_s, args.trials_per_worker * n, "TwoPointsDE")
-        rows = [{**base, "mode": "sharded", "n": n, "seconds_per_eval": seconds,
-                 "speedup": one_eval / seconds, "efficiency": one_eval / seconds / n},
-                {**base, "mode": "parallel", "n": n, "k": n, "trials_per_s": rate,
-                 "speedup": rate / one_rate, "efficiency": rate / one_rate / n}]
+        rows = [
+            {
+                **base,
+                "mode": "sharded",
+                "n": n,
+                "seconds_per_eval": seconds,
+                "speedup": one_eval / seconds,
+                "efficiency": one_eval / seconds / n,
+            },
+            {
+                **base,
+                "mode": "parallel",
+                "n": n,
+                "k": n,
+                "trials_per_s": rate,
+                "speedup": rate / one_rate,
+                "efficiency": rate / one_rate / n,
+            },
+        ]
         for row in rows:
             append_result(args.out, "scaling", row)
-            print(f"{row['mode']:8s} N={n}: speed-up {row['speedup']:.2f} "
-                  f"({100 * row['efficiency']:.0f} % of linear)")
+            print(
+                f"{row['mode']:8s} N={n}: speed-up {row['speedup']:.2f} "
+                f"({100 * row['efficiency']:.0f} % of linear)"
+            )
     ray.shutdown()
 
 

@@ -51,9 +51,18 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 SPECS = {
     "tiny": ModelSpec(),
-    "vit-b-32": ModelSpec(image_size=224, in_channels=3, patch_size=32, width=768, layers=12,
-                          heads=12, embed_dim=512, num_classes=1000, mean=OPENAI_MEAN,
-                          std=OPENAI_STD),
+    "vit-b-32": ModelSpec(
+        image_size=224,
+        in_channels=3,
+        patch_size=32,
+        width=768,
+        layers=12,
+        heads=12,
+        embed_dim=512,
+        num_classes=1000,
+        mean=OPENAI_MEAN,
+        std=OPENAI_STD,
+    ),
 }
 
 
@@ -61,6 +70,7 @@ def open_clip_visual_params() -> int:
     """Parameters of open_clip's own ViT-B-32 vision tower (random init, no download)."""
     import open_clip
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
     assert tuple(OPENAI_DATASET_MEAN) == OPENAI_MEAN and tuple(OPENAI_DATASET_STD) == OPENAI_STD
     model = open_clip.create_model("ViT-B-32", pretrained=None, device="cpu")
     return sum(p.numel() for p in model.visual.parameters())
@@ -79,17 +89,31 @@ def raw_forward(model, x: torch.Tensor) -> torch.Tensor:
     return model.classification_head(features)
 
 
-def measure(name: str, spec: ModelSpec, images: int, batch_size: int, device: torch.device,
-            bf16: bool, repeats: int, seed: int) -> dict:
+def measure(
+    name: str,
+    spec: ModelSpec,
+    images: int,
+    batch_size: int,
+    device: torch.device,
+    bf16: bool,
+    repeats: int,
+    seed: int,
+) -> dict:
     rng = np.random.default_rng(seed)
-    x = rng.integers(0, 256, (images, spec.in_channels, spec.image_size, spec.image_size),
-                     dtype=np.uint8)
+    x = rng.integers(
+        0, 256, (images, spec.in_channels, spec.image_size, spec.image_size), dtype=np.uint8
+    )
     y = rng.integers(0, spec.num_classes, images, dtype=np.int64)
     batch_size = min(batch_size, images)
     sizes = [min(batch_size, images - s) for s in range(0, images, batch_size)]
     warm = batch_size + (sizes[-1] if sizes[-1] != batch_size else 0)  # each batch shape once
-    evaluator = Evaluator(spec, [EvalSet("bench", x, y), EvalSet("warmup", x[:warm], y[:warm])],
-                          batch_size=batch_size, device=str(device), autocast_bf16=bf16)
+    evaluator = Evaluator(
+        spec,
+        [EvalSet("bench", x, y), EvalSet("warmup", x[:warm], y[:warm])],
+        batch_size=batch_size,
+        device=str(device),
+        autocast_bf16=bf16,
+    )
     del x
     model = evaluator.model  # the very module (and weights) the Evaluator uses
     autocast = evaluator.autocast_bf16
@@ -106,7 +130,7 @@ def measure(name: str, spec: ModelSpec, images: int, batch_size: int, device: to
     @torch.inference_mode()
     def preprocess_pass() -> None:
         for s in range(0, images, batch_size):
-            model.preprocess(resident[s:s + batch_size])
+            model.preprocess(resident[s : s + batch_size])
 
     def timed(fn) -> float:
         sync(device)
@@ -136,11 +160,17 @@ def measure(name: str, spec: ModelSpec, images: int, batch_size: int, device: to
         pre_s.append(timed(preprocess_pass))
     raw_ips, eval_ips = images / min(raw_s), images / min(eval_s)
     return {
-        "model": name, "device": device.type, "dtype": "bf16" if autocast else "fp32",
-        "threads": torch.get_num_threads(), "batch_size": batch_size, "images": images,
-        "repeats": repeats, "params": sum(p.numel() for p in model.parameters()),
+        "model": name,
+        "device": device.type,
+        "dtype": "bf16" if autocast else "fp32",
+        "threads": torch.get_num_threads(),
+        "batch_size": batch_size,
+        "images": images,
+        "repeats": repeats,
+        "params": sum(p.numel() for p in model.parameters()),
         "visual_params": sum(p.numel() for p in model.model.visual.parameters()),
-        "raw_images_per_s": raw_ips, "evaluator_images_per_s": eval_ips,
+        "raw_images_per_s": raw_ips,
+        "evaluator_images_per_s": eval_ips,
         "ratio": eval_ips / raw_ips,
         "raw_images_per_s_median": images / statistics.median(raw_s),
         "evaluator_images_per_s_median": images / statistics.median(eval_s),
@@ -155,62 +185,105 @@ def measure(name: str, spec: ModelSpec, images: int, batch_size: int, device: to
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", choices=list(SPECS), default=list(SPECS))
-    parser.add_argument("--images-tiny", type=int, default=6000,
-                        help="images for the tiny model (default: the demo zoo's val size)")
-    parser.add_argument("--images-vit", type=int, default=None,
-                        help=f"images for ViT-B-32 (default: {REFERENCE_IMAGES} on CUDA, "
-                        "128 on CPU)")
-    parser.add_argument("--batch-size", type=int, default=1000,
-                        help="the Evaluator's default; capped at the image count")
+    parser.add_argument(
+        "--images-tiny",
+        type=int,
+        default=6000,
+        help="images for the tiny model (default: the demo zoo's val size)",
+    )
+    parser.add_argument(
+        "--images-vit",
+        type=int,
+        default=None,
+        help=f"images for ViT-B-32 (default: {REFERENCE_IMAGES} on CUDA, 128 on CPU)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=1000,
+        help="the Evaluator's default; capped at the image count",
+    )
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU only)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--shards", type=int, default=REFERENCE_DEVICES,
-                        help="devices for the sharded projection (the reference used 2 GPUs)")
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=REFERENCE_DEVICES,
+        help="devices for the sharded projection (the reference used 2 GPUs)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-save", action="store_true", help="print only, append no rows")
-    args = parse_args(parser, Path(__file__).resolve().parent / "results", smoke={
-        "images_tiny": 64, "images_vit": 4, "batch_size": 32, "threads": 1, "repeats": 1})
+    args = parse_args(
+        parser,
+        Path(__file__).resolve().parent / "results",
+        smoke={"images_tiny": 64, "images_vit": 4, "batch_size": 32, "threads": 1, "repeats": 1},
+    )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    images = {"tiny": args.images_tiny,
-              "vit-b-32": args.images_vit or (REFERENCE_IMAGES if device.type == "cuda" else 128)}
+    images = {
+        "tiny": args.images_tiny,
+        "vit-b-32": args.images_vit or (REFERENCE_IMAGES if device.type == "cuda" else 128),
+    }
 
     base = machine(args.allow_dirty)
     rows = []
     for name in args.models:
-        row = measure(name, SPECS[name], images[name], args.batch_size, device, args.bf16,
-                      args.repeats, args.seed)
+        row = measure(
+            name,
+            SPECS[name],
+            images[name],
+            args.batch_size,
+            device,
+            args.bf16,
+            args.repeats,
+            args.seed,
+        )
         if name == "vit-b-32":
             row["open_clip_visual_params"] = reference = open_clip_visual_params()
             row["visual_params_match"] = row["visual_params"] == reference
-            print(f"ViT-B-32 vision tower: {row['visual_params']:,} parameters; open_clip "
-                  f"create_model('ViT-B-32', pretrained=None).visual: {reference:,} -> "
-                  f"{'same' if row['visual_params_match'] else 'DIFFERENT'}")
-        row.update({"shards": args.shards,
-                    "projected_26k_sharded_s": row["projected_26k_s"] / args.shards,
-                    "reference_26k_s": REFERENCE_S, "reference_devices": REFERENCE_DEVICES})
+            print(
+                f"ViT-B-32 vision tower: {row['visual_params']:,} parameters; open_clip "
+                f"create_model('ViT-B-32', pretrained=None).visual: {reference:,} -> "
+                f"{'same' if row['visual_params_match'] else 'DIFFERENT'}"
+            )
+        row.update(
+            {
+                "shards": args.shards,
+                "projected_26k_sharded_s": row["projected_26k_s"] / args.shards,
+                "reference_26k_s": REFERENCE_S,
+                "reference_devices": REFERENCE_DEVICES,
+            }
+        )
         row = {**base, **row}
         rows.append(row)
         if not args.no_save:
             append_result(args.out, "throughput", row)
 
-    print(f"\n{base['cpus']} cpus ({base['cpu']}), gpu: {base['gpu']}, torch {base['torch']}, "
-          f"commit {base['commit']}")
-    print(f"{'model':9s} {'dev':4s} {'dtype':5s} {'batch':>5s} {'images':>6s} {'raw img/s':>10s} "
-          f"{'eval img/s':>10s} {'ratio':>6s} {'prep %':>6s} {'26k s':>8s} "
-          f"{f'26k s/{args.shards}dev':>11s}")
+    print(
+        f"\n{base['cpus']} cpus ({base['cpu']}), gpu: {base['gpu']}, torch {base['torch']}, "
+        f"commit {base['commit']}"
+    )
+    print(
+        f"{'model':9s} {'dev':4s} {'dtype':5s} {'batch':>5s} {'images':>6s} {'raw img/s':>10s} "
+        f"{'eval img/s':>10s} {'ratio':>6s} {'prep %':>6s} {'26k s':>8s} "
+        f"{f'26k s/{args.shards}dev':>11s}"
+    )
     for r in rows:
-        print(f"{r['model']:9s} {r['device']:4s} {r['dtype']:5s} {r['batch_size']:5d} "
-              f"{r['images']:6d} {r['raw_images_per_s']:10.1f} "
-              f"{r['evaluator_images_per_s']:10.1f} {r['ratio']:6.3f} "
-              f"{100 * r['preprocess_share']:6.1f} {r['projected_26k_s']:8.1f} "
-              f"{r['projected_26k_sharded_s']:11.1f}")
-    print(f"(reference: ~{REFERENCE_S:.0f} s per {REFERENCE_IMAGES}-image evaluation on "
-          f"{REFERENCE_DEVICES} GPUs; 'prep %' = share of the evaluator's time spent in "
-          "uint8 -> normalised float)")
+        print(
+            f"{r['model']:9s} {r['device']:4s} {r['dtype']:5s} {r['batch_size']:5d} "
+            f"{r['images']:6d} {r['raw_images_per_s']:10.1f} "
+            f"{r['evaluator_images_per_s']:10.1f} {r['ratio']:6.3f} "
+            f"{100 * r['preprocess_share']:6.1f} {r['projected_26k_s']:8.1f} "
+            f"{r['projected_26k_sharded_s']:11.1f}"
+        )
+    print(
+        f"(reference: ~{REFERENCE_S:.0f} s per {REFERENCE_IMAGES}-image evaluation on "
+        f"{REFERENCE_DEVICES} GPUs; 'prep %' = share of the evaluator's time spent in "
+        "uint8 -> normalised float)"
+    )
 
 
 if __name__ == "__main__":

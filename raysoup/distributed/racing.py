@@ -32,8 +32,9 @@ class Racing:
         return (1.0 - self.confidence) / (2 * (self.chunks - 1))
 
 
-def largest_difference(favourable: int, unfavourable: int, seen: int, total: int,
-                       alpha: float) -> int:
+def largest_difference(
+    favourable: int, unfavourable: int, seen: int, total: int, alpha: float
+) -> int:
     """An upper confidence bound on favourable minus unfavourable images over all `total`
     images, from the counts among `seen` drawn at random without replacement: the largest
     favourable total and the smallest unfavourable total that each keep the observed count
@@ -54,8 +55,16 @@ class RacingScheduler(FIFOScheduler):
         self.racing = racing
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        if "favourable" in result and largest_difference(
-                result["favourable"], result["unfavourable"], result["seen"],
-                result["total"], self.racing.alpha) <= 0:
+        if (
+            "favourable" in result
+            and largest_difference(
+                result["favourable"],
+                result["unfavourable"],
+                result["seen"],
+                result["total"],
+                self.racing.alpha,
+            )
+            <= 0
+        ):
             return TrialScheduler.STOP
         return TrialScheduler.CONTINUE

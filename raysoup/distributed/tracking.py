@@ -22,6 +22,7 @@ MLFLOW_DIR = "mlruns"  # the default MLflow file store, in the run directory
 @cache
 def mlflow_client(uri: str):
     from mlflow.tracking import MlflowClient
+
     if uri.startswith("file:"):
         # MLflow 3 refuses its file store unless asked for it; it is the store that needs
         # no server or database, which is why raysoup defaults to one in the run directory.
@@ -32,13 +33,15 @@ def mlflow_client(uri: str):
 @dataclass(frozen=True)
 class MlflowRun:
     """One MLflow run, by id only (picklable: Tune keeps its callbacks with the run)."""
+
     uri: str
     experiment_id: str
     run_id: str
 
     @classmethod
-    def start(cls, uri: str, experiment: str, name: str, params: dict,
-              parent: MlflowRun | None = None) -> MlflowRun:
+    def start(
+        cls, uri: str, experiment: str, name: str, params: dict, parent: MlflowRun | None = None
+    ) -> MlflowRun:
         client = mlflow_client(uri)
         found = client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else client.create_experiment(experiment)
@@ -50,9 +53,11 @@ class MlflowRun:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
-        mlflow_client(self.uri).log_batch(self.run_id, metrics=[
-            Metric(k, float(v), now, step) for k, v in metrics.items()])
+        mlflow_client(self.uri).log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )
 
     def end(self) -> None:
         mlflow_client(self.uri).set_terminated(self.run_id)
@@ -96,19 +101,27 @@ class Tracker:
         self.writer, self.mlflow = None, None
         if config.tensorboard:
             from tensorboardX import SummaryWriter
+
             self.writer = SummaryWriter(str(Path(out) / TRACKING_DIR))
         if config.mlflow:
-            uri = config.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
-                (Path(out) / MLFLOW_DIR).resolve().as_uri()
-            self.mlflow = MlflowRun.start(uri, config.mlflow_experiment, Path(out).name,
-                                          params or {})
+            uri = (
+                config.mlflow_uri
+                or os.environ.get("MLFLOW_TRACKING_URI")
+                or (Path(out) / MLFLOW_DIR).resolve().as_uri()
+            )
+            self.mlflow = MlflowRun.start(
+                uri, config.mlflow_experiment, Path(out).name, params or {}
+            )
 
     def pass_callbacks(self, name: str, params: dict) -> list:
         """Fresh Tune callbacks for the optimiser pass `name`."""
         from ray.tune.logger import TBXLoggerCallback
-        return [TBXLoggerCallback()] * self.config.tensorboard + \
-            [MlflowPass(self.mlflow, name, params)] * (self.mlflow is not None) + \
-            [callback_class(spec)() for spec in self.config.callbacks]
+
+        return (
+            [TBXLoggerCallback()] * self.config.tensorboard
+            + [MlflowPass(self.mlflow, name, params)] * (self.mlflow is not None)
+            + [callback_class(spec)() for spec in self.config.callbacks]
+        )
 
     def _scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
@@ -120,16 +133,23 @@ class Tracker:
 
     def step(self, method: str, position: int, values: dict) -> None:
         """A method's metrics after one of its steps: numbers as scalars, text as text."""
-        self._scalars({f"{method}/{k}": v for k, v in values.items()
-                       if not isinstance(v, str)}, position)
+        self._scalars(
+            {f"{method}/{k}": v for k, v in values.items() if not isinstance(v, str)}, position
+        )
         if self.writer is not None:
             for key, text in values.items():
                 if isinstance(text, str):
                     self.writer.add_text(f"{method}/{key}", text, position)
 
     def method(self, name: str, row: dict) -> None:
-        self._scalars({f"methods/{name}/{key}": row[key] for key in
-                       ("val", "id", "ood_avg", "evaluations") if row.get(key) is not None}, 0)
+        self._scalars(
+            {
+                f"methods/{name}/{key}": row[key]
+                for key in ("val", "id", "ood_avg", "evaluations")
+                if row.get(key) is not None
+            },
+            0,
+        )
 
     def close(self) -> None:
         if self.writer is not None:

@@ -68,8 +68,7 @@ class BatchNevergradSearch(Searcher):
     estimate (raysoup.distributed.racing).
     """
 
-    def __init__(self, optimizer, budget: int, batch: int, val_rows: int,
-                 racing: bool = False):
+    def __init__(self, optimizer, budget: int, batch: int, val_rows: int, racing: bool = False):
         super().__init__(metric=METRIC, mode="max")
         self.optimizer, self.budget, self.batch = optimizer, budget, batch
         self.val_rows, self.racing = val_rows, racing
@@ -88,14 +87,17 @@ class BatchNevergradSearch(Searcher):
         n = min(self.batch, self.budget - self.suggested)
         self.asked[trial_id] = [self.optimizer.ask() for _ in range(n)]
         self.suggested += n
-        config = {"points": [c.kwargs["x"] for c in self.asked[trial_id]],
-                  "val_rows": self.val_rows}
+        config = {
+            "points": [c.kwargs["x"] for c in self.asked[trial_id]],
+            "val_rows": self.val_rows,
+        }
         if self.racing:
             config["incumbent"] = self.incumbent
         return config
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None,
-                          error: bool = False) -> None:
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
         candidates = self.asked.pop(trial_id)
         accuracies = None if error else told_accuracies(result)
         if accuracies is None:
@@ -105,8 +107,7 @@ class BatchNevergradSearch(Searcher):
             self.cached += result.get("cached", 0)
             self.stopped += "accuracies" not in result  # a raced point stopped early
             self.forwards += result.get("seen", 0)
-            if "hits" in result and (self.incumbent is None or
-                                     accuracies[0] > self.incumbent[0]):
+            if "hits" in result and (self.incumbent is None or accuracies[0] > self.incumbent[0]):
                 self.incumbent = (accuracies[0], result["hits"])
         for candidate, accuracy in zip(candidates, accuracies):
             self.optimizer.tell(candidate, -accuracy)  # nevergrad minimises
@@ -153,9 +154,11 @@ class PassProgress(tune.Callback):
         if now - self.last >= self.interval_s or self.done == self.budget:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
-            line = (f"[tune] {self.name}: {self.done}/{self.budget} evaluations, best "
-                    f"{100 * self.best:.2f}, {rate:.1f} evals/s, ETA "
-                    f"{(self.budget - self.done) / rate:.0f} s")
+            line = (
+                f"[tune] {self.name}: {self.done}/{self.budget} evaluations, best "
+                f"{100 * self.best:.2f}, {rate:.1f} evals/s, ETA "
+                f"{(self.budget - self.done) / rate:.0f} s"
+            )
             logger.log(logging.DEBUG if self.done == self.budget else logging.INFO, line)
 
     on_trial_error = on_trial_complete
@@ -164,18 +167,25 @@ class PassProgress(tune.Callback):
 class TuneSearch:
     """The Search of raysoup.search on Ray: one Tune run per optimiser pass."""
 
-    def __init__(self, actors: list, evaluators: EvaluatorSpec, num_workers: int,
-                 storage_path: Path, max_failures: int = 2, cache_root: str | None = None,
-                 val_key: str | None = None,
-                 callbacks: Callable[[str, dict], list] = lambda name, params: [],
-                 progress_interval_s: float = 10.0, racing: Racing | None = None):
+    def __init__(
+        self,
+        actors: list,
+        evaluators: EvaluatorSpec,
+        num_workers: int,
+        storage_path: Path,
+        max_failures: int = 2,
+        cache_root: str | None = None,
+        val_key: str | None = None,
+        callbacks: Callable[[str, dict], list] = lambda name, params: [],
+        progress_interval_s: float = 10.0,
+        racing: Racing | None = None,
+    ):
         """`cache_root` and `val_key` (the validation set's judgement key): keep measured
         points in a PointCache there; None: measure every point. `callbacks` makes the
         extra Tune callbacks of a pass from its name and settings (tracking). `racing`:
         race every pass's points against the pass's best (num_workers = 1)."""
         if racing is not None and num_workers != 1:
-            raise RaysoupError(f"racing scores one point at a time; num_workers is "
-                               f"{num_workers}")
+            raise RaysoupError(f"racing scores one point at a time; num_workers is {num_workers}")
         self.callbacks, self.progress_interval_s = callbacks, progress_interval_s
         self.racing = racing
         rows = ray.get([a.val_rows.remote() for a in actors])
@@ -209,28 +219,46 @@ class TuneSearch:
             e = self.evaluators
             # val_key holds the set, the model, the metric and the numeric domain;
             # racing scores a point in other batches than a full evaluation does.
-            scope = [self.val_key, e.count, e.mode, e.gpus > 0, e.autocast_bf16,
-                     self.racing.chunks if self.racing else None,
-                     ray.cloudpickle.dumps(mixer).hex(), *map(state_dict_sha256, models)]
+            scope = [
+                self.val_key,
+                e.count,
+                e.mode,
+                e.gpus > 0,
+                e.autocast_bf16,
+                self.racing.chunks if self.racing else None,
+                ray.cloudpickle.dumps(mixer).hex(),
+                *map(state_dict_sha256, models),
+            ]
             self.cache = PointCache(str(self.cache_root), json.dumps(scope))
 
     def accuracy(self, x: np.ndarray) -> float:
         with timeout_as_error(self.evaluators.timeout_s, "an evaluation (a promise test)"):
-            (accuracy,), cached = evaluate_points(self.actors, self.evaluators.mode,
-                                                  self.refs, [np.asarray(x)],
-                                                  self.evaluators.timeout_s, self.cache)
+            (accuracy,), cached = evaluate_points(
+                self.actors,
+                self.evaluators.mode,
+                self.refs,
+                [np.asarray(x)],
+                self.evaluators.timeout_s,
+                self.cache,
+            )
         self.cached_points += cached
         self.forwards += self.val_rows * (1 - cached)
         return accuracy
 
-    def optimise(self, start: np.ndarray, lower: Bound, upper: Bound, budget: int,
-                 seed: int, name: str) -> PassResult:
+    def optimise(
+        self, start: np.ndarray, lower: Bound, upper: Bound, budget: int, seed: int, name: str
+    ) -> PassResult:
         optimizer = make_optimizer(name, start, lower, upper, budget, self.num_workers, seed)
-        searcher = BatchNevergradSearch(optimizer, budget, self.num_workers, self.val_rows,
-                                        racing=self.racing is not None)
-        common = {"actors": self.actors, "mode": self.evaluators.mode,
-                  "resident": self.resident, "timeout_s": self.evaluators.timeout_s,
-                  "cache": self.cache}
+        searcher = BatchNevergradSearch(
+            optimizer, budget, self.num_workers, self.val_rows, racing=self.racing is not None
+        )
+        common = {
+            "actors": self.actors,
+            "mode": self.evaluators.mode,
+            "resident": self.resident,
+            "timeout_s": self.evaluators.timeout_s,
+            "cache": self.cache,
+        }
         if self.racing is None:
             trainable, scheduler = tune.with_parameters(mixing_trial, **common), None
         else:
@@ -238,44 +266,69 @@ class TuneSearch:
             scheduler = RacingScheduler(self.racing)
         self.passes += 1
         pass_name = f"pass-{self.passes:04d}"
-        settings = {"optimizer": name, "budget": budget, "seed": seed,
-                    "num_workers": self.num_workers, "dimensions": len(start)}
+        settings = {
+            "optimizer": name,
+            "budget": budget,
+            "seed": seed,
+            "num_workers": self.num_workers,
+            "dimensions": len(start),
+        }
         retries = RetryCounter()
         tuner = tune.Tuner(
             # Trials only dispatch to the evaluators: no CPU, a token bundle so Tune can place them.
             tune.with_resources(trainable, {"cpu": 0, "memory": 1}),
-            tune_config=tune.TuneConfig(search_alg=searcher,
-                                        num_samples=-(-budget // self.num_workers),
-                                        max_concurrent_trials=1, reuse_actors=True,
-                                        scheduler=scheduler),
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                num_samples=-(-budget // self.num_workers),
+                max_concurrent_trials=1,
+                reuse_actors=True,
+                scheduler=scheduler,
+            ),
             run_config=tune.RunConfig(
-                name=pass_name, storage_path=str(self.storage_path),
-                verbose=0, failure_config=tune.FailureConfig(max_failures=self.max_failures),
+                name=pass_name,
+                storage_path=str(self.storage_path),
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=self.max_failures),
                 checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
-                callbacks=[retries, PassProgress(f"pass {self.passes}", budget,
-                                                 self.progress_interval_s),
-                           *self.callbacks(pass_name, settings)]))
+                callbacks=[
+                    retries,
+                    PassProgress(f"pass {self.passes}", budget, self.progress_interval_s),
+                    *self.callbacks(pass_name, settings),
+                ],
+            ),
+        )
         results = tuner.fit()
         if retries.retried:
-            logger.info(f"[tune] pass {self.passes}: {retries.retried} retry(ies) of failed "
-                        f"trials")
+            logger.info(f"[tune] pass {self.passes}: {retries.retried} retry(ies) of failed trials")
         if searcher.penalized and searcher.penalized == len(searcher.told):
             # Nothing was measured: a result built on penalties alone would be meaningless.
             first = str(results.errors[0]).strip().splitlines()[-1] if results.errors else "?"
-            raise RaysoupError(f"every trial of optimiser pass {self.passes} failed "
-                               f"({searcher.penalized} point(s), max_failures = "
-                               f"{self.max_failures}); last line of the first error: {first}")
+            raise RaysoupError(
+                f"every trial of optimiser pass {self.passes} failed "
+                f"({searcher.penalized} point(s), max_failures = "
+                f"{self.max_failures}); last line of the first error: {first}"
+            )
         if searcher.penalized:
-            logger.info(f"[tune] pass {self.passes}: {searcher.penalized} point(s) failed after "
-                        f"retries and were scored {PENALTY}")
+            logger.info(
+                f"[tune] pass {self.passes}: {searcher.penalized} point(s) failed after "
+                f"retries and were scored {PENALTY}"
+            )
         self.cached_points += searcher.cached
         self.forwards += searcher.forwards
         self.stopped_points += searcher.stopped
         if self.racing is not None:
-            logger.debug(f"[tune] pass {self.passes}: racing stopped {searcher.stopped} of "
-                         f"{budget} points early; {searcher.forwards} validation forwards")
+            logger.debug(
+                f"[tune] pass {self.passes}: racing stopped {searcher.stopped} of "
+                f"{budget} points early; {searcher.forwards} validation forwards"
+            )
         accuracies = [float(acc) for _, acc in searcher.told]
         best = best_index(accuracies)
         points = [np.asarray(x) for x, _ in searcher.told]
-        return PassResult(points[best], accuracies[best], len(accuracies),
-                          chosen_name(optimizer), accuracies, points)
+        return PassResult(
+            points[best],
+            accuracies[best],
+            len(accuracies),
+            chosen_name(optimizer),
+            accuracies,
+            points,
+        )

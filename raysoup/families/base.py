@@ -69,14 +69,16 @@ class Family:
     def logits(self, output) -> torch.Tensor:
         return output
 
-    def forward(self, spec, model: nn.Module, batch: Batch,
-                params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self, spec, model: nn.Module, batch: Batch, params: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Per-example logits of `model` on `batch` (with `params` in place of its own
         weights: learned soup's differentiable mix)."""
         args, kwargs = self.arguments(spec, batch)
         if params is None:
             return self.logits(model(*args, **kwargs))
         from torch.func import functional_call
+
         return self.logits(functional_call(model, dict(params), args, kwargs))
 
     def example_batch(self, spec) -> Batch:
@@ -101,8 +103,11 @@ class Family:
     def check_text(self, spec) -> None:
         """What text sets need (a tokenizer), checked before any cluster work."""
         from ..errors import RaysoupError
-        raise RaysoupError(f"the {self.name} family takes images; a text evaluation set "
-                           f"needs a text model (family = \"transformers\")")
+
+        raise RaysoupError(
+            f"the {self.name} family takes images; a text evaluation set "
+            f'needs a text model (family = "transformers")'
+        )
 
     def check_pool(self, spec, paths: Mapping[str, str]) -> None:
         """Checks across the pool's ingredients before their weights are read."""
@@ -114,13 +119,17 @@ def as_float32(state: StateDict) -> StateDict:
 
 
 def take_rows(batch: Batch, index) -> Batch:
-    return batch[index] if isinstance(batch, torch.Tensor) else \
-        {k: v[index] for k, v in batch.items()}
+    return (
+        batch[index] if isinstance(batch, torch.Tensor) else {k: v[index] for k, v in batch.items()}
+    )
 
 
 def to_device(batch: Batch, device) -> Batch:
-    return torch.as_tensor(batch).to(device) if not isinstance(batch, dict) else \
-        {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
+    return (
+        torch.as_tensor(batch).to(device)
+        if not isinstance(batch, dict)
+        else {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
+    )
 
 
 def family_of(spec) -> Family:
@@ -129,6 +138,7 @@ def family_of(spec) -> Family:
 
 def build_model(spec, device: str = "cpu") -> nn.Module:
     from ..inputs.model import check_models_allowed
+
     check_models_allowed(device)
     return family_of(spec).build(spec, device)
 
@@ -149,9 +159,11 @@ def spec_from_dict(entry: Any, where: str = "manifest.json"):
         name = "open_clip" if entry.get("arch") else "testbed"
     if name not in FAMILIES:
         close = difflib.get_close_matches(str(name), FAMILIES, n=2)
-        raise RaysoupError(f"{where}: model.family = {name!r} is not a model family; "
-                           + (f"did you mean {' or '.join(map(repr, close))}? " if close else "")
-                           + f"families: {', '.join(sorted(FAMILIES))}")
+        raise RaysoupError(
+            f"{where}: model.family = {name!r} is not a model family; "
+            + (f"did you mean {' or '.join(map(repr, close))}? " if close else "")
+            + f"families: {', '.join(sorted(FAMILIES))}"
+        )
     return FAMILIES[name].spec_from_dict(entry, where)
 
 
@@ -159,6 +171,7 @@ def relative_folder(where: str, path: str, key: str) -> str:
     """`path` as given in the manifest `where`, resolved against the manifest's folder; it
     must be a folder."""
     from ..inputs import storage
+
     folder = storage.within(os.path.dirname(str(where)), path, f"{where}: {key}")
     if not os.path.isdir(folder):
         raise RaysoupError(f"{where}: {key} = {path!r}: no such folder")
@@ -173,17 +186,23 @@ def export_state_dict_like(fused: StateDict, like: str, out: Path) -> Path:
 
     from ..inputs.model import DATA_PARALLEL_PREFIX
     from ..inputs.pool import load_state_dict
+
     original = load_state_dict(like)
-    prefix = DATA_PARALLEL_PREFIX if original and all(
-        k.startswith(DATA_PARALLEL_PREFIX) for k in original) else ""
+    prefix = (
+        DATA_PARALLEL_PREFIX
+        if original and all(k.startswith(DATA_PARALLEL_PREFIX) for k in original)
+        else ""
+    )
     exported = {}
     for key, tensor in original.items():
-        ours = key[len(prefix):]
+        ours = key[len(prefix) :]
         exported[key] = fused[ours].to(tensor.dtype) if ours in fused else tensor
-    missing = sorted(set(fused) - {k[len(prefix):] for k in original})
+    missing = sorted(set(fused) - {k[len(prefix) :] for k in original})
     if missing:
-        raise RaysoupError(f"ingredient {like} lacks {len(missing)} key(s) of the fused "
-                           f"model (e.g. {missing[0]}): not the same architecture")
+        raise RaysoupError(
+            f"ingredient {like} lacks {len(missing)} key(s) of the fused "
+            f"model (e.g. {missing[0]}): not the same architecture"
+        )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

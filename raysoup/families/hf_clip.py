@@ -23,8 +23,10 @@ def vision_config(config):
         vision.projection_dim = config.projection_dim
         return vision
     if not hasattr(config, "projection_dim") or config.model_type != "clip_vision_model":
-        raise RaysoupError(f"a {type(config).__name__} is not a CLIP config (task "
-                           f"\"clip-classification\" takes a CLIPConfig or CLIPVisionConfig)")
+        raise RaysoupError(
+            f"a {type(config).__name__} is not a CLIP config (task "
+            f'"clip-classification" takes a CLIPConfig or CLIPVisionConfig)'
+        )
     return config
 
 
@@ -34,6 +36,7 @@ class ClipClassifier(nn.Module):
     def __init__(self, config, num_classes: int):
         super().__init__()
         from transformers import CLIPVisionModelWithProjection
+
         tower = CLIPVisionModelWithProjection(vision_config(config))
         self.vision_model, self.visual_projection = tower.vision_model, tower.visual_projection
         self.head = nn.Linear(tower.config.projection_dim, num_classes)
@@ -44,20 +47,19 @@ class ClipClassifier(nn.Module):
 
 
 @torch.no_grad()
-def zeroshot_classifier(folder: str, classnames: Sequence[str], templates: Sequence
-                        ) -> StateDict:
+def zeroshot_classifier(folder: str, classnames: Sequence[str], templates: Sequence) -> StateDict:
     """The ClipClassifier state dict of the CLIPModel saved in `folder` (with its tokenizer)
     and a zero-shot head: per class, its prompts through the text tower, each embedding
     L2-normalised, averaged, normalised again; scaled by the logit scale, zero bias (as
     raysoup.tools.zeroshot builds it for open_clip)."""
     from .transformers import _hf, tokenizer
+
     if len(set(classnames)) != len(classnames):
         raise RaysoupError("class names must be distinct")
     try:
         clip = _hf().CLIPModel.from_pretrained(folder).eval()
     except (OSError, ValueError) as e:
-        raise RaysoupError(f"{folder}: not a saved CLIPModel ({str(e).splitlines()[0]})"
-                           ) from None
+        raise RaysoupError(f"{folder}: not a saved CLIPModel ({str(e).splitlines()[0]})") from None
     tok = tokenizer(folder)
     rows = []
     for name in classnames:
@@ -68,8 +70,11 @@ def zeroshot_classifier(folder: str, classnames: Sequence[str], templates: Seque
         embeds = embeds / embeds.norm(dim=-1, keepdim=True)
         mean = embeds.mean(dim=0)
         rows.append(mean / mean.norm())
-    state = {k: v for k, v in clip.state_dict().items()
-             if k.startswith(("vision_model.", "visual_projection."))}
+    state = {
+        k: v
+        for k, v in clip.state_dict().items()
+        if k.startswith(("vision_model.", "visual_projection."))
+    }
     state["head.weight"] = (torch.stack(rows) * clip.logit_scale.exp()).contiguous()
     state["head.bias"] = torch.zeros(len(classnames))
     return state

@@ -22,12 +22,16 @@ def adapter_config(folder: Path) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{folder}/adapter_config.json: cannot read it ({e})") from None
     if config.get("peft_type") != "LORA":
-        raise CheckpointError(f"{folder}/adapter_config.json: peft_type = "
-                              f"{config.get('peft_type')!r}; raysoup merges LORA adapters")
+        raise CheckpointError(
+            f"{folder}/adapter_config.json: peft_type = "
+            f"{config.get('peft_type')!r}; raysoup merges LORA adapters"
+        )
     if config.get("alpha_pattern") or config.get("rank_pattern") or config.get("use_dora"):
-        raise CheckpointError(f"{folder}/adapter_config.json: alpha_pattern, rank_pattern and "
-                              f"use_dora are not supported; merge it with peft's "
-                              f"merge_and_unload and give the merged folder")
+        raise CheckpointError(
+            f"{folder}/adapter_config.json: alpha_pattern, rank_pattern and "
+            f"use_dora are not supported; merge it with peft's "
+            f"merge_and_unload and give the merged folder"
+        )
     return config
 
 
@@ -43,14 +47,17 @@ def _base_name(folder: Path, config: dict) -> str:
 
 def check_adapters(spec, adapters: dict[str, Path]) -> None:
     """One base model for every adapter of the pool."""
-    bases = {name: _base_name(folder, adapter_config(folder))
-             for name, folder in adapters.items()}
+    bases = {name: _base_name(folder, adapter_config(folder)) for name, folder in adapters.items()}
     if len(set(bases.values())) > 1:
-        (a, base_a), (b, base_b) = [next((n, v) for n, v in bases.items() if v == base)
-                                    for base in list(dict.fromkeys(bases.values()))[:2]]
-        raise CheckpointError(f"LoRA adapters of different base models: {adapters[a]} is of "
-                              f"{base_a!r}, {adapters[b]} of {base_b!r}; a pool's adapters "
-                              f"must share one base (the model at {spec.path})")
+        (a, base_a), (b, base_b) = [
+            next((n, v) for n, v in bases.items() if v == base)
+            for base in list(dict.fromkeys(bases.values()))[:2]
+        ]
+        raise CheckpointError(
+            f"LoRA adapters of different base models: {adapters[a]} is of "
+            f"{base_a!r}, {adapters[b]} of {base_b!r}; a pool's adapters "
+            f"must share one base (the model at {spec.path})"
+        )
 
 
 def _adapter_weights(folder: Path) -> StateDict:
@@ -67,14 +74,18 @@ def merged_adapter(spec, folder: Path, base: StateDict) -> StateDict:
     alpha = config.get("lora_alpha", 8)
     merged = dict(base)
     for key, tensor in weights.items():
-        for a_name, b_name, transpose in ((".lora_A.weight", ".lora_B.weight", False),
-                                          (".lora_embedding_A", ".lora_embedding_B", True)):
+        for a_name, b_name, transpose in (
+            (".lora_A.weight", ".lora_B.weight", False),
+            (".lora_embedding_A", ".lora_embedding_B", True),
+        ):
             if key.endswith(a_name):
-                module = key[:-len(a_name)]
+                module = key[: -len(a_name)]
                 a, b = tensor, weights[module + b_name]
                 if a.dim() != 2:
-                    raise CheckpointError(f"{folder}: {key} is a {a.dim()}-d LoRA factor; "
-                                          f"only linear and embedding layers are supported")
+                    raise CheckpointError(
+                        f"{folder}: {key} is a {a.dim()}-d LoRA factor; "
+                        f"only linear and embedding layers are supported"
+                    )
                 rank = a.shape[0]
                 scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
                 delta = (b @ a) * scaling
@@ -85,14 +96,21 @@ def merged_adapter(spec, folder: Path, base: StateDict) -> StateDict:
                     raise CheckpointError(
                         f"{folder}: adapts {target} with a {tuple(delta.shape)} delta; the "
                         f"model at {spec.path} has "
-                        + (f"shape {tuple(base[target].shape)}" if target in base else
-                           "no such key") + " (an adapter of another base model?)")
+                        + (
+                            f"shape {tuple(base[target].shape)}"
+                            if target in base
+                            else "no such key"
+                        )
+                        + " (an adapter of another base model?)"
+                    )
                 merged[target] = base[target] + delta
                 break
         else:
             if ".lora_" not in key:  # modules_to_save: the adapter's own copy
                 if key not in base:
-                    raise CheckpointError(f"{folder}: {key} is not a key of the model at "
-                                          f"{spec.path} (an adapter of another base model?)")
+                    raise CheckpointError(
+                        f"{folder}: {key} is not a key of the model at "
+                        f"{spec.path} (an adapter of another base model?)"
+                    )
                 merged[key] = tensor
     return merged

@@ -15,10 +15,12 @@ class ImageClassifierFamily(Family):
 
     def spec_from_dict(self, entry: dict, where: str):
         from ..inputs.model import ModelSpec
+
         return ModelSpec.from_dict(entry, where)
 
     def build(self, spec, device: str = "cpu"):
         from ..inputs.model import build_classifier
+
         return build_classifier(spec, device)
 
     def inputs(self, spec) -> tuple[int, ...]:
@@ -27,6 +29,7 @@ class ImageClassifierFamily(Family):
     def load_ingredient(self, spec, path: str) -> StateDict:
         from ..inputs.model import to_classifier_layout
         from ..inputs.pool import load_state_dict
+
         return to_classifier_layout(load_state_dict(path))
 
     def export(self, spec, fused: StateDict, like: str, out: Path) -> Path:
@@ -39,8 +42,11 @@ class OpenClip(ImageClassifierFamily):
     def spec_from_dict(self, entry: dict, where: str):
         if not entry.get("arch"):
             from ..errors import RaysoupError
-            raise RaysoupError(f"{where}: model.family = 'open_clip' needs model.arch, an "
-                               f"open_clip architecture name (e.g. \"ViT-B-32\")")
+
+            raise RaysoupError(
+                f"{where}: model.family = 'open_clip' needs model.arch, an "
+                f'open_clip architecture name (e.g. "ViT-B-32")'
+            )
         return super().spec_from_dict(entry, where)
 
     def describe(self, spec) -> str:

@@ -13,9 +13,12 @@ class Testbed(ImageClassifierFamily):
     def spec_from_dict(self, entry: dict, where: str):
         if entry.get("arch"):
             from ..errors import RaysoupError
-            raise RaysoupError(f"{where}: model.arch = {entry['arch']!r} names an open_clip "
-                               f"architecture; the testbed family has none (family = "
-                               f"\"open_clip\", or leave out family)")
+
+            raise RaysoupError(
+                f"{where}: model.arch = {entry['arch']!r} names an open_clip "
+                f"architecture; the testbed family has none (family = "
+                f'"open_clip", or leave out family)'
+            )
         return super().spec_from_dict(entry, where)
 
     def describe(self, spec) -> str:

@@ -36,24 +36,46 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 @section_config
 class TimmSpec:
-    arch: Annotated[str, Field(
-        description="a timm model name (timm.list_models()), optionally with a .tag; built "
-                    "without pretrained weights")]
+    arch: Annotated[
+        str,
+        Field(
+            description="a timm model name (timm.list_models()), optionally with a .tag; built "
+            "without pretrained weights"
+        ),
+    ]
     num_classes: Annotated[int, Field(ge=2, description="the classifier head's classes")]
-    img_size: Annotated[int | None, Field(
-        ge=1, description="the evaluation images' size, which a fixed-input-size model (ViT, "
-                          "Swin, ...) is built for; default: the pretrained config's")] = None
-    in_chans: Annotated[int | None, Field(
-        ge=1, description="input channels; default: the pretrained config's")] = None
-    kwargs: Annotated[dict[str, Any], Field(
-        description="further timm.create_model arguments (not pretrained, num_classes, "
-                    "in_chans or img_size)")] = field(default_factory=dict, hash=False)
-    mean: Annotated[tuple[float, ...] | None, Field(
-        description="per-channel mean the images are normalised with; default: the "
-                    "pretrained config's")] = None
-    std: Annotated[tuple[float, ...] | None, Field(
-        description="per-channel std the images are normalised with; default: the "
-                    "pretrained config's")] = None
+    img_size: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            description="the evaluation images' size, which a fixed-input-size model (ViT, "
+            "Swin, ...) is built for; default: the pretrained config's",
+        ),
+    ] = None
+    in_chans: Annotated[
+        int | None, Field(ge=1, description="input channels; default: the pretrained config's")
+    ] = None
+    kwargs: Annotated[
+        dict[str, Any],
+        Field(
+            description="further timm.create_model arguments (not pretrained, num_classes, "
+            "in_chans or img_size)"
+        ),
+    ] = field(default_factory=dict, hash=False)
+    mean: Annotated[
+        tuple[float, ...] | None,
+        Field(
+            description="per-channel mean the images are normalised with; default: the "
+            "pretrained config's"
+        ),
+    ] = None
+    std: Annotated[
+        tuple[float, ...] | None,
+        Field(
+            description="per-channel std the images are normalised with; default: the "
+            "pretrained config's"
+        ),
+    ] = None
     family: ClassVar[str] = "timm"
 
     def to_dict(self) -> dict:
@@ -62,6 +84,7 @@ class TimmSpec:
 
 def _timm():
     import timm
+
     return timm
 
 
@@ -72,9 +95,10 @@ def pretrained_cfg(arch: str) -> dict:
     timm = _timm()
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3)
-        raise RaysoupError(f"model.arch = {arch!r} is not a timm model"
-                           + (f"; did you mean {', '.join(close)}?" if close else
-                              "; see timm.list_models()"))
+        raise RaysoupError(
+            f"model.arch = {arch!r} is not a timm model"
+            + (f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()")
+        )
     cfg = timm.models.get_pretrained_cfg(arch)
     return cfg.to_dict() if cfg is not None else {}
 
@@ -87,8 +111,8 @@ def _normalisation(spec: TimmSpec, channels: int) -> tuple[tuple, tuple]:
     std = spec.std or cfg.get("std") or IMAGENET_STD
 
     def fit(values: tuple) -> tuple:
-        return tuple(values) if len(values) == channels else \
-            (sum(values) / len(values),) * channels
+        return tuple(values) if len(values) == channels else (sum(values) / len(values),) * channels
+
     return fit(mean), fit(std)
 
 
@@ -100,18 +124,22 @@ class Timm(Family):
         spec = validate(TimmSpec, entry, where, "model.", "model")
         repeated = sorted(set(spec.kwargs) & set(OWN_KEYS))
         if repeated:
-            raise RaysoupError(f"{where}: model.kwargs.{repeated[0]}: give it as model."
-                               f"{repeated[0]}" if repeated[0] != "pretrained" else
-                               f"{where}: model.kwargs.pretrained: raysoup never downloads "
-                               f"weights (the ingredients hold them)")
+            raise RaysoupError(
+                f"{where}: model.kwargs.{repeated[0]}: give it as model.{repeated[0]}"
+                if repeated[0] != "pretrained"
+                else f"{where}: model.kwargs.pretrained: raysoup never downloads "
+                f"weights (the ingredients hold them)"
+            )
         try:
             pretrained_cfg(spec.arch)
         except RaysoupError as e:
             raise RaysoupError(f"{where}: {e}") from None
         for name, values in (("mean", spec.mean), ("std", spec.std)):
             if values is not None and len(values) != self.inputs(spec)[0]:
-                raise RaysoupError(f"{where}: model.{name} has {len(values)} value(s), the "
-                                   f"model takes {self.inputs(spec)[0]} channel(s)")
+                raise RaysoupError(
+                    f"{where}: model.{name} has {len(values)} value(s), the "
+                    f"model takes {self.inputs(spec)[0]} channel(s)"
+                )
         try:
             self.template(spec)  # arguments the model does not take fail here, in one line
         except RaysoupError as e:
@@ -126,13 +154,16 @@ class Timm(Family):
             kwargs["img_size"] = spec.img_size
         try:
             with torch.device(device):
-                return _timm().create_model(spec.arch, pretrained=False,
-                                            num_classes=spec.num_classes, **kwargs)
+                return _timm().create_model(
+                    spec.arch, pretrained=False, num_classes=spec.num_classes, **kwargs
+                )
         except (TypeError, ValueError, AssertionError, RuntimeError, KeyError) as e:
             arguments = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-            raise RaysoupError(f"model: timm.create_model({spec.arch!r}, num_classes="
-                               f"{spec.num_classes}, {arguments}) fails: "
-                               f"{(str(e) or type(e).__name__).splitlines()[0]}") from None
+            raise RaysoupError(
+                f"model: timm.create_model({spec.arch!r}, num_classes="
+                f"{spec.num_classes}, {arguments}) fails: "
+                f"{(str(e) or type(e).__name__).splitlines()[0]}"
+            ) from None
 
     def inputs(self, spec: TimmSpec) -> tuple[int, int, int]:
         channels, *size = pretrained_cfg(spec.arch).get("input_size", (3, 224, 224))
@@ -144,16 +175,18 @@ class Timm(Family):
         mean, std = _normalisation(spec, batch.shape[1])
         shape = (1, -1, 1, 1)
         x = batch.float() / 255.0
-        x = (x - torch.tensor(mean, device=x.device).view(shape)) / \
-            torch.tensor(std, device=x.device).view(shape)
+        x = (x - torch.tensor(mean, device=x.device).view(shape)) / torch.tensor(
+            std, device=x.device
+        ).view(shape)
         return (x,), {}
 
     def load_ingredient(self, spec: TimmSpec, path: str) -> StateDict:
         from ..inputs.model import DATA_PARALLEL_PREFIX
         from ..inputs.pool import load_state_dict
+
         state = load_state_dict(path)
         if state and all(k.startswith(DATA_PARALLEL_PREFIX) for k in state):
-            state = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in state.items()}
+            state = {k[len(DATA_PARALLEL_PREFIX) :]: v for k, v in state.items()}
         return as_float32(state)
 
     def export(self, spec: TimmSpec, fused: StateDict, like: str, out: Path) -> Path:

@@ -34,26 +34,36 @@ from ..errors import RaysoupError
 from ..typed import section_config, validate
 from .base import Batch, Family, StateDict, as_float32, register, relative_folder
 
-TASKS = {"sequence-classification": "AutoModelForSequenceClassification",
-         "image-classification": "AutoModelForImageClassification",
-         "clip-classification": "CLIPVisionModelWithProjection plus a linear head"}
+TASKS = {
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "image-classification": "AutoModelForImageClassification",
+    "clip-classification": "CLIPVisionModelWithProjection plus a linear head",
+}
 CLIP = "clip-classification"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
 @section_config
 class TransformersSpec:
-    task: Annotated[Literal["sequence-classification", "image-classification",
-                            "clip-classification"], Field(
-        description="the model class: AutoModelForSequenceClassification, "
-                    "AutoModelForImageClassification, or HF CLIP's vision tower plus a linear "
-                    "head")]
-    path: Annotated[str, Field(
-        description="the save_pretrained model folder beside the manifest (absolute once read "
-                    "from a manifest)")]
+    task: Annotated[
+        Literal["sequence-classification", "image-classification", "clip-classification"],
+        Field(
+            description="the model class: AutoModelForSequenceClassification, "
+            "AutoModelForImageClassification, or HF CLIP's vision tower plus a linear "
+            "head"
+        ),
+    ]
+    path: Annotated[
+        str,
+        Field(
+            description="the save_pretrained model folder beside the manifest (absolute once read "
+            "from a manifest)"
+        ),
+    ]
     num_classes: Annotated[int, Field(ge=2, description="the classifier head's classes")]
-    max_length: Annotated[int, Field(
-        ge=1, description="text: every row padded or truncated to this many tokens")] = 128
+    max_length: Annotated[
+        int, Field(ge=1, description="text: every row padded or truncated to this many tokens")
+    ] = 128
     family: ClassVar[str] = "transformers"
 
     def to_dict(self) -> dict:
@@ -63,6 +73,7 @@ class TransformersSpec:
 def _hf():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a folder on disk; never the Hub
     import transformers
+
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()  # a bar per ingredient load, in every actor
     return transformers
@@ -73,13 +84,20 @@ def hf_config(path: str):
     try:
         return _hf().AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise RaysoupError(f"model folder {path}: config.json does not build a Hugging Face "
-                           f"config ({str(e).splitlines()[0]})") from None
+        raise RaysoupError(
+            f"model folder {path}: config.json does not build a Hugging Face "
+            f"config ({str(e).splitlines()[0]})"
+        ) from None
 
 
 # Without one of these, AutoTokenizer builds an empty tokenizer of the config's model type.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model",
-                   "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
 
 
 @functools.cache
@@ -90,8 +108,10 @@ def tokenizer(path: str):
             return _hf().AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         missing = str(e).splitlines()[0]
-    raise RaysoupError(f"model folder {path}: no tokenizer for the text sets (save one there "
-                       f"with tokenizer.save_pretrained; {missing})")
+    raise RaysoupError(
+        f"model folder {path}: no tokenizer for the text sets (save one there "
+        f"with tokenizer.save_pretrained; {missing})"
+    )
 
 
 @functools.cache
@@ -110,19 +130,27 @@ def _from_pretrained(spec: TransformersSpec, folder: Path, dtype=torch.float32):
     loading, which maps the names on disk to the model's (they differ for some models in
     transformers 5); a folder that does not fill the model exactly is refused."""
     from ..inputs.pool import CheckpointError
+
     auto = getattr(_hf(), TASKS[spec.task])
     try:
         model, info = auto.from_pretrained(folder, dtype=dtype, output_loading_info=True)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f"{folder}: from_pretrained cannot load it as the model at "
-                              f"{spec.path} ({str(e).splitlines()[0][:300]})") from None
-    wrong = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys",
-                                                    "mismatched_keys") and v}
+        raise CheckpointError(
+            f"{folder}: from_pretrained cannot load it as the model at "
+            f"{spec.path} ({str(e).splitlines()[0][:300]})"
+        ) from None
+    wrong = {
+        k: v
+        for k, v in info.items()
+        if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
+    }
     if wrong:
         what, keys = next(iter(wrong.items()))
-        raise CheckpointError(f"{folder}: does not match the model at {spec.path} "
-                              f"({what.replace('_', ' ')}: {sorted(map(str, keys))[:3]}, "
-                              f"{len(keys)} in all)")
+        raise CheckpointError(
+            f"{folder}: does not match the model at {spec.path} "
+            f"({what.replace('_', ' ')}: {sorted(map(str, keys))[:3]}, "
+            f"{len(keys)} in all)"
+        )
     return model
 
 
@@ -135,8 +163,10 @@ class Transformers(Family):
         folder = relative_folder(where, spec.path, "model.path")
         config = hf_config(folder)
         if spec.task != CLIP and config.num_labels != spec.num_classes:
-            raise RaysoupError(f"{where}: model.num_classes = {spec.num_classes}, but "
-                               f"{folder}/config.json has {config.num_labels} labels")
+            raise RaysoupError(
+                f"{where}: model.num_classes = {spec.num_classes}, but "
+                f"{folder}/config.json has {config.num_labels} labels"
+            )
         spec = replace(spec, path=folder)
         self.template(spec)  # a config that does not build fails here, in one line
         return spec
@@ -146,12 +176,15 @@ class Transformers(Family):
             with torch.device(device):
                 if spec.task == CLIP:
                     from .hf_clip import ClipClassifier
+
                     return ClipClassifier(hf_config(spec.path), spec.num_classes)
                 auto = getattr(_hf(), TASKS[spec.task])
                 return auto.from_config(hf_config(spec.path), dtype=torch.float32)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise RaysoupError(f"model folder {spec.path}: its config does not build a "
-                               f"{TASKS[spec.task]} ({str(e).splitlines()[0]})") from None
+            raise RaysoupError(
+                f"model folder {spec.path}: its config does not build a "
+                f"{TASKS[spec.task]} ({str(e).splitlines()[0]})"
+            ) from None
 
     def inputs(self, spec: TransformersSpec):
         if spec.task == "sequence-classification":
@@ -159,6 +192,7 @@ class Transformers(Family):
         config = hf_config(spec.path)
         if spec.task == CLIP:
             from .hf_clip import vision_config
+
             config = vision_config(config)
         size = config.image_size
         size = (size, size) if isinstance(size, int) else tuple(size)
@@ -171,23 +205,29 @@ class Transformers(Family):
         if not isinstance(columns, dict):  # images: normalised on the device, in forward
             return torch.from_numpy(np.array(columns))
         if "text" in columns:
-            encoded = tokenizer(spec.path)([str(t) for t in columns["text"]],
-                                           padding="max_length", truncation=True,
-                                           max_length=spec.max_length, return_tensors="pt")
+            encoded = tokenizer(spec.path)(
+                [str(t) for t in columns["text"]],
+                padding="max_length",
+                truncation=True,
+                max_length=spec.max_length,
+                return_tensors="pt",
+            )
             return {k: v.to(torch.int64) for k, v in encoded.items()}
         # Pre-tokenised: truncated and padded to max_length, as the tokenizer would.
         pad = hf_config(spec.path).pad_token_id or 0
         ids = torch.full((len(columns["input_ids"]), spec.max_length), pad, dtype=torch.int64)
         mask = torch.zeros_like(ids)
         for i, row in enumerate(columns["input_ids"]):
-            row = torch.as_tensor(np.asarray(row, dtype=np.int64)[:spec.max_length])
-            ids[i, :len(row)], mask[i, :len(row)] = row, 1
+            row = torch.as_tensor(np.asarray(row, dtype=np.int64)[: spec.max_length])
+            ids[i, : len(row)], mask[i, : len(row)] = row, 1
         return {"input_ids": ids, "attention_mask": mask}
 
     def example_batch(self, spec: TransformersSpec) -> Batch:
         if spec.task == "sequence-classification":
-            return {"input_ids": torch.zeros(2, 8, dtype=torch.int64),
-                    "attention_mask": torch.ones(2, 8, dtype=torch.int64)}
+            return {
+                "input_ids": torch.zeros(2, 8, dtype=torch.int64),
+                "attention_mask": torch.ones(2, 8, dtype=torch.int64),
+            }
         return super().example_batch(spec)
 
     def arguments(self, spec: TransformersSpec, batch: Batch) -> tuple[tuple, dict]:
@@ -196,8 +236,9 @@ class Transformers(Family):
         mean, std, rescale = _normalisation(spec.path, batch.shape[1])
         shape = (1, -1, 1, 1)
         x = batch.float() * rescale
-        x = (x - torch.tensor(mean, device=x.device).view(shape)) / \
-            torch.tensor(std, device=x.device).view(shape)
+        x = (x - torch.tensor(mean, device=x.device).view(shape)) / torch.tensor(
+            std, device=x.device
+        ).view(shape)
         return (), {"pixel_values": x}
 
     def logits(self, output) -> torch.Tensor:
@@ -207,15 +248,20 @@ class Transformers(Family):
         folder = Path(path)
         if spec.task == CLIP and folder.is_dir():
             from ..inputs.pool import CheckpointError
-            raise CheckpointError(f"{folder}: a clip-classification ingredient is one "
-                                  f"state-dict file (vision_model.*, visual_projection.weight, "
-                                  f"head.weight, head.bias), not a folder")
+
+            raise CheckpointError(
+                f"{folder}: a clip-classification ingredient is one "
+                f"state-dict file (vision_model.*, visual_projection.weight, "
+                f"head.weight, head.bias), not a folder"
+            )
         if (folder / ADAPTER_CONFIG).is_file():
             from .lora import merged_adapter
+
             return merged_adapter(spec, folder, self.base_weights(spec))
         if folder.is_dir():
             return as_float32(_from_pretrained(spec, folder).state_dict())
         from ..inputs.pool import load_state_dict
+
         return as_float32(load_state_dict(path))
 
     @functools.lru_cache(maxsize=1)  # noqa: B019 - one family object per process, by design
@@ -225,8 +271,10 @@ class Transformers(Family):
 
     def check_pool(self, spec: TransformersSpec, paths) -> None:
         from .lora import check_adapters
-        check_adapters(spec, {n: Path(p) for n, p in paths.items()
-                              if (Path(p) / ADAPTER_CONFIG).is_file()})
+
+        check_adapters(
+            spec, {n: Path(p) for n, p in paths.items() if (Path(p) / ADAPTER_CONFIG).is_file()}
+        )
 
     def export(self, spec: TransformersSpec, fused: StateDict, like: str, out: Path) -> Path:
         """A save_pretrained folder in the dtype of ingredient `like`, with the model
@@ -235,6 +283,7 @@ class Transformers(Family):
         like_folder = Path(like)
         if spec.task == CLIP:
             from .base import export_state_dict_like
+
             return export_state_dict_like(fused, like, out)
         if (like_folder / ADAPTER_CONFIG).is_file() or not like_folder.is_dir():
             like_folder = Path(spec.path)
@@ -245,16 +294,22 @@ class Transformers(Family):
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         for file in Path(spec.path).iterdir():  # tokenizer, image processor
-            if file.is_file() and file.suffix in (".json", ".txt", ".model") \
-                    and not (tmp / file.name).exists() and not file.name.startswith("model"):
+            if (
+                file.is_file()
+                and file.suffix in (".json", ".txt", ".model")
+                and not (tmp / file.name).exists()
+                and not file.name.startswith("model")
+            ):
                 shutil.copy(file, tmp / file.name)
         shutil.rmtree(out, ignore_errors=True)
         tmp.replace(out)
         return out
 
     def describe(self, spec: TransformersSpec) -> str:
-        return f"{type(hf_config(spec.path)).__name__.removesuffix('Config')} " \
-               f"{spec.task} ({Path(spec.path).name})"
+        return (
+            f"{type(hf_config(spec.path)).__name__.removesuffix('Config')} "
+            f"{spec.task} ({Path(spec.path).name})"
+        )
 
 
 register(Transformers())

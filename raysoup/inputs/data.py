@@ -40,8 +40,7 @@ Inputs = np.ndarray | dict[str, np.ndarray]
 
 
 def take(inputs: Inputs, rows) -> Inputs:
-    return inputs[rows] if not isinstance(inputs, dict) else \
-        {k: v[rows] for k, v in inputs.items()}
+    return inputs[rows] if not isinstance(inputs, dict) else {k: v[rows] for k, v in inputs.items()}
 
 
 def _concat(parts: list[Inputs]) -> Inputs:
@@ -77,6 +76,7 @@ class EvalSet:
 class EvalSetSource:
     """Where an evaluation set lives (a path or URI: an Arrow file or a prepared folder)
     and how its labels meet the model's classes."""
+
     location: str
     class_map: ClassMap | None = None
     sha256: str | None = None  # the content fingerprint the manifest recorded
@@ -87,10 +87,12 @@ def content_sha256(eval_set: EvalSet) -> str:
     and rows) and its labels (not the Arrow file's bytes, which may change with the pyarrow
     version)."""
     if isinstance(eval_set.inputs, dict):
-        (column, values), = eval_set.inputs.items()
-        h = hashlib.sha256(json.dumps([column, [v if isinstance(v, str) else
-                                                np.asarray(v).tolist() for v in values]
-                                       ]).encode())
+        ((column, values),) = eval_set.inputs.items()
+        h = hashlib.sha256(
+            json.dumps(
+                [column, [v if isinstance(v, str) else np.asarray(v).tolist() for v in values]]
+            ).encode()
+        )
     else:
         h = hashlib.sha256(str(eval_set.images.shape).encode())
         h.update(np.ascontiguousarray(eval_set.images).tobytes())
@@ -101,26 +103,37 @@ def content_sha256(eval_set: EvalSet) -> str:
 def write_eval_set(eval_set: EvalSet, path: Path) -> None:
     labels = pa.array(eval_set.labels, type=pa.int64())
     if isinstance(eval_set.inputs, dict):
-        (column, values), = eval_set.inputs.items()
+        ((column, values),) = eval_set.inputs.items()
         kind = pa.string() if column == "text" else pa.list_(pa.int64())
-        table = pa.table({column: pa.array([v if isinstance(v, str) else
-                                            np.asarray(v).tolist() for v in values], kind),
-                          "label": labels})
+        table = pa.table(
+            {
+                column: pa.array(
+                    [v if isinstance(v, str) else np.asarray(v).tolist() for v in values], kind
+                ),
+                "label": labels,
+            }
+        )
         table = table.replace_schema_metadata({"name": eval_set.name})
     else:
         _n, *shape = eval_set.images.shape
         flat = pa.array(eval_set.images.reshape(-1), type=pa.uint8())
         images = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(shape)))
         table = pa.table({"image": images, "label": labels})
-        table = table.replace_schema_metadata({"name": eval_set.name,
-                                               "shape": ",".join(map(str, shape))})
-    with storage.atomic(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, \
-            pa.ipc.new_file(sink, table.schema) as writer:
+        table = table.replace_schema_metadata(
+            {"name": eval_set.name, "shape": ",".join(map(str, shape))}
+        )
+    with (
+        storage.atomic(path) as tmp,
+        pa.OSFile(str(tmp), "wb") as sink,
+        pa.ipc.new_file(sink, table.schema) as writer,
+    ):
         writer.write_table(table)
 
 
-def read_eval_set(source: EvalSetSource | str | Path, num_classes: int | None = None,
-                  ) -> EvalSet:
+def read_eval_set(
+    source: EvalSetSource | str | Path,
+    num_classes: int | None = None,
+) -> EvalSet:
     """An Arrow file or a prepared folder of shards, from a local path or a URI.
 
     With a class map, rows whose label has no model class are left out (counted in the log).
@@ -134,8 +147,10 @@ def read_eval_set(source: EvalSetSource | str | Path, num_classes: int | None = 
         return EvalSet(name, inputs, labels)
     if not keep.all():
         rows = "rows" if isinstance(inputs, dict) else "images"
-        logger.info(f"[data] {name}: {int((~keep).sum())} of {len(keep)} {rows} have classes "
-                    f"without a model counterpart; left out")
+        logger.info(
+            f"[data] {name}: {int((~keep).sum())} of {len(keep)} {rows} have classes "
+            f"without a model counterpart; left out"
+        )
     return EvalSet(name, take(inputs, keep), labels[keep], source.class_map)
 
 
@@ -148,7 +163,8 @@ def verify_eval_set(source: EvalSetSource, name: str) -> None:
         raise DataError(
             f"evaluation set {name!r} ({source.location}): content sha256 {got[:16]}... does "
             f"not match the manifest's {source.sha256[:16]}...; restore it, or skip the check "
-            f"with `pool.verify_sha256 = false` (raysoup demo --no-verify)")
+            f"with `pool.verify_sha256 = false` (raysoup demo --no-verify)"
+        )
 
 
 def set_inputs(source: EvalSetSource) -> tuple[int, ...] | str:
@@ -156,9 +172,13 @@ def set_inputs(source: EvalSetSource) -> tuple[int, ...] | str:
     return _labels_and_shape(_part_locations(source.location)[1][:1])[1]
 
 
-def check_eval_set(source: EvalSetSource, num_classes: int,
-                   image_shape: tuple[int, ...] | str | None = None, name: str = "",
-                   min_classes: int = 1) -> int:
+def check_eval_set(
+    source: EvalSetSource,
+    num_classes: int,
+    image_shape: tuple[int, ...] | str | None = None,
+    name: str = "",
+    min_classes: int = 1,
+) -> int:
     """Rows the set would give, from its labels and schema alone (images stay unread on
     local files): the up-front check of a run. With `image_shape`, the set's images must
     have it (channels, height, width), or, given "text", the set must be a text set; its
@@ -167,18 +187,27 @@ def check_eval_set(source: EvalSetSource, num_classes: int,
     labels, shape = _labels_and_shape(_part_locations(source.location)[1])
     what = f"evaluation set {name or source.location!r}"
     if image_shape is not None and isinstance(shape, str) != (image_shape == "text"):
-        raise DataError(f"{what} holds " + (f"text (column {shape!r}), the model takes images"
-                                            if isinstance(shape, str) else
-                                            "images, the model takes text"))
+        raise DataError(
+            f"{what} holds "
+            + (
+                f"text (column {shape!r}), the model takes images"
+                if isinstance(shape, str)
+                else "images, the model takes text"
+            )
+        )
     if isinstance(image_shape, tuple) and tuple(shape) != tuple(image_shape):
-        raise DataError(f"{what}: images are {'x'.join(map(str, shape))} (channels x height x "
-                        f"width), the model takes {'x'.join(map(str, image_shape))}; prepare "
-                        f"it for this model")
+        raise DataError(
+            f"{what}: images are {'x'.join(map(str, shape))} (channels x height x "
+            f"width), the model takes {'x'.join(map(str, image_shape))}; prepare "
+            f"it for this model"
+        )
     keep = _rows_kept(labels, source, num_classes)
     kept = labels if keep is None else labels[keep]
     if len(np.unique(kept)) < min_classes:
-        raise DataError(f"{what}: its {len(kept)} rows hold {len(np.unique(kept))} class(es); "
-                        f"it needs at least {min_classes} to rank and select models")
+        raise DataError(
+            f"{what}: its {len(kept)} rows hold {len(np.unique(kept))} class(es); "
+            f"it needs at least {min_classes} to rank and select models"
+        )
     return len(kept)
 
 
@@ -188,8 +217,10 @@ def _labels_and_shape(parts: list[str]) -> tuple[np.ndarray, tuple[int, ...] | s
     labels, shape = [], None
     for path in parts:
         with _open_batches(path) as (reader, part_shape):
-            labels += [reader.get_batch(i).column("label").to_numpy()
-                       for i in range(reader.num_record_batches)]
+            labels += [
+                reader.get_batch(i).column("label").to_numpy()
+                for i in range(reader.num_record_batches)
+            ]
             shape = shape or part_shape
     return np.concatenate(labels), shape
 
@@ -199,8 +230,9 @@ def shard_rows(n: int, shard: int, shards: int) -> slice:
     return slice(n * shard // shards, n * (shard + 1) // shards)
 
 
-def iter_shard(source: EvalSetSource, num_classes: int, shard: int, shards: int,
-               batch_rows: int) -> Iterator[tuple[Inputs, np.ndarray]]:
+def iter_shard(
+    source: EvalSetSource, num_classes: int, shard: int, shards: int, batch_rows: int
+) -> Iterator[tuple[Inputs, np.ndarray]]:
     """(inputs, labels) of one shard of a set's rows (after the class map's filtering),
     `batch_rows` at a time, in row order: read from memory-mapped Arrow record batches, so
     only one batch of images is ever copied into memory."""
@@ -217,9 +249,11 @@ def iter_shard(source: EvalSetSource, num_classes: int, shard: int, shards: int,
                 rows = mine[(mine >= offset) & (mine < offset + batch.num_rows)] - offset
                 offset += batch.num_rows
                 for start in range(0, len(rows), batch_rows):
-                    taken = batch.take(pa.array(rows[start:start + batch_rows]))
-                    yield (_inputs(taken, shape),
-                           taken.column("label").to_numpy(zero_copy_only=False))
+                    taken = batch.take(pa.array(rows[start : start + batch_rows]))
+                    yield (
+                        _inputs(taken, shape),
+                        taken.column("label").to_numpy(zero_copy_only=False),
+                    )
 
 
 def _rows_kept(labels: np.ndarray, source: EvalSetSource, num_classes: int | None):
@@ -233,8 +267,10 @@ def _rows_kept(labels: np.ndarray, source: EvalSetSource, num_classes: int | Non
     mapped = np.array([len(g) > 0 for g in source.class_map] + [False])
     keep = mapped[np.minimum(labels, len(source.class_map))]
     if not keep.any():
-        raise DataError(f"evaluation set {source.location}: no row has a label that the class "
-                        f"map sends to a model class")
+        raise DataError(
+            f"evaluation set {source.location}: no row has a label that the class "
+            f"map sends to a model class"
+        )
     return keep
 
 
@@ -277,12 +313,16 @@ def _open_batches(path: str):
             names = set(reader.schema.names)
             text = [c for c in TEXT_COLUMNS if names == {c, "label"}]
             if not text and (b"shape" not in meta or names != {"image", "label"}):
-                raise DataError(f"{path} is not a raysoup evaluation set (need columns image, "
-                                "label and 'shape' metadata, or text (or input_ids) and label)")
+                raise DataError(
+                    f"{path} is not a raysoup evaluation set (need columns image, "
+                    "label and 'shape' metadata, or text (or input_ids) and label)"
+                )
             if sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches)) == 0:
                 raise DataError(f"evaluation set {path} is empty")
-            yield reader, text[0] if text else \
-                tuple(int(s) for s in meta[b"shape"].decode().split(","))
+            yield (
+                reader,
+                text[0] if text else tuple(int(s) for s in meta[b"shape"].decode().split(",")),
+            )
     except (OSError, pa.ArrowInvalid) as e:
         raise DataError(f"cannot read evaluation set {path}: {e}") from e
 

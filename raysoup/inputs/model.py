@@ -37,34 +37,52 @@ DATA_PARALLEL_PREFIX = "module."
 class ModelSpec:
     """Architecture of an ingredient; stored in every zoo manifest (`model`)."""
 
-    arch: Annotated[str, Field(
-        description="an open_clip model name (e.g. \"ViT-B-32\"); \"\" = the testbed's "
-                    "custom ViT tower, shaped by the keys below")] = ""
-    image_size: Annotated[int, Field(
-        ge=1, description="input images' height and width (with arch: open_clip's config "
-                          "of it)")] = 28
-    in_channels: Annotated[int, Field(
-        ge=1, description="input images' channels (with arch: 3)")] = 1
-    patch_size: Annotated[int, Field(
-        ge=1, description="the custom tower's patch size")] = 7
-    width: Annotated[int, Field(
-        ge=1, description="the custom tower's width")] = 96
-    layers: Annotated[int, Field(
-        ge=1, description="the custom tower's transformer blocks")] = 4
-    heads: Annotated[int, Field(
-        ge=1, description="the custom tower's attention heads")] = 4
-    embed_dim: Annotated[int, Field(
-        ge=1, description="the tower's output features (with arch: open_clip's config "
-                          "of it)")] = 64
+    arch: Annotated[
+        str,
+        Field(
+            description='an open_clip model name (e.g. "ViT-B-32"); "" = the testbed\'s '
+            "custom ViT tower, shaped by the keys below"
+        ),
+    ] = ""
+    image_size: Annotated[
+        int,
+        Field(
+            ge=1, description="input images' height and width (with arch: open_clip's config of it)"
+        ),
+    ] = 28
+    in_channels: Annotated[
+        int, Field(ge=1, description="input images' channels (with arch: 3)")
+    ] = 1
+    patch_size: Annotated[int, Field(ge=1, description="the custom tower's patch size")] = 7
+    width: Annotated[int, Field(ge=1, description="the custom tower's width")] = 96
+    layers: Annotated[int, Field(ge=1, description="the custom tower's transformer blocks")] = 4
+    heads: Annotated[int, Field(ge=1, description="the custom tower's attention heads")] = 4
+    embed_dim: Annotated[
+        int,
+        Field(
+            ge=1, description="the tower's output features (with arch: open_clip's config of it)"
+        ),
+    ] = 64
     num_classes: Annotated[int, Field(ge=2, description="the linear head's classes")] = 10
-    normalize_features: Annotated[bool, Field(
-        description="L2-normalise the tower's features before the head")] = True
-    mean: Annotated[tuple[float, ...], Field(
-        min_length=1, description="per-channel mean the images are normalised with (with "
-                                  "arch: open_clip's preprocessing, unless given)")] = (0.2860,)
-    std: Annotated[tuple[float, ...], Field(
-        min_length=1, description="per-channel std the images are normalised with (with "
-                                  "arch: open_clip's preprocessing, unless given)")] = (0.3530,)
+    normalize_features: Annotated[
+        bool, Field(description="L2-normalise the tower's features before the head")
+    ] = True
+    mean: Annotated[
+        tuple[float, ...],
+        Field(
+            min_length=1,
+            description="per-channel mean the images are normalised with (with "
+            "arch: open_clip's preprocessing, unless given)",
+        ),
+    ] = (0.2860,)
+    std: Annotated[
+        tuple[float, ...],
+        Field(
+            min_length=1,
+            description="per-channel std the images are normalised with (with "
+            "arch: open_clip's preprocessing, unless given)",
+        ),
+    ] = (0.3530,)
 
     @property
     def family(self) -> str:
@@ -88,10 +106,14 @@ class ModelSpec:
         config = arch_config(self.arch)
         preprocess = preprocess_config(self.arch)
         given = ModelSpec()  # a mean/std that differs from the testbed default was given
-        return replace(self, image_size=preprocess["size"], in_channels=3,
-                       embed_dim=config["embed_dim"],
-                       mean=self.mean if self.mean != given.mean else tuple(preprocess["mean"]),
-                       std=self.std if self.std != given.std else tuple(preprocess["std"]))
+        return replace(
+            self,
+            image_size=preprocess["size"],
+            in_channels=3,
+            embed_dim=config["embed_dim"],
+            mean=self.mean if self.mean != given.mean else tuple(preprocess["mean"]),
+            std=self.std if self.std != given.std else tuple(preprocess["std"]),
+        )
 
 
 def arch_config(arch: str) -> dict:
@@ -99,14 +121,20 @@ def arch_config(arch: str) -> dict:
     config = open_clip.get_model_config(arch)
     if config is None:
         close = difflib.get_close_matches(arch, open_clip.list_models(), n=3)
-        raise RaysoupError(f"model.arch: unknown open_clip architecture {arch!r}"
-                           + (f"; did you mean {', '.join(close)}?" if close else
-                              "; see open_clip.list_models()"))
-    if (config.get("custom_text") or "hf_model_name" in config.get("text_cfg", {})
-            or "multimodal_cfg" in config):
-        raise RaysoupError(f"model.arch {arch!r} has a custom text tower or a multimodal "
-                           f"decoder (SigLIP, EVA, CoCa, ...); raysoup's classifier takes "
-                           f"CLIP-layout models (ViT-*, RN*, convnext_*, ...)")
+        raise RaysoupError(
+            f"model.arch: unknown open_clip architecture {arch!r}"
+            + (f"; did you mean {', '.join(close)}?" if close else "; see open_clip.list_models()")
+        )
+    if (
+        config.get("custom_text")
+        or "hf_model_name" in config.get("text_cfg", {})
+        or "multimodal_cfg" in config
+    ):
+        raise RaysoupError(
+            f"model.arch {arch!r} has a custom text tower or a multimodal "
+            f"decoder (SigLIP, EVA, CoCa, ...); raysoup's classifier takes "
+            f"CLIP-layout models (ViT-*, RN*, convnext_*, ...)"
+        )
     return config
 
 
@@ -115,8 +143,9 @@ def preprocess_config(arch: str) -> dict:
     model config's values, at the tower's input size."""
     config = arch_config(arch)
     size = config["vision_cfg"]["image_size"]
-    cfg = open_clip.transform.PreprocessCfg(**{
-        **config.get("preprocess_cfg", {}), "size": size if isinstance(size, int) else size[0]})
+    cfg = open_clip.transform.PreprocessCfg(
+        **{**config.get("preprocess_cfg", {}), "size": size if isinstance(size, int) else size[0]}
+    )
     return json.loads(json.dumps(asdict(cfg)))
 
 
@@ -159,15 +188,17 @@ class ImageClassifier(nn.Module):
             self.model = clip_model(spec.arch, device=device)
             del self.model.transformer  # as the model soups wrapper does
         else:
-            self.model = ImageEncoder(VisionTransformer(
-                image_size=spec.image_size,
-                patch_size=spec.patch_size,
-                width=spec.width,
-                layers=spec.layers,
-                heads=spec.heads,
-                mlp_ratio=4.0,
-                output_dim=spec.embed_dim,
-            ))
+            self.model = ImageEncoder(
+                VisionTransformer(
+                    image_size=spec.image_size,
+                    patch_size=spec.patch_size,
+                    width=spec.width,
+                    layers=spec.layers,
+                    heads=spec.heads,
+                    mlp_ratio=4.0,
+                    output_dim=spec.embed_dim,
+                )
+            )
         self.classification_head = nn.Linear(spec.embed_dim, spec.num_classes)
         self.register_buffer("_mean", torch.tensor(spec.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(spec.std).view(1, -1, 1, 1), persistent=False)
@@ -201,8 +232,9 @@ def allow_models_here() -> None:
 
 def check_models_allowed(device: str) -> None:
     if device != "meta" and os.environ.get(EVALUATORS_ONLY) == "1" and not _models_allowed_here:
-        raise RuntimeError(f"a model was built outside the evaluator actors while "
-                           f"{EVALUATORS_ONLY}=1")
+        raise RuntimeError(
+            f"a model was built outside the evaluator actors while {EVALUATORS_ONLY}=1"
+        )
 
 
 def build_classifier(spec: ModelSpec, device: str = "cpu") -> ImageClassifier:
@@ -217,5 +249,5 @@ def to_classifier_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     wrapper (``module.``), and the text transformer kept by ``keep_lang`` (left out here).
     """
     if state_dict and all(k.startswith(DATA_PARALLEL_PREFIX) for k in state_dict):
-        state_dict = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in state_dict.items()}
+        state_dict = {k[len(DATA_PARALLEL_PREFIX) :]: v for k, v in state_dict.items()}
     return {k: v for k, v in state_dict.items() if not k.startswith(TEXT_TRANSFORMER_PREFIX)}

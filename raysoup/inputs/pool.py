@@ -59,7 +59,8 @@ def load_state_dict(path: str | Path) -> StateDict:
         raise CheckpointError(
             f"refusing to load {path}: it holds objects other than tensors, and loading it "
             f"would execute code from the file (torch.load weights_only=True said: "
-            f"{str(e).splitlines()[0]})") from e
+            f"{str(e).splitlines()[0]})"
+        ) from e
     except (OSError, RuntimeError, EOFError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -90,8 +91,9 @@ def state_dict_sha256(state_dict) -> str:
 HEAD_KEYS = ("classification_head.weight", "classification_head.bias")
 
 
-def check_state_dict(state_dict: StateDict, template: StateDict, source: str,
-                     arch: str = "") -> None:
+def check_state_dict(
+    state_dict: StateDict, template: StateDict, source: str, arch: str = ""
+) -> None:
     """Same keys, shapes and dtypes as the architecture, and finite weights."""
     configured = f"the configured architecture {arch!r}" if arch else "the configured model"
     missing = sorted(set(template) - set(state_dict))
@@ -100,18 +102,29 @@ def check_state_dict(state_dict: StateDict, template: StateDict, source: str,
         raise CheckpointError(
             f"{source}: no classification head ({', '.join(HEAD_KEYS)}); an ingredient is a "
             f"whole classifier (a model soups file holds its head). For a bare CLIP "
-            f"checkpoint, build a zero-shot head with `raysoup zeroshot`")
+            f"checkpoint, build a zero-shot head with `raysoup zeroshot`"
+        )
     if missing or extra:
-        raise CheckpointError(f"{source}: keys do not match {configured} "
-                              f"(missing {missing[:5]}, unexpected {extra[:5]}; "
-                              f"{len(missing)} missing, {len(extra)} unexpected in all)")
-    wrong = [(k, tuple(state_dict[k].shape), tuple(ref.shape)) for k, ref in template.items()
-             if state_dict[k].shape != ref.shape]
+        raise CheckpointError(
+            f"{source}: keys do not match {configured} "
+            f"(missing {missing[:5]}, unexpected {extra[:5]}; "
+            f"{len(missing)} missing, {len(extra)} unexpected in all)"
+        )
+    wrong = [
+        (k, tuple(state_dict[k].shape), tuple(ref.shape))
+        for k, ref in template.items()
+        if state_dict[k].shape != ref.shape
+    ]
     if wrong:
         key, got, want = wrong[0]
-        raise CheckpointError(f"{source}: key {key} has shape {got}, {configured} has {want}"
-                              + (f" ({len(wrong)} keys differ in shape: a checkpoint of "
-                                 f"another architecture?)" if len(wrong) > 1 else ""))
+        raise CheckpointError(
+            f"{source}: key {key} has shape {got}, {configured} has {want}"
+            + (
+                f" ({len(wrong)} keys differ in shape: a checkpoint of another architecture?)"
+                if len(wrong) > 1
+                else ""
+            )
+        )
     for key, ref in template.items():
         t = state_dict[key]
         if t.dtype != ref.dtype:
@@ -124,8 +137,9 @@ def read_manifest(zoo: str | Path) -> dict:
     """A zoo's manifest.json: model spec, ingredient files, evaluation set files."""
     location = storage.within(storage.resolve(zoo), "manifest.json", "manifest")
     if not storage.is_file(location):
-        raise CheckpointError(f"{zoo}: no manifest.json there (build a zoo with "
-                              f"`raysoup zoo build --out DIR`)")
+        raise CheckpointError(
+            f"{zoo}: no manifest.json there (build a zoo with `raysoup zoo build --out DIR`)"
+        )
     try:
         manifest = json.loads(storage.read_bytes(location).decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -133,8 +147,10 @@ def read_manifest(zoo: str | Path) -> dict:
     except (RaysoupError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read zoo manifest {location}: {e}") from e
     if not isinstance(manifest, dict):
-        raise CheckpointError(f"zoo manifest {location} must be a JSON object with model, "
-                              f"ingredients and eval_sets; got a {type(manifest).__name__}")
+        raise CheckpointError(
+            f"zoo manifest {location} must be a JSON object with model, "
+            f"ingredients and eval_sets; got a {type(manifest).__name__}"
+        )
     missing = [k for k in ("model", "ingredients", "eval_sets") if k not in manifest]
     if missing:
         raise CheckpointError(f"zoo manifest {location} lacks key(s) {missing}")
@@ -145,13 +161,18 @@ def ingredient_entries(entries, where: str) -> list[dict]:
     """The manifest's `ingredients` list: each entry an object with a string name and file
     (and optionally a sha256)."""
     if not isinstance(entries, list):
-        raise CheckpointError(f"{where} ingredients must be a list of {{\"name\", \"file\"}} "
-                              f"objects or a glob pattern, got {type(entries).__name__}")
+        raise CheckpointError(
+            f'{where} ingredients must be a list of {{"name", "file"}} '
+            f"objects or a glob pattern, got {type(entries).__name__}"
+        )
     for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str)
-                                                  for k in ("name", "file")):
-            raise CheckpointError(f"{where} ingredients[{i}] = {json.dumps(entry)[:80]}: "
-                                  f"needs \"name\" and \"file\" strings")
+        if not isinstance(entry, dict) or not all(
+            isinstance(entry.get(k), str) for k in ("name", "file")
+        ):
+            raise CheckpointError(
+                f"{where} ingredients[{i}] = {json.dumps(entry)[:80]}: "
+                f'needs "name" and "file" strings'
+            )
     return entries
 
 
@@ -163,12 +184,14 @@ def load_pretrained(zoo: str) -> StateDict | None:
         return None
     file = entry.get("file") if isinstance(entry, dict) else entry
     if not isinstance(file, str):
-        raise CheckpointError(f"manifest.json pretrained = {entry!r}: give a file in the zoo, "
-                              f"or {{\"file\": ...}}")
+        raise CheckpointError(
+            f'manifest.json pretrained = {entry!r}: give a file in the zoo, or {{"file": ...}}'
+        )
     root = storage.resolve(zoo)
     spec = spec_from_dict(read_manifest(zoo)["model"], storage.join(root, "manifest.json"))
-    return family_of(spec).load_ingredient(spec, storage.within(
-        root, file, "manifest.json pretrained"))
+    return family_of(spec).load_ingredient(
+        spec, storage.within(root, file, "manifest.json pretrained")
+    )
 
 
 @dataclass(frozen=True)
@@ -197,7 +220,8 @@ def check_sha256(path: str, expected: str, what: str) -> None:
         raise CheckpointError(
             f"{what} {path}: sha256 {got[:16]}... does not match the manifest's "
             f"{expected[:16]}... (the file changed after the zoo was written); restore it, or "
-            f"skip the check with `pool.verify_sha256 = false` (raysoup demo --no-verify)")
+            f"skip the check with `pool.verify_sha256 = false` (raysoup demo --no-verify)"
+        )
 
 
 class IngredientPool:
@@ -205,8 +229,9 @@ class IngredientPool:
 
     def __init__(self, spec, ingredients: list[Ingredient]):
         if len(ingredients) < 2:
-            raise CheckpointError(f"need at least 2 ingredients to make a soup, got "
-                                  f"{len(ingredients)}")
+            raise CheckpointError(
+                f"need at least 2 ingredients to make a soup, got {len(ingredients)}"
+            )
         names = [i.name for i in ingredients]
         if len(set(names)) != len(names):
             raise CheckpointError(f"duplicate ingredient names in {names}")
@@ -225,13 +250,22 @@ class IngredientPool:
         if isinstance(entries, str):
             files = storage.glob(zoo, entries, "manifest.json ingredients")
             if not files:
-                raise CheckpointError(f"manifest.json ingredients = {entries!r} matches no file "
-                                      f"in {zoo}")
+                raise CheckpointError(
+                    f"manifest.json ingredients = {entries!r} matches no file in {zoo}"
+                )
             entries = [{"name": PurePosixPath(f).stem, "file": f} for f in files]
         entries = ingredient_entries(entries, where)
-        return cls(spec, [Ingredient(i["name"], storage.within(
-            zoo, i["file"], f"manifest.json ingredient {i['name']!r} file"), i.get("sha256"))
-            for i in entries])
+        return cls(
+            spec,
+            [
+                Ingredient(
+                    i["name"],
+                    storage.within(zoo, i["file"], f"manifest.json ingredient {i['name']!r} file"),
+                    i.get("sha256"),
+                )
+                for i in entries
+            ],
+        )
 
     @property
     def names(self) -> list[str]:
@@ -251,5 +285,9 @@ class IngredientPool:
         for ingredient in self.ingredients.values():
             if verify_sha256 and ingredient.sha256:
                 check_sha256(ingredient.path, ingredient.sha256, "ingredient")
-            check_state_dict(self.load(ingredient.name), template, str(ingredient.path),
-                             family.architecture(self.spec))
+            check_state_dict(
+                self.load(ingredient.name),
+                template,
+                str(ingredient.path),
+                family.architecture(self.spec),
+            )

@@ -28,8 +28,8 @@ from ..errors import RaysoupError
 
 logger = logging.getLogger(__name__)
 
-CHUNK_BYTES = 8 << 20       # one read or write of a transfer
-PROGRESS_EVERY_S = 5.0      # a transfer that runs longer logs its bytes done and rate this often
+CHUNK_BYTES = 8 << 20  # one read or write of a transfer
+PROGRESS_EVERY_S = 5.0  # a transfer that runs longer logs its bytes done and rate this often
 
 
 @contextmanager
@@ -77,15 +77,18 @@ def within(root: str, relative: str, what: str) -> str:
     by its text or, on a local filesystem, through a symlink (resolved before the check)."""
     rel = PurePosixPath(str(relative))
     if rel.is_absolute() or is_uri(str(relative)) or ".." in rel.parts or not rel.parts:
-        raise RaysoupError(f"{what} = {relative!r}: must be a path inside {root} "
-                           f"(no absolute paths, URIs or '..')")
+        raise RaysoupError(
+            f"{what} = {relative!r}: must be a path inside {root} (no absolute paths, URIs or '..')"
+        )
     path = f"{root.rstrip('/')}/{rel}"
     if not is_uri(root) and not any(c in str(rel) for c in "*?["):  # a glob's matches are
-        real_root = os.path.realpath(root)                         # checked one by one
+        real_root = os.path.realpath(root)  # checked one by one
         if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
-            raise RaysoupError(f"{what} = {relative!r}: a symlink to "
-                               f"{os.path.realpath(path)}, outside {root}; copy the file into "
-                               f"the zoo instead")
+            raise RaysoupError(
+                f"{what} = {relative!r}: a symlink to "
+                f"{os.path.realpath(path)}, outside {root}; copy the file into "
+                f"the zoo instead"
+            )
     return path
 
 
@@ -110,9 +113,13 @@ def check_writable(location: str, what: str) -> None:
         existing = Path(location).expanduser().absolute()
         while not existing.exists():
             existing = existing.parent
-        why = (f"{existing} is a file, not a folder" if not existing.is_dir() else
-               f"{existing} is not writable" if not os.access(existing, os.W_OK | os.X_OK)
-               else None)
+        why = (
+            f"{existing} is a file, not a folder"
+            if not existing.is_dir()
+            else f"{existing} is not writable"
+            if not os.access(existing, os.W_OK | os.X_OK)
+            else None
+        )
         if why:
             raise RaysoupError(f"{what} = {location!r}: cannot write there ({why})")
         return
@@ -123,8 +130,9 @@ def check_writable(location: str, what: str) -> None:
             f.write(b"probe")
         fs.delete_file(probe)
     except OSError as e:
-        raise RaysoupError(f"{what} = {location!r}: cannot write there "
-                           f"({str(e).splitlines()[0]})") from None
+        raise RaysoupError(
+            f"{what} = {location!r}: cannot write there ({str(e).splitlines()[0]})"
+        ) from None
 
 
 def upload_tree(local: Path, target: str) -> None:
@@ -146,8 +154,9 @@ def glob(root: str, pattern: str, what: str) -> list[str]:
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
     except OSError as e:
         raise RaysoupError(f"cannot list {root}: {e}") from e
-    relative = (str(PurePosixPath(i.path).relative_to(base)) for i in infos
-                if i.type == pafs.FileType.File)
+    relative = (
+        str(PurePosixPath(i.path).relative_to(base)) for i in infos if i.type == pafs.FileType.File
+    )
     matches = sorted(r for r in relative if fnmatch.fnmatchcase(r, pattern))
     for match in matches:
         within(root, match, what)  # a match that is a symlink out of root is refused
@@ -172,8 +181,10 @@ def _transfer(source, sink, total: int | None, what: str) -> int:
     def line(verb: str) -> str:
         seconds = max(time.monotonic() - t0, 1e-9)
         of = f" of {total / 1e6:.1f} MB" if total else " MB"
-        return (f"[storage] {what}: {verb} {done / 1e6:.1f}{of} in {seconds:.0f} s "
-                f"({done / 1e6 / seconds:.1f} MB/s)")
+        return (
+            f"[storage] {what}: {verb} {done / 1e6:.1f}{of} in {seconds:.0f} s "
+            f"({done / 1e6 / seconds:.1f} MB/s)"
+        )
 
     while chunk := source.read(CHUNK_BYTES):
         sink.write(chunk)
@@ -217,6 +228,7 @@ def copy_file(source: str, target: str) -> int:
 def open_random_access(location: str):
     """A seekable file: memory-mapped when local, a pyarrow input file otherwise."""
     import pyarrow as pa
+
     if not is_uri(location):
         return pa.memory_map(str(location), "r")
     fs, path = filesystem(location)

@@ -55,12 +55,13 @@ def _class_index(value, names: list[str] | None, count: int, what: str) -> int:
     if not isinstance(value, str):
         raise DataError(f"{what}: {value!r} is neither a class name nor a class index")
     if names is None:
-        raise DataError(f"{what}: class {value!r} given by name, but no class names are known "
-                        f"(add `classes` to the manifest, or prepare the set with "
-                        f"`raysoup prepare`)")
+        raise DataError(
+            f"{what}: class {value!r} given by name, but no class names are known "
+            f"(add `classes` to the manifest, or prepare the set with "
+            f"`raysoup prepare`)"
+        )
     if value not in names:
-        raise DataError(f"{what}: class {value!r} is not in the class list "
-                        f"({len(names)} classes)")
+        raise DataError(f"{what}: class {value!r} is not in the class list ({len(names)} classes)")
     return names.index(value)
 
 
@@ -86,27 +87,34 @@ def _class_map(mapping, set_classes, classes, num_classes: int, what: str) -> Cl
     """Keys are the set's class names (from its dataset.json) or, for a plain Arrow file,
     its label indices written as strings (JSON keys are strings)."""
     if not isinstance(mapping, dict) or not mapping:
-        raise DataError(f"{what}: class_map must be a non-empty table "
-                        f"{{set class: [model classes]}}")
+        raise DataError(
+            f"{what}: class_map must be a non-empty table {{set class: [model classes]}}"
+        )
     if set_classes is None and not all(str(k).isdigit() for k in mapping):
-        raise DataError(f"{what}: class_map keys {sorted(mapping)[:3]} are names, but the set "
-                        f"has no class names (prepare it with `raysoup prepare`, or key the "
-                        f"map by label index)")
+        raise DataError(
+            f"{what}: class_map keys {sorted(mapping)[:3]} are names, but the set "
+            f"has no class names (prepare it with `raysoup prepare`, or key the "
+            f"map by label index)"
+        )
     count = len(set_classes) if set_classes else 1 + max(int(k) for k in mapping)
     groups: list[tuple[int, ...]] = [()] * count
     for key, targets in mapping.items():
-        label = _class_index(key if set_classes else int(key), set_classes, count,
-                             f"{what} class_map")
+        label = _class_index(
+            key if set_classes else int(key), set_classes, count, f"{what} class_map"
+        )
         if not isinstance(targets, list):
-            raise DataError(f"{what}: class_map[{key!r}] must be a list of model classes, got "
-                            f"{targets!r}")
-        groups[label] = tuple(_class_index(t, classes, num_classes,
-                                           f"{what} class_map[{key!r}]") for t in targets)
+            raise DataError(
+                f"{what}: class_map[{key!r}] must be a list of model classes, got {targets!r}"
+            )
+        groups[label] = tuple(
+            _class_index(t, classes, num_classes, f"{what} class_map[{key!r}]") for t in targets
+        )
     return tuple(groups)
 
 
-def resolve_class_map(entry: dict, location: str, classes: list[str] | None,
-                      num_classes: int, what: str) -> ClassMap | None:
+def resolve_class_map(
+    entry: dict, location: str, classes: list[str] | None, num_classes: int, what: str
+) -> ClassMap | None:
     if "class_subset" in entry and "class_map" in entry:
         raise DataError(f"{what}: give class_subset or class_map, not both")
     set_classes = _set_classes(location, what)
@@ -114,10 +122,12 @@ def resolve_class_map(entry: dict, location: str, classes: list[str] | None,
         return _class_map(entry["class_map"], set_classes, classes, num_classes, what)
     # Otherwise the set's labels are model classes: a prepared set must use the same list.
     if set_classes is not None and classes is not None and set_classes != classes:
-        raise DataError(f"{what}: the set was prepared with another class list "
-                        f"({len(set_classes)} classes, first {set_classes[:3]}) than the "
-                        f"manifest's ({len(classes)}, first {classes[:3]}); prepare it with "
-                        f"--classes, or give a class_map")
+        raise DataError(
+            f"{what}: the set was prepared with another class list "
+            f"({len(set_classes)} classes, first {set_classes[:3]}) than the "
+            f"manifest's ({len(classes)}, first {classes[:3]}); prepare it with "
+            f"--classes, or give a class_map"
+        )
     if "class_subset" in entry:
         return _class_subset(entry["class_subset"], classes, num_classes, what)
     return None
@@ -128,11 +138,11 @@ def eval_set_sources(zoo: str | Path) -> dict[str, EvalSetSource]:
     root = storage.resolve(zoo)
     manifest = read_manifest(root)
     classes = model_classes(root, manifest)
-    num_classes = spec_from_dict(manifest["model"], storage.join(root, "manifest.json")
-                                 ).num_classes
+    num_classes = spec_from_dict(manifest["model"], storage.join(root, "manifest.json")).num_classes
     if classes is not None and len(classes) != num_classes:
-        raise DataError(f"manifest.json: {len(classes)} classes listed, but model.num_classes "
-                        f"is {num_classes}")
+        raise DataError(
+            f"manifest.json: {len(classes)} classes listed, but model.num_classes is {num_classes}"
+        )
     known_keys = {"file", "rows", "sha256", "class_subset", "class_map"}
     sources = {}
     for name, entry in manifest["eval_sets"].items():
@@ -144,11 +154,15 @@ def eval_set_sources(zoo: str | Path) -> dict[str, EvalSetSource]:
         if extra:
             raise DataError(f"{what}: unknown key(s) {extra}; known: {sorted(known_keys)}")
         location = storage.within(root, entry["file"], f"{what} file")
-        entry = {k: _inline_or_file(root, v, f"{what} {k}") if k.startswith("class_") else v
-                 for k, v in entry.items()}
-        sources[name] = EvalSetSource(location, resolve_class_map(entry, location, classes,
-                                                                  num_classes, what),
-                                      entry.get("sha256"))
+        entry = {
+            k: _inline_or_file(root, v, f"{what} {k}") if k.startswith("class_") else v
+            for k, v in entry.items()
+        }
+        sources[name] = EvalSetSource(
+            location,
+            resolve_class_map(entry, location, classes, num_classes, what),
+            entry.get("sha256"),
+        )
     return sources
 
 
@@ -162,9 +176,17 @@ def dataset_records(sources: dict[str, EvalSetSource]) -> dict[str, dict]:
         if storage.is_file(dataset_json):
             info = json.loads(storage.read_bytes(dataset_json))
             split = info.get("split")
-            record.update(source=info.get("source"), rows=info.get("rows"),
-                          skipped=len(info.get("skipped", [])), split=split and {
-                              "seed": split["seed"], "fraction": split["fraction"],
-                              "val": len(split["val"]), "train": len(split["train"])})
+            record.update(
+                source=info.get("source"),
+                rows=info.get("rows"),
+                skipped=len(info.get("skipped", [])),
+                split=split
+                and {
+                    "seed": split["seed"],
+                    "fraction": split["fraction"],
+                    "val": len(split["val"]),
+                    "train": len(split["train"]),
+                },
+            )
         records[name] = record
     return records

@@ -11,5 +11,4 @@ from .base import METHOD_INFO, METHODS, MethodResult, SoupContext, ValidationJud
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_module}")
 
-__all__ = ["METHODS", "METHOD_INFO", "MethodResult", "SoupContext", "ValidationJudge",
-           "register"]
+__all__ = ["METHODS", "METHOD_INFO", "MethodResult", "SoupContext", "ValidationJudge", "register"]

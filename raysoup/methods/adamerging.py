@@ -51,18 +51,24 @@ logger = logging.getLogger(__name__)
 @section_config
 class AdaMergingConfig:
     SECTION: ClassVar[str] = "adamerging"
-    SUMMARY: ClassVar[str] = ("task arithmetic with a lambda per ingredient and tensor, by Adam "
-                              "on the entropy of val's predictions (no labels)")
-    epochs: Annotated[int, Field(ge=1, description=(
-        "passes over val's images (forward and backward)"))] = 2
+    SUMMARY: ClassVar[str] = (
+        "task arithmetic with a lambda per ingredient and tensor, by Adam "
+        "on the entropy of val's predictions (no labels)"
+    )
+    epochs: Annotated[
+        int, Field(ge=1, description=("passes over val's images (forward and backward)"))
+    ] = 2
     lr: Annotated[float, Field(gt=0, description="Adam's learning rate on the lambdas")] = 0.01
     batch_size: BatchSize = 64
-    init: Annotated[float, Field(ge=0, le=1, description=(
-        "every lambda's start (the paper's prior)"))] = 0.3
+    init: Annotated[
+        float, Field(ge=0, le=1, description=("every lambda's start (the paper's prior)"))
+    ] = 0.3
     seed: Seed = 0
     max_memory_gb: MaxMemory = 0.0
-    granularity: Annotated[Literal["tensor", "component"], Field(description=(
-        'a lambda per tensor (the paper\'s layer-wise), or "component"'))] = "tensor"
+    granularity: Annotated[
+        Literal["tensor", "component"],
+        Field(description=('a lambda per tensor (the paper\'s layer-wise), or "component"')),
+    ] = "tensor"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,8 +85,13 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(dim=-1).mean()
 
 
-def learn_coefficients(evaluator, set_name: str, models: Sequence[StateDict],
-                       components: Components, config: AdaMergingConfig) -> np.ndarray:
+def learn_coefficients(
+    evaluator,
+    set_name: str,
+    models: Sequence[StateDict],
+    components: Components,
+    config: AdaMergingConfig,
+) -> np.ndarray:
     """lambda (ingredients x columns of mixing_components), in [0, 1], learned by Adam on
     the entropy of the merged model's predictions over the `set_name` images `evaluator`
     holds; models = [pretrained, *ingredients]. The labels are never read."""
@@ -89,13 +100,19 @@ def learn_coefficients(evaluator, set_name: str, models: Sequence[StateDict],
     columns = mixing_components(components, config, pretrained)
     inputs, labels, class_map = evaluator.sets[set_name]
     rows = len(labels)  # their count only
-    taus = {key: (i, torch.stack([sd[key].to(device) - pretrained[key].to(device)
-                                  for sd in ingredients]))
-            for i, keys in enumerate(columns.keys) for key in keys
-            if pretrained[key].is_floating_point()}
+    taus = {
+        key: (
+            i,
+            torch.stack([sd[key].to(device) - pretrained[key].to(device) for sd in ingredients]),
+        )
+        for i, keys in enumerate(columns.keys)
+        for key in keys
+        if pretrained[key].is_floating_point()
+    }
     base = {k: v.to(device) for k, v in pretrained.items()}
-    raw = torch.full((len(ingredients), len(columns)), config.init, device=device,
-                     requires_grad=True)
+    raw = torch.full(
+        (len(ingredients), len(columns)), config.init, device=device, requires_grad=True
+    )
     optimizer = torch.optim.Adam([raw], lr=config.lr)
     order = torch.Generator().manual_seed(config.seed)
     for epoch in range(config.epochs):
@@ -103,53 +120,68 @@ def learn_coefficients(evaluator, set_name: str, models: Sequence[StateDict],
         for idx in torch.randperm(rows, generator=order).split(config.batch_size):
             idx = idx.to(device)
             lambdas = raw.clamp(0.0, 1.0)
-            merged = {**base, **{key: base[key] + torch.tensordot(lambdas[:, i].to(t.dtype), t,
-                                                                  dims=1)
-                                 for key, (i, t) in taus.items()}}
-            loss = entropy(evaluator.project(evaluator.logits(take_rows(inputs, idx), merged),
-                                             class_map))
+            merged = {
+                **base,
+                **{
+                    key: base[key] + torch.tensordot(lambdas[:, i].to(t.dtype), t, dims=1)
+                    for key, (i, t) in taus.items()
+                },
+            }
+            loss = entropy(
+                evaluator.project(evaluator.logits(take_rows(inputs, idx), merged), class_map)
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(idx)
-        logger.info(f"[adamerging] epoch {epoch + 1}/{config.epochs}: val entropy "
-                    f"{total / rows:.4f}")
+        logger.info(
+            f"[adamerging] epoch {epoch + 1}/{config.epochs}: val entropy {total / rows:.4f}"
+        )
     return raw.detach().clamp(0.0, 1.0).cpu().numpy().astype(np.float64)
 
 
-def ada_merge(pretrained: StateDict, load: Callable[[int], Mapping[str, torch.Tensor]],
-              lambdas: np.ndarray, columns: Components) -> StateDict:
+def ada_merge(
+    pretrained: StateDict,
+    load: Callable[[int], Mapping[str, torch.Tensor]],
+    lambdas: np.ndarray,
+    columns: Components,
+) -> StateDict:
     """w_0 + sum_i lambdas[i, c] (w_i - w_0) for the keys of column c, in float64, loading
     ingredient i via load(i) in turn; every other tensor w_0's."""
-    merged = {k: v.double() if v.is_floating_point() else v.clone()
-              for k, v in pretrained.items()}
+    merged = {k: v.double() if v.is_floating_point() else v.clone() for k, v in pretrained.items()}
     for i in range(lambdas.shape[0]):
         sd = load(i)
         for c, keys in enumerate(columns.keys):
             for key in keys:
                 if pretrained[key].is_floating_point():
-                    merged[key] += float(lambdas[i, c]) * (sd[key].double() -
-                                                            pretrained[key].double())
+                    merged[key] += float(lambdas[i, c]) * (
+                        sd[key].double() - pretrained[key].double()
+                    )
         del sd
     return {k: v.to(pretrained[k].dtype) for k, v in merged.items()}
 
 
 @dataclass
 class AdaMergingDetails:
-    components: list[str]        # what got a coefficient: tensors by key, or components
-    lambdas: list[list[float]]   # ingredients x components, each in [0, 1]
+    components: list[str]  # what got a coefficient: tensors by key, or components
+    lambdas: list[list[float]]  # ingredients x components, each in [0, 1]
 
 
-@register("adamerging", config=AdaMergingConfig, needs_pretrained=True, check=check_memory,
-          plan=gradient_plan)
-def adamerging(ctx: SoupContext, config: AdaMergingConfig = AdaMergingConfig()
-               ) -> MethodResult:
+@register(
+    "adamerging",
+    config=AdaMergingConfig,
+    needs_pretrained=True,
+    check=check_memory,
+    plan=gradient_plan,
+)
+def adamerging(ctx: SoupContext, config: AdaMergingConfig = AdaMergingConfig()) -> MethodResult:
     if ctx.learn is None or ctx.components is None:
         raise RaysoupError("adamerging needs the context's learn and components")
     names = ctx.pool.names
     columns = mixing_components(ctx.components, config, ctx.pretrained)
-    lambdas = ctx.learn(learn_coefficients,
-                        [ctx.pretrained, *(ctx.pool.load(n) for n in names)], config)
+    lambdas = ctx.learn(
+        learn_coefficients, [ctx.pretrained, *(ctx.pool.load(n) for n in names)], config
+    )
     merged = ada_merge(ctx.pretrained, lambda i: ctx.pool.load(names[i]), lambdas, columns)
     details = AdaMergingDetails(list(columns.names), lambdas.tolist())
     # Its cost in validation passes: one forward and backward pass over val per epoch.

@@ -57,8 +57,10 @@ def closeness(accuracy: float, best: float, rows: int | None) -> str | None:
 def count_close(history: Sequence[dict]) -> dict[str, int]:
     """How many of a method's decisions were a tie or one image (its history rows'
     `closeness`)."""
-    return {kind: sum(step.get("closeness") == kind for step in history)
-            for kind in ("tie", "one image")}
+    return {
+        kind: sum(step.get("closeness") == kind for step in history)
+        for kind in ("tie", "one image")
+    }
 
 
 @dataclass
@@ -67,8 +69,8 @@ class SoupContext:
     judge: ValidationJudge
     ranking: list[tuple[str, float]]  # (ingredient, val accuracy), best first
     components: Components | None = None  # the weights' partition, for per-component mixing
-    search: Search | None = None          # evaluates and optimises mixing points
-    pretrained: StateDict | None = None   # the manifest's `pretrained` (task-vector methods)
+    search: Search | None = None  # evaluates and optimises mixing points
+    pretrained: StateDict | None = None  # the manifest's `pretrained` (task-vector methods)
     # The data passes of methods that read the validation images, run where the evaluators
     # are (on Ray, in the evaluator actors; in-process in tests). `learn(fn, models,
     # config)`: fn(evaluator, "val", models, components, config) in one evaluator holding
@@ -114,6 +116,7 @@ class MethodInfo:
     saves its steps in `ctx.checkpoint`, which `--resume` continues. `write(out, row,
     state_dict)`: its own files beside the report from its report row (and its merged
     weights; None when `raysoup report` redraws figures), returning their names."""
+
     config: type | None = None
     needs_pretrained: bool = False
     check: Callable[[IngredientPool, object], None] | None = None
@@ -136,6 +139,7 @@ def register(name: str, **info) -> Callable[[Method], Method]:
     def wrap(fn: Method) -> Method:
         METHODS[name], METHOD_INFO[name] = fn, MethodInfo(**info)
         return fn
+
     return wrap
 
 
@@ -150,10 +154,10 @@ class KnobSearch:
     nevergrad on the evaluator pool, as ManifoldMix's passes). Subclasses name their TOML
     section (SECTION) and say what it does in a line (SUMMARY, its comment in the example
     config); their keys' bounds are their types'."""
+
     SECTION: ClassVar[str] = ""
     SUMMARY: ClassVar[str] = ""
-    optimizer: Annotated[Optimizer, Field(description="the search's nevergrad optimizer")] = \
-        "NGOpt"
+    optimizer: Annotated[Optimizer, Field(description="the search's nevergrad optimizer")] = "NGOpt"
     budget: Budget = 10
     seed: Annotated[int, Field(ge=0, description="the search's seed")] = 0
 
@@ -163,26 +167,41 @@ class KnobSearch:
 
 @dataclass
 class KnobDetails:
-    knobs: dict[str, float]       # the chosen values
+    knobs: dict[str, float]  # the chosen values
     val_accuracy: float
     optimizer: str
-    trace: list[float]            # val accuracy per evaluation, in tell order
+    trace: list[float]  # val accuracy per evaluation, in tell order
 
 
-def tune_knobs(ctx: SoupContext, models: Sequence[StateDict], mixer: Mixer, names: list[str],
-               start: Sequence[float], lower: Sequence[float], upper: Sequence[float],
-               search: KnobSearch) -> tuple[StateDict, KnobDetails]:
+def tune_knobs(
+    ctx: SoupContext,
+    models: Sequence[StateDict],
+    mixer: Mixer,
+    names: list[str],
+    start: Sequence[float],
+    lower: Sequence[float],
+    upper: Sequence[float],
+    search: KnobSearch,
+) -> tuple[StateDict, KnobDetails]:
     """The merged model at the best knob values the search finds for `mixer` over `models`
     within the bounds, and the search's record."""
     if ctx.search is None:
         raise RaysoupError("tuning a merge method's knobs needs the context's search")
     ctx.search.set_models(models, mixer)
-    result = ctx.search.optimise(np.asarray(start, dtype=np.float64), np.asarray(lower),
-                                 np.asarray(upper), search.budget, search.seed,
-                                 search.optimizer)
+    result = ctx.search.optimise(
+        np.asarray(start, dtype=np.float64),
+        np.asarray(lower),
+        np.asarray(upper),
+        search.budget,
+        search.seed,
+        search.optimizer,
+    )
     knobs = {n: float(v) for n, v in zip(names, result.x)}
-    logger.info(f"[{search.SECTION}] {result.evaluations} evaluations ({result.optimizer}): "
-                + ", ".join(f"{n} {v:.4g}" for n, v in knobs.items())
-                + f", val {100 * result.accuracy:.2f}")
+    logger.info(
+        f"[{search.SECTION}] {result.evaluations} evaluations ({result.optimizer}): "
+        + ", ".join(f"{n} {v:.4g}" for n, v in knobs.items())
+        + f", val {100 * result.accuracy:.2f}"
+    )
     return mixer(models, np.asarray(result.x), ctx.components), KnobDetails(
-        knobs, result.accuracy, result.optimizer, [float(a) for a in result.trace])
+        knobs, result.accuracy, result.optimizer, [float(a) for a in result.trace]
+    )

@@ -27,12 +27,19 @@ def uniform_soup(ctx: SoupContext) -> MethodResult:
 @section_config
 class GreedySoupConfig:
     """The defaults are the paper's rule and raysoup's shared ranking."""
+
     SECTION: ClassVar[str] = "greedy_soup"
     SUMMARY: ClassVar[str] = ""
     strict: Annotated[bool, Field(description="accept on > instead of >=")] = False
-    rank_ties: Annotated[Literal["pool_order", "reverse"], Field(description=(
-        'ingredients tied on val: in pool order (the shared ranking), or "reverse" pool '
-        "order (the model soups code: an ascending stable sort, reversed)"))] = "pool_order"
+    rank_ties: Annotated[
+        Literal["pool_order", "reverse"],
+        Field(
+            description=(
+                'ingredients tied on val: in pool order (the shared ranking), or "reverse" pool '
+                "order (the model soups code: an ascending stable sort, reversed)"
+            )
+        ),
+    ] = "pool_order"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,17 +47,17 @@ class GreedySoupConfig:
 
 @dataclass
 class GreedySoupDetails:
-    history: list[dict]            # one row per candidate: accuracy, verdict, closeness
+    history: list[dict]  # one row per candidate: accuracy, verdict, closeness
     close_decisions: dict[str, int]  # how many verdicts were a tie or one image
 
 
 @register("greedy_soup", config=GreedySoupConfig, plan=lambda config, n, m: f"{n - 1} evaluations")
-def greedy_soup(ctx: SoupContext, config: GreedySoupConfig = GreedySoupConfig()
-                ) -> MethodResult:
+def greedy_soup(ctx: SoupContext, config: GreedySoupConfig = GreedySoupConfig()) -> MethodResult:
     """From the best ingredient, in ranking order, add a candidate when the soup with it
     scores >= on val (the paper's rule), or > with `strict` (the model soups code's)."""
-    ranking = ctx.ranking if config.rank_ties == "pool_order" else \
-        sorted(ctx.ranking[::-1], key=lambda s: -s[1])  # noqa: C415 (stable: ties end reversed)
+    # Reversed before a stable sort: ties end in reverse pool order.
+    reverse = sorted(ctx.ranking[::-1], key=lambda s: -s[1])  # noqa: C415
+    ranking = ctx.ranking if config.rank_ties == "pool_order" else reverse
     names = [ranking[0][0]]
     soup, best = ctx.pool.load(names[0]), ranking[0][1]
     running = RunningSum()
@@ -62,11 +69,18 @@ def greedy_soup(ctx: SoupContext, config: GreedySoupConfig = GreedySoupConfig()
         acc = ctx.judge(trial)
         evaluations += 1
         accepted = acc > best or (acc == best and not config.strict)
-        history.append({"candidate": candidate, "accuracy": acc, "accuracy_before": best,
-                        "accepted": accepted,
-                        "closeness": closeness(acc, best, ctx.judge.rows)})
+        history.append(
+            {
+                "candidate": candidate,
+                "accuracy": acc,
+                "accuracy_before": best,
+                "accepted": accepted,
+                "closeness": closeness(acc, best, ctx.judge.rows),
+            }
+        )
         if accepted:
             running.add(weights)
             names, soup, best = [*names, candidate], trial, acc
-    return MethodResult(soup, names, evaluations,
-                        details=GreedySoupDetails(history, count_close(history)))
+    return MethodResult(
+        soup, names, evaluations, details=GreedySoupDetails(history, count_close(history))
+    )

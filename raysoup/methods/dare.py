@@ -28,8 +28,9 @@ def entry_draws(shape: torch.Size, seed: int, ingredient: int, key: str) -> torc
     return torch.rand(shape, generator=generator, dtype=torch.float64)
 
 
-def drop_and_rescale(tau: torch.Tensor, p: float, seed: int, ingredient: int,
-                     key: str) -> torch.Tensor:
+def drop_and_rescale(
+    tau: torch.Tensor, p: float, seed: int, ingredient: int, key: str
+) -> torch.Tensor:
     """tau with the entries whose draw is below p set to 0 and the rest divided by 1 - p;
     tau itself when p = 0."""
     if p == 0.0:
@@ -44,14 +45,23 @@ DareBounds = Interval(0.0, 0.99)
 @section_config
 class DareKnobs:
     """The DARE keys of a method's config."""
-    dare: Annotated[float, Field(ge=0, lt=1, description=(
-        "DARE drop rate p of each task vector entry, the rest scaled by 1/(1-p); 0: off (the "
-        "search's start if searched)"))] = 0.0
+
+    dare: Annotated[
+        float,
+        Field(
+            ge=0,
+            lt=1,
+            description=(
+                "DARE drop rate p of each task vector entry, the rest scaled by 1/(1-p); 0: off (the "
+                "search's start if searched)"
+            ),
+        ),
+    ] = 0.0
     search_dare: Annotated[bool, Field(description="also search p on val")] = False
-    dare_bounds: Annotated[DareBounds, Field(description="p's range when searched")] = \
-        (0.0, 0.9)
-    dare_seed: Annotated[int, Field(ge=0, description=(
-        "seeds the drops (per ingredient and tensor)"))] = 0
+    dare_bounds: Annotated[DareBounds, Field(description="p's range when searched")] = (0.0, 0.9)
+    dare_seed: Annotated[
+        int, Field(ge=0, description=("seeds the drops (per ingredient and tensor)"))
+    ] = 0
 
     def dare_knob(self) -> tuple[list[str], list[float], list[float], list[float]]:
         """(names, start, lower, upper) of p when it is searched, else empty lists."""

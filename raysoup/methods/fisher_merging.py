@@ -33,22 +33,34 @@ from .base import MethodResult, SoupContext, register
 @section_config
 class FisherMergingConfig:
     SECTION: ClassVar[str] = "fisher_merging"
-    SUMMARY: ClassVar[str] = ("the ingredients averaged per parameter, weighted by each one's "
-                              "diagonal Fisher on val (computed on the evaluators)")
-    batch_size: Annotated[int, Field(ge=1, description=(
-        "images per vectorised per-image gradient (holds this many gradients: this x the "
-        "weights in memory)"))] = 32
-    floor: Annotated[float, Field(gt=0, description=(
-        "each Fisher at least this (all at it: the plain mean)"))] = 1e-6
-    seed: Annotated[int, Field(ge=0, description=(
-        "the labels drawn from each model's prediction"))] = 0
+    SUMMARY: ClassVar[str] = (
+        "the ingredients averaged per parameter, weighted by each one's "
+        "diagonal Fisher on val (computed on the evaluators)"
+    )
+    batch_size: Annotated[
+        int,
+        Field(
+            ge=1,
+            description=(
+                "images per vectorised per-image gradient (holds this many gradients: this x the "
+                "weights in memory)"
+            ),
+        ),
+    ] = 32
+    floor: Annotated[
+        float, Field(gt=0, description=("each Fisher at least this (all at it: the plain mean)"))
+    ] = 1e-6
+    seed: Annotated[
+        int, Field(ge=0, description=("the labels drawn from each model's prediction"))
+    ] = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def fisher_sum(evaluator, set_name: str, state_dict: StateDict, config: FisherMergingConfig,
-               stream: int = 0) -> tuple[dict[str, np.ndarray], int]:
+def fisher_sum(
+    evaluator, set_name: str, state_dict: StateDict, config: FisherMergingConfig, stream: int = 0
+) -> tuple[dict[str, np.ndarray], int]:
     """sum_x (d log p(y_x | x) / d w)^2 over the `set_name` rows the evaluator holds, for
     every float parameter, with y_x drawn from p(. | x) (seeded by `config.seed` and
     `stream`), and the number of rows."""
@@ -66,8 +78,9 @@ def fisher_sum(evaluator, set_name: str, state_dict: StateDict, config: FisherMe
 
     def log_likelihood(p, row, label):
         one = take_rows(row, None)  # a batch of one: images, or each text column
-        log_p = F.log_softmax(evaluator.project(evaluator.logits(one, {**p, **buffers}),
-                                                class_map), dim=-1)[0]
+        log_p = F.log_softmax(
+            evaluator.project(evaluator.logits(one, {**p, **buffers}), class_map), dim=-1
+        )[0]
         return torch.gather(log_p, 0, label.unsqueeze(0))[0]
 
     row_grad = grad(log_likelihood)
@@ -84,8 +97,11 @@ def fisher_sum(evaluator, set_name: str, state_dict: StateDict, config: FisherMe
         for batch in torch.arange(rows, device=device).split(config.batch_size):
             x = take_rows(inputs, batch)
             with torch.no_grad():
-                probs = F.softmax(evaluator.project(evaluator.logits(x), class_map),
-                                  dim=-1).float().cpu()
+                probs = (
+                    F.softmax(evaluator.project(evaluator.logits(x), class_map), dim=-1)
+                    .float()
+                    .cpu()
+                )
             labels = torch.multinomial(probs, 1, generator=generator)[:, 0].to(device)
             try:
                 grads = per_row(params, x, labels)
@@ -99,10 +115,14 @@ def fisher_sum(evaluator, set_name: str, state_dict: StateDict, config: FisherMe
     return {k: v.cpu().numpy() for k, v in total.items()}, rows
 
 
-@register("fisher_merging", config=FisherMergingConfig,
-          plan=lambda config, n, m: f"a Fisher pass over val per ingredient ({n})")
-def fisher_merging(ctx: SoupContext, config: FisherMergingConfig = FisherMergingConfig()
-                   ) -> MethodResult:
+@register(
+    "fisher_merging",
+    config=FisherMergingConfig,
+    plan=lambda config, n, m: f"a Fisher pass over val per ingredient ({n})",
+)
+def fisher_merging(
+    ctx: SoupContext, config: FisherMergingConfig = FisherMergingConfig()
+) -> MethodResult:
     if ctx.statistic is None:
         raise RaysoupError("fisher_merging needs the context's statistic (the evaluators)")
     names = ctx.pool.names
@@ -122,6 +142,8 @@ def fisher_merging(ctx: SoupContext, config: FisherMergingConfig = FisherMerging
             elif i == 0:
                 rest[key] = v
         dtypes = {k: v.dtype for k, v in sd.items()}
-    merged = {k: (weighted[k] / weights[k] if k in weighted else rest[k]).to(dtype)
-              for k, dtype in dtypes.items()}
+    merged = {
+        k: (weighted[k] / weights[k] if k in weighted else rest[k]).to(dtype)
+        for k, dtype in dtypes.items()
+    }
     return MethodResult(merged, list(names), len(names), ranked=False)

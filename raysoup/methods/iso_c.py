@@ -44,17 +44,21 @@ def iso_c_delta(ctx: SoupContext) -> dict[str, torch.Tensor]:
     for i, key, d in task_vectors(ctx):
         sums[key] = d if i == 0 else sums[key] + d
     n = len(ctx.pool.names)
-    return {k: isotropic(total) if is_matrix(ctx.pretrained[k]) else total / n
-            for k, total in sums.items()}
+    return {
+        k: isotropic(total) if is_matrix(ctx.pretrained[k]) else total / n
+        for k, total in sums.items()
+    }
 
 
 @section_config
 class IsoCConfig(ScaleSearch):
     """alpha starts at 1.0 and is searched within `scale_bounds` (the authors choose it on
     validation data too)."""
+
     SECTION: ClassVar[str] = "iso_c"
-    SUMMARY: ClassVar[str] = ("the summed task matrices with a flat spectrum (mean singular "
-                              "value); alpha chosen on val")
+    SUMMARY: ClassVar[str] = (
+        "the summed task matrices with a flat spectrum (mean singular value); alpha chosen on val"
+    )
 
 
 @register("iso_c", config=IsoCConfig, needs_pretrained=True)
@@ -106,10 +110,13 @@ def iso_cts_delta(ctx: SoupContext, fraction: float) -> dict[str, torch.Tensor]:
 class IsoCtsConfig(ScaleSearch):
     """alpha as for Iso-C; the common subspace's share of each matrix's rank is fixed (the
     authors' 0.8)."""
+
     SECTION: ClassVar[str] = "iso_cts"
     SUMMARY: ClassVar[str] = "Iso-C with task-specific subspaces beside a common one"
-    common_space_fraction: Annotated[float, Field(gt=0, le=1, description=(
-        "share of each matrix's rank kept as the common subspace"))] = 0.8
+    common_space_fraction: Annotated[
+        float,
+        Field(gt=0, le=1, description=("share of each matrix's rank kept as the common subspace")),
+    ] = 0.8
 
 
 @register("iso_cts", config=IsoCtsConfig, needs_pretrained=True)

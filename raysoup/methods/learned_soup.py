@@ -33,25 +33,31 @@ logger = logging.getLogger(__name__)
 # The keys learned soup and AdaMerging share (their gradient pass in one evaluator).
 Seed = Annotated[int, Field(ge=0, description="batch order")]
 BatchSize = Annotated[int, Field(ge=1, description="validation images per gradient step")]
-MaxMemory = Annotated[float, Field(ge=0, description=(
-    "refuse above this estimate; 0: this machine's available memory"))]
+MaxMemory = Annotated[
+    float,
+    Field(ge=0, description=("refuse above this estimate; 0: this machine's available memory")),
+]
 
 
 @section_config
 class LearnedSoupConfig:
     SECTION: ClassVar[str] = "learned_soup"
     SUMMARY: ClassVar[str] = "softmax mixing weights per ingredient, by Adam on val"
-    epochs: Annotated[int, Field(ge=1, description=(
-        "passes over val (forward and backward)"))] = 5
-    lr: Annotated[float, Field(gt=0, description=(
-        "Adam's learning rate on the mixing logits"))] = 0.05
+    epochs: Annotated[int, Field(ge=1, description=("passes over val (forward and backward)"))] = 5
+    lr: Annotated[float, Field(gt=0, description=("Adam's learning rate on the mixing logits"))] = (
+        0.05
+    )
     batch_size: BatchSize = 256
     seed: Seed = 0
     max_memory_gb: MaxMemory = 0.0
-    granularity: Annotated[Literal["component", "tensor"], Field(description=(
-        'a weight per component, or "tensor" (model soups\' by layer)'))] = "component"
-    scale: Annotated[bool, Field(description=(
-        "also learn a scale of the output logits (model soups' temperature)"))] = False
+    granularity: Annotated[
+        Literal["component", "tensor"],
+        Field(description=('a weight per component, or "tensor" (model soups\' by layer)')),
+    ] = "component"
+    scale: Annotated[
+        bool,
+        Field(description=("also learn a scale of the output logits (model soups' temperature)")),
+    ] = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,8 +72,9 @@ def memory_estimate(pool: IngredientPool, copies: int = 3) -> tuple[int, int]:
     return one * (2 * len(pool) + copies), one
 
 
-def check_resident_memory(pool: IngredientPool, max_memory_gb: float, method: str,
-                          copies: int = 3) -> None:
+def check_resident_memory(
+    pool: IngredientPool, max_memory_gb: float, method: str, copies: int = 3
+) -> None:
     """One clear line before any cluster work where `method` would not fit in one
     evaluator: `max_memory_gb`, or (0) what this machine has available."""
     need, one = memory_estimate(pool, copies)
@@ -78,27 +85,33 @@ def check_resident_memory(pool: IngredientPool, max_memory_gb: float, method: st
             f"{method} holds every ingredient in one evaluator: about {need / 2**30:.1f} "
             f"GiB for {len(pool)} ingredients of {one / 2**20:.0f} MiB, more than the "
             f"{limit / 2**30:.1f} GiB {where}; leave it out of `methods` or raise "
-            f"{method}.max_memory_gb")
+            f"{method}.max_memory_gb"
+        )
 
 
 def check_memory(pool: IngredientPool, config: LearnedSoupConfig) -> None:
     check_resident_memory(pool, config.max_memory_gb, "learned_soup")
 
 
-def mixing_components(components: Components, config: LearnedSoupConfig,
-                      state_dict: StateDict) -> Components:
+def mixing_components(
+    components: Components, config: LearnedSoupConfig, state_dict: StateDict
+) -> Components:
     """What learned soup weighs: `components` as they are, or ("tensor") one component per
     float tensor of them, named by its key; other keys stay unmixed."""
     if config.granularity == "component":
         return components
     keys = [k for group in components.keys for k in group]
     floats = tuple(k for k in keys if state_dict[k].is_floating_point())
-    return Components(floats, tuple((k,) for k in floats),
-                      (*components.unmixed, *(k for k in keys if k not in floats)))
+    return Components(
+        floats,
+        tuple((k,) for k in floats),
+        (*components.unmixed, *(k for k in keys if k not in floats)),
+    )
 
 
-def learn_mixing_logits(evaluator, set_name: str, models: Sequence[StateDict], components,
-                        config: LearnedSoupConfig) -> tuple[np.ndarray, float]:
+def learn_mixing_logits(
+    evaluator, set_name: str, models: Sequence[StateDict], components, config: LearnedSoupConfig
+) -> tuple[np.ndarray, float]:
     """Logits (ingredients x mixing_components) learned by Adam on cross-entropy over the
     `set_name` rows that `evaluator` holds, and the learned logit scale (1 without
     `config.scale`); the mixed weights of component i are sum_j softmax(logits[:, i])_j w_j.
@@ -106,9 +119,12 @@ def learn_mixing_logits(evaluator, set_name: str, models: Sequence[StateDict], c
     device = evaluator.device
     components = mixing_components(components, config, models[0])
     inputs, labels, class_map = evaluator.sets[set_name]
-    stacked = {key: (i, torch.stack([sd[key].to(device) for sd in models]))
-               for i, keys in enumerate(components.keys) for key in keys
-               if models[0][key].is_floating_point()}
+    stacked = {
+        key: (i, torch.stack([sd[key].to(device) for sd in models]))
+        for i, keys in enumerate(components.keys)
+        for key in keys
+        if models[0][key].is_floating_point()
+    }
     fixed = {k: v.to(device) for k, v in models[0].items() if k not in stacked}
     logits = torch.zeros(len(models), len(components), device=device, requires_grad=True)
     scale = torch.ones((), device=device, requires_grad=config.scale)
@@ -119,10 +135,13 @@ def learn_mixing_logits(evaluator, set_name: str, models: Sequence[StateDict], c
         for idx in torch.randperm(len(labels), generator=order).split(config.batch_size):
             idx = idx.to(device)
             weights = torch.softmax(logits, dim=0)
-            mixed = {key: torch.tensordot(weights[:, i].to(w.dtype), w, dims=1)
-                     for key, (i, w) in stacked.items()}
-            out = evaluator.project(evaluator.logits(take_rows(inputs, idx),
-                                                     {**mixed, **fixed}), class_map)
+            mixed = {
+                key: torch.tensordot(weights[:, i].to(w.dtype), w, dims=1)
+                for key, (i, w) in stacked.items()
+            }
+            out = evaluator.project(
+                evaluator.logits(take_rows(inputs, idx), {**mixed, **fixed}), class_map
+            )
             if config.scale:
                 out = scale * out
             loss = F.cross_entropy(out, labels[idx])
@@ -130,9 +149,11 @@ def learn_mixing_logits(evaluator, set_name: str, models: Sequence[StateDict], c
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(idx)
-        logger.info(f"[learned_soup] epoch {epoch + 1}/{config.epochs}: val loss "
-                    f"{total / len(labels):.4f}" + (f", scale {float(scale.detach()):.4g}"
-                                                    if config.scale else ""))
+        logger.info(
+            f"[learned_soup] epoch {epoch + 1}/{config.epochs}: val loss "
+            f"{total / len(labels):.4f}"
+            + (f", scale {float(scale.detach()):.4g}" if config.scale else "")
+        )
     return logits.detach().cpu().numpy().astype(np.float64), float(scale.detach())
 
 
@@ -144,9 +165,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 @dataclass
 class LearnedSoupDetails:
-    components: list[str]      # what was weighed: components, or tensors by key
-    betas: list[list[float]]   # ingredients x components, columns sum to 1
-    scale: float               # the learned logit scale (1: not learned)
+    components: list[str]  # what was weighed: components, or tensors by key
+    betas: list[list[float]]  # ingredients x components, columns sum to 1
+    scale: float  # the learned logit scale (1: not learned)
 
 
 def gradient_plan(config, ingredients: int, components: int) -> str:
@@ -154,8 +175,7 @@ def gradient_plan(config, ingredients: int, components: int) -> str:
 
 
 @register("learned_soup", config=LearnedSoupConfig, check=check_memory, plan=gradient_plan)
-def learned_soup(ctx: SoupContext, config: LearnedSoupConfig = LearnedSoupConfig()
-                 ) -> MethodResult:
+def learned_soup(ctx: SoupContext, config: LearnedSoupConfig = LearnedSoupConfig()) -> MethodResult:
     if ctx.learn is None or ctx.components is None:
         raise RaysoupError("learned_soup needs the context's learn and components")
     names = ctx.pool.names

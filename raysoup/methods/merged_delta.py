@@ -43,31 +43,43 @@ def polar(m: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
-def delta_mixer(models: Sequence[StateDict], x: np.ndarray,
-                components: Components) -> StateDict:
+def delta_mixer(models: Sequence[StateDict], x: np.ndarray, components: Components) -> StateDict:
     """models = [pretrained, delta]; x = [alpha]: w_0 + alpha * delta in float64, non-float
     tensors w_0's."""
     w0, delta = models
     alpha = float(x[0])
-    return {k: (v.double() + alpha * delta[k].double()).to(v.dtype) if k in delta else v.clone()
-            for k, v in w0.items()}
+    return {
+        k: (v.double() + alpha * delta[k].double()).to(v.dtype) if k in delta else v.clone()
+        for k, v in w0.items()
+    }
 
 
 @section_config
 class ScaleSearch(KnobSearch):
     """alpha starts at `start` and is searched within `scale_bounds`."""
+
     scale_bounds: Annotated[ScaleBounds, Field(description="alpha's range")] = (0.0, 2.0)
     start: Annotated[float, Field(description="alpha's start")] = 1.0
 
 
-def tune_scale(ctx: SoupContext, delta: dict[str, torch.Tensor], config: ScaleSearch
-               ) -> MethodResult:
+def tune_scale(
+    ctx: SoupContext, delta: dict[str, torch.Tensor], config: ScaleSearch
+) -> MethodResult:
     """w_0 + alpha * delta at the alpha the search finds on val; delta is stored in w_0's
     dtypes for the object store."""
     w0 = ctx.pretrained
     delta = {k: d.to(w0[k].dtype) for k, d in delta.items()}
     lo, hi = config.scale_bounds
-    merged, record = tune_knobs(ctx, [w0, delta], delta_mixer, ["alpha"],
-                                [min(hi, max(lo, config.start))], [lo], [hi], config)
-    return MethodResult(merged, list(ctx.pool.names), len(record.trace), ranked=False,
-                        details=record)
+    merged, record = tune_knobs(
+        ctx,
+        [w0, delta],
+        delta_mixer,
+        ["alpha"],
+        [min(hi, max(lo, config.start))],
+        [lo],
+        [hi],
+        config,
+    )
+    return MethodResult(
+        merged, list(ctx.pool.names), len(record.trace), ranked=False, details=record
+    )

@@ -22,13 +22,24 @@ from .base import MethodResult, SoupContext, register
 class ModelStockConfig:
     """The defaults: mergekit's reading of the paper for N > 2, with t clipped (the demo's
     table comes from them); docs/merge_methods.md compares the peers."""
+
     SECTION: ClassVar[str] = "model_stock"
     SUMMARY: ClassVar[str] = ""
-    clip: Annotated[bool, Field(description=(
-        "clip t to [0, 1]: opposed deltas give w_0, never an extrapolation; false: "
-        "extrapolate (both peers)"))] = True
-    average: Annotated[Literal["cosine", "angle"], Field(description=(
-        'mean pairwise cosine, or "angle": cos of the mean angle (FusionBench)'))] = "cosine"
+    clip: Annotated[
+        bool,
+        Field(
+            description=(
+                "clip t to [0, 1]: opposed deltas give w_0, never an extrapolation; false: "
+                "extrapolate (both peers)"
+            )
+        ),
+    ] = True
+    average: Annotated[
+        Literal["cosine", "angle"],
+        Field(
+            description=('mean pairwise cosine, or "angle": cos of the mean angle (FusionBench)')
+        ),
+    ] = "cosine"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,8 +50,11 @@ def interpolation_ratio(cos_theta: float, n: int) -> float:
     return n * cos_theta / (1.0 + (n - 1) * cos_theta)
 
 
-def model_stock_merge(pretrained: StateDict, ingredients: Iterable[StateDict],
-                      config: ModelStockConfig = ModelStockConfig()) -> StateDict:
+def model_stock_merge(
+    pretrained: StateDict,
+    ingredients: Iterable[StateDict],
+    config: ModelStockConfig = ModelStockConfig(),
+) -> StateDict:
     """w = t * mean(w_i) + (1 - t) * w_0 per weight tensor, with t = interpolation_ratio of
     cos(theta), over the deltas d_i = w_i - w_0 (flattened; a zero delta counts as cosine
     0 with every other):
@@ -83,22 +97,26 @@ def model_stock_merge(pretrained: StateDict, ingredients: Iterable[StateDict],
             cos = (float(unit_sum[key].square().sum()) - nonzero[key]) / 2 / pairs
         else:
             u = units[key]
-            angles = [math.acos(max(-1.0, min(1.0, float(u[i] @ u[j]))))
-                      for i in range(n) for j in range(i + 1, n)]
+            angles = [
+                math.acos(max(-1.0, min(1.0, float(u[i] @ u[j]))))
+                for i in range(n)
+                for j in range(i + 1, n)
+            ]
             cos = math.cos(sum(angles) / len(angles))
         if config.clip:
             cos = min(1.0, max(0.0, cos))
         elif 1.0 + (n - 1) * cos == 0.0:
-            raise RaysoupError(f"model_stock (clip = false): the deltas of {key!r} cancel "
-                               f"out (cos(theta) = -1/(N-1)), so t is infinite")
+            raise RaysoupError(
+                f"model_stock (clip = false): the deltas of {key!r} cancel "
+                f"out (cos(theta) = -1/(N-1)), so t is infinite"
+            )
         t = interpolation_ratio(cos, n)
         merged[key] = (t * weight_sum[key] / n + (1.0 - t) * base.double()).to(base.dtype)
     return merged
 
 
 @register("model_stock", config=ModelStockConfig, needs_pretrained=True)
-def model_stock(ctx: SoupContext, config: ModelStockConfig = ModelStockConfig()
-                ) -> MethodResult:
+def model_stock(ctx: SoupContext, config: ModelStockConfig = ModelStockConfig()) -> MethodResult:
     names = ctx.pool.names
     merged = model_stock_merge(ctx.pretrained, (ctx.pool.load(n) for n in names), config)
     return MethodResult(merged, names, 0, ranked=False)

@@ -48,18 +48,24 @@ from .base import KnobSearch, MethodResult, SoupContext, register, tune_knobs
 @section_config
 class RegMeanConfig(KnobSearch):
     """alpha starts at `start` and is searched within `alpha_bounds` on val."""
+
     SECTION: ClassVar[str] = "regmean"
-    SUMMARY: ClassVar[str] = ("linear layers merged to reproduce each ingredient's outputs on "
-                              "its own val inputs (Gram matrices, on the evaluators)")
-    alpha_bounds: Annotated[Interval(0.0, 1.0), Field(description=(
-        "alpha's range (the Grams' off-diagonal scale)"))] = (0.0, 1.0)
+    SUMMARY: ClassVar[str] = (
+        "linear layers merged to reproduce each ingredient's outputs on "
+        "its own val inputs (Gram matrices, on the evaluators)"
+    )
+    alpha_bounds: Annotated[
+        Interval(0.0, 1.0), Field(description=("alpha's range (the Grams' off-diagonal scale)"))
+    ] = (0.0, 1.0)
     start: Annotated[float, Field(description="alpha's start")] = 0.5
-    batch_size: Annotated[int, Field(ge=1, description=(
-        "images per forward pass of the Gram pass"))] = 256
+    batch_size: Annotated[
+        int, Field(ge=1, description=("images per forward pass of the Gram pass"))
+    ] = 256
 
 
-def gram_sum(evaluator, set_name: str, state_dict: StateDict, config: RegMeanConfig,
-             stream: int = 0) -> tuple[dict[str, np.ndarray], int]:
+def gram_sum(
+    evaluator, set_name: str, state_dict: StateDict, config: RegMeanConfig, stream: int = 0
+) -> tuple[dict[str, np.ndarray], int]:
     """X^T X of the inputs of every merged linear weight (by its state-dict key), summed
     over the `set_name` rows the evaluator holds, and the number of rows (`stream`: the
     shard, unused: nothing is sampled)."""
@@ -81,18 +87,22 @@ def gram_sum(evaluator, set_name: str, state_dict: StateDict, config: RegMeanCon
 
     def attention_hook(key):
         def hook(module, args, kwargs):
-            names = ("query", "key", "value")[len(args):]
+            names = ("query", "key", "value")[len(args) :]
             q, k, v = (*args, *(kwargs.get(n) for n in names))[:3]
             if q is k and k is v:  # self-attention: in_proj_weight sees x
                 add(key, q)
+
         return hook
 
     hooks = []
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
-            hooks.append(module.register_forward_pre_hook(
-                attention_hook(prefix + "in_proj_weight"), with_kwargs=True))
+            hooks.append(
+                module.register_forward_pre_hook(
+                    attention_hook(prefix + "in_proj_weight"), with_kwargs=True
+                )
+            )
         elif isinstance(module, nn.Linear):
             hooks.append(module.register_forward_pre_hook(linear_hook(prefix + "weight")))
     try:
@@ -106,29 +116,35 @@ def gram_sum(evaluator, set_name: str, state_dict: StateDict, config: RegMeanCon
     return {k: g.cpu().numpy() for k, g in grams.items() if k in keys}, rows
 
 
-def regmean_solve(gram: torch.Tensor, gram_w: torch.Tensor, diag_w: torch.Tensor,
-                  alpha: float) -> torch.Tensor:
+def regmean_solve(
+    gram: torch.Tensor, gram_w: torch.Tensor, diag_w: torch.Tensor, alpha: float
+) -> torch.Tensor:
     """W (out x in) = ((alpha S + (1 - alpha) diag(S))^+ (alpha A + (1 - alpha) B))^T with
     S = sum_i G_i, A = sum_i G_i W_i^T, B = sum_i diag(G_i) W_i^T (float64)."""
     lhs = alpha * gram + (1 - alpha) * torch.diag(gram.diagonal())
     return (torch.linalg.pinv(lhs, hermitian=True) @ (alpha * gram_w + (1 - alpha) * diag_w)).T
 
 
-def regmean_mixer(models: Sequence[StateDict], x: np.ndarray,
-                  components: Components) -> StateDict:
+def regmean_mixer(models: Sequence[StateDict], x: np.ndarray, components: Components) -> StateDict:
     """models = [mean, S, A, B]: the average of the ingredients, and regmean_solve's sums
     by weight key; x = [alpha]. The weights with sums are solved, the rest averaged."""
     mean, gram, gram_w, diag_w = models
     merged = dict(mean)
     for key, s in gram.items():
-        merged[key] = regmean_solve(s.double(), gram_w[key].double(), diag_w[key].double(),
-                                    float(x[0])).to(mean[key].dtype)
+        merged[key] = regmean_solve(
+            s.double(), gram_w[key].double(), diag_w[key].double(), float(x[0])
+        ).to(mean[key].dtype)
     return merged
 
 
-@register("regmean", config=RegMeanConfig,
-          plan=lambda config, n, m: f"a Gram pass over val per ingredient ({n}), then "
-                                    f"{config.optimizer}, {config.budget} evaluations")
+@register(
+    "regmean",
+    config=RegMeanConfig,
+    plan=lambda config, n, m: (
+        f"a Gram pass over val per ingredient ({n}), then "
+        f"{config.optimizer}, {config.budget} evaluations"
+    ),
+)
 def regmean(ctx: SoupContext, config: RegMeanConfig = RegMeanConfig()) -> MethodResult:
     if ctx.statistic is None:
         raise RaysoupError("regmean needs the context's statistic (the evaluators)")
@@ -136,7 +152,7 @@ def regmean(ctx: SoupContext, config: RegMeanConfig = RegMeanConfig()) -> Method
     gram: StateDict = {}
     gram_w: StateDict = {}  # sum_i G_i W_i^T
     diag_w: StateDict = {}  # sum_i diag(G_i) W_i^T
-    mean: StateDict = {}    # running means of the float tensors; ingredient 0's others
+    mean: StateDict = {}  # running means of the float tensors; ingredient 0's others
     for i, name in enumerate(names):
         sd = ctx.pool.load(name)
         grams = ctx.statistic(gram_sum, sd, config)
@@ -154,8 +170,17 @@ def regmean(ctx: SoupContext, config: RegMeanConfig = RegMeanConfig()) -> Method
         del sd, grams
     mean = {k: v.to(dtypes[k]) for k, v in mean.items()}
     lo, hi = config.alpha_bounds
-    merged, details = tune_knobs(ctx, [mean, gram, gram_w, diag_w], regmean_mixer, ["alpha"],
-                                 [min(hi, max(lo, config.start))], [lo], [hi], config)
+    merged, details = tune_knobs(
+        ctx,
+        [mean, gram, gram_w, diag_w],
+        regmean_mixer,
+        ["alpha"],
+        [min(hi, max(lo, config.start))],
+        [lo],
+        [hi],
+        config,
+    )
     # One forward pass over val per ingredient (the Grams), then the search's evaluations.
-    return MethodResult(merged, list(names), len(names) + len(details.trace), ranked=False,
-                        details=details)
+    return MethodResult(
+        merged, list(names), len(names) + len(details.trace), ranked=False, details=details
+    )

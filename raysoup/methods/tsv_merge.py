@@ -39,8 +39,7 @@ def tsv_delta(ctx: SoupContext) -> dict[str, torch.Tensor]:
         if k > 0:
             u, s, vh = torch.linalg.svd(d, full_matrices=False)
             # copies: a slice would keep the whole factor alive
-            factors.setdefault(key, []).append((u[:, :k].clone(), s[:k].clone(),
-                                                vh[:k].clone()))
+            factors.setdefault(key, []).append((u[:, :k].clone(), s[:k].clone(), vh[:k].clone()))
         else:  # running mean
             means[key] = d if i == 0 else means[key] + (d - means[key]) / (i + 1)
     delta = dict(means)
@@ -55,12 +54,14 @@ def tsv_delta(ctx: SoupContext) -> dict[str, torch.Tensor]:
 @section_config
 class TsvMergeConfig(ScaleSearch):
     """alpha starts at the authors' 1.0 and is searched within `scale_bounds`."""
+
     SECTION: ClassVar[str] = "tsv_merge"
-    SUMMARY: ClassVar[str] = ("task singular vectors: each task matrix's top 1/N singular "
-                              "vectors, orthogonalised together; alpha chosen on val")
+    SUMMARY: ClassVar[str] = (
+        "task singular vectors: each task matrix's top 1/N singular "
+        "vectors, orthogonalised together; alpha chosen on val"
+    )
 
 
 @register("tsv_merge", config=TsvMergeConfig, needs_pretrained=True)
 def tsv_merge(ctx: SoupContext, config: TsvMergeConfig = TsvMergeConfig()) -> MethodResult:
     return tune_scale(ctx, tsv_delta(ctx), config)
-

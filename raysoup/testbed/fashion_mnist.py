@@ -37,7 +37,7 @@ def _read_idx(path: Path) -> np.ndarray:
     except OSError as e:
         raise DataError(f"cannot read Fashion-MNIST file {path}: {e}") from e
     ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
         raise DataError(f"truncated idx file {path}: expected {dims}, got {data.size} bytes")
@@ -51,7 +51,8 @@ def load_fashion_mnist(root: Path | None = None) -> dict[str, np.ndarray]:
         raise DataError(
             f"Fashion-MNIST not found in {root} (missing {', '.join(missing)}). "
             "Install it with `apt-get install dataset-fashion-mnist` or set RAYSOUP_DATA_DIR "
-            "to a folder holding the four *-ubyte.gz idx files.")
+            "to a folder holding the four *-ubyte.gz idx files."
+        )
     arrays = {k: _read_idx(root / n) for k, n in IDX_FILES.items()}
     for split in ("train", "test"):
         arrays[f"{split}_images"] = arrays[f"{split}_images"][:, None]  # (N, 1, 28, 28)
@@ -85,8 +86,9 @@ def _contrast(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def _affine(x: np.ndarray, angle: float, scale: float) -> np.ndarray:
     """Rotate by `angle` degrees and zoom by `scale` about the centre (bilinear, zero fill)."""
     theta = math.radians(angle)
-    rotation = np.array([[math.cos(theta), -math.sin(theta)],
-                         [math.sin(theta), math.cos(theta)]]) / scale
+    rotation = (
+        np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]]) / scale
+    )
     centre = (np.array(x.shape) - 1) / 2.0
     return ndimage.affine_transform(x, rotation, offset=centre - rotation @ centre, order=1)
 
@@ -98,8 +100,10 @@ def _rotate(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def _elastic(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     alpha, sigma = 40.0, 4.0
     grid = np.indices(x.shape, dtype=np.float64)
-    shift = [alpha * ndimage.gaussian_filter(rng.uniform(-1, 1, x.shape), sigma, mode="constant")
-             for _ in range(2)]
+    shift = [
+        alpha * ndimage.gaussian_filter(rng.uniform(-1, 1, x.shape), sigma, mode="constant")
+        for _ in range(2)
+    ]
     return ndimage.map_coordinates(x, grid + np.array(shift), order=1)
 
 
@@ -107,8 +111,14 @@ def _invert(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return 255.0 - x
 
 
-SHIFTS = {"noise": _noise, "blur": _blur, "contrast": _contrast, "rotate": _rotate,
-          "elastic": _elastic, "invert": _invert}
+SHIFTS = {
+    "noise": _noise,
+    "blur": _blur,
+    "contrast": _contrast,
+    "rotate": _rotate,
+    "elastic": _elastic,
+    "invert": _invert,
+}
 SHIFT_NAMES = tuple(SHIFTS)
 
 
@@ -122,15 +132,18 @@ def make_shift(images: np.ndarray, shift: str, seed: int) -> np.ndarray:
     return out
 
 
-def build_eval_sets(arrays: dict[str, np.ndarray], val_idx: np.ndarray,
-                    test_size: int | None = None) -> list[EvalSet]:
+def build_eval_sets(
+    arrays: dict[str, np.ndarray], val_idx: np.ndarray, test_size: int | None = None
+) -> list[EvalSet]:
     """val (held-out train rows), id (official test), and one shifted copy per shift."""
     test_x, test_y = arrays["test_images"], arrays["test_labels"]
     if test_size is not None and test_size < len(test_y):
         keep = np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(test_y))[:test_size])
         test_x, test_y = test_x[keep], test_y[keep]
-    sets = [EvalSet("val", arrays["train_images"][val_idx], arrays["train_labels"][val_idx]),
-            EvalSet("id", test_x, test_y)]
+    sets = [
+        EvalSet("val", arrays["train_images"][val_idx], arrays["train_labels"][val_idx]),
+        EvalSet("id", test_x, test_y),
+    ]
     for i, shift in enumerate(SHIFT_NAMES):
         sets.append(EvalSet(shift, make_shift(test_x, shift, seed=1000 + i), test_y))
     return sets

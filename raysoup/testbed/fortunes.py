@@ -25,19 +25,33 @@ from ..inputs.data import DataError
 DEFAULT_FORTUNES_DIR = Path("/usr/share/games/fortunes")
 # The topic classes: category files of Debian's `fortunes` package with 580+ entries that
 # name a topic (`cookie` and `miscellaneous` do not).
-CLASSES = ("computers", "definitions", "men-women", "people", "politics", "science",
-           "songs-poems", "work")
+CLASSES = (
+    "computers",
+    "definitions",
+    "men-women",
+    "people",
+    "politics",
+    "science",
+    "songs-poems",
+    "work",
+)
 # Held-out sources: category files of the same package never trained on, each read as the
 # class whose topic it belongs to (the `sources` shift).
-HELD_OUT_SOURCES = {"linux": "computers", "linuxcookie": "computers", "perl": "computers",
-                    "love": "men-women", "law": "politics", "medicine": "science"}
+HELD_OUT_SOURCES = {
+    "linux": "computers",
+    "linuxcookie": "computers",
+    "perl": "computers",
+    "love": "men-women",
+    "law": "politics",
+    "medicine": "science",
+}
 SPLIT_SEED = 20240624
 VAL_FRACTION, ID_FRACTION = 0.15, 0.20  # per class; the rest is the training split
 SHIFT_SEED = 2000  # shift i draws from seed SHIFT_SEED + i
 # Shift strengths, part of the shifts' definition (their sets' sha256 depend on them).
-TYPO_RATE = 0.06         # chance per character of a swap with the next one or a drop
+TYPO_RATE = 0.06  # chance per character of a swap with the next one or a drop
 RANDOM_CASE_SHARE = 0.5  # of texts: each letter's case flipped at random; the rest upper case
-WORD_DROPOUT = 0.3       # chance per word of being dropped
+WORD_DROPOUT = 0.3  # chance per word of being dropped
 
 
 @dataclass
@@ -70,8 +84,9 @@ def read_fortune_file(path: Path) -> list[str]:
     return [e for e in entries if e]
 
 
-def load_fortunes(root: Path | None = None, files: tuple[str, ...] = CLASSES
-                  ) -> dict[str, list[str]]:
+def load_fortunes(
+    root: Path | None = None, files: tuple[str, ...] = CLASSES
+) -> dict[str, list[str]]:
     """file name -> its entries, in file order, for the named category files."""
     root = Path(root) if root else fortunes_dir()
     missing = [f for f in files if not (root / f).is_file()]
@@ -79,7 +94,8 @@ def load_fortunes(root: Path | None = None, files: tuple[str, ...] = CLASSES
         raise DataError(
             f"fortunes not found in {root} (missing {', '.join(missing)}). Install them with "
             "`apt-get install fortunes` or set RAYSOUP_FORTUNES_DIR to a folder holding the "
-            "category files")
+            "category files"
+        )
     return {f: read_fortune_file(root / f) for f in files}
 
 
@@ -99,13 +115,18 @@ def topic_splits(root: Path | None = None) -> dict[str, TextSet]:
         texts = sorted({t for t in by_file[name] if owners[t] == {label}})
         order = np.random.default_rng([SPLIT_SEED, label]).permutation(len(texts))
         n_val, n_id = round(VAL_FRACTION * len(texts)), round(ID_FRACTION * len(texts))
-        cuts = {"val": order[:n_val], "id": order[n_val:n_val + n_id],
-                "train": order[n_val + n_id:]}
+        cuts = {
+            "val": order[:n_val],
+            "id": order[n_val : n_val + n_id],
+            "train": order[n_val + n_id :],
+        }
         for split, rows in cuts.items():
             parts[split][0].extend(texts[i] for i in sorted(rows))
             parts[split][1].extend([label] * len(rows))
-    return {s: TextSet(s, texts, np.array(labels, dtype=np.int64))
-            for s, (texts, labels) in parts.items()}
+    return {
+        s: TextSet(s, texts, np.array(labels, dtype=np.int64))
+        for s, (texts, labels) in parts.items()
+    }
 
 
 def held_out_sources(exclude: set[str], root: Path | None = None) -> TextSet:
@@ -152,8 +173,9 @@ def casing(text: str, rng: np.random.Generator) -> str:
     if rng.random() >= RANDOM_CASE_SHARE:
         return "".join(_upper(c) for c in text)
     flips = rng.random(len(text)) < 0.5
-    return "".join(_upper(c) if f else c.lower() if len(c.lower()) == 1 else c
-                   for c, f in zip(text, flips))
+    return "".join(
+        _upper(c) if f else c.lower() if len(c.lower()) == 1 else c for c, f in zip(text, flips)
+    )
 
 
 def word_dropout(text: str, rng: np.random.Generator, rate: float = WORD_DROPOUT) -> str:
@@ -198,8 +220,12 @@ def text_content_sha256(texts: list[str], labels: np.ndarray) -> str:
 
 
 def write_text_set(text_set: TextSet, path: Path) -> None:
-    table = pa.table({"text": pa.array(text_set.texts, type=pa.string()),
-                      "label": pa.array(text_set.labels, type=pa.int64())})
+    table = pa.table(
+        {
+            "text": pa.array(text_set.texts, type=pa.string()),
+            "label": pa.array(text_set.labels, type=pa.int64()),
+        }
+    )
     table = table.replace_schema_metadata({"name": text_set.name})
     tmp = Path(path).with_suffix(".tmp")
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
@@ -216,8 +242,9 @@ def read_text_set(path: Path) -> TextSet:
     if not {"text", "label"} <= set(table.schema.names):
         raise DataError(f"{path} is not a text evaluation set (need columns text, label)")
     name = (table.schema.metadata or {}).get(b"name", Path(path).stem.encode()).decode()
-    return TextSet(name, table.column("text").to_pylist(),
-                   table.column("label").to_numpy().astype(np.int64))
+    return TextSet(
+        name, table.column("text").to_pylist(), table.column("label").to_numpy().astype(np.int64)
+    )
 
 
 def verify_text_set(path: Path, sha256: str, name: str) -> None:
@@ -225,5 +252,7 @@ def verify_text_set(path: Path, sha256: str, name: str) -> None:
     text_set = read_text_set(path)
     got = text_content_sha256(text_set.texts, text_set.labels)
     if got != sha256:
-        raise DataError(f"text set {name!r} ({path}): content sha256 {got[:16]}... does not "
-                        f"match the manifest's {sha256[:16]}...; restore it or rebuild the zoo")
+        raise DataError(
+            f"text set {name!r} ({path}): content sha256 {got[:16]}... does not "
+            f"match the manifest's {sha256[:16]}...; restore it or rebuild the zoo"
+        )

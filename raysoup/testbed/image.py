@@ -47,7 +47,7 @@ class ZooConfig:
     seed: int = 0
     val_size: int = 6000
     train_size: int | None = None  # a subset of the training rows (small test zoos)
-    test_size: int | None = None   # a subset of the official test set
+    test_size: int | None = None  # a subset of the official test set
     batch_size: int = 128
     pretrain_epochs: float = 24.0
     pretrain_lr: float = 2e-3
@@ -64,11 +64,11 @@ class ZooConfig:
     # Mixup (alpha drawn from `finetune_mixup`, for half the fine-tunes) is off by default:
     # it cost 0.5-1 point of val here.
     finetune_data_fraction: float = 0.25
-    finetune_epochs: tuple[float, float] = (3.6, 4.4)   # over the fine-tune's part
+    finetune_epochs: tuple[float, float] = (3.6, 4.4)  # over the fine-tune's part
     finetune_lr: tuple[float, float] = (2.8e-4, 3.2e-4)  # log-uniform
     finetune_weight_decay: tuple[float, float] = (0.0, 0.1)
     finetune_label_smoothing: tuple[float, float] = (0.0, 0.1)
-    finetune_augment: tuple[float, float] = (0.0, 0.3)   # strength of the light augmentation
+    finetune_augment: tuple[float, float] = (0.0, 0.3)  # strength of the light augmentation
     finetune_mixup: tuple[float, float] = (0.0, 0.0)
     model: ModelSpec = field(default_factory=ModelSpec)
 
@@ -82,30 +82,40 @@ class ZooConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-QUICK_ZOO = ZooConfig(ingredients=6, val_size=2000, train_size=20000, test_size=2000,
-                      pretrain_epochs=4.0, finetune_epochs=(1.0, 1.5),
-                      finetune_data_fraction=0.5)
+QUICK_ZOO = ZooConfig(
+    ingredients=6,
+    val_size=2000,
+    train_size=20000,
+    test_size=2000,
+    pretrain_epochs=4.0,
+    finetune_epochs=(1.0, 1.5),
+    finetune_data_fraction=0.5,
+)
 
 
 def pretrain_augment() -> v2.Transform:
     """Broad augmentation; deliberately without elastic warps (the unseen test shift)."""
-    return v2.Compose([
-        v2.RandomAffine(degrees=35, translate=(0.12, 0.12), scale=(0.7, 1.1), shear=10),
-        v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))], p=0.3),
-        v2.RandomApply([v2.ColorJitter(brightness=0.5, contrast=0.7)], p=0.5),
-        v2.RandomApply([v2.GaussianNoise(sigma=0.15)], p=0.3),
-        v2.RandomInvert(p=0.2),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomAffine(degrees=35, translate=(0.12, 0.12), scale=(0.7, 1.1), shear=10),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))], p=0.3),
+            v2.RandomApply([v2.ColorJitter(brightness=0.5, contrast=0.7)], p=0.5),
+            v2.RandomApply([v2.GaussianNoise(sigma=0.15)], p=0.3),
+            v2.RandomInvert(p=0.2),
+        ]
+    )
 
 
 def finetune_augment(strength: float) -> v2.Transform:
     """Light, in-distribution augmentation whose strength is a drawn hyperparameter."""
-    return v2.Compose([
-        v2.RandomAffine(degrees=10 * strength, translate=(0.08 * strength, 0.08 * strength)),
-        v2.RandomHorizontalFlip(p=0.5 * strength),
-        v2.RandomErasing(p=0.5 * strength, scale=(0.02, 0.02 + 0.15 * strength), value=0),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomAffine(degrees=10 * strength, translate=(0.08 * strength, 0.08 * strength)),
+            v2.RandomHorizontalFlip(p=0.5 * strength),
+            v2.RandomErasing(p=0.5 * strength, scale=(0.02, 0.02 + 0.15 * strength), value=0),
+        ]
+    )
 
 
 def _augment_batch(images: torch.Tensor, transform: v2.Transform | None) -> torch.Tensor:
@@ -116,9 +126,21 @@ def _augment_batch(images: torch.Tensor, transform: v2.Transform | None) -> torc
     return torch.cat(chunks).clamp_(0.0, 1.0)
 
 
-def train(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, *, epochs: float,
-          lr: float, weight_decay: float, label_smoothing: float, batch_size: int,
-          transform: v2.Transform | None, seed: int, desc: str, mixup: float = 0.0) -> None:
+def train(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    epochs: float,
+    lr: float,
+    weight_decay: float,
+    label_smoothing: float,
+    batch_size: int,
+    transform: v2.Transform | None,
+    seed: int,
+    desc: str,
+    mixup: float = 0.0,
+) -> None:
     """AdamW with linear warm-up and cosine decay to zero; mixup with alpha `mixup` (0: off)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -128,7 +150,8 @@ def train(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, *, epo
     warmup = max(1, steps // 20)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps)))
+    )
     model.train()
     order = torch.empty(0, dtype=torch.long)
     for _ in tqdm(range(steps), desc=desc, unit="step", leave=False, mininterval=2.0):
@@ -140,9 +163,9 @@ def train(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, *, epo
             lam = float(mix_rng.beta(mixup, mixup))
             partner = torch.randperm(len(idx), generator=gen)
             logits = model(lam * inputs + (1 - lam) * inputs[partner])
-            loss = lam * F.cross_entropy(logits, targets, label_smoothing=label_smoothing) + \
-                (1 - lam) * F.cross_entropy(logits, targets[partner],
-                                            label_smoothing=label_smoothing)
+            loss = lam * F.cross_entropy(logits, targets, label_smoothing=label_smoothing) + (
+                1 - lam
+            ) * F.cross_entropy(logits, targets[partner], label_smoothing=label_smoothing)
         else:
             loss = F.cross_entropy(model(inputs), targets, label_smoothing=label_smoothing)
         opt.zero_grad(set_to_none=True)
@@ -171,8 +194,10 @@ def _cached(path: Path, sidecar: Path, hyperparameters: dict) -> dict | None:
     pretrained model too), if the file is intact."""
     if path.is_file() and sidecar.is_file():
         info = json.loads(sidecar.read_text())
-        if info.get("sha256") == file_sha256(path) and \
-                info.get("hyperparameters") == hyperparameters:
+        if (
+            info.get("sha256") == file_sha256(path)
+            and info.get("hyperparameters") == hyperparameters
+        ):
             return info
     return None
 
@@ -184,8 +209,10 @@ def build_zoo(out: Path, config: ZooConfig) -> Path:
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("config") != json.loads(json.dumps(config.to_dict())):
-            raise RaysoupError(f"{out} holds a zoo built with a different config; choose "
-                             "another --out or delete it")
+            raise RaysoupError(
+                f"{out} holds a zoo built with a different config; choose "
+                "another --out or delete it"
+            )
         return out
     out.mkdir(parents=True, exist_ok=True)
     (out / "ingredients").mkdir(exist_ok=True)
@@ -194,11 +221,11 @@ def build_zoo(out: Path, config: ZooConfig) -> Path:
     t0 = time.time()
 
     arrays = fashion_mnist.load_fashion_mnist()
-    train_idx = fashion_mnist.train_val_split(len(arrays["train_labels"]),
-                                              config.val_size)[0]
+    train_idx = fashion_mnist.train_val_split(len(arrays["train_labels"]), config.val_size)[0]
     if config.train_size is not None:
-        train_idx = np.sort(np.random.default_rng(config.seed).choice(
-            train_idx, config.train_size, replace=False))
+        train_idx = np.sort(
+            np.random.default_rng(config.seed).choice(train_idx, config.train_size, replace=False)
+        )
     train_x, train_y = arrays["train_images"][train_idx], arrays["train_labels"][train_idx]
 
     eval_files = write_eval_sets(out, config, arrays)
@@ -216,34 +243,66 @@ def build_zoo(out: Path, config: ZooConfig) -> Path:
         rows = slice(None)
         if base is not None:  # a fine-tune: its own part of the training split
             model.load_state_dict(load_state_dict(base))
-            rows = np.sort(np.random.default_rng(hp["seed"]).choice(
-                len(train_y), round(config.finetune_data_fraction * len(train_y)),
-                replace=False))
-        train(model, train_x[rows], train_y[rows], epochs=hp["epochs"], lr=hp["lr"],
-              weight_decay=hp["weight_decay"], label_smoothing=hp["label_smoothing"],
-              batch_size=config.batch_size, transform=transform, seed=hp["seed"], desc=desc,
-              mixup=hp.get("mixup", 0.0))
+            rows = np.sort(
+                np.random.default_rng(hp["seed"]).choice(
+                    len(train_y), round(config.finetune_data_fraction * len(train_y)), replace=False
+                )
+            )
+        train(
+            model,
+            train_x[rows],
+            train_y[rows],
+            epochs=hp["epochs"],
+            lr=hp["lr"],
+            weight_decay=hp["weight_decay"],
+            label_smoothing=hp["label_smoothing"],
+            batch_size=config.batch_size,
+            transform=transform,
+            seed=hp["seed"],
+            desc=desc,
+            mixup=hp.get("mixup", 0.0),
+        )
         sd = model.state_dict()
         save_state_dict(sd, path)
-        info = {"file": name, "hyperparameters": hp, "val_acc": evaluator.accuracy(sd, VAL),
-                "sha256": file_sha256(path)}
+        info = {
+            "file": name,
+            "hyperparameters": hp,
+            "val_acc": evaluator.accuracy(sd, VAL),
+            "sha256": file_sha256(path),
+        }
         write_json(sidecar, info)
         logger.info(f"[zoo] {desc}: val {info['val_acc']:.4f} ({time.time() - t0:.0f}s)")
         return info
 
-    pre_hp = {"lr": config.pretrain_lr, "weight_decay": 0.05, "label_smoothing": 0.0,
-              "epochs": config.pretrain_epochs, "seed": config.pretrain_seed}
+    pre_hp = {
+        "lr": config.pretrain_lr,
+        "weight_decay": 0.05,
+        "label_smoothing": 0.0,
+        "epochs": config.pretrain_epochs,
+        "seed": config.pretrain_seed,
+    }
     pretrained = trained("pretrained.safetensors", None, pre_hp, pretrain_augment(), "pretrain")
     ingredients = []
     for i in range(config.ingredients):
         hp = draw_hyperparameters(config, i)
-        info = trained(f"ingredients/ft-{i:02d}.safetensors", out / "pretrained.safetensors", hp,
-                       finetune_augment(hp["augment"]), f"fine-tune {i + 1}/{config.ingredients}")
+        info = trained(
+            f"ingredients/ft-{i:02d}.safetensors",
+            out / "pretrained.safetensors",
+            hp,
+            finetune_augment(hp["augment"]),
+            f"fine-tune {i + 1}/{config.ingredients}",
+        )
         ingredients.append({"name": f"ft-{i:02d}", **info})
 
-    manifest = {"format": ZOO_FORMAT, "config": config.to_dict(), "model": config.model.to_dict(),
-                "pretrained": pretrained, "ingredients": ingredients, "eval_sets": eval_files,
-                "build_seconds": round(time.time() - t0, 1)}
+    manifest = {
+        "format": ZOO_FORMAT,
+        "config": config.to_dict(),
+        "model": config.model.to_dict(),
+        "pretrained": pretrained,
+        "ingredients": ingredients,
+        "eval_sets": eval_files,
+        "build_seconds": round(time.time() - t0, 1),
+    }
     write_json(manifest_path, manifest)
     return out
 
@@ -257,8 +316,11 @@ def write_eval_sets(out: Path, config: ZooConfig, arrays: dict[str, np.ndarray])
     for s in fashion_mnist.build_eval_sets(arrays, val_idx, config.test_size):
         path = out / "data" / f"{s.name}.arrow"
         write_eval_set(s, path)
-        eval_files[s.name] = {"file": str(path.relative_to(out)), "rows": len(s),
-                              "sha256": content_sha256(s)}
+        eval_files[s.name] = {
+            "file": str(path.relative_to(out)),
+            "rows": len(s),
+            "sha256": content_sha256(s),
+        }
     return eval_files
 
 
@@ -274,15 +336,17 @@ def install_shipped_zoo(out: Path, shipped: Path = SHIPPED_ZOO) -> Path:
         shutil.copytree(shipped, tmp, ignore=shutil.ignore_patterns("*.tmp", "__pycache__"))
         where = fashion_mnist.data_dir()
         logger.info(f"[zoo] making the evaluation sets from Fashion-MNIST ({where})")
-        made = write_eval_sets(tmp, ZooConfig.from_dict(manifest["config"]),
-                               fashion_mnist.load_fashion_mnist())
+        made = write_eval_sets(
+            tmp, ZooConfig.from_dict(manifest["config"]), fashion_mnist.load_fashion_mnist()
+        )
         for name, entry in manifest["eval_sets"].items():
             if made.get(name, {}).get("sha256") != entry["sha256"]:
                 raise RaysoupError(
                     f"evaluation set {name!r} made on this machine differs from the shipped "
                     f"zoo's (sha256 {made.get(name, {}).get('sha256', 'missing')[:16]}... vs "
                     f"{entry['sha256'][:16]}...): is {where} the Debian package's "
-                    f"Fashion-MNIST, and numpy/scipy as in constraints.txt?")
+                    f"Fashion-MNIST, and numpy/scipy as in constraints.txt?"
+                )
     return out
 
 

@@ -45,7 +45,7 @@ class TextZooConfig:
     ingredients: int = 12
     seed: int = 0
     train_size: int | None = None  # a subset of the training rows (small test zoos)
-    eval_size: int | None = None   # rows per evaluation set (small test zoos)
+    eval_size: int | None = None  # rows per evaluation set (small test zoos)
     vocab_size: int = 2048
     hidden_size: int = 64
     layers: int = 2
@@ -84,10 +84,20 @@ class TextZooConfig:
 
 
 # A zoo of seconds, for tests.
-TINY_TEXT_ZOO = TextZooConfig(ingredients=3, train_size=600, eval_size=100, vocab_size=300,
-                              hidden_size=32, intermediate_size=64, max_length=48,
-                              mlm_epochs=0.5, pretrain_epochs=10.0, pretrain_lr=5e-3,
-                              finetune_epochs=(1.0, 2.0), finetune_lr=(1e-3, 3e-3))
+TINY_TEXT_ZOO = TextZooConfig(
+    ingredients=3,
+    train_size=600,
+    eval_size=100,
+    vocab_size=300,
+    hidden_size=32,
+    intermediate_size=64,
+    max_length=48,
+    mlm_epochs=0.5,
+    pretrain_epochs=10.0,
+    pretrain_lr=5e-3,
+    finetune_epochs=(1.0, 2.0),
+    finetune_lr=(1e-3, 3e-3),
+)
 
 
 def train_tokenizer(texts: list[str], config: TextZooConfig):
@@ -101,29 +111,42 @@ def train_tokenizer(texts: list[str], config: TextZooConfig):
     tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, WordPieceTrainer(vocab_size=config.vocab_size,
-                                                    special_tokens=list(SPECIALS)))
+    tok.train_from_iterator(
+        texts, WordPieceTrainer(vocab_size=config.vocab_size, special_tokens=list(SPECIALS))
+    )
     # The trainer numbers pieces of equal count in no fixed order; greedy WordPiece only
     # needs the set, so number it in a fixed order (specials first, then sorted).
     pieces = [*SPECIALS, *sorted(set(tok.get_vocab()) - set(SPECIALS))]
     tok.model = models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="[UNK]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)])
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)]
+    )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, model_max_length=config.max_length, pad_token="[PAD]",
-        unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+        tokenizer_object=tok,
+        model_max_length=config.max_length,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
 
 
 def bert_config(config: TextZooConfig, vocab_size: int):
     from transformers import BertConfig
+
     return BertConfig(
-        vocab_size=vocab_size, hidden_size=config.hidden_size,
-        num_hidden_layers=config.layers, num_attention_heads=config.heads,
+        vocab_size=vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
         intermediate_size=config.intermediate_size,
-        max_position_embeddings=config.max_positions, pad_token_id=PAD,
+        max_position_embeddings=config.max_positions,
+        pad_token_id=PAD,
         num_labels=len(fortunes.CLASSES),
         id2label=dict(enumerate(fortunes.CLASSES)),
-        label2id={c: i for i, c in enumerate(fortunes.CLASSES)})
+        label2id={c: i for i, c in enumerate(fortunes.CLASSES)},
+    )
 
 
 def encode(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -135,20 +158,19 @@ def pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), PAD, dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
+        ids[i, : len(r)] = torch.tensor(r)
     return ids, (ids != PAD).long()
 
 
-def length_batches(rows: list[list[int]], batch_size: int, gen: torch.Generator
-                   ) -> list[list[int]]:
+def length_batches(rows: list[list[int]], batch_size: int, gen: torch.Generator) -> list[list[int]]:
     """One epoch of batches in random order, each of rows of similar length (sorted within
     random groups of 16 batches), so little of a batch is padding."""
     order = torch.randperm(len(rows), generator=gen).tolist()
     group = 16 * batch_size
     batches = []
     for start in range(0, len(order), group):
-        part = sorted(order[start:start + group], key=lambda i: len(rows[i]))
-        batches += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
+        part = sorted(order[start : start + group], key=lambda i: len(rows[i]))
+        batches += [part[j : j + batch_size] for j in range(0, len(part), batch_size)]
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
@@ -174,9 +196,19 @@ def mask_tokens(ids: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, 
     return inputs, labels
 
 
-def train(model: torch.nn.Module, rows: list[list[int]], labels: np.ndarray | None, *,
-          epochs: float, lr: float, weight_decay: float, batch_size: int, seed: int,
-          label_smoothing: float = 0.0, token_dropout: float = 0.0) -> None:
+def train(
+    model: torch.nn.Module,
+    rows: list[list[int]],
+    labels: np.ndarray | None,
+    *,
+    epochs: float,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    seed: int,
+    label_smoothing: float = 0.0,
+    token_dropout: float = 0.0,
+) -> None:
     """AdamW, linear warm-up, cosine decay to zero; masked-LM when `labels` is None."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -185,7 +217,8 @@ def train(model: torch.nn.Module, rows: list[list[int]], labels: np.ndarray | No
     warmup = max(1, steps // 20)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps)))
+    )
     model.train()
     batches: list[list[int]] = []
     for _ in range(steps):
@@ -198,8 +231,9 @@ def train(model: torch.nn.Module, rows: list[list[int]], labels: np.ndarray | No
             loss = model(input_ids=inputs, attention_mask=attention, labels=targets).loss
         else:
             logits = model(input_ids=ids, attention_mask=attention).logits
-            loss = F.cross_entropy(logits, torch.from_numpy(labels[idx]),
-                                   label_smoothing=label_smoothing)
+            loss = F.cross_entropy(
+                logits, torch.from_numpy(labels[idx]), label_smoothing=label_smoothing
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -208,14 +242,15 @@ def train(model: torch.nn.Module, rows: list[list[int]], labels: np.ndarray | No
 
 
 @torch.no_grad()
-def correct(model: torch.nn.Module, rows: list[list[int]], labels: np.ndarray,
-            batch_size: int = 256) -> np.ndarray:
+def correct(
+    model: torch.nn.Module, rows: list[list[int]], labels: np.ndarray, batch_size: int = 256
+) -> np.ndarray:
     """Per-example top-1 correctness (bool), in batches of rows of similar length."""
     model.eval()
     order = np.argsort([len(r) for r in rows], kind="stable")
     predicted = np.empty(len(rows), dtype=np.int64)
     for start in range(0, len(rows), batch_size):
-        batch = order[start:start + batch_size]
+        batch = order[start : start + batch_size]
         ids, attention = pad([rows[i] for i in batch])
         predicted[batch] = model(input_ids=ids, attention_mask=attention).logits.argmax(-1)
     return predicted == labels
@@ -239,8 +274,7 @@ def _subset(text_set: fortunes.TextSet, size: int | None, seed: int) -> fortunes
     if size is None or size >= len(text_set):
         return text_set
     keep = np.sort(np.random.default_rng(seed).choice(len(text_set), size, replace=False))
-    return fortunes.TextSet(text_set.name, [text_set.texts[i] for i in keep],
-                             text_set.labels[keep])
+    return fortunes.TextSet(text_set.name, [text_set.texts[i] for i in keep], text_set.labels[keep])
 
 
 def write_text_eval_sets(out: Path, config: TextZooConfig, root: Path | None = None) -> dict:
@@ -252,8 +286,11 @@ def write_text_eval_sets(out: Path, config: TextZooConfig, root: Path | None = N
         s = _subset(s, config.eval_size, fortunes.SPLIT_SEED)
         path = out / "data" / f"{s.name}.arrow"
         fortunes.write_text_set(s, path)
-        entries[s.name] = {"file": str(path.relative_to(out)), "rows": len(s),
-                           "sha256": fortunes.text_content_sha256(s.texts, s.labels)}
+        entries[s.name] = {
+            "file": str(path.relative_to(out)),
+            "rows": len(s),
+            "sha256": fortunes.text_content_sha256(s.texts, s.labels),
+        }
     return entries
 
 
@@ -268,16 +305,17 @@ def build_text_zoo(out: Path, config: TextZooConfig, root: Path | None = None) -
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("config") != json.loads(json.dumps(config.to_dict())):
-            raise RaysoupError(f"{out} holds a text zoo built with a different config; choose "
-                               "another --out or delete it")
+            raise RaysoupError(
+                f"{out} holds a text zoo built with a different config; choose "
+                "another --out or delete it"
+            )
         return out
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
         t0 = time.time()
         out.mkdir(parents=True, exist_ok=True)
-        train_set = _subset(fortunes.topic_splits(root)["train"], config.train_size,
-                            config.seed)
+        train_set = _subset(fortunes.topic_splits(root)["train"], config.train_size, config.seed)
         eval_files = write_text_eval_sets(out, config, root)
         val = fortunes.read_text_set(out / eval_files["val"]["file"])
 
@@ -295,53 +333,104 @@ def build_text_zoo(out: Path, config: TextZooConfig, root: Path | None = None) -
         pre_rows, ft_pool = np.sort(pre_order[:n_pre]), np.sort(pre_order[n_pre:])
         torch.manual_seed(config.pretrain_seed)
         mlm = BertForMaskedLM(model_config)
-        train(mlm, rows, None, epochs=config.mlm_epochs, lr=config.mlm_lr, weight_decay=0.01,
-              batch_size=config.batch_size, seed=config.pretrain_seed)
+        train(
+            mlm,
+            rows,
+            None,
+            epochs=config.mlm_epochs,
+            lr=config.mlm_lr,
+            weight_decay=0.01,
+            batch_size=config.batch_size,
+            seed=config.pretrain_seed,
+        )
         logger.info(f"[text zoo] masked-LM pretraining done ({time.time() - t0:.0f}s)")
         torch.manual_seed(config.pretrain_seed)
         model = BertForSequenceClassification(model_config)
         model.bert.load_state_dict(mlm.bert.state_dict(), strict=False)  # no pooler in MLM
-        pre_hp = {"mlm_epochs": config.mlm_epochs, "mlm_lr": config.mlm_lr,
-                  "epochs": config.pretrain_epochs, "lr": config.pretrain_lr,
-                  "weight_decay": 0.01, "rows": len(pre_rows), "seed": config.pretrain_seed}
-        train(model, [rows[i] for i in pre_rows], labels[pre_rows],
-              epochs=config.pretrain_epochs, lr=config.pretrain_lr, weight_decay=0.01,
-              batch_size=config.batch_size, seed=config.pretrain_seed)
+        pre_hp = {
+            "mlm_epochs": config.mlm_epochs,
+            "mlm_lr": config.mlm_lr,
+            "epochs": config.pretrain_epochs,
+            "lr": config.pretrain_lr,
+            "weight_decay": 0.01,
+            "rows": len(pre_rows),
+            "seed": config.pretrain_seed,
+        }
+        train(
+            model,
+            [rows[i] for i in pre_rows],
+            labels[pre_rows],
+            epochs=config.pretrain_epochs,
+            lr=config.pretrain_lr,
+            weight_decay=0.01,
+            batch_size=config.batch_size,
+            seed=config.pretrain_seed,
+        )
         model.save_pretrained(out / "pretrained")
         tokenizer.save_pretrained(out / "pretrained")
-        pretrained = {"file": "pretrained", "hyperparameters": pre_hp, "val_acc": val_acc(model),
-                      "sha256": file_sha256(out / "pretrained" / WEIGHTS)}
-        logger.info(f"[text zoo] pretrained: val {pretrained['val_acc']:.4f} "
-                    f"({time.time() - t0:.0f}s)")
+        pretrained = {
+            "file": "pretrained",
+            "hyperparameters": pre_hp,
+            "val_acc": val_acc(model),
+            "sha256": file_sha256(out / "pretrained" / WEIGHTS),
+        }
+        logger.info(
+            f"[text zoo] pretrained: val {pretrained['val_acc']:.4f} ({time.time() - t0:.0f}s)"
+        )
         base_state = {k: v.clone() for k, v in model.state_dict().items()}
 
         ingredients = []
         for i in range(config.ingredients):
             hp = draw_hyperparameters(config, i)
-            mine = np.sort(np.random.default_rng(hp["seed"]).choice(
-                ft_pool, round(config.finetune_data_fraction * len(ft_pool)), replace=False))
+            mine = np.sort(
+                np.random.default_rng(hp["seed"]).choice(
+                    ft_pool, round(config.finetune_data_fraction * len(ft_pool)), replace=False
+                )
+            )
             model.load_state_dict(base_state)
-            train(model, [rows[j] for j in mine], labels[mine], epochs=hp["epochs"],
-                  lr=hp["lr"], weight_decay=hp["weight_decay"], batch_size=config.batch_size,
-                  seed=hp["seed"], label_smoothing=hp["label_smoothing"],
-                  token_dropout=hp["token_dropout"])
+            train(
+                model,
+                [rows[j] for j in mine],
+                labels[mine],
+                epochs=hp["epochs"],
+                lr=hp["lr"],
+                weight_decay=hp["weight_decay"],
+                batch_size=config.batch_size,
+                seed=hp["seed"],
+                label_smoothing=hp["label_smoothing"],
+                token_dropout=hp["token_dropout"],
+            )
             name = f"ft-{i:02d}"
             model.save_pretrained(out / "ingredients" / name)
-            ingredients.append({"name": name, "file": f"ingredients/{name}",
-                                "hyperparameters": {**hp, "rows": len(mine)},
-                                "val_acc": val_acc(model),
-                                "sha256": file_sha256(out / "ingredients" / name / WEIGHTS)})
-            logger.info(f"[text zoo] {name}: val {ingredients[-1]['val_acc']:.4f} "
-                        f"({time.time() - t0:.0f}s)")
+            ingredients.append(
+                {
+                    "name": name,
+                    "file": f"ingredients/{name}",
+                    "hyperparameters": {**hp, "rows": len(mine)},
+                    "val_acc": val_acc(model),
+                    "sha256": file_sha256(out / "ingredients" / name / WEIGHTS),
+                }
+            )
+            logger.info(
+                f"[text zoo] {name}: val {ingredients[-1]['val_acc']:.4f} ({time.time() - t0:.0f}s)"
+            )
 
         manifest = {
-            "format": TEXT_ZOO_FORMAT, "config": config.to_dict(),
-            "model": {"family": "transformers", "task": "sequence-classification",
-                      "path": "pretrained", "num_classes": len(fortunes.CLASSES),
-                      "max_length": config.max_length},  # as trained: evaluate so too
+            "format": TEXT_ZOO_FORMAT,
+            "config": config.to_dict(),
+            "model": {
+                "family": "transformers",
+                "task": "sequence-classification",
+                "path": "pretrained",
+                "num_classes": len(fortunes.CLASSES),
+                "max_length": config.max_length,
+            },  # as trained: evaluate so too
             "classes": list(fortunes.CLASSES),
-            "pretrained": pretrained, "ingredients": ingredients, "eval_sets": eval_files,
-            "build_seconds": round(time.time() - t0, 1)}
+            "pretrained": pretrained,
+            "ingredients": ingredients,
+            "eval_sets": eval_files,
+            "build_seconds": round(time.time() - t0, 1),
+        }
         manifest["calibration"] = calibrate(out, manifest)
         write_json(manifest_path, manifest)
         return out
@@ -351,6 +440,7 @@ def build_text_zoo(out: Path, config: TextZooConfig, root: Path | None = None) -
 
 def _load(path: Path):
     from transformers import AutoModelForSequenceClassification
+
     return AutoModelForSequenceClassification.from_pretrained(path)
 
 
@@ -363,29 +453,42 @@ def calibrate(zoo: Path, manifest: dict) -> dict:
 
     zoo = Path(zoo)
     tokenizer = AutoTokenizer.from_pretrained(zoo / manifest["model"]["path"])
-    sets = {name: fortunes.read_text_set(zoo / e["file"])
-            for name, e in manifest["eval_sets"].items()}
+    sets = {
+        name: fortunes.read_text_set(zoo / e["file"]) for name, e in manifest["eval_sets"].items()
+    }
     encoded = {name: (encode(tokenizer, s.texts), s.labels) for name, s in sets.items()}
     best = max(manifest["ingredients"], key=lambda e: e["val_acc"])
     states = [_load(zoo / e["file"]).state_dict() for e in manifest["ingredients"]]
     soup = _load(zoo / manifest["pretrained"]["file"])
-    soup.load_state_dict({k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
-                          for k, v in states[0].items()})
+    soup.load_state_dict(
+        {
+            k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
+            for k, v in states[0].items()
+        }
+    )
     best_label = f"best ingredient ({best['name']})"
-    models = {"pretrained": _load(zoo / manifest["pretrained"]["file"]),
-              best_label: _load(zoo / best["file"]), "uniform soup": soup}
-    hits = {label: {name: correct(m, *encoded[name]) for name in sets}
-            for label, m in models.items()}
-    out = {label: {name: float(h.mean()) for name, h in per_set.items()}
-           for label, per_set in hits.items()}
+    models = {
+        "pretrained": _load(zoo / manifest["pretrained"]["file"]),
+        best_label: _load(zoo / best["file"]),
+        "uniform soup": soup,
+    }
+    hits = {
+        label: {name: correct(m, *encoded[name]) for name in sets} for label, m in models.items()
+    }
+    out = {
+        label: {name: float(h.mean()) for name, h in per_set.items()}
+        for label, per_set in hits.items()
+    }
     shifted = [name for name in sets if name not in ("val", "id")]
-    out["uniform soup - best ingredient"] = stats.compare(hits["uniform soup"],
-                                                          hits[best_label], shifted)
+    out["uniform soup - best ingredient"] = stats.compare(
+        hits["uniform soup"], hits[best_label], shifted
+    )
     return out
 
 
-def install_shipped_text_zoo(out: Path, shipped: Path = SHIPPED_TEXT_ZOO,
-                             root: Path | None = None) -> Path:
+def install_shipped_text_zoo(
+    out: Path, shipped: Path = SHIPPED_TEXT_ZOO, root: Path | None = None
+) -> Path:
     """The shipped text zoo in `out`: weights and tokenizer copied, evaluation sets made from
     the fortunes package and checked against the shipped manifest's sha256."""
     out = Path(out)
@@ -403,7 +506,8 @@ def install_shipped_text_zoo(out: Path, shipped: Path = SHIPPED_TEXT_ZOO,
                 raise RaysoupError(
                     f"text set {name!r} made on this machine differs from the shipped zoo's "
                     f"(sha256 {got[:16]}... vs {entry['sha256'][:16]}...): is {where} Debian's "
-                    f"`fortunes` package (1:1.99.1-7.3)?")
+                    f"`fortunes` package (1:1.99.1-7.3)?"
+                )
     return out
 
 

@@ -17,15 +17,29 @@ from ..testbed.image import QUICK_ZOO, SHIPPED_ZOO, ZooConfig, build_zoo, instal
 
 logger = logging.getLogger(__name__)
 
-ALL_METHODS = ("best_individual", "uniform_soup", "greedy_soup", "model_stock",
-               "task_arithmetic", "ties_merging", "tsv_merge", "iso_c", "iso_cts",
-               "fisher_merging", "regmean", "learned_soup", "adamerging", "manifold_mix")
+ALL_METHODS = (
+    "best_individual",
+    "uniform_soup",
+    "greedy_soup",
+    "model_stock",
+    "task_arithmetic",
+    "ties_merging",
+    "tsv_merge",
+    "iso_c",
+    "iso_cts",
+    "fisher_merging",
+    "regmean",
+    "learned_soup",
+    "adamerging",
+    "manifold_mix",
+)
 # The image demo's default, so that a fresh clone finishes within 15 minutes on 2 cores:
 # every method but the slowest data passes (per-image Fisher gradients, RegMean's Grams,
 # AdaMerging's training) and Iso-CTS, and no judging of every ingredient on every set (their
 # rows and scatter.png). `--all` (and --quick, --text) run ALL_METHODS and judge them.
-DEMO_METHODS = tuple(m for m in ALL_METHODS
-                     if m not in ("iso_cts", "fisher_merging", "regmean", "adamerging"))
+DEMO_METHODS = tuple(
+    m for m in ALL_METHODS if m not in ("iso_cts", "fisher_merging", "regmean", "adamerging")
+)
 # The demo's reduced ManifoldMix budget (the reference spends 30 per component per pass).
 DEMO_EVALS_PER_COMPONENT = 10
 QUICK_EVALS_PER_COMPONENT = 4
@@ -75,6 +89,7 @@ def demo_zoo(quick: bool = False, zoo_dir: Path | None = None) -> Path:
 def shipped_text_zoo_dir() -> Path:
     """The shipped fortunes text zoo, installed into the cache on first use."""
     from ..testbed.text import SHIPPED_TEXT_ZOO, install_shipped_text_zoo
+
     digest = hashlib.sha256((SHIPPED_TEXT_ZOO / "manifest.json").read_bytes()).hexdigest()
     zoo_dir = cache_dir() / f"text-testbed-{digest[:12]}"
     if not (zoo_dir / "manifest.json").is_file():
@@ -82,21 +97,31 @@ def shipped_text_zoo_dir() -> Path:
     return install_shipped_text_zoo(zoo_dir)
 
 
-def run_demo(out: Path | None = None, quick: bool = False, zoo_dir: Path | None = None,
-             verify_sha256: bool = True, text: bool = False, every_method: bool = False
-             ) -> dict:
+def run_demo(
+    out: Path | None = None,
+    quick: bool = False,
+    zoo_dir: Path | None = None,
+    verify_sha256: bool = True,
+    text: bool = False,
+    every_method: bool = False,
+) -> dict:
     """DEMO_METHODS on the shipped image zoo; ALL_METHODS with `every_method`, `quick` (the
     small zoo) or `text` (the shipped text zoo)."""
     if text and zoo_dir is None:
         if quick:
-            raise RaysoupError("raysoup demo --text has no --quick: the shipped text zoo is "
-                               "the small one")
+            raise RaysoupError(
+                "raysoup demo --text has no --quick: the shipped text zoo is the small one"
+            )
         zoo_dir = shipped_text_zoo_dir()
     zoo_dir = demo_zoo(quick, zoo_dir)
     budget = QUICK_EVALS_PER_COMPONENT if quick else DEMO_EVALS_PER_COMPONENT
     everything = every_method or quick or text
-    config = RunConfig(PoolConfig(str(zoo_dir), verify_sha256), fresh_run_dir(out),
-                       methods=ALL_METHODS if everything else DEMO_METHODS,
-                       options={"manifold_mix": ManifoldMixConfig(evals_per_component=budget)},
-                       resources=DEMO_RESOURCES, report_ingredients=everything)
+    config = RunConfig(
+        PoolConfig(str(zoo_dir), verify_sha256),
+        fresh_run_dir(out),
+        methods=ALL_METHODS if everything else DEMO_METHODS,
+        options={"manifold_mix": ManifoldMixConfig(evals_per_component=budget)},
+        resources=DEMO_RESOURCES,
+        report_ingredients=everything,
+    )
     return execute(config, extra={"quick": quick, "text": text})

@@ -49,8 +49,8 @@ SHOW_SKIPPED = 5  # paths named in the warning about unreadable images
 
 
 class Item(NamedTuple):
-    path: str   # as the user knows it: relative to the folder / as written in the table
-    file: str   # where to open it
+    path: str  # as the user knows it: relative to the folder / as written in the table
+    file: str  # where to open it
     label: int  # index into the class list
 
 
@@ -65,6 +65,7 @@ class ClassList(NamedTuple):
 @dataclass
 class ShardTask:
     """One worker's job; it travels to the worker process by pickle, transform included."""
+
     name: str
     items: list[Item]
     transform: Callable
@@ -73,11 +74,19 @@ class ShardTask:
     strict: bool
 
 
-def prepare_dataset(src: str | Path, out: str | Path, *, arch: str | None = None,
-                    image_size: int | None = None,
-                    classes: Sequence[str] | str | Path | None = None,
-                    val_fraction: float | None = None, seed: int = 0, workers: int | None = None,
-                    shard_size: int = 1000, strict: bool = False) -> dict:
+def prepare_dataset(
+    src: str | Path,
+    out: str | Path,
+    *,
+    arch: str | None = None,
+    image_size: int | None = None,
+    classes: Sequence[str] | str | Path | None = None,
+    val_fraction: float | None = None,
+    seed: int = 0,
+    workers: int | None = None,
+    shard_size: int = 1000,
+    strict: bool = False,
+) -> dict:
     """Prepare `src` into `out` (see the module docstring); returns the dataset.json dict."""
     src, out = Path(src), Path(out)
     workers = (os.cpu_count() or 1) if workers is None else workers
@@ -93,33 +102,65 @@ def prepare_dataset(src: str | Path, out: str | Path, *, arch: str | None = None
     if val_fraction is not None:
         val, train = split_per_class(items, val_fraction, seed)
         split_settings = {"seed": seed, "fraction": val_fraction}
-        split = {**split_settings,
-                 "val": [it.path for it in val], "train": [it.path for it in train]}
-        logger.info(f"[prepare] validation split (seed {seed}): {len(val)} of {len(items)} images, "
-                    f"{val_fraction:g} of each class; only these are written")
+        split = {
+            **split_settings,
+            "val": [it.path for it in val],
+            "train": [it.path for it in train],
+        }
+        logger.info(
+            f"[prepare] validation split (seed {seed}): {len(val)} of {len(items)} images, "
+            f"{val_fraction:g} of each class; only these are written"
+        )
         items = val
 
-    _claim(out, {"format": FORMAT, "source": str(src.resolve()), "classes": names,
-                 "preprocess": cfg, "shard_size": shard_size, "strict": strict,
-                 "split": split_settings, "items": [[it.path, it.label] for it in items]})
+    _claim(
+        out,
+        {
+            "format": FORMAT,
+            "source": str(src.resolve()),
+            "classes": names,
+            "preprocess": cfg,
+            "shard_size": shard_size,
+            "strict": strict,
+            "split": split_settings,
+            "items": [[it.path, it.label] for it in items],
+        },
+    )
     transform = pil_transform(cfg)
-    tasks = [ShardTask(out.resolve().name, items[start:start + shard_size], transform,
-                       *_shard_files(out, i), strict)
-             for i, start in enumerate(range(0, len(items), shard_size))]
+    tasks = [
+        ShardTask(
+            out.resolve().name,
+            items[start : start + shard_size],
+            transform,
+            *_shard_files(out, i),
+            strict,
+        )
+        for i, start in enumerate(range(0, len(items), shard_size))
+    ]
     results = _run(tasks, workers)
 
     skipped = [s for r in results for s in r["skipped"]]
     rows = sum(r["rows"] for r in results)
     if rows == 0:
-        raise DataError(f"none of the {len(items)} images in {src} could be read "
-                        f"(first: {skipped[0]['path']}: {skipped[0]['error']})")
+        raise DataError(
+            f"none of the {len(items)} images in {src} could be read "
+            f"(first: {skipped[0]['path']}: {skipped[0]['error']})"
+        )
     if skipped:
         _warn_skipped(skipped)
-    info = {"format": FORMAT, "name": out.resolve().name, "source": str(src), "classes": names,
-            "image_size": list(_height_width(cfg["size"])), "preprocess": cfg, "rows": rows,
-            # a shard whose every image was skipped has no file (an empty set is unreadable)
-            "shards": [t.arrow.name for t, r in zip(tasks, results) if r["rows"]],
-            "skipped": skipped, "split": split}
+    info = {
+        "format": FORMAT,
+        "name": out.resolve().name,
+        "source": str(src),
+        "classes": names,
+        "image_size": list(_height_width(cfg["size"])),
+        "preprocess": cfg,
+        "rows": rows,
+        # a shard whose every image was skipped has no file (an empty set is unreadable)
+        "shards": [t.arrow.name for t, r in zip(tasks, results) if r["rows"]],
+        "skipped": skipped,
+        "split": split,
+    }
     write_json(out / "dataset.json", info)
     logger.info(f"[prepare] {rows} images in {len(info['shards'])} shards: {out}")
     return info
@@ -128,20 +169,30 @@ def prepare_dataset(src: str | Path, out: str | Path, *, arch: str | None = None
 def _warn_skipped(skipped: list[dict]) -> None:
     shown = ", ".join(s["path"] for s in skipped[:SHOW_SKIPPED])
     more = ", ..." if len(skipped) > SHOW_SKIPPED else ""
-    logger.warning(f"[prepare] warning: skipped {len(skipped)} unreadable image(s): {shown}{more} "
-                f"(all listed in dataset.json)")
+    logger.warning(
+        f"[prepare] warning: skipped {len(skipped)} unreadable image(s): {shown}{more} "
+        f"(all listed in dataset.json)"
+    )
 
 
 def _check_settings(arch, image_size, val_fraction, workers, shard_size) -> None:
     """Refuse bad arguments before any file is read."""
     if (arch is None) == (image_size is None):
-        raise DataError("give exactly one of arch (an open_clip model whose preprocessing to "
-                        f"apply) and image_size; got arch={arch!r}, image_size={image_size!r}")
-    checks = [(image_size is None or image_size >= 1, "image_size", image_size, "at least 1"),
-              (val_fraction is None or 0 < val_fraction < 1, "val_fraction", val_fraction,
-               "between 0 and 1 (exclusive)"),
-              (workers >= 1, "workers", workers, "at least 1"),
-              (shard_size >= 1, "shard_size", shard_size, "at least 1")]
+        raise DataError(
+            "give exactly one of arch (an open_clip model whose preprocessing to "
+            f"apply) and image_size; got arch={arch!r}, image_size={image_size!r}"
+        )
+    checks = [
+        (image_size is None or image_size >= 1, "image_size", image_size, "at least 1"),
+        (
+            val_fraction is None or 0 < val_fraction < 1,
+            "val_fraction",
+            val_fraction,
+            "between 0 and 1 (exclusive)",
+        ),
+        (workers >= 1, "workers", workers, "at least 1"),
+        (shard_size >= 1, "shard_size", shard_size, "at least 1"),
+    ]
     for ok, name, value, need in checks:
         if not ok:
             raise DataError(f"{name} = {value!r}: must be {need}")
@@ -174,8 +225,10 @@ def _collect(src: Path, class_list: ClassList | None) -> tuple[list[str], list[I
     elif src.is_file() and src.suffix.lower() in TABLE_SUFFIXES:
         names, items = _table_items(src, class_list)
     elif src.exists():
-        raise DataError(f"{src}: need an image folder (one sub-folder per class) or a "
-                        f"{' / '.join(TABLE_SUFFIXES)} table with columns path, label")
+        raise DataError(
+            f"{src}: need an image folder (one sub-folder per class) or a "
+            f"{' / '.join(TABLE_SUFFIXES)} table with columns path, label"
+        )
     else:
         raise DataError(f"{src} does not exist")
     return names, sorted(items, key=lambda it: (it.label, it.path))
@@ -191,15 +244,17 @@ def _folder_items(src: Path, class_list: ClassList | None) -> tuple[list[str], l
     items = []
     for folder in folders:
         if folder.name not in index:
-            raise DataError(f"class folder {folder.name!r} (in {src}) is not in the class list "
-                            f"({class_list.describe()})")
-        files = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                 and p.is_file()]
+            raise DataError(
+                f"class folder {folder.name!r} (in {src}) is not in the class list "
+                f"({class_list.describe()})"
+            )
+        files = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
         if not files:
-            raise DataError(f"class folder {folder} has no images "
-                            f"({' '.join(IMAGE_SUFFIXES)}, searched recursively)")
-        items += [Item(p.relative_to(src).as_posix(), str(p), index[folder.name])
-                  for p in files]
+            raise DataError(
+                f"class folder {folder} has no images "
+                f"({' '.join(IMAGE_SUFFIXES)}, searched recursively)"
+            )
+        items += [Item(p.relative_to(src).as_posix(), str(p), index[folder.name]) for p in files]
     return names, items
 
 
@@ -207,8 +262,10 @@ def _table_items(table_file: Path, class_list: ClassList | None) -> tuple[list[s
     paths, labels = _read_table(table_file)
     integer = pa.types.is_integer(labels.type)
     if integer and class_list is None:
-        raise DataError(f"{table_file}: integer labels are indices into a class list; give "
-                        f"the classes (a file with one name per line)")
+        raise DataError(
+            f"{table_file}: integer labels are indices into a class list; give "
+            f"the classes (a file with one name per line)"
+        )
     labels = labels.to_pylist()
     for i, (path, label) in enumerate(zip(paths, labels)):
         if not path or label is None or label == "":
@@ -220,15 +277,17 @@ def _table_items(table_file: Path, class_list: ClassList | None) -> tuple[list[s
     for i, (path, label) in enumerate(zip(paths, labels)):
         where = f"row {i + 1} of {table_file.name}"
         if integer and not 0 <= label < len(names):
-            raise DataError(f"label {label} ({where}) is out of range for the class list "
-                            f"({class_list.describe()})")
+            raise DataError(
+                f"label {label} ({where}) is out of range for the class list "
+                f"({class_list.describe()})"
+            )
         if not integer and label not in index:
-            raise DataError(f"label {label!r} ({where}) is not in the class list "
-                            f"({class_list.describe()})")
+            raise DataError(
+                f"label {label!r} ({where}) is not in the class list ({class_list.describe()})"
+            )
         file = os.path.normpath(root / path)
         if file in rows_of:  # one image, one label: a duplicate is a mistake in the table
-            raise DataError(f"image {path} ({where}) is already listed in row "
-                            f"{rows_of[file] + 1}")
+            raise DataError(f"image {path} ({where}) is already listed in row {rows_of[file] + 1}")
         rows_of[file] = i
         items.append(Item(path, file, label if integer else index[label]))
     _check_exist(items, table_file, rows_of)
@@ -247,17 +306,24 @@ def _read_table(table_file: Path) -> tuple[list[str], pa.Array]:
         raise DataError(f"cannot read {table_file}: {e}") from e
     missing = {"path", "label"} - set(table.column_names)
     if missing:
-        raise DataError(f"{table_file} lacks column(s) {', '.join(sorted(missing))} (has "
-                        f"{', '.join(table.column_names)}; need path, label)")
+        raise DataError(
+            f"{table_file} lacks column(s) {', '.join(sorted(missing))} (has "
+            f"{', '.join(table.column_names)}; need path, label)"
+        )
     if table.num_rows == 0:
         raise DataError(f"{table_file} has no rows")
     labels = table.column("label").combine_chunks()
     if pa.types.is_dictionary(labels.type):  # pandas writes a categorical column this way
         labels = labels.dictionary_decode()
-    if not (pa.types.is_integer(labels.type) or pa.types.is_string(labels.type)
-            or pa.types.is_large_string(labels.type)):
-        raise DataError(f"{table_file}: label column has type {labels.type}; need class names "
-                        f"(text) or indices into the class list (integers)")
+    if not (
+        pa.types.is_integer(labels.type)
+        or pa.types.is_string(labels.type)
+        or pa.types.is_large_string(labels.type)
+    ):
+        raise DataError(
+            f"{table_file}: label column has type {labels.type}; need class names "
+            f"(text) or indices into the class list (integers)"
+        )
     return table.column("path").cast(pa.string()).to_pylist(), labels
 
 
@@ -265,12 +331,13 @@ def _check_exist(items: list[Item], table_file: Path, rows_of: dict[str, int]) -
     missing = [it for it in items if not os.path.isfile(it.file)]
     if missing:
         shown = ", ".join(f"{it.path} (row {rows_of[it.file] + 1})" for it in missing[:3])
-        raise DataError(f"{len(missing)} image(s) listed in {table_file} do not exist "
-                        f"(relative paths are from {table_file.parent}): {shown}")
+        raise DataError(
+            f"{len(missing)} image(s) listed in {table_file} do not exist "
+            f"(relative paths are from {table_file.parent}): {shown}"
+        )
 
 
-def split_per_class(items: list[Item], fraction: float, seed: int
-                    ) -> tuple[list[Item], list[Item]]:
+def split_per_class(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
     """(val, train): `fraction` of each class held out, rounded half up and at least one,
     so every class is validated. Both keep the items' order."""
     rng = np.random.default_rng(seed)
@@ -294,6 +361,7 @@ def preprocess_cfg(arch: str | None, image_size: int | None) -> dict:
         except RaysoupError as e:
             raise DataError(str(e)) from None
     from open_clip.transform import PreprocessCfg
+
     return json.loads(json.dumps(asdict(PreprocessCfg(size=image_size))))
 
 
@@ -301,6 +369,7 @@ def pil_transform(cfg: dict) -> Callable:
     """open_clip's eval transform for `cfg`, up to (not including) ToTensor: PIL in, PIL out."""
     from open_clip.transform import MaybeToTensor, PreprocessCfg, image_transform_v2
     from torchvision.transforms import Compose
+
     steps = image_transform_v2(PreprocessCfg(**cfg), is_train=False).transforms
     cut = next(i for i, step in enumerate(steps) if isinstance(step, MaybeToTensor))
     return Compose(steps[:cut])
@@ -325,12 +394,15 @@ def _claim(out: Path, plan: dict) -> None:
             raise DataError(f"cannot read {plan_file}: {e}; pick another --out") from e
         if old != plan:
             differ = sorted(k for k in plan.keys() | old.keys() if old.get(k) != plan.get(k))
-            raise DataError(f"{out} holds another preparation (its plan.json differs in "
-                            f"{', '.join(differ)}): pick another --out, or delete {out}")
+            raise DataError(
+                f"{out} holds another preparation (its plan.json differs in "
+                f"{', '.join(differ)}): pick another --out, or delete {out}"
+            )
         return
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out} exists and is not a `raysoup prepare` output (no plan.json): "
-                        f"pick another --out")
+        raise DataError(
+            f"{out} exists and is not a `raysoup prepare` output (no plan.json): pick another --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     write_json(plan_file, plan, indent=None)  # compact: it lists every image
 
@@ -341,7 +413,9 @@ def _run(tasks: list[ShardTask], workers: int) -> list[dict]:
     results = [_finished(t) for t in tasks]
     todo = [i for i, r in enumerate(results) if r is None]
     if len(todo) < len(tasks):
-        logger.info(f"[prepare] resuming: {len(tasks) - len(todo)} of {len(tasks)} shards already done")
+        logger.info(
+            f"[prepare] resuming: {len(tasks) - len(todo)} of {len(tasks)} shards already done"
+        )
     if not todo:
         return results
     bar = tqdm(total=sum(len(tasks[i].items) for i in todo), desc="[prepare]", unit="img")
@@ -384,8 +458,9 @@ def prepare_shard(task: ShardTask) -> dict:
         images.append(array.transpose(2, 0, 1))  # HWC -> CHW
         labels.append(item.label)
     if images:
-        write_eval_set(EvalSet(task.name, np.stack(images), np.array(labels, dtype=np.int64)),
-                       task.arrow)
+        write_eval_set(
+            EvalSet(task.name, np.stack(images), np.array(labels, dtype=np.int64)), task.arrow
+        )
     result = {"rows": len(images), "skipped": skipped}
     write_json(task.record, result)
     return result

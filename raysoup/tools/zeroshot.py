@@ -24,8 +24,10 @@ from ..errors import RaysoupError
 from ..inputs.model import arch_config, clip_model, to_classifier_layout
 from ..inputs.pool import StateDict, load_state_dict
 
-TEMPLATES = {"openai": zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES,
-             "simple": zero_shot_metadata.SIMPLE_IMAGENET_TEMPLATES}
+TEMPLATES = {
+    "openai": zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES,
+    "simple": zero_shot_metadata.SIMPLE_IMAGENET_TEMPLATES,
+}
 # open_clip's weight files on the Hugging Face hub, safetensors first.
 HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
@@ -38,12 +40,17 @@ def resolve_pretrained(arch: str, pretrained: str) -> str:
     cfg = open_clip.get_pretrained_cfg(arch, pretrained)
     if not cfg:
         tags = open_clip.list_pretrained_tags_by_model(arch)
-        raise RaysoupError(f"pretrained {pretrained!r}: neither a file nor an open_clip tag of "
-                           f"{arch} (tags: {', '.join(tags) or 'none'})")
+        raise RaysoupError(
+            f"pretrained {pretrained!r}: neither a file nor an open_clip tag of "
+            f"{arch} (tags: {', '.join(tags) or 'none'})"
+        )
     if cfg.get("quick_gelu") and "quickgelu" not in arch.lower():
-        raise RaysoupError(f"the {pretrained!r} weights were trained with QuickGELU: use arch "
-                           f"{arch}-quickgelu (model soups ingredients need it too)")
+        raise RaysoupError(
+            f"the {pretrained!r} weights were trained with QuickGELU: use arch "
+            f"{arch}-quickgelu (model soups ingredients need it too)"
+        )
     from huggingface_hub import hf_hub_download
+
     # "org/model/" or "org/model/file", as open_clip splits it
     repo_id, filename = os.path.split(cfg.get("hf_hub", ""))
     for name in ([filename] if filename else HF_WEIGHT_FILES) if repo_id else []:
@@ -55,7 +62,8 @@ def resolve_pretrained(arch: str, pretrained: str) -> str:
         f"pretrained weights {arch}/{pretrained} are not on this machine, and raysoup never "
         f"downloads (looked in the Hugging Face cache for {repo_id or 'a hub entry'}). Fetch "
         f"them once where there is network (`huggingface-cli download {repo_id}`), or give "
-        f"the path of a checkpoint file")
+        f"the path of a checkpoint file"
+    )
 
 
 def load_clip(arch: str, pretrained: str) -> torch.nn.Module:
@@ -66,8 +74,9 @@ def load_clip(arch: str, pretrained: str) -> torch.nn.Module:
     try:
         model.load_state_dict(load_state_dict(path), strict=True)
     except RuntimeError as e:
-        raise RaysoupError(f"{path} is not an open_clip {arch} checkpoint: "
-                           f"{str(e).splitlines()[0]}") from None
+        raise RaysoupError(
+            f"{path} is not an open_clip {arch} checkpoint: {str(e).splitlines()[0]}"
+        ) from None
     return model.eval()
 
 
@@ -90,19 +99,22 @@ def templates_for(name_or_file: str) -> Sequence[str]:
     templates = read_lines(name_or_file, "templates")
     bad = [t for t in templates if "{}" not in t]
     if bad:
-        raise RaysoupError(f"templates file {name_or_file}: prompt {bad[0]!r} has no '{{}}' "
-                           f"for the class name")
+        raise RaysoupError(
+            f"templates file {name_or_file}: prompt {bad[0]!r} has no '{{}}' for the class name"
+        )
     return templates
 
 
 @torch.no_grad()
-def zeroshot_classifier(clip: torch.nn.Module, arch: str, classnames: Sequence[str],
-                        templates: Sequence) -> StateDict:
+def zeroshot_classifier(
+    clip: torch.nn.Module, arch: str, classnames: Sequence[str], templates: Sequence
+) -> StateDict:
     """The classifier state dict (our layout) of `clip` with a zero-shot head."""
     if len(set(classnames)) != len(classnames):
         raise RaysoupError("class names must be distinct")
     weights = open_clip.build_zero_shot_classifier(
-        clip, open_clip.get_tokenizer(arch), classnames, templates)  # (embed_dim, classes)
+        clip, open_clip.get_tokenizer(arch), classnames, templates
+    )  # (embed_dim, classes)
     head = (weights.T * clip.logit_scale.exp()).contiguous()
     state = to_classifier_layout({f"model.{k}": v for k, v in clip.state_dict().items()})
     state["classification_head.weight"] = head

@@ -24,8 +24,13 @@ from ..helpers import assert_measured, cluster_client_env, load_local_cluster, w
 
 local = load_local_cluster()
 # Two 1-CPU evaluators on three 1-CPU workers: one CPU left for a restart after a node dies.
-RESOURCES = {"evaluators": 2, "cpus_per_evaluator": 1, "max_failures": 5,
-             "eval_timeout_s": 60, "start_timeout_s": 120}
+RESOURCES = {
+    "evaluators": 2,
+    "cpus_per_evaluator": 1,
+    "max_failures": 5,
+    "eval_timeout_s": 60,
+    "start_timeout_s": 120,
+}
 pytestmark = pytest.mark.slow
 
 
@@ -34,9 +39,13 @@ def cluster():
     # The head has no CPU, so evaluators land on workers; drivers attach to the head.
     # A generous start limit: on a loaded 2-core machine the head (with its dashboard) once
     # took over 60 s to register.
-    with local.LocalCluster(head=local.NodeSpec(cpus=0), workers=[local.NodeSpec(cpus=1)] * 3,
-                            fast_failure_detection=True, dashboard=True,
-                            start_timeout=180) as c:
+    with local.LocalCluster(
+        head=local.NodeSpec(cpus=0),
+        workers=[local.NodeSpec(cpus=1)] * 3,
+        fast_failure_detection=True,
+        dashboard=True,
+        start_timeout=180,
+    ) as c:
         yield c
 
 
@@ -51,9 +60,14 @@ print(json.dumps({a.actor_id: a.num_restarts for a in actors}))
 
 
 def evaluator_restarts(cluster) -> dict[str, int]:
-    out = subprocess.run([sys.executable, "-c", RESTARTS_SCRIPT, cluster.dashboard_url],
-                         env={**cluster_client_env(cluster), **cluster.client_env},
-                         capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", RESTARTS_SCRIPT, cluster.dashboard_url],
+        env={**cluster_client_env(cluster), **cluster.client_env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -65,9 +79,22 @@ def run_config(tmp_path, soup_zoo, name: str):
 def start_run(cluster, config, cache: Path, *flags) -> subprocess.Popen:
     """`raysoup run CONFIG --address 127.0.0.1:PORT`, as a user would type it."""
     return subprocess.Popen(
-        [sys.executable, "-m", "raysoup.cli", "run", str(config), "--address",
-         cluster.address, *flags], env=cluster_client_env(cluster, cache),
-        start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "raysoup.cli",
+            "run",
+            str(config),
+            "--address",
+            cluster.address,
+            *flags,
+        ],
+        env=cluster_client_env(cluster, cache),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_for(path, proc, timeout=300):
@@ -100,10 +127,24 @@ def fault_free(cluster, soup_zoo, tmp_path_factory):
     # The entrypoint runs in the cluster's environment, not the submitter's: its own cache
     # goes in the job's runtime_env (else it would read back the session's earlier runs).
     runtime_env = json.dumps({"env_vars": {"RAYSOUP_CACHE": str(cache)}})
-    job = subprocess.run([ray_cli, "job", "submit", "--address", cluster.dashboard_url,
-                          "--runtime-env-json", runtime_env, "--", *entrypoint],
-                         env={**os.environ, **cluster_client_env(cluster, cache)},
-                         capture_output=True, text=True, timeout=600, check=False)
+    job = subprocess.run(
+        [
+            ray_cli,
+            "job",
+            "submit",
+            "--address",
+            cluster.dashboard_url,
+            "--runtime-env-json",
+            runtime_env,
+            "--",
+            *entrypoint,
+        ],
+        env={**os.environ, **cluster_client_env(cluster, cache)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     return job, config.parent / "fault-free"
 
 
@@ -115,8 +156,9 @@ def test_a_run_submitted_with_ray_job_submit_completes(fault_free):
     assert assert_measured(manifold_mix_row(out)) > 0
 
 
-def test_killing_the_driver_then_resuming_gives_the_identical_result(cluster, soup_zoo,
-                                                                     fault_free, tmp_path):
+def test_killing_the_driver_then_resuming_gives_the_identical_result(
+    cluster, soup_zoo, fault_free, tmp_path
+):
     config = run_config(tmp_path, soup_zoo, "killed")
     state = tmp_path / "killed" / "driver" / "manifold_mix" / "state.json"
     proc = start_run(cluster, config, tmp_path / "cache-killed")
@@ -142,8 +184,9 @@ def evaluator_worker(cluster) -> int:
     raise AssertionError("no evaluator actor found on any worker")
 
 
-def test_losing_a_worker_node_mid_search_gives_the_identical_result(cluster, soup_zoo,
-                                                                     fault_free, tmp_path):
+def test_losing_a_worker_node_mid_search_gives_the_identical_result(
+    cluster, soup_zoo, fault_free, tmp_path
+):
     config = run_config(tmp_path, soup_zoo, "node-lost")
     restarted_before = {a for a, n in evaluator_restarts(cluster).items() if n}
     proc = start_run(cluster, config, tmp_path / "cache")

@@ -17,17 +17,26 @@ NODES_CODE = "import json, ray; ray.init(); print(json.dumps(ray.nodes()))"
 
 def run_client(code: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | env
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 @pytest.mark.slow
 def test_local_cluster_auth_node_failure_and_stop():
     cluster = local.LocalCluster(
         head=local.NodeSpec(cpus=1),
-        workers=[local.NodeSpec(cpus=1, gpus=1, resources={"slot_a": 1}),
-                 local.NodeSpec(cpus=1, gpus=1, resources={"slot_b": 2})],
-        fast_failure_detection=True)
+        workers=[
+            local.NodeSpec(cpus=1, gpus=1, resources={"slot_a": 1}),
+            local.NodeSpec(cpus=1, gpus=1, resources={"slot_b": 2}),
+        ],
+        fast_failure_detection=True,
+    )
     with cluster:
         assert cluster.address.startswith("127.0.0.1:")
 
@@ -37,9 +46,15 @@ def test_local_cluster_auth_node_failure_and_stop():
         nodes = [n for n in json.loads(client.stdout.splitlines()[-1]) if n["Alive"]]
         assert len(nodes) == 3
         assert {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"}
-        resources = sorted((n["Resources"].get("CPU"), n["Resources"].get("GPU", 0),
-                            n["Resources"].get("slot_a", 0), n["Resources"].get("slot_b", 0))
-                           for n in nodes)
+        resources = sorted(
+            (
+                n["Resources"].get("CPU"),
+                n["Resources"].get("GPU", 0),
+                n["Resources"].get("slot_a", 0),
+                n["Resources"].get("slot_b", 0),
+            )
+            for n in nodes
+        )
         assert resources == [(1, 0, 0, 0), (1, 1, 0, 2), (1, 1, 1, 0)]
 
         # A wrong token is refused. Ray retries even that for ~20 s: shorten the retries.

@@ -48,12 +48,17 @@ def s3():
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "raysoup-test",
-           "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "raysoup-test",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     before = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http",
-                      allow_bucket_creation=True).create_dir(BUCKET)
+    pafs.S3FileSystem(
+        endpoint_override=f"{host}:{port}", scheme="http", allow_bucket_creation=True
+    ).create_dir(BUCKET)
     yield env
     for k, v in before.items():
         if v is None:
@@ -79,14 +84,15 @@ def objects(uri: str) -> dict[str, bytes]:
     for info in infos:
         if info.type == pafs.FileType.File:
             with fs.open_input_stream(info.path) as f:
-                out[info.path[len(base) + 1:]] = f.read()
+                out[info.path[len(base) + 1 :]] = f.read()
     return out
 
 
 def upload(local, uri: str) -> None:
     fs, base = pafs.FileSystem.from_uri(uri)
-    pafs.copy_files(str(local), base, source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=fs)
+    pafs.copy_files(
+        str(local), base, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+    )
 
 
 def test_a_zoo_on_s3_reads_the_same_as_its_path(s3, tiny_zoo):
@@ -103,15 +109,15 @@ def test_a_zoo_on_s3_reads_the_same_as_its_path(s3, tiny_zoo):
         assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
 
 
-def test_run_dir_uploads_weights_before_their_state_and_the_report_last(s3, tmp_path,
-                                                                         monkeypatch):
+def test_run_dir_uploads_weights_before_their_state_and_the_report_last(s3, tmp_path, monkeypatch):
     """The upload order readers rely on, and a replaced step checkpoint removed remotely;
     a fresh staging folder of the same URI (another head) starts as a copy of it."""
     uri = f"s3://{BUCKET}/order"
     order = []
     copy = storage.copy_file
-    monkeypatch.setattr(storage, "copy_file", lambda src, dst: (order.append(dst),
-                                                                copy(src, dst))[1])
+    monkeypatch.setattr(
+        storage, "copy_file", lambda src, dst: (order.append(dst), copy(src, dst))[1]
+    )
     run = RunDir.open(uri, resume=False)
     (run.local / "driver").mkdir()
     for step in (1, 2):  # the second step replaces the weights: gone from S3 too
@@ -120,17 +126,23 @@ def test_run_dir_uploads_weights_before_their_state_and_the_report_last(s3, tmp_
         (run.local / "driver" / "state.json").write_text(str(step))
         order.clear()
         run.sync("driver")
-        assert [d.rsplit("/", 1)[1] for d in order] == [f"accumulator-000{step}.safetensors",
-                                                        "state.json"]
+        assert [d.rsplit("/", 1)[1] for d in order] == [
+            f"accumulator-000{step}.safetensors",
+            "state.json",
+        ]
     for name in ["report.json", "results.parquet", "zz.png"]:
         (run.local / name).write_text(name)
     order.clear()
     assert run.finish() == uri and not run.local.exists()
     assert order[-1].endswith("/report.json")
     assert len(order) == 3  # only what changed since the last upload
-    assert objects(uri) == {"driver/state.json": b"2", "driver/accumulator-0002.safetensors":
-                            b"w2", "report.json": b"report.json",
-                            "results.parquet": b"results.parquet", "zz.png": b"zz.png"}
+    assert objects(uri) == {
+        "driver/state.json": b"2",
+        "driver/accumulator-0002.safetensors": b"w2",
+        "report.json": b"report.json",
+        "results.parquet": b"results.parquet",
+        "zz.png": b"zz.png",
+    }
     other = RunDir.open(uri, resume=True)
     assert (other.local / "driver" / "state.json").read_text() == "2"
     order.clear()
@@ -142,8 +154,9 @@ def test_an_unwritable_out_or_cache_uri_is_refused_before_ray_starts(s3, soup_zo
     """A bucket that does not exist, as `out` and as the cache: refused before Ray starts,
     naming the URI, and no probe object is left where the check could write."""
     started = ray.is_initialized()
-    for i, (out, cache) in enumerate([("s3://no-such-bucket/run", None),
-                                      (f"s3://{BUCKET}/run-refused", "s3://no-such-bucket/c")]):
+    for i, (out, cache) in enumerate(
+        [("s3://no-such-bucket/run", None), (f"s3://{BUCKET}/run-refused", "s3://no-such-bucket/c")]
+    ):
         path = write_config(tmp_path / f"run{i}.toml", soup_zoo, out)
         if cache:
             with_cache(path, cache)
@@ -185,19 +198,23 @@ def test_a_long_transfer_logs_its_bytes_and_rate(s3, tmp_path, monkeypatch, capl
 
 
 @pytest.mark.slow  # a CLI subprocess: its imports cost most of it on 2 shared cores
-def test_an_unreachable_endpoint_fails_the_cli_in_seconds_with_one_line(s3, soup_zoo,
-                                                                        tmp_path):
+def test_an_unreachable_endpoint_fails_the_cli_in_seconds_with_one_line(s3, soup_zoo, tmp_path):
     import socket
+
     with socket.socket() as s:  # a loopback port nothing listens on
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
     out = f"s3://{BUCKET}/run"
     path = write_config(tmp_path / "run.toml", soup_zoo, out)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "raysoup.cli", "run", str(path)],
-                          env={**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed}",
-                               "HF_HUB_OFFLINE": "1"},
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "raysoup.cli", "run", str(path)],
+        env={**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed}", "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"raysoup: error: out = '{out}': cannot write there")
@@ -233,15 +250,26 @@ def run_on_s3(s3_ray, soup_zoo, tmp_path_factory):
 def test_a_run_with_out_on_s3_uploads_every_output_and_no_secret(run_on_s3):
     report, root = run_on_s3
     uploaded = objects(f"s3://{BUCKET}/run-a")
-    assert {"report.json", "results.parquet", "correctness.parquet", "beta.parquet",
-            "beta.png", "history.json", "fused.safetensors", "raysoup.log",
-            "driver/ranking.json", "driver/manifold_mix/state.json"} <= set(uploaded)
-    assert json.loads(uploaded["report.json"])["methods"] == \
-        json.loads(json.dumps(report["methods"]))
+    assert {
+        "report.json",
+        "results.parquet",
+        "correctness.parquet",
+        "beta.parquet",
+        "beta.png",
+        "history.json",
+        "fused.safetensors",
+        "raysoup.log",
+        "driver/ranking.json",
+        "driver/manifold_mix/state.json",
+    } <= set(uploaded)
+    assert json.loads(uploaded["report.json"])["methods"] == json.loads(
+        json.dumps(report["methods"])
+    )
     history = json.loads(uploaded["history.json"])
     passes = sum(len(s["passes"]) for s in history)
-    assert passes >= 1 and len({k.split("/")[1] for k in uploaded if k.startswith("tune/")}) \
-        == passes  # every optimiser pass's Tune folder
+    assert (
+        passes >= 1 and len({k.split("/")[1] for k in uploaded if k.startswith("tune/")}) == passes
+    )  # every optimiser pass's Tune folder
     assert assert_measured(report["methods"]["manifold_mix"]) > 0
     assert not [k for k, v in uploaded.items() if SECRET.encode() in v]
     with pytest.raises(RaysoupError, match="already holds a finished run"):
@@ -251,18 +279,19 @@ def test_a_run_with_out_on_s3_uploads_every_output_and_no_secret(run_on_s3):
 
 
 @pytest.mark.slow
-def test_a_run_on_s3_reports_what_the_same_run_on_a_local_disk_does(run_on_s3, soup_zoo,
-                                                                    tmp_path):
+def test_a_run_on_s3_reports_what_the_same_run_on_a_local_disk_does(run_on_s3, soup_zoo, tmp_path):
     first, _ = run_on_s3
     path = s3_config(tmp_path / "run.toml", soup_zoo, str(tmp_path / "out"))
     with own_cache(tmp_path / "cache"):
         on_disk = execute(load_config(path))
     assert first["methods"].keys() == on_disk["methods"].keys()
     for name, row in first["methods"].items():
-        assert {k: row[k] for k in ("val", "id", "ood", "ingredients")} == \
-            {k: on_disk["methods"][name][k] for k in ("val", "id", "ood", "ingredients")}
-    assert first["methods"]["manifold_mix"]["history"] == \
-        on_disk["methods"]["manifold_mix"]["history"]
+        assert {k: row[k] for k in ("val", "id", "ood", "ingredients")} == {
+            k: on_disk["methods"][name][k] for k in ("val", "id", "ood", "ingredients")
+        }
+    assert (
+        first["methods"]["manifold_mix"]["history"] == on_disk["methods"]["manifold_mix"]["history"]
+    )
 
 
 @pytest.mark.slow
@@ -270,8 +299,9 @@ def test_a_second_run_reads_back_the_shared_cache(run_on_s3, soup_zoo, tmp_path)
     """Another head (fresh local cache and staging) with the same S3 cache: every point
     and judgement the first run measured is read back, and the result is the same."""
     first, _ = run_on_s3
-    path = s3_config(tmp_path / "run.toml", soup_zoo, f"s3://{BUCKET}/run-c",
-                     f"s3://{BUCKET}/cache")
+    path = s3_config(
+        tmp_path / "run.toml", soup_zoo, f"s3://{BUCKET}/run-c", f"s3://{BUCKET}/cache"
+    )
     with own_cache(tmp_path / "local-cache"):
         second = execute(load_config(path))
     cache = second["cache"]
@@ -287,14 +317,16 @@ def s3_cluster(s3):
     """A 4-node loopback cluster (cluster/local.py) started with the AWS environment: a head
     without CPUs, and three 1-CPU workers whose evaluators read the zoo from S3."""
     local = load_local_cluster()
-    with local.LocalCluster(head=local.NodeSpec(cpus=0), workers=[local.NodeSpec(cpus=1)] * 3,
-                            start_timeout=180) as cluster:
+    with local.LocalCluster(
+        head=local.NodeSpec(cpus=0), workers=[local.NodeSpec(cpus=1)] * 3, start_timeout=180
+    ) as cluster:
         yield cluster
 
 
 @pytest.mark.slow
 def test_a_run_killed_on_a_4_node_cluster_resumes_from_s3_on_another_head(
-        run_on_s3, s3_cluster, soup_zoo, tmp_path):
+    run_on_s3, s3_cluster, soup_zoo, tmp_path
+):
     """The zoo on S3, `out` on S3; a run on a 4-node cluster is killed after its first
     uploaded step, and resumed by another client with fresh staging and cache (nothing local
     shared with the first): it ends where the uninterrupted run (local Ray) did."""
@@ -304,17 +336,32 @@ def test_a_run_killed_on_a_4_node_cluster_resumes_from_s3_on_another_head(
     path = s3_config(tmp_path / "run.toml", zoo, uri)
 
     def client(cache: str, *flags: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "raysoup.cli", "run", str(path),
-                                 "--address", s3_cluster.address, *flags],
-                                env=cluster_client_env(s3_cluster, tmp_path / cache),
-                                start_new_session=True, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "raysoup.cli",
+                "run",
+                str(path),
+                "--address",
+                s3_cluster.address,
+                *flags,
+            ],
+            env=cluster_client_env(s3_cluster, tmp_path / cache),
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     proc = client("cache-a")
     fs, base = pafs.FileSystem.from_uri(f"{uri}/driver/manifold_mix/state.json")
     deadline = time.time() + 300
-    while (fs.get_file_info(base).type != pafs.FileType.File and time.time() < deadline
-           and proc.poll() is None):
+    while (
+        fs.get_file_info(base).type != pafs.FileType.File
+        and time.time() < deadline
+        and proc.poll() is None
+    ):
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: the client and its driver
     output = proc.communicate()[0]
@@ -343,14 +390,17 @@ def test_report_and_export_read_a_run_on_s3(run_on_s3, tmp_path, capsys):
     it; `raysoup export URI` writes the fused model to a path or to S3, the same bytes."""
     from raysoup.cli import main
     from raysoup.report import format_table
+
     report, _ = run_on_s3
     uri = f"s3://{BUCKET}/run-a"
     fs, base = pafs.FileSystem.from_uri(uri)
     fs.delete_file(f"{base}/beta.png")
     assert main(["report", uri]) == 0
     printed = capsys.readouterr().out
-    assert format_table(report["methods"], report.get("references"),
-                        report["config"]["metric"]) in printed
+    assert (
+        format_table(report["methods"], report.get("references"), report["config"]["metric"])
+        in printed
+    )
     assert f"[report] wrote {uri}/beta.png" in printed and "beta.png" in objects(uri)
     best = report["ranking"][0][0]
     local = tmp_path / "soup.safetensors"
@@ -359,8 +409,9 @@ def test_report_and_export_read_a_run_on_s3(run_on_s3, tmp_path, capsys):
     assert objects(f"s3://{BUCKET}/exported") == {"soup.safetensors": local.read_bytes()}
     fused = load_file(local)
     uploaded = load_safetensors_bytes(objects(uri)["fused.safetensors"])
-    assert fused.keys() == uploaded.keys() and all(torch.equal(fused[k], uploaded[k])
-                                                   for k in fused)
+    assert fused.keys() == uploaded.keys() and all(
+        torch.equal(fused[k], uploaded[k]) for k in fused
+    )
 
 
 def test_a_cache_on_s3_round_trips_and_concurrent_writers_of_a_key_agree(s3, monkeypatch):
@@ -369,6 +420,7 @@ def test_a_cache_on_s3_round_trips_and_concurrent_writers_of_a_key_agree(s3, mon
     from concurrent.futures import ThreadPoolExecutor
 
     from raysoup.cache import KeyedArrays, cache_dir, cache_location
+
     monkeypatch.setenv("RAYSOUP_CACHE", f"s3://{BUCKET}/env-cache")
     assert cache_location() == f"s3://{BUCKET}/env-cache"  # RAYSOUP_CACHE as a URI
     assert cache_location(f"s3://{BUCKET}/x") == f"s3://{BUCKET}/x"  # the config's wins

@@ -24,8 +24,9 @@ def finished(soup_zoo, tmp_path_factory):
     """One run of greedy soup and ManifoldMix through the Python API."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     path = write_config(tmp_path_factory.mktemp("api") / "run.toml", soup_zoo, "out")
-    path.write_text("methods = ['greedy_soup', 'manifold_mix']\nreport_ingredients = true\n" +
-                    path.read_text())
+    path.write_text(
+        "methods = ['greedy_soup', 'manifold_mix']\nreport_ingredients = true\n" + path.read_text()
+    )
     try:
         report = raysoup.run(path)
     finally:
@@ -36,8 +37,10 @@ def finished(soup_zoo, tmp_path_factory):
 @pytest.mark.slow
 def test_run_returns_a_typed_report_equal_to_the_one_reloaded(finished):
     out, report = finished
-    assert isinstance(report, raysoup.Report) and set(report.methods) == {"greedy_soup",
-                                                                          "manifold_mix"}
+    assert isinstance(report, raysoup.Report) and set(report.methods) == {
+        "greedy_soup",
+        "manifold_mix",
+    }
     mm = report.methods["manifold_mix"]
     assert isinstance(mm, raysoup.MethodRow) and 0 < mm.val <= 1 and "twin" in mm.ingredients
     assert mm.vs["greedy_soup"]["val"]["lo"] <= mm.vs["greedy_soup"]["val"]["diff"]
@@ -69,8 +72,9 @@ def test_report_reprints_the_table_and_redraws_every_figure(finished, tmp_path, 
     assert (copy / "beta.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def run_with_another_ingredient(out: Path, soup_zoo: Path, tmp_path: Path, name: str,
-                                state_dict: dict) -> Path:
+def run_with_another_ingredient(
+    out: Path, soup_zoo: Path, tmp_path: Path, name: str, state_dict: dict
+) -> Path:
     """A copy of the zoo with `state_dict` added as ingredient `name` (torch.save), and a
     copy of the finished run `out` that points at it: what `raysoup export --like` reads."""
     zoo = tmp_path / "zoo"
@@ -88,14 +92,15 @@ def run_with_another_ingredient(out: Path, soup_zoo: Path, tmp_path: Path, name:
 
 
 @pytest.mark.slow
-def test_export_writes_the_fused_model_in_an_ingredients_own_format(finished, soup_zoo,
-                                                                     tmp_path):
+def test_export_writes_the_fused_model_in_an_ingredients_own_format(finished, soup_zoo, tmp_path):
     """An ingredient saved as a model soups user would (torch.save of a DataParallel state
     dict, half precision, its text transformer kept): the export has its keys, prefix,
     dtype and container, and loads back as the fused weights."""
     out, _ = finished
-    theirs = {f"module.{k}": v.half() for k, v in
-              load_state_dict(soup_zoo / "ingredients" / "ft-00.safetensors").items()}
+    theirs = {
+        f"module.{k}": v.half()
+        for k, v in load_state_dict(soup_zoo / "ingredients" / "ft-00.safetensors").items()
+    }
     theirs["module.model.transformer.resblocks.0.attn.in_proj_weight"] = torch.ones(3, 3)
     run = run_with_another_ingredient(out, soup_zoo, tmp_path, "theirs", theirs)
 
@@ -113,11 +118,17 @@ def test_export_writes_the_fused_model_in_an_ingredients_own_format(finished, so
 
 def test_quiet_and_verbose_are_on_every_command(capsys):
     parser = build_parser()
-    for command in (["demo"], ["run", "x.toml"], ["check", "x.toml"], ["report", "d"],
-                    ["export", "d", "--like", "a", "--out", "b"], ["bench"],
-                    ["prepare", "src", "--out", "o", "--image-size", "28"],
-                    ["zeroshot", "--arch", "a", "--pretrained", "p", "--classes", "c",
-                     "--out", "o"], ["zoo", "build", "--out", "o"]):
+    for command in (
+        ["demo"],
+        ["run", "x.toml"],
+        ["check", "x.toml"],
+        ["report", "d"],
+        ["export", "d", "--like", "a", "--out", "b"],
+        ["bench"],
+        ["prepare", "src", "--out", "o", "--image-size", "28"],
+        ["zeroshot", "--arch", "a", "--pretrained", "p", "--classes", "c", "--out", "o"],
+        ["zoo", "build", "--out", "o"],
+    ):
         assert parser.parse_args([*command, "-q"]).quiet
         assert parser.parse_args([*command, "-v"]).verbose
     console_logging(logging.WARNING)
@@ -134,10 +145,11 @@ def read_events(path):
     import struct
 
     from tensorboardX.proto import event_pb2
+
     data, records, at = path.read_bytes(), [], 0
     while at < len(data):
-        (length,) = struct.unpack("<Q", data[at:at + 8])
-        event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+        (length,) = struct.unpack("<Q", data[at : at + 8])
+        event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
         at += 12 + length + 4
         for v in event.summary.value:
             text = v.tensor.string_val[0].decode() if v.tensor.string_val else None
@@ -147,16 +159,20 @@ def read_events(path):
 
 @pytest.mark.slow
 def test_tracking_writes_tensorboard_and_mlflow_passes_callbacks_through_and_shows_progress(
-        soup_zoo, tmp_path, capfd, monkeypatch):
+    soup_zoo, tmp_path, capfd, monkeypatch
+):
     """[tracking]: TensorBoard events of every pass's trials (Tune's TBX logger) and of the
     driver's steps, and MLflow runs in a local file store (one per pass under one for the
     run), read back; another Tune callback (the CSV logger) passed through by name;
     progress lines while passes run."""
     from mlflow.tracking import MlflowClient
+
     path = write_config(tmp_path / "run.toml", soup_zoo, "out")
-    path.write_text(path.read_text() + "[tracking]\ntensorboard = true\nmlflow = true\n"
-                    "callbacks = ['ray.tune.logger:CSVLoggerCallback']\n"
-                    "progress_interval_s = 0.001\n")
+    path.write_text(
+        path.read_text() + "[tracking]\ntensorboard = true\nmlflow = true\n"
+        "callbacks = ['ray.tune.logger:CSVLoggerCallback']\n"
+        "progress_interval_s = 0.001\n"
+    )
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         report = raysoup.run(path)
@@ -166,18 +182,21 @@ def test_tracking_writes_tensorboard_and_mlflow_passes_callbacks_through_and_sho
     history = report.raw["methods"]["manifold_mix"]["history"]
     driver = read_events(next((out / "tracking").glob("events.out.tfevents.*")))
     promise = {step: v for tag, step, v in driver if tag == "manifold_mix/promise_accuracy"}
-    assert promise == {i + 1: pytest.approx(h["promise_accuracy"]) for i, h in
-                       enumerate(history)}
-    assert ("methods/manifold_mix/val", 0, pytest.approx(report.methods["manifold_mix"].val)
-            ) in driver
+    assert promise == {i + 1: pytest.approx(h["promise_accuracy"]) for i, h in enumerate(history)}
+    assert (
+        "methods/manifold_mix/val",
+        0,
+        pytest.approx(report.methods["manifold_mix"].val),
+    ) in driver
     passes = sum(len(h["passes"]) for h in history)
     trial_events = list((out / "tune").glob("pass-*/*/events.out.tfevents.*"))
     trial_csvs = list((out / "tune").glob("pass-*/*/progress.csv"))
     assert passes > 0 and len(list((out / "tune").glob("pass-*"))) == passes
     told = [a for h in history for p in h["passes"] for a in p["trace"]]
     assert len(trial_events) == len(trial_csvs) == len(told)
-    logged = sorted(v for f in trial_events for tag, _, v in read_events(f)
-                    if tag == "ray/tune/accuracy")
+    logged = sorted(
+        v for f in trial_events for tag, _, v in read_events(f) if tag == "ray/tune/accuracy"
+    )
     assert logged == pytest.approx(sorted(told))
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -186,20 +205,30 @@ def test_tracking_writes_tensorboard_and_mlflow_passes_callbacks_through_and_sho
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     whole = runs.pop("out")
     assert sorted(runs) == [f"pass-{i:04d}" for i in range(1, passes + 1)]
-    assert all(r.data.tags["mlflow.parentRunId"] == whole.info.run_id and
-               r.info.status == "FINISHED" for r in runs.values())
-    assert runs["pass-0001"].data.params["optimizer"] == report.raw["config"]["manifold_mix"][
-        "optimizer"]
+    assert all(
+        r.data.tags["mlflow.parentRunId"] == whole.info.run_id and r.info.status == "FINISHED"
+        for r in runs.values()
+    )
+    assert (
+        runs["pass-0001"].data.params["optimizer"]
+        == report.raw["config"]["manifold_mix"]["optimizer"]
+    )
 
     def series(run, key):
-        return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key),
-                                        key=lambda m: m.step)]
-    assert [a for name in sorted(runs) for a in series(runs[name], "accuracy")] == \
-        pytest.approx(told)
-    assert series(whole, "manifold_mix/promise_accuracy") == \
-        pytest.approx([h["promise_accuracy"] for h in history])
-    assert series(whole, "methods/manifold_mix/val") == \
-        pytest.approx([report.methods["manifold_mix"].val])
+        return [
+            m.value
+            for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+        ]
+
+    assert [a for name in sorted(runs) for a in series(runs[name], "accuracy")] == pytest.approx(
+        told
+    )
+    assert series(whole, "manifold_mix/promise_accuracy") == pytest.approx(
+        [h["promise_accuracy"] for h in history]
+    )
+    assert series(whole, "methods/manifold_mix/val") == pytest.approx(
+        [report.methods["manifold_mix"].val]
+    )
     printed = capfd.readouterr().out
     assert "evaluations, best" in printed and "evals/s, ETA" in printed
 
@@ -207,7 +236,9 @@ def test_tracking_writes_tensorboard_and_mlflow_passes_callbacks_through_and_sho
 @pytest.mark.slow
 def test_export_to_safetensors_and_its_two_refusals(finished, soup_zoo, tmp_path, capsys):
     out, _ = finished
-    assert main(["export", str(out), "--like", "ft-00", "--out", str(tmp_path / "x.safetensors")]) == 0
+    assert (
+        main(["export", str(out), "--like", "ft-00", "--out", str(tmp_path / "x.safetensors")]) == 0
+    )
     exported, fused = load_file(tmp_path / "x.safetensors"), load_file(out / "fused.safetensors")
     assert exported.keys() == fused.keys()
     assert all(torch.equal(exported[k], fused[k]) for k in fused)
@@ -229,6 +260,7 @@ def test_export_to_safetensors_and_its_two_refusals(finished, soup_zoo, tmp_path
 
 def test_load_report_names_a_missing_or_broken_report(tmp_path):
     from raysoup.errors import RaysoupError
+
     with pytest.raises(RaysoupError, match=f"{tmp_path} holds no finished run"):
         raysoup.load_report(tmp_path)
     (tmp_path / "report.json").write_text("{not json")
@@ -240,8 +272,10 @@ def test_load_report_names_a_missing_or_broken_report(tmp_path):
 @pytest.mark.slow
 def test_report_on_a_benchmark_folder_redraws_its_figures_and_summary(tmp_path, capsys):
     from pathlib import Path
-    committed = (Path(__file__).parents[2] / "benchmarks" / "optimizer_budget" / "results" /
-                 "shipped_zoo")
+
+    committed = (
+        Path(__file__).parents[2] / "benchmarks" / "optimizer_budget" / "results" / "shipped_zoo"
+    )
     folder = tmp_path / "bench"
     folder.mkdir()
     for name in ("bench.parquet", "correctness.parquet"):
@@ -257,6 +291,7 @@ def test_report_on_a_benchmark_folder_redraws_its_figures_and_summary(tmp_path, 
 
 def test_zeroshot_templates_builtin_from_a_file_and_a_bad_file(tmp_path, capsys):
     from raysoup.tools.zeroshot import templates_for
+
     assert len(templates_for("openai")) == 80 and len(templates_for("simple")) == 7
     # open_clip's prompts are functions of the class name
     assert all("zebra" in t("zebra") for t in [*templates_for("openai"), *templates_for("simple")])
@@ -267,8 +302,24 @@ def test_zeroshot_templates_builtin_from_a_file_and_a_bad_file(tmp_path, capsys)
     bad.write_text("a photo of a {}.\na photo\n")
     classes = tmp_path / "classes.txt"
     classes.write_text("cat\ndog\n")
-    assert main(["zeroshot", "--arch", "ViT-B-32", "--pretrained", "none.pt", "--classes",
-                 str(classes), "--templates", str(bad), "--out", str(tmp_path / "z")]) == 2
+    assert (
+        main(
+            [
+                "zeroshot",
+                "--arch",
+                "ViT-B-32",
+                "--pretrained",
+                "none.pt",
+                "--classes",
+                str(classes),
+                "--templates",
+                str(bad),
+                "--out",
+                str(tmp_path / "z"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"templates file {bad}: prompt 'a photo' has no '{{}}'" in err
 
@@ -279,16 +330,20 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
     import subprocess
     import sys
     import time
+
     out = tmp_path / "zoo"
     # As in a terminal's foreground: a suite started in the background (`.ci/run &`) has
     # SIGINT ignored, a child would inherit that, and its Python would never raise
     # KeyboardInterrupt; a handled signal is reset to the default in the child instead.
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "raysoup.cli", "zoo", "build",
-                                 "--quick", "--out", str(out)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "raysoup.cli", "zoo", "build", "--quick", "--out", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
     finally:
         signal.signal(signal.SIGINT, before)
     deadline = time.time() + 120
@@ -310,16 +365,31 @@ def test_wait_for_autoscaler_lets_a_run_wait_for_evaluators_the_cluster_lacks(so
     from raysoup.runner import execute
 
     from ..helpers import write_config as config_file
+
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        refused = config_file(tmp_path / "a.toml", soup_zoo, str(tmp_path / "a"),
-                              {"evaluators": 3, "cpus_per_evaluator": 1})
+        refused = config_file(
+            tmp_path / "a.toml",
+            soup_zoo,
+            str(tmp_path / "a"),
+            {"evaluators": 3, "cpus_per_evaluator": 1},
+        )
         with pytest.raises(RaysoupError, match="3 evaluator.*wait_for_autoscaler = true"):
             execute(load_config(refused))
-        waits = config_file(tmp_path / "b.toml", soup_zoo, str(tmp_path / "b"),
-                            {"evaluators": 3, "cpus_per_evaluator": 1,
-                             "wait_for_autoscaler": True, "start_timeout_s": 10})
-        with pytest.raises(RaysoupError, match=r"only [0-2] of 3 evaluator actors started within 10 s"):
+        waits = config_file(
+            tmp_path / "b.toml",
+            soup_zoo,
+            str(tmp_path / "b"),
+            {
+                "evaluators": 3,
+                "cpus_per_evaluator": 1,
+                "wait_for_autoscaler": True,
+                "start_timeout_s": 10,
+            },
+        )
+        with pytest.raises(
+            RaysoupError, match=r"only [0-2] of 3 evaluator actors started within 10 s"
+        ):
             execute(load_config(waits))
     finally:
         ray.shutdown()

@@ -38,9 +38,9 @@ def test_a_grid_config_overrides_the_defaults_and_names_unknown_keys(tmp_path):
     path.write_text('[grid]\noptimizers = ["CMA"]\nbudgets = [3]\n')
     grid = load_grid(path, quick=False)
     assert grid.optimizers == ("CMA",) and grid.budgets == (3,) and grid.seeds == (0, 1, 2)
-    path.write_text('[grid]\nseeds = [0, 1, 2]\n')  # a default value still overrides --quick
+    path.write_text("[grid]\nseeds = [0, 1, 2]\n")  # a default value still overrides --quick
     assert load_grid(path, quick=True).seeds == (0, 1, 2)
-    path.write_text('[grid]\nbudget = [3]\n')
+    path.write_text("[grid]\nbudget = [3]\n")
     with pytest.raises(RaysoupError, match="grid.budget"):
         load_grid(path, quick=False)
     path.write_text('[grid]\noptimizers = ["Cobylla"]\n')
@@ -49,16 +49,28 @@ def test_a_grid_config_overrides_the_defaults_and_names_unknown_keys(tmp_path):
 
 
 def test_best_so_far_is_a_running_max_over_every_evaluation():
-    history = [{"promise_accuracy": 0.5, "passes": []},
-               {"promise_accuracy": 0.7, "passes": [{"trace": [0.6, 0.8, 0.75]}]}]
+    history = [
+        {"promise_accuracy": 0.5, "passes": []},
+        {"promise_accuracy": 0.7, "passes": [{"trace": [0.6, 0.8, 0.75]}]},
+    ]
     assert best_so_far(0.6, history) == [0.6, 0.7, 0.7, 0.8, 0.8]
 
 
 @pytest.mark.slow
 def test_bench_quick_writes_table_figures_and_resumes(soup_zoo, tmp_path):
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "raysoup.cli", "bench", "--quick", "--zoo", str(soup_zoo),
-           "--out", str(out), "--allow-dirty"]  # a test may run from an edited tree
+    cmd = [
+        sys.executable,
+        "-m",
+        "raysoup.cli",
+        "bench",
+        "--quick",
+        "--zoo",
+        str(soup_zoo),
+        "--out",
+        str(out),
+        "--allow-dirty",
+    ]  # a test may run from an edited tree
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     # The tree the bench starts from (it records it once, at its start; a commit made
     # while it runs must not fail the test).
@@ -67,8 +79,9 @@ def test_bench_quick_writes_table_figures_and_resumes(soup_zoo, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     rows = pq.read_table(out / "bench.parquet").to_pylist()
     assert sorted(r["cell"] for r in rows) == sorted(
-        [c["cell"] for c in QUICK_GRID.cells()] + ["reference/uniform_soup",
-                                                   "reference/greedy_soup"])
+        [c["cell"] for c in QUICK_GRID.cells()]
+        + ["reference/uniform_soup", "reference/greedy_soup"]
+    )
     for r in rows:
         assert (r["commit"], r["dirty"]) == (commit, dirty) and commit
         assert r["cpus"] >= 1 and 0 < r["val"] <= 1
@@ -76,14 +89,25 @@ def test_bench_quick_writes_table_figures_and_resumes(soup_zoo, tmp_path):
             curve = r["best_so_far"]
             assert len(curve) == r["evaluations"] and curve == sorted(curve)
             assert max(curve) >= r["val"] - 1e-9  # the fused model was among those seen
-    for name in ("accuracy_vs_budget", "best_so_far", "cost_quality", "parallel", "betas",
-                 "granularity"):
+    for name in (
+        "accuracy_vs_budget",
+        "best_so_far",
+        "cost_quality",
+        "parallel",
+        "betas",
+        "granularity",
+    ):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     summary = (out / "summary.md").read_text()
     # TwoPointsDE at k = 2 against NGOpt (same budget and seed) and greedy soup, paired;
     # NGOpt is the reference itself: against greedy only.
-    assert recheck_summary(out) == len({(c["optimizer"], c["budget"], c["parallel"])
-                                        for c in QUICK_GRID.cells() if c["kind"] == "grid"})
+    assert recheck_summary(out) == len(
+        {
+            (c["optimizer"], c["budget"], c["parallel"])
+            for c in QUICK_GRID.cells()
+            if c["kind"] == "grid"
+        }
+    )
     assert summary_cells(summary)[("TwoPointsDE", 2, 2)][6] != "-"
     assert summary_cells(summary)[("NGOpt", 2, 1)][6] == "-"
     assert len(pq.read_table(out / "correctness.parquet")) == len(rows) * 8  # 8 sets a cell
@@ -95,17 +119,22 @@ def test_bench_quick_writes_table_figures_and_resumes(soup_zoo, tmp_path):
 def test_a_bench_table_of_another_zoo_is_refused_before_any_cell(tmp_path):
     from raysoup.report import append_rows
     from raysoup.tools.bench import run_bench
-    append_rows(tmp_path / "bench.parquet", [{"cell": "reference/uniform_soup",
-                                              "zoo": "/elsewhere/zoo"}])
-    with pytest.raises(RaysoupError, match=r"holds cells of zoo \['/elsewhere/zoo'\], not "
-                                           r"/this/zoo: choose another --out"):
+
+    append_rows(
+        tmp_path / "bench.parquet", [{"cell": "reference/uniform_soup", "zoo": "/elsewhere/zoo"}]
+    )
+    with pytest.raises(
+        RaysoupError,
+        match=r"holds cells of zoo \['/elsewhere/zoo'\], not "
+        r"/this/zoo: choose another --out",
+    ):
         run_bench("/this/zoo", tmp_path, QUICK_GRID)
     assert not ray.is_initialized()
 
 
 def test_a_bench_grid_value_of_the_wrong_type_names_it(tmp_path):
     path = tmp_path / "bench.toml"
-    path.write_text('[grid]\nbudgets = [5, 2.5]\n')
+    path.write_text("[grid]\nbudgets = [5, 2.5]\n")
     with pytest.raises(RaysoupError, match=r"grid.budgets = \[5, 2.5\]: expected tuple\[int"):
         load_grid(path, quick=False)
 
@@ -135,12 +164,17 @@ def recheck_summary(folder: Path) -> int:
     assert len(lines) == len({(r["optimizer"], r["budget"], r["parallel"]) for r in grid})
 
     def difference(text: str, pairs: list[tuple[dict, dict]], metric: str) -> None:
-        sets = ["val"] if metric == "val" else [s for s in hits[pairs[0][0]["cell"]]
-                                                 if s not in ("val", "id")]
-        diff = 100 * np.mean([hits[a["cell"]][s].mean() - hits[b["cell"]][s].mean()
-                              for a, b in pairs for s in sets])
-        value, lo, hi = map(float, re.match(r"([-+][\d.]+) \[([-+][\d.]+), ([-+][\d.]+)\]",
-                                            text).groups())
+        sets = (
+            ["val"]
+            if metric == "val"
+            else [s for s in hits[pairs[0][0]["cell"]] if s not in ("val", "id")]
+        )
+        diff = 100 * np.mean(
+            [hits[a["cell"]][s].mean() - hits[b["cell"]][s].mean() for a, b in pairs for s in sets]
+        )
+        value, lo, hi = map(
+            float, re.match(r"([-+][\d.]+) \[([-+][\d.]+), ([-+][\d.]+)\]", text).groups()
+        )
         # printed to 2 decimals: within half a unit (0.065 may print either way)
         assert abs(value - diff) <= 0.005 + 1e-9 and lo - 0.005 <= value <= hi + 0.005, text
 
@@ -152,8 +186,11 @@ def recheck_summary(folder: Path) -> int:
             assert parts[column].startswith(f"{np.mean(values):.2f}")
             if len(cell) > 1:
                 assert f"({min(values):.2f}–{max(values):.2f})" in parts[column]
-        reference = {r["seed"]: r for r in grid if (r["optimizer"], r["budget"], r["parallel"])
-                     == ("NGOpt", budget, 1)}
+        reference = {
+            r["seed"]: r
+            for r in grid
+            if (r["optimizer"], r["budget"], r["parallel"]) == ("NGOpt", budget, 1)
+        }
         if opt == "NGOpt" and k == 1:
             assert parts[6] == parts[7] == "-"
         else:
@@ -167,15 +204,17 @@ def recheck_summary(folder: Path) -> int:
     return len(lines)
 
 
-@pytest.mark.parametrize("folder", sorted(p.parent.name for p in
-                                          BENCH_RESULTS.glob("*/correctness.parquet")))
+@pytest.mark.parametrize(
+    "folder", sorted(p.parent.name for p in BENCH_RESULTS.glob("*/correctness.parquet"))
+)
 def test_a_committed_bench_summary_agrees_with_its_rows(folder):
     assert recheck_summary(BENCH_RESULTS / folder) > 0
 
 
 def test_every_committed_result_row_names_its_commit_and_whether_the_tree_was_dirty():
-    tables = sorted(p for p in BENCHMARKS.glob("*/results/**/*.parquet")
-                    if p.name != "correctness.parquet")
+    tables = sorted(
+        p for p in BENCHMARKS.glob("*/results/**/*.parquet") if p.name != "correctness.parquet"
+    )
     assert len(tables) >= 10
     for path in tables:
         table = pq.read_table(path)
@@ -185,8 +224,10 @@ def test_every_committed_result_row_names_its_commit_and_whether_the_tree_was_di
                 assert re.fullmatch(r"[0-9a-f]{7,}", row["committed_in"]), path
             else:
                 assert row["dirty"] == row["commit"].endswith("-dirty"), path
-    for summary in [*BENCH_RESULTS.glob("*/summary.md"),
-                    BENCHMARKS / "calibration" / "results" / "calibration.md"]:
+    for summary in [
+        *BENCH_RESULTS.glob("*/summary.md"),
+        BENCHMARKS / "calibration" / "results" / "calibration.md",
+    ]:
         assert "Commits of these rows:" in summary.read_text(), summary
 
 
@@ -194,8 +235,10 @@ def test_machine_refuses_code_that_is_not_a_clean_commit_unless_told(tmp_path):
     assert git_state(tmp_path) == ("unknown", True)  # not a git checkout
     with pytest.raises(RaysoupError, match="not a clean git commit.*--allow-dirty"):
         machine(checkout=tmp_path)
-    assert (machine(True, tmp_path)["commit"], machine(True, tmp_path)["dirty"]) == \
-        ("unknown", True)
+    assert (machine(True, tmp_path)["commit"], machine(True, tmp_path)["dirty"]) == (
+        "unknown",
+        True,
+    )
     git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
     (tmp_path / "a.py").write_text("x = 1\n")
     for cmd in (["init", "-q"], ["add", "a.py"], ["commit", "-qm", "a"]):

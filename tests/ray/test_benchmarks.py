@@ -20,10 +20,22 @@ def smoke(name: str, out: Path, *args: str, timeout: int = 240) -> str:
     """Runs benchmarks/NAME/NAME.py --smoke into `out`; fails if it does not exit in time
     (a leftover thread or process keeps a finished script alive)."""
     before = committed()
-    cmd = [sys.executable, str(BENCHMARKS / name / f"{name}.py"), "--smoke", "--out", str(out),
-           *args]
-    done = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    cmd = [
+        sys.executable,
+        str(BENCHMARKS / name / f"{name}.py"),
+        "--smoke",
+        "--out",
+        str(out),
+        *args,
+    ]
+    done = subprocess.run(
+        cmd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert committed() == before  # the committed results are untouched
     return done.stdout
@@ -37,8 +49,9 @@ def rows(path: Path) -> list[dict]:
 
 
 def test_every_benchmark_folder_has_its_script_readme_results_and_a_smoke_test():
-    names = sorted(p.name for p in BENCHMARKS.iterdir() if p.is_dir() and
-                   not p.name.startswith((".", "_")))
+    names = sorted(
+        p.name for p in BENCHMARKS.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
+    )
     assert len(names) >= 10
     for name in names:
         assert f"test_{name}_smoke" in globals(), name
@@ -47,14 +60,17 @@ def test_every_benchmark_folder_has_its_script_readme_results_and_a_smoke_test()
 
 
 def test_the_arguments_refuse_a_dirty_tree_unless_allowed_and_smoke_allows_it(
-        monkeypatch, tmp_path, capsys):
+    monkeypatch, tmp_path, capsys
+):
     """benchmarks/common.parse_args on a tree that is not a git checkout (so, dirty)."""
     import argparse
     import tempfile
 
     from raysoup.report import machine
+
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import common
+
     monkeypatch.setattr(common, "machine", lambda allow_dirty: machine(allow_dirty, tmp_path))
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # --smoke's folders
@@ -109,7 +125,11 @@ def test_scaling_smoke(tmp_path):
     smoke("scaling", tmp_path)
     table = rows(tmp_path / "scaling.parquet")
     assert sorted((r["mode"], r["n"], r.get("k")) for r in table) == [
-        ("null", 2, 1), ("null", 2, 2), ("parallel", 2, 2), ("sharded", 2, None)]
+        ("null", 2, 1),
+        ("null", 2, 2),
+        ("parallel", 2, 2),
+        ("sharded", 2, None),
+    ]
 
 
 @pytest.mark.slow
@@ -136,8 +156,11 @@ def test_racing_smoke(soup_zoo, tmp_path):
 def test_optimizer_budget_smoke(soup_zoo, tmp_path):
     smoke("optimizer_budget", tmp_path, "--zoo", str(soup_zoo))
     cells = sorted(r["cell"] for r in rows(tmp_path / "bench.parquet"))
-    assert cells == ["grid/NGOpt/b1/p1/s0/granularity-1", "reference/greedy_soup",
-                     "reference/uniform_soup"]
+    assert cells == [
+        "grid/NGOpt/b1/p1/s0/granularity-1",
+        "reference/greedy_soup",
+        "reference/uniform_soup",
+    ]
     assert (tmp_path / "summary.md").exists()
 
 

@@ -31,8 +31,9 @@ CLASSES = ["t-shirt", "trouser", "pullover"]
 VIT_B_32 = ModelSpec.from_dict({"arch": "ViT-B-32", "num_classes": len(CLASSES)})
 
 
-def write_image_folder(root: Path, images: np.ndarray, labels: np.ndarray, per_class: int,
-                       invert: bool = False) -> Path:
+def write_image_folder(
+    root: Path, images: np.ndarray, labels: np.ndarray, per_class: int, invert: bool = False
+) -> Path:
     for c, name in enumerate(CLASSES):
         (root / name).mkdir(parents=True)
         for i, row in enumerate(np.flatnonzero(labels == c)[:per_class]):
@@ -43,8 +44,15 @@ def write_image_folder(root: Path, images: np.ndarray, labels: np.ndarray, per_c
 
 def raysoup(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "raysoup.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=1200, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "raysoup.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
 
 
 def test_model_soups_layout_presets():
@@ -56,11 +64,21 @@ def test_model_soups_layout_presets():
     assert not any(k.startswith("model.transformer.") for k in keys)  # as model soups saves
     model = build_classifier(VIT_B_32)
     unused = unused_keys(model, torch.zeros(1, 3, 224, 224, dtype=torch.uint8))
-    assert sorted(unused) == sorted(["model.positional_embedding", "model.text_projection",
-                                     "model.logit_scale", "model.token_embedding.weight",
-                                     "model.ln_final.weight", "model.ln_final.bias"])
+    assert sorted(unused) == sorted(
+        [
+            "model.positional_embedding",
+            "model.text_projection",
+            "model.logit_scale",
+            "model.token_embedding.weight",
+            "model.ln_final.weight",
+            "model.ln_final.bias",
+        ]
+    )
     assert partition(keys, "granularity-1", unused).names == (
-        "model.visual", "classification_head.weight", "classification_head.bias")
+        "model.visual",
+        "classification_head.weight",
+        "classification_head.bias",
+    )
 
 
 def test_zeroshot_head_is_open_clips_normalised_prompt_mean():
@@ -111,17 +129,16 @@ def test_data_parallel_and_kept_text_tower_are_mapped_not_refused(tmp_path):
     spec = ModelSpec(width=32, layers=1, heads=2, embed_dim=8, num_classes=3)
     state = build_classifier(spec).state_dict()
     text_tower = {"model.transformer.resblocks.0.attn.in_proj_weight": torch.ones(3, 3)}
-    torch.save({f"module.{k}": v for k, v in {**state, **text_tower}.items()},
-               tmp_path / "dp.pt")
+    torch.save({f"module.{k}": v for k, v in {**state, **text_tower}.items()}, tmp_path / "dp.pt")
     torch.save(state, tmp_path / "plain.pt")
-    (tmp_path / "manifest.json").write_text(json.dumps({
-        "model": spec.to_dict(), "ingredients": "*.pt", "eval_sets": {}}))
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"model": spec.to_dict(), "ingredients": "*.pt", "eval_sets": {}})
+    )
     pool = IngredientPool.from_zoo(tmp_path)
     assert pool.names == ["dp", "plain"]
     pool.validate()
     loaded = pool.load("dp")
-    assert list(loaded) == list(state) and all(torch.equal(loaded[k], v)
-                                               for k, v in state.items())
+    assert list(loaded) == list(state) and all(torch.equal(loaded[k], v) for k, v in state.items())
 
 
 def test_class_map_projects_logits():
@@ -136,6 +153,7 @@ def test_class_map_projects_logits():
     proj = torch.stack([logits[:, [0, 2]].amax(1), logits[:, 3]], dim=1)
     labels = np.arange(40) % 3
     from raysoup.inputs.data import EvalSet
+
     keep = labels != 2
     evaluator = Evaluator(spec, [EvalSet("m", images.numpy()[keep], labels[keep], class_map)])
     evaluator.load(model.state_dict())
@@ -151,15 +169,28 @@ def test_clip_workflow_end_to_end(tmp_path):
     fm = load_fashion_mnist()
     train = write_image_folder(tmp_path / "train", fm["train_images"], fm["train_labels"], 8)
     test = write_image_folder(tmp_path / "test", fm["test_images"], fm["test_labels"], 4)
-    inverted = write_image_folder(tmp_path / "inverted", fm["test_images"], fm["test_labels"],
-                                  4, invert=True)
+    inverted = write_image_folder(
+        tmp_path / "inverted", fm["test_images"], fm["test_labels"], 4, invert=True
+    )
     (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     zoo = tmp_path / "zoo"
-    for name, src, extra in [("val", train, ["--val-fraction", "0.5", "--seed", "3"]),
-                             ("id", test, []), ("inverted", inverted, [])]:
-        done = raysoup("prepare", str(src), "--out", str(zoo / "data" / name), "--arch",
-                       "ViT-B-32", "--classes", str(tmp_path / "classes.txt"), *extra,
-                       cwd=tmp_path)
+    for name, src, extra in [
+        ("val", train, ["--val-fraction", "0.5", "--seed", "3"]),
+        ("id", test, []),
+        ("inverted", inverted, []),
+    ]:
+        done = raysoup(
+            "prepare",
+            str(src),
+            "--out",
+            str(zoo / "data" / name),
+            "--arch",
+            "ViT-B-32",
+            "--classes",
+            str(tmp_path / "classes.txt"),
+            *extra,
+            cwd=tmp_path,
+        )
         assert done.returncode == 0, done.stderr
     val = read_eval_set(EvalSetSource(str(zoo / "data" / "val")))
     assert val.images.shape == (12, 3, 224, 224) and sorted(np.bincount(val.labels)) == [4] * 3
@@ -167,42 +198,71 @@ def test_clip_workflow_end_to_end(tmp_path):
     # The zero-shot classifier of a (random) CLIP: reference row and init of the fine-tunes.
     torch.manual_seed(0)
     torch.save(clip_model("ViT-B-32").state_dict(), tmp_path / "clip.pt")
-    done = raysoup("zeroshot", "--arch", "ViT-B-32", "--pretrained", str(tmp_path / "clip.pt"),
-                   "--classes", str(tmp_path / "classes.txt"), "--templates", "simple",
-                   "--out", str(zoo / "zeroshot.safetensors"), cwd=tmp_path)
+    done = raysoup(
+        "zeroshot",
+        "--arch",
+        "ViT-B-32",
+        "--pretrained",
+        str(tmp_path / "clip.pt"),
+        "--classes",
+        str(tmp_path / "classes.txt"),
+        "--templates",
+        "simple",
+        "--out",
+        str(zoo / "zeroshot.safetensors"),
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     base = load_state_dict(zoo / "zeroshot.safetensors")
     (zoo / "ingredients").mkdir()
     for i in range(2):  # "fine-tunes": the zero-shot model moved in two directions
         g = torch.Generator().manual_seed(i)
-        torch.save({k: v + 0.02 * v.std() * torch.randn(v.shape, generator=g)
-                    if v.is_floating_point() and v.numel() > 1 else v
-                    for k, v in base.items()}, zoo / "ingredients" / f"ft-{i}.pt")
-    (zoo / "manifest.json").write_text(json.dumps({
-        "model": {"arch": "ViT-B-32", "num_classes": 3}, "classes": CLASSES,
-        "ingredients": "ingredients/*.pt", "pretrained": {"file": "zeroshot.safetensors"},
-        "eval_sets": {"val": "data/val", "id": "data/id",
-                      "inverted": {"file": "data/inverted",
-                                   "class_subset": ["t-shirt", "pullover"]}}}))
+        torch.save(
+            {
+                k: v + 0.02 * v.std() * torch.randn(v.shape, generator=g)
+                if v.is_floating_point() and v.numel() > 1
+                else v
+                for k, v in base.items()
+            },
+            zoo / "ingredients" / f"ft-{i}.pt",
+        )
+    (zoo / "manifest.json").write_text(
+        json.dumps(
+            {
+                "model": {"arch": "ViT-B-32", "num_classes": 3},
+                "classes": CLASSES,
+                "ingredients": "ingredients/*.pt",
+                "pretrained": {"file": "zeroshot.safetensors"},
+                "eval_sets": {
+                    "val": "data/val",
+                    "id": "data/id",
+                    "inverted": {"file": "data/inverted", "class_subset": ["t-shirt", "pullover"]},
+                },
+            }
+        )
+    )
     (tmp_path / "run.toml").write_text(
         'out = "run"\nmethods = ["greedy_soup", "manifold_mix"]\n'
         '[pool]\nzoo = "zoo"\n'
         '[search]\ncomponents = "granularity-1"\ndrop_unused = true\n'
-        '[manifold_mix]\nevals_per_component = 2\ntau = 0.5\n'
-        '[resources]\nevaluators = 1\ncpus_per_evaluator = 1\n')
+        "[manifold_mix]\nevals_per_component = 2\ntau = 0.5\n"
+        "[resources]\nevaluators = 1\ncpus_per_evaluator = 1\n"
+    )
     done = raysoup("run", "run.toml", cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert set(report["methods"]) == {"greedy_soup", "manifold_mix"}
     mix = report["methods"]["manifold_mix"]
-    assert sorted(mix["components"]) == ["classification_head.bias",  # text tower dropped
-                                         "classification_head.weight", "model.visual"]
+    assert sorted(mix["components"]) == [
+        "classification_head.bias",  # text tower dropped
+        "classification_head.weight",
+        "model.visual",
+    ]
     assert report["methods"]["greedy_soup"]["val"] >= max(a for _, a in report["ranking"])
     assert mix["val"] >= max(a for _, a in report["ranking"])
     assert set(report["references"]["pretrained"]["ood"]) == {"inverted"}
-    assert report["data"]["val"]["split"] == {"seed": 3, "fraction": 0.5, "val": 12,
-                                              "train": 12}
+    assert report["data"]["val"]["split"] == {"seed": 3, "fraction": 0.5, "val": 12, "train": 12}
     fused = load_state_dict(tmp_path / "run" / "fused.safetensors")
     check_state_dict(fused, state_dict_template(VIT_B_32), "fused", "ViT-B-32")
 
@@ -221,13 +281,15 @@ def test_unsupported_architectures_and_given_normalisation():
         ModelSpec.from_dict({"arch": "ViT-B-16-SigLIP", "num_classes": 3})
     with pytest.raises(RaysoupError, match="did you mean ViT-B-32"):
         ModelSpec.from_dict({"arch": "ViT-B-32x", "num_classes": 3})
-    spec = ModelSpec.from_dict({"arch": "ViT-B-32", "num_classes": 3,
-                                "mean": [0.5] * 3, "std": [0.5] * 3})
+    spec = ModelSpec.from_dict(
+        {"arch": "ViT-B-32", "num_classes": 3, "mean": [0.5] * 3, "std": [0.5] * 3}
+    )
     assert spec.mean == (0.5,) * 3 and spec.std == (0.5,) * 3
 
 
 def test_examples_parse():
     from raysoup.config import load_config
+
     examples = Path(__file__).parents[2] / "examples" / "clip"
     config = load_config(examples / "run.toml")
     assert config.methods == ("greedy_soup", "manifold_mix") and config.search.drop_unused

@@ -23,14 +23,14 @@ def _ray_stops_after():
     ray.shutdown()  # the demo starts a local Ray for manifold_mix
 
 
-def test_demo_quick_writes_report_parquet_and_scatter(tiny_zoo, tmp_path, capsys,
-                                                      monkeypatch):
+def test_demo_quick_writes_report_parquet_and_scatter(tiny_zoo, tmp_path, capsys, monkeypatch):
     """`raysoup demo --quick` as typed, with the quick zoo shrunk to the tests' tiny one
     (the real quick zoo trains for minutes on 2 cores), found where a first demo --quick
     builds and caches it (under RAYSOUP_CACHE)."""
     import shutil
 
     from raysoup.tools import demo
+
     monkeypatch.setattr(demo, "QUICK_ZOO", TINY_ZOO)
     monkeypatch.setenv("RAYSOUP_CACHE", str(tmp_path / "cache"))
     cached = demo.default_zoo_dir(TINY_ZOO)
@@ -44,8 +44,7 @@ def test_demo_quick_writes_report_parquet_and_scatter(tiny_zoo, tmp_path, capsys
     for row in report["methods"].values():
         assert {"val", "id", "ood", "ood_avg", "ingredients", "evaluations", "wall_s"} <= set(row)
         assert all(0 <= v <= 1 for v in [row["val"], row["id"], *row["ood"].values()])
-    assert report["methods"]["uniform_soup"]["ingredients"] == ["ft-00", "ft-01", "ft-02",
-                                                                 "ft-03"]
+    assert report["methods"]["uniform_soup"]["ingredients"] == ["ft-00", "ft-01", "ft-02", "ft-03"]
     table = pq.read_table(out / "results.parquet").to_pylist()
     assert {r["name"] for r in table if r["kind"] == "method"} == set(report["methods"])
     assert len([r for r in table if r["kind"] == "ingredient"]) == 4
@@ -55,17 +54,21 @@ def test_demo_quick_writes_report_parquet_and_scatter(tiny_zoo, tmp_path, capsys
     betas = pq.read_table(out / "beta.parquet").to_pylist()
     assert [b["ingredient"] for b in betas] == mm["ingredients"]
     assert len(mm["history"]) == 3 and all("promise_accuracy" in s for s in mm["history"])
-    assert report["config"]["manifold_mix"]["evals_per_component"] == \
-        demo.QUICK_EVALS_PER_COMPONENT
-    assert all(p["evaluations"] == demo.QUICK_EVALS_PER_COMPONENT * len(mm["components"])
-               for s in mm["history"] for p in s["passes"])
+    assert report["config"]["manifold_mix"]["evals_per_component"] == demo.QUICK_EVALS_PER_COMPONENT
+    assert all(
+        p["evaluations"] == demo.QUICK_EVALS_PER_COMPONENT * len(mm["components"])
+        for s in mm["history"]
+        for p in s["passes"]
+    )
     # Every method against the best ingredient and greedy soup, paired on the same images.
     assert set(report["methods"]["uniform_soup"]["vs"]) == {"best_individual", "greedy_soup"}
     assert set(report["methods"]["best_individual"]["vs"]) == {"greedy_soup"}
     for c in mm["vs"]["greedy_soup"].values():
         assert c["lo"] <= c["diff"] <= c["hi"] and 0 <= c["p"] <= 1
-    hits = {(r["name"], r["set"]): r["correct"] for r in
-            pq.read_table(out / "correctness.parquet").to_pylist()}
+    hits = {
+        (r["name"], r["set"]): r["correct"]
+        for r in pq.read_table(out / "correctness.parquet").to_pylist()
+    }
     greedy = report["methods"]["greedy_soup"]
     assert sum(hits["greedy_soup", "val"]) / len(hits["greedy_soup", "val"]) == greedy["val"]
     columns = pq.read_schema(out / "results.parquet").names
@@ -80,13 +83,15 @@ def test_zoo_build_is_deterministic(tiny_zoo, tmp_path):
     again = build_zoo(tmp_path / "again", TINY_ZOO)
     first = json.loads((tiny_zoo / "manifest.json").read_text())
     second = json.loads((again / "manifest.json").read_text())
-    assert [i["sha256"] for i in first["ingredients"]] == [i["sha256"] for i in
-                                                           second["ingredients"]]
+    assert [i["sha256"] for i in first["ingredients"]] == [
+        i["sha256"] for i in second["ingredients"]
+    ]
 
 
 def test_corrupt_ingredient_fails_before_any_output(tiny_zoo, tmp_path, capsys):
     zoo = tmp_path / "zoo"
     import shutil
+
     shutil.copytree(tiny_zoo, zoo)
     path = zoo / "ingredients" / "ft-02.safetensors"
     sd = load_file(str(path))
@@ -108,6 +113,7 @@ def test_changed_evaluation_set_is_refused_naming_it(tiny_zoo, tmp_path, capsys)
     import shutil
 
     from raysoup.inputs.data import read_eval_set, write_eval_set
+
     zoo = tmp_path / "zoo"
     shutil.copytree(tiny_zoo, zoo)
     blur = read_eval_set(zoo / "data" / "blur.arrow")
@@ -130,6 +136,7 @@ def test_zoo_build_quick_through_the_cli(tiny_zoo, tmp_path, monkeypatch, capsys
     file."""
     from raysoup.inputs.pool import file_sha256
     from raysoup.testbed import image
+
     monkeypatch.setattr(image, "QUICK_ZOO", TINY_ZOO)
     built = tmp_path / "built"
     assert main(["zoo", "build", "--quick", "--ingredients", "2", "--out", str(built)]) == 0
@@ -144,8 +151,9 @@ def test_zoo_build_quick_through_the_cli(tiny_zoo, tmp_path, monkeypatch, capsys
     # tiny zoo built through the API.
     reference = json.loads((tiny_zoo / "manifest.json").read_text())
     assert manifest["pretrained"]["sha256"] == reference["pretrained"]["sha256"]
-    assert [i["sha256"] for i in manifest["ingredients"]] == \
-        [i["sha256"] for i in reference["ingredients"][:2]]
+    assert [i["sha256"] for i in manifest["ingredients"]] == [
+        i["sha256"] for i in reference["ingredients"][:2]
+    ]
     assert manifest["eval_sets"] == reference["eval_sets"]
     # Another config into a built zoo is refused, before any training.
     assert main(["zoo", "build", "--quick", "--seed", "1", "--out", str(built)]) == 2
@@ -159,6 +167,7 @@ def test_the_shipped_zoo_installs_with_the_same_evaluation_sets_here(tmp_path):
     refused by name."""
     from raysoup.inputs.pool import CheckpointError, IngredientPool
     from raysoup.testbed.image import SHIPPED_ZOO, install_shipped_zoo
+
     zoo = install_shipped_zoo(tmp_path / "zoo")
     shipped = json.loads((SHIPPED_ZOO / "manifest.json").read_text())
     installed = json.loads((zoo / "manifest.json").read_text())

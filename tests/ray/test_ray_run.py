@@ -46,8 +46,9 @@ def uninterrupted(soup_zoo, tmp_path_factory):
     root = tmp_path_factory.mktemp("runA")
     # native numerics: the evaluators compute with this process's kernels, so the plain loop
     # run here makes the same per-image calls (portable ones would differ in the last bits).
-    config = load_config(write_config(root / "run.toml", soup_zoo, "out",
-                                      resources={"numerics": "native"}))
+    config = load_config(
+        write_config(root / "run.toml", soup_zoo, "out", resources={"numerics": "native"})
+    )
     with own_cache(root / "cache"):  # it measures every point, as the resumed run must
         report = execute(config)
     return config, report
@@ -63,6 +64,7 @@ def test_run_writes_fused_model_beta_history_and_tune_folders(uninterrupted):
     assert assert_measured(row) > 0
     assert (out / "beta.png").read_bytes()[:4] == b"\x89PNG"
     import pyarrow.parquet as pq
+
     betas = pq.read_table(out / "beta.parquet").to_pylist()
     assert [b["ingredient"] for b in betas] == row["ingredients"]
     history = json.loads((out / "history.json").read_text())
@@ -83,26 +85,31 @@ def test_tune_path_makes_the_same_decisions_as_the_plain_loop(uninterrupted):
     judge = ValidationJudge(evaluator.accuracy, rows=len(evaluator.sets[VAL][1]))
     components = partition(list(pool.load(pool.names[0])), config.search.components)
     ranking = [tuple(r) for r in report["ranking"]]
-    local = METHODS["manifold_mix"](SoupContext(pool, judge, ranking, components,
-                                                LocalSearch(judge, components)),
-                                    config.method_configs()["manifold_mix"])
+    local = METHODS["manifold_mix"](
+        SoupContext(pool, judge, ranking, components, LocalSearch(judge, components)),
+        config.method_configs()["manifold_mix"],
+    )
     tuned = report["methods"]["manifold_mix"]
     assert local.ingredients == tuned["ingredients"]
     assert json.loads(json.dumps(local.details.history)) == tuned["history"]
 
 
 @pytest.mark.slow
-def test_resume_after_killing_the_run_gives_the_identical_result(uninterrupted, soup_zoo,
-                                                                   tmp_path):
+def test_resume_after_killing_the_run_gives_the_identical_result(uninterrupted, soup_zoo, tmp_path):
     config_a, report_a = uninterrupted
-    path = write_config(tmp_path / "run.toml", soup_zoo, "out",
-                        resources={"numerics": "native"})  # as the uninterrupted run
+    path = write_config(
+        tmp_path / "run.toml", soup_zoo, "out", resources={"numerics": "native"}
+    )  # as the uninterrupted run
     # Its own cache, and the resumed run another, fresh one: the steps after the
     # checkpoint are measured again, not read back from the uninterrupted run's points.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAYSOUP_CACHE": str(tmp_path / "cache-a")}
-    proc = subprocess.Popen([sys.executable, "-m", "raysoup.cli", "run", str(path)],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raysoup.cli", "run", str(path)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     state = tmp_path / "out" / "driver" / "manifold_mix" / "state.json"
     deadline = time.time() + 300
     while not state.exists() and time.time() < deadline and proc.poll() is None:
@@ -133,6 +140,7 @@ def test_a_run_with_baselines_resumes_manifold_mix_from_its_checkpoint(soup_zoo,
     from raysoup.checkpoint import StepCheckpoint, save_ranking
     from raysoup.methods.manifold_mix import MixState
     from raysoup.numerics import describe
+
     path = write_config(tmp_path / "run.toml", soup_zoo, "out")
     path.write_text("methods = ['greedy_soup', 'manifold_mix']\n" + path.read_text())
     config = load_config(path)
@@ -144,8 +152,9 @@ def test_a_run_with_baselines_resumes_manifold_mix_from_its_checkpoint(soup_zoo,
     domain = describe(config.resources.numerics, threads=1)  # 0.5 CPU: one thread
     save_ranking(config.out / "driver", ranking, config.fingerprint(), domain)
     state = MixState(pool.load(best), [best], acc, next_candidate=len(ranking))
-    StepCheckpoint(config.out / "driver" / "manifold_mix", config.fingerprint(),
-                   domain).save(state.summary(), state.accumulator, version=1)
+    StepCheckpoint(config.out / "driver" / "manifold_mix", config.fingerprint(), domain).save(
+        state.summary(), state.accumulator, version=1
+    )
     with pytest.raises(RaysoupError, match="unfinished run; continue it with --resume"):
         execute(config)
     report = execute(config, resume=True)
@@ -167,25 +176,35 @@ def twin_step(report: dict) -> dict:
 
 
 def without_traces(history: list[dict]) -> list[dict]:
-    return [{**s, "passes": [{k: v for k, v in p.items() if k != "trace"} for p in s["passes"]]}
-            for s in history]
+    return [
+        {**s, "passes": [{k: v for k, v in p.items() if k != "trace"} for p in s["passes"]]}
+        for s in history
+    ]
 
 
 @pytest.mark.slow
-def test_phase2_racing_and_the_third_pass_rule_through_the_driver(soup_zoo, tmp_path,
-                                                                   uninterrupted):
+def test_phase2_racing_and_the_third_pass_rule_through_the_driver(
+    soup_zoo, tmp_path, uninterrupted
+):
     """Phase 2, racing and a forced third pass composed in one SoupDriver run on Tune,
     checked against the same run with every point scored in full. RandomSearch asks the
     same points whatever it is told, so racing must make the same decisions; it only
     tells stopped points their paired estimate, never above the pass's best so far."""
-    method = {"optimizer": "RandomSearch", "phase2": True, "phase2_evals_per_weight": 1,
-              "third_pass_gain": 0.0, "racing_chunks": 5, "racing_confidence": 0.9}
+    method = {
+        "optimizer": "RandomSearch",
+        "phase2": True,
+        "phase2_evals_per_weight": 1,
+        "third_pass_gain": 0.0,
+        "racing_chunks": 5,
+        "racing_confidence": 0.9,
+    }
     rows, reports = {}, {}
     for racing in (True, False):
         root = tmp_path / f"racing-{racing}"
         root.mkdir()
-        config = load_config(write_config(root / "run.toml", soup_zoo, "out", racing=racing,
-                                          **method))
+        config = load_config(
+            write_config(root / "run.toml", soup_zoo, "out", racing=racing, **method)
+        )
         with own_cache(root / "cache"):
             reports[racing] = execute(config)
         rows[racing] = reports[racing]["methods"]["manifold_mix"]
@@ -197,8 +216,9 @@ def test_phase2_racing_and_the_third_pass_rule_through_the_driver(soup_zoo, tmp_
     assert raced["stopped_evaluations"] > 0 and "stopped_evaluations" not in full
     assert raced["ingredients"] == full["ingredients"] and raced["betas"] == full["betas"]
     assert without_traces(raced["history"]) == without_traces(full["history"])
-    assert {k: v for k, v in raced["phase2"].items() if k != "trace"} == \
-        {k: v for k, v in full["phase2"].items() if k != "trace"}
+    assert {k: v for k, v in raced["phase2"].items() if k != "trace"} == {
+        k: v for k, v in full["phase2"].items() if k != "trace"
+    }
     passes = [p for s in raced["history"] for p in s["passes"]] + [raced["phase2"]]
     reference = [p for s in full["history"] for p in s["passes"]] + [full["phase2"]]
     differing = 0
@@ -208,8 +228,9 @@ def test_phase2_racing_and_the_third_pass_rule_through_the_driver(soup_zoo, tmp_
                 differing += 1
                 assert a <= max(got["trace"][:i]) and b <= max(got["trace"][:i])
     assert 0 < differing <= raced["stopped_evaluations"]
-    fused = [load_file(tmp_path / f"racing-{r}" / "out" / "fused.safetensors")
-             for r in (True, False)]
+    fused = [
+        load_file(tmp_path / f"racing-{r}" / "out" / "fused.safetensors") for r in (True, False)
+    ]
     assert all(torch.equal(fused[0][k], fused[1][k]) for k in fused[1])
 
     # The third-pass rule: with third_pass_gain = 0 a pass 3 follows every accepted step
@@ -228,8 +249,9 @@ def test_phase2_racing_and_the_third_pass_rule_through_the_driver(soup_zoo, tmp_
     phase2 = raced["phase2"]
     assert len(raced["ingredients"]) >= 2  # phase 2 runs only on a mix
     assert phase2["evaluations"] == len(raced["ingredients"]) * len(raced["components"])
-    assert raced["evaluations"] == (sum(s["evaluations"] for s in raced["history"])
-                                    + phase2["evaluations"] + ranked)
+    assert raced["evaluations"] == (
+        sum(s["evaluations"] for s in raced["history"]) + phase2["evaluations"] + ranked
+    )
     phase1 = [s["accuracy"] for s in raced["history"] if s["accepted"]][-1]
     assert phase2["kept"] == (phase2["accuracy"] >= phase1)
     assert raced["val_accuracy"] == (phase2["accuracy"] if phase2["kept"] else phase1)
@@ -288,8 +310,7 @@ def test_a_pass_whose_every_trial_fails_is_an_error_not_a_result(pair, tune_sear
         search.optimise(np.full(len(components), 0.7), 0.6, 0.9, 3, 0, "RandomSearch")
 
 
-def test_a_crashed_evaluator_is_restarted_and_the_search_unchanged(pair, tmp_path,
-                                                                   tune_search):
+def test_a_crashed_evaluator_is_restarted_and_the_search_unchanged(pair, tmp_path, tune_search):
     _pool, a, c, components = pair
     search = tune_search()
     start = np.full(len(components), 0.5)
@@ -315,12 +336,14 @@ def test_a_crashed_evaluator_is_restarted_and_the_search_unchanged(pair, tmp_pat
 def restarts(actors: list) -> int:
     """How many times Ray restarted these actors, from the GCS's actor table."""
     from ray._private.state import actors as actor_table
+
     return sum(actor_table(a._actor_id.hex())["NumRestarts"] for a in actors)
 
 
 @pytest.mark.slow
 def test_a_restarted_evaluator_with_other_validation_rows_fails_the_identity_check(
-        pair, tiny_zoo, tmp_path):
+    pair, tiny_zoo, tmp_path
+):
     """The check above can fail: the same crash, but the evaluator comes back with other
     validation rows (its file was replaced while it ran; a restart reads it again). A
     wrong recovery changes the search, and the identity check sees it."""
@@ -389,16 +412,18 @@ def test_a_steps_models_are_released_once_the_next_step_has_run(pair, tune_searc
 
 
 @pytest.mark.parametrize("mode, count", [("whole", 4), ("sharded", 2)])
-def test_k_points_in_flight_make_the_plain_loops_decisions(pair, tiny_zoo, tune_search,
-                                                           mode, count):
+def test_k_points_in_flight_make_the_plain_loops_decisions(
+    pair, tiny_zoo, tune_search, mode, count
+):
     """num_workers = 4: the optimiser sees exactly the asks and tells of the plain loop with
     4 workers (batches of 4 asked, then told in ask order), each batch one Tune trial whose
     points run at once: one per evaluator (one fake GPU each), or each over every shard."""
     _pool, a, c, components = pair
     search = tune_search(mode=mode, count=count, gpus=1.0, num_workers=4)
     search.set_models([a, c], lerp_mixer)
-    local = LocalSearch(ValidationJudge(val_evaluator(tiny_zoo).accuracy), components,
-                        num_workers=4)
+    local = LocalSearch(
+        ValidationJudge(val_evaluator(tiny_zoo).accuracy), components, num_workers=4
+    )
     local.set_models([a, c], lerp_mixer)
     start = np.full(len(components), 0.5)
     tuned = search.optimise(start, 0.25, 0.75, 14, 0, "TwoPointsDE")
@@ -417,6 +442,7 @@ def test_the_pool_judges_every_set_like_one_evaluator_and_survives_a_crash(pair,
     its rows judged again."""
     from raysoup.distributed.evaluators import EvaluatorPool
     from raysoup.evaluate import Evaluator, load_eval_sets
+
     pool, a, _, components = pair
     sources = eval_set_sources(tiny_zoo)
     spec = EvaluatorSpec(count=3, mode="sharded", cpus=0.25, timeout_s=120)
@@ -443,25 +469,40 @@ def test_no_model_is_built_outside_the_evaluators(soup_zoo, tmp_path):
     """A whole run with every method, reported ingredients and the pretrained reference,
     in a process where building a model anywhere but in an evaluator actor raises."""
     from raysoup.inputs.model import EVALUATORS_ONLY
+
     path = write_config(tmp_path / "run.toml", soup_zoo, "out")
-    path.write_text(f"methods = {sorted(METHODS)}\nreport_ingredients = true\n" +
-                    path.read_text() + "[task_arithmetic]\nbudget = 3\nsearch_dare = true\n"
-                    "[ties_merging]\nbudget = 3\ndare = 0.2\n[tsv_merge]\nbudget = 3\n"
-                    "[iso_c]\nbudget = 3\n[iso_cts]\nbudget = 3\n[learned_soup]\nepochs = 1\n"
-                    "[regmean]\nbudget = 3\n[adamerging]\nepochs = 1\n")
+    path.write_text(
+        f"methods = {sorted(METHODS)}\nreport_ingredients = true\n"
+        + path.read_text()
+        + "[task_arithmetic]\nbudget = 3\nsearch_dare = true\n"
+        "[ties_merging]\nbudget = 3\ndare = 0.2\n[tsv_merge]\nbudget = 3\n"
+        "[iso_c]\nbudget = 3\n[iso_cts]\nbudget = 3\n[learned_soup]\nepochs = 1\n"
+        "[regmean]\nbudget = 3\n[adamerging]\nepochs = 1\n"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", EVALUATORS_ONLY: "1"}
-    build = "from raysoup.inputs.model import build_classifier, ModelSpec; " \
+    build = (
+        "from raysoup.inputs.model import build_classifier, ModelSpec; "
         "build_classifier(ModelSpec())"
-    probe = subprocess.run([sys.executable, "-c", build], env=env, capture_output=True,
-                           text=True, check=False)
+    )
+    probe = subprocess.run(
+        [sys.executable, "-c", build], env=env, capture_output=True, text=True, check=False
+    )
     assert probe.returncode != 0 and "outside the evaluator actors" in probe.stderr
-    done = subprocess.run([sys.executable, "-m", "raysoup.cli", "run", str(path)], env=env,
-                          capture_output=True, text=True, timeout=900, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "raysoup.cli", "run", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert set(report["methods"]) == set(METHODS)
-    assert all(report["methods"][m]["evaluations"] == 3
-               for m in ("task_arithmetic", "ties_merging", "tsv_merge", "iso_c", "iso_cts"))
+    assert all(
+        report["methods"][m]["evaluations"] == 3
+        for m in ("task_arithmetic", "ties_merging", "tsv_merge", "iso_c", "iso_cts")
+    )
     assert set(report["methods"]["task_arithmetic"]["knobs"]) == {"lambda", "dare"}
     assert report["methods"]["ties_merging"]["config"]["dare"] == 0.2
     assert set(report["methods"]["tsv_merge"]["knobs"]) == {"alpha"}
@@ -473,25 +514,36 @@ def test_no_model_is_built_outside_the_evaluators(soup_zoo, tmp_path):
     assert set(report["methods"]["regmean"]["knobs"]) == {"alpha"}
     assert report["methods"]["adamerging"]["evaluations"] == 1
     assert all(0 <= x <= 1 for row in report["methods"]["adamerging"]["lambdas"] for x in row)
-    assert all(r["vs"]["best_individual"]["val"]["p"] is not None
-               for n, r in report["methods"].items() if n != "best_individual")
+    assert all(
+        r["vs"]["best_individual"]["val"]["p"] is not None
+        for n, r in report["methods"].items()
+        if n != "best_individual"
+    )
     assert report["references"]["pretrained"]["ood_avg"] is not None
     assert all(r["id"] is not None for r in report["ingredients"].values())
 
 
-@pytest.mark.parametrize("resources, message", [
-    ({"eval_timeout_s": 0.001}, (r"judging a model on \['val'\] took longer than "
-                                 r"resources.eval_timeout_s = 0.001 s")),
-    ({"evaluators": 64}, r"64 evaluator\(s\) need 32 CPU and 0 GPU, but the cluster has 2 CPU"),
-])
-def test_a_run_the_cluster_cannot_serve_fails_with_one_line(soup_zoo, tmp_path, resources,
-                                                            message):
+@pytest.mark.parametrize(
+    "resources, message",
+    [
+        (
+            {"eval_timeout_s": 0.001},
+            (
+                r"judging a model on \['val'\] took longer than "
+                r"resources.eval_timeout_s = 0.001 s"
+            ),
+        ),
+        ({"evaluators": 64}, r"64 evaluator\(s\) need 32 CPU and 0 GPU, but the cluster has 2 CPU"),
+    ],
+)
+def test_a_run_the_cluster_cannot_serve_fails_with_one_line(soup_zoo, tmp_path, resources, message):
     """An evaluation slower than the timeout in the ranking (no Tune retry there), and more
     evaluators than the cluster holds. The zoo gets an ingredient no test judged before, so
     its ranking is not in the judgement cache."""
     import shutil
 
     from raysoup.inputs.pool import load_state_dict, save_state_dict
+
     zoo = tmp_path / "zoo"
     shutil.copytree(soup_zoo, zoo)
     manifest = json.loads((zoo / "manifest.json").read_text())
@@ -532,6 +584,7 @@ def test_racing_stops_hopeless_points_and_keeps_the_pass_best(pair, tiny_zoo, tu
     the end scored exactly, every stopped one told at most the best so far (and truly no
     better than it), with fewer validation forwards."""
     from raysoup.distributed.racing import Racing
+
     _pool, a, c, components = pair
     local = LocalSearch(ValidationJudge(val_evaluator(tiny_zoo).accuracy), components)
     local.set_models([a, c], lerp_mixer)

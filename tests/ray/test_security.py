@@ -31,11 +31,18 @@ print(json.dumps({"listening": listening, "node": ray.nodes()[0]["NodeManagerAdd
 @pytest.mark.slow
 def test_local_ray_binds_loopback_only_with_token_auth_on():
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True,
-                         text=True, timeout=180, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     probe = json.loads(out.stdout.strip().splitlines()[-1])
     assert probe["node"] == "127.0.0.1"
-    assert probe["listening"] and all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1")
-                                      for ip in probe["listening"]), probe
+    assert probe["listening"] and all(
+        ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip in probe["listening"]
+    ), probe
     assert probe["token_auth"]

@@ -79,14 +79,20 @@ def test_validation_rejects_a_node_type_without_resources():
 @pytest.mark.parametrize("provider", sorted(LAUNCHER_CONFIGS))
 def test_launcher_config_autoscales_gpu_workers_from_zero(provider):
     config = load(LAUNCHER_CONFIGS[provider])
-    workers = {name: t for name, t in config["available_node_types"].items()
-               if name != config["head_node_type"]}
+    workers = {
+        name: t
+        for name, t in config["available_node_types"].items()
+        if name != config["head_node_type"]
+    }
 
     def has_gpu(node_type):
         node = node_type["node_config"]
         family = node.get("InstanceType", "").split(".")[0]
-        return (node_type["resources"].get("GPU", 0) >= 1 or family in AWS_GPU_FAMILIES
-                or bool(node.get("guestAccelerators")))
+        return (
+            node_type["resources"].get("GPU", 0) >= 1
+            or family in AWS_GPU_FAMILIES
+            or bool(node.get("guestAccelerators"))
+        )
 
     gpu_workers = [t for t in workers.values() if has_gpu(t)]
     assert gpu_workers, f"{provider}: no worker node type has a GPU"
@@ -101,7 +107,9 @@ def test_every_node_installs_raysoup_with_the_pinned_torch(provider):
     assert config["file_mounts"]["~/raysoup"] == "."
     for pin in torch_pins():
         assert pin in setup, f"{provider}: setup_commands do not install {pin}"
-    assert re.search(r"pip install -c ~/raysoup/constraints\.txt .*~/raysoup\s*$", setup, re.MULTILINE)
+    assert re.search(
+        r"pip install -c ~/raysoup/constraints\.txt .*~/raysoup\s*$", setup, re.MULTILINE
+    )
     assert config["docker"]["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
 
 
@@ -128,9 +136,11 @@ def test_rayjob_runs_raysoup_on_gpu_workers_with_shared_storage_and_token_auth()
     assert cluster["rayVersion"] == ray.__version__
     assert cluster["enableInTreeAutoscaling"] is True
 
-    claims = {d["metadata"]["name"]: d for d in
-              yaml.safe_load_all((CLUSTER / "kuberay" / "shared-pvc.yaml").read_text())
-              if d and d.get("kind") == "PersistentVolumeClaim"}
+    claims = {
+        d["metadata"]["name"]: d
+        for d in yaml.safe_load_all((CLUSTER / "kuberay" / "shared-pvc.yaml").read_text())
+        if d and d.get("kind") == "PersistentVolumeClaim"
+    }
     for name, pod in pod_specs(job).items():
         (container,) = pod["containers"]
         assert container["image"], name
@@ -163,12 +173,18 @@ def test_dockerfile_builds_on_the_installed_ray_with_the_torch_pins():
 
 
 def test_nothing_turns_token_auth_off():
-    files = [*CLUSTER.glob("*.yaml"), *CLUSTER.glob("kuberay/*"), CLUSTER / "Dockerfile",
-             ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    files = [
+        *CLUSTER.glob("*.yaml"),
+        *CLUSTER.glob("kuberay/*"),
+        CLUSTER / "Dockerfile",
+        ROOT / "README.md",
+        *(ROOT / "docs").glob("*.md"),
+    ]
     assert ROOT / "docs" / "cluster.md" in files  # the cluster guide's commands are checked too
     # RAY_AUTH_MODE=disabled, an env entry `name: RAY_AUTH_MODE / value: disabled`, or
     # KubeRay's `authOptions: {mode: disabled}`.
-    off = re.compile(r"RAY_AUTH_MODE[\s\"'=:]*(value[\s\"':]*)?disabled|mode:\s*[\"']?disabled",
-                     re.IGNORECASE)
+    off = re.compile(
+        r"RAY_AUTH_MODE[\s\"'=:]*(value[\s\"':]*)?disabled|mode:\s*[\"']?disabled", re.IGNORECASE
+    )
     for path in files:
         assert not off.search(path.read_text()), f"{path} turns token authentication off"

@@ -12,6 +12,7 @@ def model_soups_vit_b32_keys():
     """Keys of a model soups release checkpoint: CLIP ViT-B/32 without its text
     transformer (deleted by the image encoder wrapper), plus the classification head."""
     import open_clip
+
     clip = open_clip.create_model("ViT-B-32", pretrained=None)
     keys = [f"model.{k}" for k in clip.state_dict() if not k.startswith("transformer.")]
     return keys + ["classification_head.weight", "classification_head.bias"]
@@ -37,17 +38,25 @@ def test_granularity_3_has_one_component_per_visual_block(vit_b32_keys):
 
 def test_presets_on_tiny_model():
     keys = list(build_classifier(TINY_SPEC).state_dict())
-    counts = {p: len(partition(keys, p)) for p in
-              ["granularity-1", "granularity-2", "granularity-3", "per-block", "whole-model"]}
+    counts = {
+        p: len(partition(keys, p))
+        for p in ["granularity-1", "granularity-2", "granularity-3", "per-block", "whole-model"]
+    }
     # 2 resblocks; granularity 2: 7 visual parts + head weight + head bias.
-    assert counts == {"granularity-1": 3, "granularity-2": 9, "granularity-3": 10,
-                      "per-block": 10, "whole-model": 1}
+    assert counts == {
+        "granularity-1": 3,
+        "granularity-2": 9,
+        "granularity-3": 10,
+        "per-block": 10,
+        "whole-model": 1,
+    }
 
 
 def test_user_rules_first_match_wins():
     keys = list(build_classifier(TINY_SPEC).state_dict())
-    comps = partition(keys, [("head", r"^classification_head\."),
-                             ("blocks", r"resblocks"), ("rest", r".")])
+    comps = partition(
+        keys, [("head", r"^classification_head\."), ("blocks", r"resblocks"), ("rest", r".")]
+    )
     assert comps.names == ("rest", "blocks", "head")
     check_partition(comps, keys)
 

@@ -54,14 +54,16 @@ def test_noise_adds_independent_gaussian_noise_of_std_0_2_of_the_range():
 
 def test_blur_spreads_a_point_over_a_5x5_gaussian_of_sigma_1_2_to_1_6():
     from scipy import ndimage
+
     point = np.zeros((20, 1, 28, 28), np.uint8)
     point[:, :, 14, 14] = 255
     out = make_shift(point, "blur", seed=0).astype(float)
     assert not out[:, :, :12].any() and not out[:, :, 17:].any()  # nothing beyond radius 2
     assert not out[:, :, :, :12].any() and not out[:, :, :, 17:].any()
     assert np.all(np.abs(out.sum(axis=(2, 3)) - 255) <= 13)  # the kernel's energy is 1
-    peaks = [ndimage.gaussian_filter(point[0, 0].astype(float), s, radius=2)[14, 14]
-             for s in (1.6, 1.2)]  # a wider kernel has a lower peak
+    peaks = [
+        ndimage.gaussian_filter(point[0, 0].astype(float), s, radius=2)[14, 14] for s in (1.6, 1.2)
+    ]  # a wider kernel has a lower peak
     assert np.all((out[:, 0, 14, 14] >= peaks[0] - 0.5) & (out[:, 0, 14, 14] <= peaks[1] + 0.5))
     assert len(set(out[:, 0, 14, 14])) > 1  # sigma drawn per image
     window = out[:, :, 12:17, 12:17]
@@ -98,6 +100,7 @@ def test_invert_is_255_minus_every_pixel():
 
 def test_elastic_moves_pixels_by_less_than_10_pixels():
     from scipy import ndimage
+
     images = load_fashion_mnist()["test_images"][:30]
     out = make_shift(images, "elastic", seed=0).astype(float)
     x = images.astype(float)

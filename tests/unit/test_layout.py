@@ -3,9 +3,17 @@
 import subprocess
 import sys
 
-RUN_MODULES = ("raysoup.cli", "raysoup.api", "raysoup.runner", "raysoup.families",
-               "raysoup.methods", "raysoup.distributed.driver", "raysoup.distributed.workers",
-               "raysoup.distributed.evaluators", "raysoup.distributed.tune_search")
+RUN_MODULES = (
+    "raysoup.cli",
+    "raysoup.api",
+    "raysoup.runner",
+    "raysoup.families",
+    "raysoup.methods",
+    "raysoup.distributed.driver",
+    "raysoup.distributed.workers",
+    "raysoup.distributed.evaluators",
+    "raysoup.distributed.tune_search",
+)
 # One line of the loaded raysoup.testbed / raysoup.tools modules after the run's modules,
 # then one after importing a testbed module too (so the probe is seen to see them).
 PROBE = f"""import sys
@@ -21,8 +29,7 @@ rooms()
 
 
 def test_a_run_imports_neither_the_testbeds_nor_the_tools():
-    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                          check=True)
+    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
     after_run, after_testbed = done.stdout.split("\n")[:2]
     assert after_run == ""
     assert "raysoup.testbed.image" in after_testbed.split()

@@ -33,16 +33,21 @@ def components(pool):
 
 def closeness_judge(target):
     """A score in (0, 1] that peaks exactly at `target`."""
+
     def score(sd):
         dist = sum(float(((sd[k].double() - target[k].double()) ** 2).sum()) for k in target)
         return math.exp(-dist)
+
     return ValidationJudge(score)
 
 
 def run(pool, components, judge, ranking=None, **config):
     rest = {"components": components, "search": LocalSearch(judge, components)}
-    ctx = SoupContext.rank(pool, judge, **rest) if ranking is None else \
-        SoupContext(pool, judge, ranking, **rest)
+    ctx = (
+        SoupContext.rank(pool, judge, **rest)
+        if ranking is None
+        else SoupContext(pool, judge, ranking, **rest)
+    )
     return METHODS["manifold_mix"](ctx, ManifoldMixConfig(**config))
 
 
@@ -52,8 +57,9 @@ def test_recovers_a_hidden_componentwise_mix_and_beta_rebuilds_it(pool, componen
     target = mix(pool.load(a), pool.load(c), hidden, components)
     judge = closeness_judge(target)
     ranking = [(a, 0.9), (c, 0.8), *((n, 0.1) for n in pool.names[2:])]
-    result = run(pool, components, judge, ranking, optimizer="NGOpt", evals_per_component=30,
-                 tau=0.5)
+    result = run(
+        pool, components, judge, ranking, optimizer="NGOpt", evals_per_component=30, tau=0.5
+    )
     assert result.ingredients[:2] == [a, c]
     step = result.details.history[0]
     assert step["accepted"] and len(step["passes"]) >= 2  # later passes after acceptance
@@ -99,8 +105,9 @@ def test_a_verdict_within_one_validation_image_is_marked(pool, components):
     a, c = pool.names[0], pool.names[1]
     for candidate_accuracy, closeness in ((0.505, "one image"), (0.51, None)):
         judge = ValidationJudge(lambda sd, accuracy=candidate_accuracy: accuracy, rows=200)
-        result = run(pool, components, judge, [(a, 0.5), (c, 0.5)], evals_per_component=2,
-                     later_passes=False)
+        result = run(
+            pool, components, judge, [(a, 0.5), (c, 0.5)], evals_per_component=2, later_passes=False
+        )
         assert result.ingredients == [a, c]  # better than the best so far: accepted
         assert result.details.history[0]["closeness"] == closeness
 
@@ -108,23 +115,40 @@ def test_a_verdict_within_one_validation_image_is_marked(pool, components):
 def test_same_seed_same_result(pool, components):
     a, c = pool.names[0], pool.names[1]
     target = mix(pool.load(a), pool.load(c), np.full(len(components), 0.6), components)
-    first = run(pool, components, closeness_judge(target), optimizer="TwoPointsDE",
-                evals_per_component=5, tau=0.5, seed=3)
-    second = run(pool, components, closeness_judge(target), optimizer="TwoPointsDE",
-                 evals_per_component=5, tau=0.5, seed=3)
+    first = run(
+        pool,
+        components,
+        closeness_judge(target),
+        optimizer="TwoPointsDE",
+        evals_per_component=5,
+        tau=0.5,
+        seed=3,
+    )
+    second = run(
+        pool,
+        components,
+        closeness_judge(target),
+        optimizer="TwoPointsDE",
+        evals_per_component=5,
+        tau=0.5,
+        seed=3,
+    )
     assert first.details.history == second.details.history
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"optimizer": "Cobylaa"}, "unknown nevergrad optimizer 'Cobylaa'"),
-    ({"optimizer": "cobyla"}, "did you mean 'Cobyla'"),
-    ({"num_workers": 4}, "unknown key(s) manifold_mix.num_workers"),
-    ({"evals_per_component": 0}, "manifold_mix.evals_per_component = 0: expected int, >= 1"),
-    ({"tau": 0.0}, "manifold_mix.tau = 0.0: expected float, > 0, <= 1"),
-    ({"tau": 1.5}, "manifold_mix.tau = 1.5: expected float, > 0, <= 1"),
-    ({"later_pass_bounds": (0.3, 1.2)}, "later_pass_bounds"),
-    ({"bounds_delta": -0.1}, "bounds_delta"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"optimizer": "Cobylaa"}, "unknown nevergrad optimizer 'Cobylaa'"),
+        ({"optimizer": "cobyla"}, "did you mean 'Cobyla'"),
+        ({"num_workers": 4}, "unknown key(s) manifold_mix.num_workers"),
+        ({"evals_per_component": 0}, "manifold_mix.evals_per_component = 0: expected int, >= 1"),
+        ({"tau": 0.0}, "manifold_mix.tau = 0.0: expected float, > 0, <= 1"),
+        ({"tau": 1.5}, "manifold_mix.tau = 1.5: expected float, > 0, <= 1"),
+        ({"later_pass_bounds": (0.3, 1.2)}, "later_pass_bounds"),
+        ({"bounds_delta": -0.1}, "bounds_delta"),
+    ],
+)
 def test_bad_method_config_is_refused_with_the_value(bad, message):
     with pytest.raises(RaysoupError, match=re.escape(message)):
         ManifoldMixConfig(**bad)
@@ -132,13 +156,22 @@ def test_bad_method_config_is_refused_with_the_value(bad, message):
 
 def test_phase2_refines_beta_without_losing_val_and_rebuilds_the_fused_model(pool, components):
     a, c = pool.names[0], pool.names[1]
-    target = mix(pool.load(a), pool.load(c), np.array([0.8, 0.3, 0.6])[: len(components)],
-                 components)
+    target = mix(
+        pool.load(a), pool.load(c), np.array([0.8, 0.3, 0.6])[: len(components)], components
+    )
     judge = closeness_judge(target)
     ranking = [(a, 0.9), (c, 0.8)]
     phase1 = run(pool, components, judge, ranking, evals_per_component=4, tau=0.5)
-    both = run(pool, components, judge, ranking, evals_per_component=4, tau=0.5, phase2=True,
-               phase2_evals_per_weight=3)
+    both = run(
+        pool,
+        components,
+        judge,
+        ranking,
+        evals_per_component=4,
+        tau=0.5,
+        phase2=True,
+        phase2_evals_per_weight=3,
+    )
     p2 = both.details.phase2
     assert p2["evaluations"] == 2 * len(components) * 3
     assert both.details.val_accuracy >= phase1.details.val_accuracy

@@ -33,12 +33,24 @@ def t(*values):
 
 
 def test_model_stock_ratio_follows_the_angle_between_the_deltas():
-    w0 = {"orthogonal": t(1.0, 1.0), "aligned": t(0.0, 0.0), "sixty": t(0.0, 0.0),
-          "step": torch.tensor(7)}
-    w1 = {"orthogonal": t(2.0, 1.0), "aligned": t(1.0, 1.0), "sixty": t(1.0, 0.0),
-          "step": torch.tensor(1)}
-    w2 = {"orthogonal": t(1.0, 2.0), "aligned": t(2.0, 2.0),
-          "sixty": t(0.5, math.sqrt(3) / 2), "step": torch.tensor(2)}
+    w0 = {
+        "orthogonal": t(1.0, 1.0),
+        "aligned": t(0.0, 0.0),
+        "sixty": t(0.0, 0.0),
+        "step": torch.tensor(7),
+    }
+    w1 = {
+        "orthogonal": t(2.0, 1.0),
+        "aligned": t(1.0, 1.0),
+        "sixty": t(1.0, 0.0),
+        "step": torch.tensor(1),
+    }
+    w2 = {
+        "orthogonal": t(1.0, 2.0),
+        "aligned": t(2.0, 2.0),
+        "sixty": t(0.5, math.sqrt(3) / 2),
+        "step": torch.tensor(2),
+    }
     merged = model_stock_merge(w0, [w1, w2])
     # cos 0 -> t = 0: the pretrained weights
     torch.testing.assert_close(merged["orthogonal"], t(1.0, 1.0))
@@ -55,8 +67,9 @@ def test_model_stock_streams_the_mean_pairwise_cosine_of_n_deltas():
     shared = torch.randn(5, 3, generator=gen)
     fine = [{"w": w0["w"] + shared + 0.7 * torch.randn(5, 3, generator=gen)} for _ in range(4)]
     deltas = [(f["w"] - w0["w"]).flatten().double() for f in fine]
-    cosines = [float(a @ b / (a.norm() * b.norm())) for i, a in enumerate(deltas)
-               for b in deltas[i + 1:]]
+    cosines = [
+        float(a @ b / (a.norm() * b.norm())) for i, a in enumerate(deltas) for b in deltas[i + 1 :]
+    ]
     cos = sum(cosines) / len(cosines)
     ratio = 4 * cos / (1 + 3 * cos)
     expected = ratio * torch.stack([f["w"] for f in fine]).mean(0) + (1 - ratio) * w0["w"]
@@ -70,8 +83,10 @@ def test_model_stock_needs_two_ingredients():
 
 def test_task_arithmetic_adds_the_scaled_sum_of_task_vectors():
     w0 = {"w": t(1.0, 2.0), "n": torch.tensor(3)}
-    ingredients = [{"w": t(2.0, 2.0), "n": torch.tensor(0)},
-                   {"w": t(1.0, 5.0), "n": torch.tensor(0)}]
+    ingredients = [
+        {"w": t(2.0, 2.0), "n": torch.tensor(0)},
+        {"w": t(1.0, 5.0), "n": torch.tensor(0)},
+    ]
     merged = task_arithmetic_merge(w0, ingredients, 0.5)
     # tau = (1, 0) + (0, 3) = (1, 3); w0 + 0.5 tau
     torch.testing.assert_close(merged["w"], t(1.5, 3.5))
@@ -81,8 +96,9 @@ def test_task_arithmetic_adds_the_scaled_sum_of_task_vectors():
 def test_ties_trims_elects_a_sign_and_averages_the_agreeing_entries():
     w0 = {"a": t(1.0, 1.0), "b": t(0.0, 0.0), "n": torch.tensor(5)}
     taus = [(3.0, -1.0, 0.5, 2.0), (-2.0, -2.0, 1.0, 0.1), (1.0, 4.0, -0.2, -3.0)]
-    ingredients = [{"a": w0["a"] + t(*tau[:2]), "b": t(*tau[2:]), "n": torch.tensor(0)}
-                   for tau in taus]
+    ingredients = [
+        {"a": w0["a"] + t(*tau[:2]), "b": t(*tau[2:]), "n": torch.tensor(0)} for tau in taus
+    ]
     merged = ties_merge(w0, ingredients, scale=0.5, density=0.5)
     # Keep 2 of 4 per task vector: (3, 0, 0, 2), (-2, -2, 0, 0), (0, 4, 0, -3).
     # Elected signs of the sums (1, 2, 0, -1): +, +, 0, -. Agreeing means: 3, 4, 0, -3.
@@ -116,8 +132,9 @@ def test_learned_soup_lowers_the_validation_loss_of_the_uniform_soup(context, ti
     evaluator = val_evaluator(tiny_zoo)
     pool, components = context.pool, context.components
     models = [pool.load(n) for n in pool.names]
-    logits, scale = learn_mixing_logits(evaluator, VAL, models, components,
-                                        LearnedSoupConfig(epochs=3, lr=0.1))
+    logits, scale = learn_mixing_logits(
+        evaluator, VAL, models, components, LearnedSoupConfig(epochs=3, lr=0.1)
+    )
     assert logits.shape == (len(pool), len(components)) and np.isfinite(logits).all()
     assert scale == 1.0  # not learned by default
 
@@ -130,45 +147,55 @@ def test_learned_soup_lowers_the_validation_loss_of_the_uniform_soup(context, ti
     assert loss(softmax(logits)) < loss(softmax(np.zeros_like(logits)))
 
 
-@pytest.mark.parametrize("name, options", [
-    ("model_stock", {}),
-    ("task_arithmetic", {"config": TaskArithmeticConfig(budget=4)}),
-    ("ties_merging", {"config": TiesMergingConfig(budget=4)}),
-    ("learned_soup", {"config": LearnedSoupConfig(epochs=1)}),
-])
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("model_stock", {}),
+        ("task_arithmetic", {"config": TaskArithmeticConfig(budget=4)}),
+        ("ties_merging", {"config": TiesMergingConfig(budget=4)}),
+        ("learned_soup", {"config": LearnedSoupConfig(epochs=1)}),
+    ],
+)
 def test_each_method_runs_behind_the_registry(context, name, options):
     judge_before = context.judge.evaluations
     result = METHODS[name](context, **options)
     assert result.ingredients == context.pool.names and not result.ranked
     assert set(result.state_dict) == set(context.pool.load(context.pool.names[0]))
-    assert all(torch.isfinite(v).all() for v in result.state_dict.values()
-               if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in result.state_dict.values() if v.is_floating_point())
     if name in ("task_arithmetic", "ties_merging"):
         # Knobs chosen on val by the search, every evaluation counted and traced.
         details = result.details
         assert result.evaluations == len(details.trace) == 4
         assert details.val_accuracy == max(details.trace)
         assert context.judge.evaluations - judge_before == 4
-        bounds = {"lambda": options["config"].scale_bounds,
-                  "density": getattr(options["config"], "density_bounds", (0, 1))}
+        bounds = {
+            "lambda": options["config"].scale_bounds,
+            "density": getattr(options["config"], "density_bounds", (0, 1)),
+        }
         assert all(bounds[k][0] <= v <= bounds[k][1] for k, v in details.knobs.items())
 
 
 def test_learned_soup_refuses_a_pool_that_does_not_fit(tiny_zoo):
     pool = IngredientPool.from_zoo(tiny_zoo)
-    with pytest.raises(RaysoupError, match=r"learned_soup holds every ingredient.*GiB.*"
-                                           r"learned_soup.max_memory_gb"):
+    with pytest.raises(
+        RaysoupError,
+        match=r"learned_soup holds every ingredient.*GiB.*"
+        r"learned_soup.max_memory_gb",
+    ):
         check_memory(pool, LearnedSoupConfig(max_memory_gb=1e-6))
     check_memory(pool, LearnedSoupConfig())  # the tiny pool fits this machine
 
 
-@pytest.mark.parametrize("config, message", [
-    (lambda: TaskArithmeticConfig(scale_bounds=(1.0, 0.5)), "task_arithmetic.scale_bounds"),
-    (lambda: TiesMergingConfig(density_bounds=(0.0, 1.5)), "ties_merging.density_bounds"),
-    (lambda: TiesMergingConfig(budget=0), r"ties_merging.budget = 0: expected int, >= 1"),
-    (lambda: TaskArithmeticConfig(optimizer="NoSuchOpt"), "unknown nevergrad optimizer"),
-    (lambda: LearnedSoupConfig(epochs=0), r"learned_soup.epochs = 0: expected int, >= 1"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (lambda: TaskArithmeticConfig(scale_bounds=(1.0, 0.5)), "task_arithmetic.scale_bounds"),
+        (lambda: TiesMergingConfig(density_bounds=(0.0, 1.5)), "ties_merging.density_bounds"),
+        (lambda: TiesMergingConfig(budget=0), r"ties_merging.budget = 0: expected int, >= 1"),
+        (lambda: TaskArithmeticConfig(optimizer="NoSuchOpt"), "unknown nevergrad optimizer"),
+        (lambda: LearnedSoupConfig(epochs=0), r"learned_soup.epochs = 0: expected int, >= 1"),
+    ],
+)
 def test_bad_method_settings_are_refused_by_name(config, message):
     with pytest.raises(RaysoupError, match=message):
         config()
@@ -177,47 +204,55 @@ def test_bad_method_settings_are_refused_by_name(config, message):
 # The conventions where mergekit, FusionBench and the authors' code differ
 # (docs/merge_methods.md): each option on a hand-worked example.
 
+
 def one_task_vector(tau, **conventions):
     """TIES of a single ingredient w_0 + tau at lambda 1: the trimmed tau itself (its own
     signs are elected, every kept entry agrees)."""
     w0 = {"w": torch.zeros(len(tau))}
-    return ties_merge(w0, [{"w": t(*tau)}], 1.0, conventions.pop("density"),
-                      **conventions)["w"]
+    return ties_merge(w0, [{"w": t(*tau)}], 1.0, conventions.pop("density"), **conventions)["w"]
 
 
-@pytest.mark.parametrize("density, topk, kept", [
-    (0.3, "round", (5, 4, 0, 0, 0)),            # round(1.5) = 2
-    (0.3, "floor", (5, 0, 0, 0, 0)),            # int(1.5) = 1 (mergekit's count)
-    (0.3, "floor_plus_one", (5, 4, 0, 0, 0)),   # int(1.5) + 1 = 2 (the authors')
-    (0.5, "round", (5, 4, 0, 0, 0)),            # round(2.5) = 2: half to even
-    (0.5, "floor", (5, 4, 0, 0, 0)),
-    (0.5, "floor_plus_one", (5, 4, 3, 0, 0)),   # int(2.5) + 1 = 3
-])
+@pytest.mark.parametrize(
+    "density, topk, kept",
+    [
+        (0.3, "round", (5, 4, 0, 0, 0)),  # round(1.5) = 2
+        (0.3, "floor", (5, 0, 0, 0, 0)),  # int(1.5) = 1 (mergekit's count)
+        (0.3, "floor_plus_one", (5, 4, 0, 0, 0)),  # int(1.5) + 1 = 2 (the authors')
+        (0.5, "round", (5, 4, 0, 0, 0)),  # round(2.5) = 2: half to even
+        (0.5, "floor", (5, 4, 0, 0, 0)),
+        (0.5, "floor_plus_one", (5, 4, 3, 0, 0)),  # int(2.5) + 1 = 3
+    ],
+)
 def test_ties_topk_counts(density, topk, kept):
-    torch.testing.assert_close(one_task_vector((5.0, 4.0, 3.0, 2.0, 1.0), density=density,
-                                               topk=topk), t(*kept))
+    torch.testing.assert_close(
+        one_task_vector((5.0, 4.0, 3.0, 2.0, 1.0), density=density, topk=topk), t(*kept)
+    )
 
 
 def test_ties_keeps_every_entry_tied_at_the_cutoff():
     # round(0.3 * 5) = 2 entries, the 2nd largest magnitude is 4: -4 and 4 both kept
-    torch.testing.assert_close(one_task_vector((5.0, -4.0, 4.0, 1.0, 0.5), density=0.3),
-                               t(5.0, -4.0, 4.0, 0.0, 0.0))
+    torch.testing.assert_close(
+        one_task_vector((5.0, -4.0, 4.0, 1.0, 0.5), density=0.3), t(5.0, -4.0, 4.0, 0.0, 0.0)
+    )
 
 
 def test_ties_trims_the_whole_vector_or_each_tensor():
     w0 = {"a": t(0.0, 0.0), "b": t(0.0, 0.0)}
     fine = [{"a": t(4.0, 3.0), "b": t(0.1, -0.2)}]
-    whole = ties_merge(w0, fine, 1.0, 0.5)                        # 2 of the 4 entries
-    per_tensor = ties_merge(w0, fine, 1.0, 0.5, "per_tensor")     # 1 of each tensor's 2
+    whole = ties_merge(w0, fine, 1.0, 0.5)  # 2 of the 4 entries
+    per_tensor = ties_merge(w0, fine, 1.0, 0.5, "per_tensor")  # 1 of each tensor's 2
     torch.testing.assert_close([whole["a"], whole["b"]], [t(4.0, 3.0), t(0.0, 0.0)])
     torch.testing.assert_close([per_tensor["a"], per_tensor["b"]], [t(4.0, 0.0), t(0.0, -0.2)])
 
 
-@pytest.mark.parametrize("zero_sign, first", [
-    ("zero", 0.0),       # sign sum 0 elects nothing: the parameter keeps w_0
-    ("positive", 2.0),   # mergekit: sum >= 0 elects +, the mean of the positive entries
-    ("majority", -2.0),  # authors, FusionBench: the sign of the elected signs' sum (-1 - 1)
-])
+@pytest.mark.parametrize(
+    "zero_sign, first",
+    [
+        ("zero", 0.0),  # sign sum 0 elects nothing: the parameter keeps w_0
+        ("positive", 2.0),  # mergekit: sum >= 0 elects +, the mean of the positive entries
+        ("majority", -2.0),  # authors, FusionBench: the sign of the elected signs' sum (-1 - 1)
+    ],
+)
 def test_ties_exact_zero_sign_sum(zero_sign, first):
     w0 = {"w": t(0.0, 0.0, 0.0)}
     fine = [{"w": t(2.0, -1.0, -1.0)}, {"w": t(-2.0, -1.0, -1.0)}]  # sums 0, -2, -2
@@ -226,8 +261,9 @@ def test_ties_exact_zero_sign_sum(zero_sign, first):
 
 
 def test_ties_conventions_reach_the_merge_through_the_registry(context):
-    config = TiesMergingConfig(budget=2, trim="per_tensor", topk="floor_plus_one",
-                               zero_sign="positive")
+    config = TiesMergingConfig(
+        budget=2, trim="per_tensor", topk="floor_plus_one", zero_sign="positive"
+    )
     result = METHODS["ties_merging"](context, config=config)
     knobs = result.details.knobs
     models = [context.pool.load(n) for n in context.pool.names]
@@ -240,8 +276,7 @@ def test_ties_conventions_reach_the_merge_through_the_registry(context):
 
 def stock_context(*deltas, w0=(0.0, 0.0)) -> SoupContext:
     pool = MemoryPool({f"ft-{i}": {"w": t(*w0) + t(*d)} for i, d in enumerate(deltas)})
-    return SoupContext(pool, ValidationJudge(lambda sd: 0.0), [],
-                       pretrained={"w": t(*w0)})
+    return SoupContext(pool, ValidationJudge(lambda sd: 0.0), [], pretrained={"w": t(*w0)})
 
 
 def test_model_stock_clips_or_extrapolates_a_negative_cosine():
@@ -272,8 +307,12 @@ def test_model_stock_refuses_deltas_that_cancel_out_when_unclipped():
 
 def test_learned_soup_weighs_each_tensor_with_granularity_tensor():
     """Two tensors in one component: "tensor" gives each its own column of logits."""
-    pool = MemoryPool({"a": {"x.u": t(1.0), "x.v": t(2.0), "x.n": torch.tensor(7)},
-                       "b": {"x.u": t(3.0), "x.v": t(6.0), "x.n": torch.tensor(9)}})
+    pool = MemoryPool(
+        {
+            "a": {"x.u": t(1.0), "x.v": t(2.0), "x.n": torch.tensor(7)},
+            "b": {"x.u": t(3.0), "x.v": t(6.0), "x.n": torch.tensor(9)},
+        }
+    )
     components = partition(list(pool.load("a")), "whole-model")
     seen = []
 
@@ -281,8 +320,7 @@ def test_learned_soup_weighs_each_tensor_with_granularity_tensor():
         seen.append(config.granularity)
         return np.array([[0.0, math.log(3.0)], [0.0, 0.0]]), 1.0
 
-    ctx = SoupContext(pool, ValidationJudge(lambda sd: 0.0), [], components=components,
-                      learn=learn)
+    ctx = SoupContext(pool, ValidationJudge(lambda sd: 0.0), [], components=components, learn=learn)
     result = METHODS["learned_soup"](ctx, config=LearnedSoupConfig(granularity="tensor"))
     assert result.details.components == ["x.u", "x.v"] and seen == ["tensor"]
     torch.testing.assert_close(result.state_dict["x.u"], t(2.0))  # (1 + 3) / 2
@@ -309,17 +347,27 @@ def test_learned_soup_per_tensor_with_a_learned_scale_lowers_the_loss(context, t
     assert loss(softmax(logits)) < loss(softmax(np.zeros_like(logits)))
 
 
-@pytest.mark.parametrize("config, message", [
-    (lambda: TiesMergingConfig(trim="layer"),
-     r"ties_merging.trim = \"layer\": expected 'global' \| 'per_tensor'"),
-    (lambda: ModelStockConfig(average="median"),
-     r"model_stock.average = \"median\": expected 'cosine' \| 'angle'"),
-    (lambda: LearnedSoupConfig(granularity="layer"),
-     r"learned_soup.granularity = \"layer\": expected 'component' \| 'tensor'"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            lambda: TiesMergingConfig(trim="layer"),
+            r"ties_merging.trim = \"layer\": expected 'global' \| 'per_tensor'",
+        ),
+        (
+            lambda: ModelStockConfig(average="median"),
+            r"model_stock.average = \"median\": expected 'cosine' \| 'angle'",
+        ),
+        (
+            lambda: LearnedSoupConfig(granularity="layer"),
+            r"learned_soup.granularity = \"layer\": expected 'component' \| 'tensor'",
+        ),
+    ],
+)
 def test_unknown_conventions_are_refused_by_name(config, message):
     with pytest.raises(RaysoupError, match=message):
         config()
+
 
 def test_model_stock_through_the_registry_is_the_papers_merge_by_hand(context):
     """METHODS["model_stock"] (default settings) on the tiny zoo equals, key by key, the
@@ -333,8 +381,11 @@ def test_model_stock_through_the_registry_is_the_papers_merge_by_hand(context):
             assert torch.equal(result.state_dict[key], base), key
             continue
         deltas = [(f[key].double() - base.double()).flatten() for f in fine]
-        cosines = [float(a @ b / (a.norm() * b.norm())) if a.norm() * b.norm() > 0 else 0.0
-                   for i, a in enumerate(deltas) for b in deltas[i + 1:]]
+        cosines = [
+            float(a @ b / (a.norm() * b.norm())) if a.norm() * b.norm() > 0 else 0.0
+            for i, a in enumerate(deltas)
+            for b in deltas[i + 1 :]
+        ]
         cos = min(1.0, max(0.0, sum(cosines) / len(cosines)))
         ratio = n * cos / (1 + (n - 1) * cos)
         mean = torch.stack([f[key].double() for f in fine]).mean(0)
@@ -344,7 +395,8 @@ def test_model_stock_through_the_registry_is_the_papers_merge_by_hand(context):
 
 
 def test_learned_soup_through_the_registry_is_the_softmax_mix_of_its_learned_logits(
-        context, tiny_zoo):
+    context, tiny_zoo
+):
     """METHODS["learned_soup"] (default settings but one epoch, for time) equals the soup
     built here from the logits learn_mixing_logits learns on val: per component i,
     sum_j softmax(logits[:, i])_j w_j; non-float keys are ingredient 0's."""
@@ -362,5 +414,6 @@ def test_learned_soup_through_the_registry_is_the_softmax_mix_of_its_learned_log
                 assert torch.equal(result.state_dict[key], models[0][key]), key
                 continue
             expected = sum(weights[j, i] * m[key].double() for j, m in enumerate(models))
-            torch.testing.assert_close(result.state_dict[key],
-                                       expected.to(models[0][key].dtype), msg=key)
+            torch.testing.assert_close(
+                result.state_dict[key], expected.to(models[0][key].dtype), msg=key
+            )

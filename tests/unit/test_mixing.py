@@ -11,8 +11,13 @@ from ..conftest import TINY_SPEC
 
 def random_state_dicts(n, seed=0):
     torch.manual_seed(seed)
-    return [{k: torch.randn_like(v) if v.is_floating_point() else v
-             for k, v in build_classifier(TINY_SPEC).state_dict().items()} for _ in range(n)]
+    return [
+        {
+            k: torch.randn_like(v) if v.is_floating_point() else v
+            for k, v in build_classifier(TINY_SPEC).state_dict().items()
+        }
+        for _ in range(n)
+    ]
 
 
 def test_mix_is_componentwise_lerp():

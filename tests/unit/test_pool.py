@@ -49,18 +49,31 @@ def test_pickle_with_code_is_refused(tmp_path, capsys):
     assert "code ran" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("corrupt,match", [
-    (lambda sd: sd.pop("classification_head.bias"), "missing.*classification_head.bias"),
-    (lambda sd: sd.update(extra=torch.zeros(1)), "unexpected.*extra"),
-    (lambda sd: sd.update({"classification_head.bias": torch.zeros(3)}),
-     "classification_head.bias has shape"),
-    (lambda sd: sd.update({"classification_head.bias": torch.zeros(10, dtype=torch.float64)}),
-     "classification_head.bias has dtype"),
-    (lambda sd: sd["model.visual.proj"].view(-1).__setitem__(0, float("nan")),
-     "model.visual.proj holds NaN"),
-    (lambda sd: sd["model.visual.proj"].view(-1).__setitem__(0, float("inf")),
-     "model.visual.proj holds NaN or Inf"),
-])
+@pytest.mark.parametrize(
+    "corrupt,match",
+    [
+        (lambda sd: sd.pop("classification_head.bias"), "missing.*classification_head.bias"),
+        (lambda sd: sd.update(extra=torch.zeros(1)), "unexpected.*extra"),
+        (
+            lambda sd: sd.update({"classification_head.bias": torch.zeros(3)}),
+            "classification_head.bias has shape",
+        ),
+        (
+            lambda sd: sd.update(
+                {"classification_head.bias": torch.zeros(10, dtype=torch.float64)}
+            ),
+            "classification_head.bias has dtype",
+        ),
+        (
+            lambda sd: sd["model.visual.proj"].view(-1).__setitem__(0, float("nan")),
+            "model.visual.proj holds NaN",
+        ),
+        (
+            lambda sd: sd["model.visual.proj"].view(-1).__setitem__(0, float("inf")),
+            "model.visual.proj holds NaN or Inf",
+        ),
+    ],
+)
 def test_bad_ingredients_are_named(tmp_path, corrupt, match):
     sd = {k: v.clone() for k, v in good_state_dict().items()}
     corrupt(sd)

@@ -54,8 +54,11 @@ def expected(path, size):
 
 
 def ordered_files(src):
-    return [p for name in CLASSES
-            for p in sorted((src / name).rglob("*.png"), key=lambda p: p.relative_to(src))]
+    return [
+        p
+        for name in CLASSES
+        for p in sorted((src / name).rglob("*.png"), key=lambda p: p.relative_to(src))
+    ]
 
 
 def test_folder_to_shards(src, tmp_path):
@@ -87,16 +90,23 @@ def test_csv_and_parquet_give_the_folder_result(src, tmp_path):
     pyarrow.csv.write_csv(pa.table({"path": rows, "label": names}), src / "list.csv")
     # Parquet: integer labels into a class list, in a folder of its own (absolute paths)
     (tmp_path / "tables").mkdir()
-    table = pa.table({"path": [str(p) for p in files[::-1]],
-                      "label": [CLASSES.index(n) for n in names]})
+    table = pa.table(
+        {"path": [str(p) for p in files[::-1]], "label": [CLASSES.index(n) for n in names]}
+    )
     pyarrow.parquet.write_table(table, tmp_path / "tables/list.parquet")
     # Parquet from pandas: a categorical label column is dictionary-encoded
-    pyarrow.parquet.write_table(pa.table({"path": rows, "label": pa.array(names)
-                                          .dictionary_encode()}), src / "categorical.parquet")
+    pyarrow.parquet.write_table(
+        pa.table({"path": rows, "label": pa.array(names).dictionary_encode()}),
+        src / "categorical.parquet",
+    )
 
-    for i, (table_file, classes) in enumerate([(src / "list.csv", None),
-                                               (tmp_path / "tables/list.parquet", CLASSES),
-                                               (src / "categorical.parquet", None)]):
+    for i, (table_file, classes) in enumerate(
+        [
+            (src / "list.csv", None),
+            (tmp_path / "tables/list.parquet", CLASSES),
+            (src / "categorical.parquet", None),
+        ]
+    ):
         out = tmp_path / f"out{i}"
         info = prepare_dataset(table_file, out, image_size=32, classes=classes)
         assert info["classes"] == list(CLASSES) and info["rows"] == 24
@@ -119,13 +129,15 @@ def test_arch_gives_its_input_resolution(src, tmp_path):
 
 
 def test_validation_split(src, tmp_path):
-    info = prepare_dataset(src, tmp_path / "a", image_size=16, val_fraction=0.3, seed=7,
-                           workers=2, shard_size=4)
+    info = prepare_dataset(
+        src, tmp_path / "a", image_size=16, val_fraction=0.3, seed=7, workers=2, shard_size=4
+    )
     split = info["split"]
     assert (split["seed"], split["fraction"]) == (7, 0.3)
     # round(0.3 * 8) = 2 per class held out; together the lists cover every image once
     assert sorted(split["val"] + split["train"]) == sorted(
-        p.relative_to(src).as_posix() for p in ordered_files(src))
+        p.relative_to(src).as_posix() for p in ordered_files(src)
+    )
     assert [sum(p.startswith(c) for p in split["val"]) for c in CLASSES] == [2, 2, 2]
     assert info["rows"] == 6
     data = read_eval_set(tmp_path / "a")
@@ -144,13 +156,15 @@ def test_validation_split(src, tmp_path):
 def test_corrupt_images_are_skipped_or_fatal_when_strict(src, tmp_path, caplog):
     (src / "pullover/zz-garbage.png").write_bytes(b"not a png at all")
     good = (src / "trouser/03.png").read_bytes()
-    (src / "trouser/03-truncated.png").write_bytes(good[:len(good) // 2])
+    (src / "trouser/03-truncated.png").write_bytes(good[: len(good) // 2])
     with caplog.at_level(logging.INFO, logger="raysoup"):
         info = prepare_dataset(src, tmp_path / "out", image_size=32, shard_size=10, workers=2)
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert info["rows"] == 24
-    assert [s["path"] for s in info["skipped"]] == ["pullover/zz-garbage.png",
-                                                    "trouser/03-truncated.png"]
+    assert [s["path"] for s in info["skipped"]] == [
+        "pullover/zz-garbage.png",
+        "trouser/03-truncated.png",
+    ]
     warning = next(line for line in lines if "warning" in line)
     assert "skipped 2" in warning and "pullover/zz-garbage.png" in warning
     assert read_eval_set(tmp_path / "out").images.shape[0] == 24
@@ -171,12 +185,18 @@ def test_empty_class_folder_is_named(src, tmp_path):
 def test_labels_outside_the_class_list(src, tmp_path):
     classes = tmp_path / "classes.txt"
     classes.write_text("trouser\npullover\n\n")
-    with pytest.raises(DataError, match=r"folder 'dress' .* not in the class list "
-                                        r"\(2 classes from classes.txt\)"):
+    with pytest.raises(
+        DataError,
+        match=r"folder 'dress' .* not in the class list "
+        r"\(2 classes from classes.txt\)",
+    ):
         prepare_dataset(src, tmp_path / "out", image_size=32, classes=classes)
     (src / "list.csv").write_text("path,label\ntrouser/01.png,trouser\ndress/01.png,foo\n")
-    with pytest.raises(DataError, match=r"label 'foo' \(row 2 of list.csv\) is not in the "
-                                        r"class list \(2 classes from classes.txt\)"):
+    with pytest.raises(
+        DataError,
+        match=r"label 'foo' \(row 2 of list.csv\) is not in the "
+        r"class list \(2 classes from classes.txt\)",
+    ):
         prepare_dataset(src / "list.csv", tmp_path / "out", image_size=32, classes=classes)
     (src / "list.csv").write_text("path,label\ntrouser/01.png,0\ndress/01.png,2\n")
     with pytest.raises(DataError, match=r"label 2 \(row 2 of list.csv\) is out of range"):
@@ -187,11 +207,13 @@ def test_labels_outside_the_class_list(src, tmp_path):
 
 
 def test_bad_settings_are_refused(src, tmp_path):
-    for kwargs, message in [({}, "exactly one of arch"),
-                            ({"arch": "ViT-B-32", "image_size": 32}, "exactly one of arch"),
-                            ({"arch": "ViT-Nope"}, "unknown open_clip architecture 'ViT-Nope'"),
-                            ({"image_size": 32, "val_fraction": 1.0}, "val_fraction = 1.0"),
-                            ({"image_size": 32, "shard_size": 0}, "shard_size = 0")]:
+    for kwargs, message in [
+        ({}, "exactly one of arch"),
+        ({"arch": "ViT-B-32", "image_size": 32}, "exactly one of arch"),
+        ({"arch": "ViT-Nope"}, "unknown open_clip architecture 'ViT-Nope'"),
+        ({"image_size": 32, "val_fraction": 1.0}, "val_fraction = 1.0"),
+        ({"image_size": 32, "shard_size": 0}, "shard_size = 0"),
+    ]:
         with pytest.raises(DataError, match=message):
             prepare_dataset(src, tmp_path / "out", **kwargs)
     with pytest.raises(DataError, match="does not exist"):
@@ -223,7 +245,7 @@ def test_resume_redoes_only_missing_shards(src, tmp_path, caplog):
         prepare_dataset(src, tmp_path / "busy", image_size=32)
 
 
-TEXTS = ["a cat sat", "buses run, late", "red \"and\" blue", "dogs bark", "trains", "pink"]
+TEXTS = ["a cat sat", "buses run, late", 'red "and" blue', "dogs bark", "trains", "pink"]
 NAMES = ["animal", "vehicle", "colour", "animal", "vehicle", "colour"]
 
 
@@ -240,10 +262,10 @@ def test_text_files_to_sharded_text_sets(tmp_path):
     from raysoup.evaluate import load_eval_sets
     from raysoup.inputs.data import EvalSetSource, check_eval_set, iter_shard
     from raysoup.tools.prepare_text import prepare_text
+
     for src in _text_files(tmp_path):
         out = tmp_path / f"out-{src.suffix[1:]}"
-        info = prepare_text(src, out, text_column="sentence", label_column="topic",
-                            shard_size=4)
+        info = prepare_text(src, out, text_column="sentence", label_column="topic", shard_size=4)
         assert info["classes"] == ["animal", "colour", "vehicle"]  # sorted, recorded
         assert info["shards"] == ["shard-00000.arrow", "shard-00001.arrow"]
         s = read_eval_set(out)
@@ -253,41 +275,76 @@ def test_text_files_to_sharded_text_sets(tmp_path):
         streamed = list(iter_shard(EvalSetSource(str(out)), 3, 1, 2, 2))  # 2nd of 2 shards
         assert [t for inputs, _ in streamed for t in inputs["text"]] == TEXTS[3:]
         assert load_eval_sets({"val": str(out)}, 3)[0].labels.tolist() == s.labels.tolist()
-    prepare_text(tmp_path / "t.csv", tmp_path / "given", text_column="sentence",
-                 label_column="topic", classes=["vehicle", "colour", "animal"])
+    prepare_text(
+        tmp_path / "t.csv",
+        tmp_path / "given",
+        text_column="sentence",
+        label_column="topic",
+        classes=["vehicle", "colour", "animal"],
+    )
     assert read_eval_set(tmp_path / "given").labels.tolist() == [2, 0, 1, 2, 0, 1]
-    ints = prepare_text(tmp_path / "t.parquet", tmp_path / "ints", text_column="sentence",
-                        label_column="n")
-    assert ints["classes"] is None and read_eval_set(tmp_path / "ints").labels.tolist() == \
-        list(range(6))
+    ints = prepare_text(
+        tmp_path / "t.parquet", tmp_path / "ints", text_column="sentence", label_column="n"
+    )
+    assert ints["classes"] is None and read_eval_set(tmp_path / "ints").labels.tolist() == list(
+        range(6)
+    )
 
 
 def test_cli_prepares_a_text_set(tmp_path, capsys):
     from raysoup.cli import main
+
     _text_files(tmp_path)
-    main(["prepare", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "out"), "--text",
-          "--text-column", "sentence", "--label-column", "topic"])
+    main(
+        [
+            "prepare",
+            str(tmp_path / "t.jsonl"),
+            "--out",
+            str(tmp_path / "out"),
+            "--text",
+            "--text-column",
+            "sentence",
+            "--label-column",
+            "topic",
+        ]
+    )
     assert "ready" in capsys.readouterr().out
     assert len(read_eval_set(tmp_path / "out").labels) == 6
 
 
-@pytest.mark.parametrize("write, kwargs, message", [
-    (lambda p: p.write_text(""), {}, r"t.csv: empty"),
-    (lambda p: p.write_text("text,label\n"), {}, r"t.csv: no rows"),
-    (lambda p: p.write_text("sentence,label\na,0\n"), {},
-     r"t.csv: no text column 'text' \(columns: sentence, label\); name it with --text-column"),
-    (lambda p: p.write_text("text,topic\na,0\n"), {},
-     r"t.csv: no label column 'label' \(columns: text, topic\)"),
-    (lambda p: p.write_text("text,label\na,cat\nb,dog\n"), {"classes": ["cat"]},
-     r"t.csv: column 'label' holds label 'dog', which is not one of the 1 classes"),
-    (lambda p: p.write_text("text,label\na,0\nb,-1\n"), {}, r"column 'label' holds label -1"),
-    (lambda p: p.write_text("text,label\na,0\nb,3\n"), {"classes": ["x", "y"]},
-     r"column 'label' holds label 3, outside \[0, 2\)"),
-    (lambda p: p.write_text("text,label\na,0\n,1\n"), {}, r"column 'text' is empty in row 2"),
-    (lambda p: p.write_text("text,label\n1,0\n2,1\n"), {}, r"column 'text' holds int64, not"),
-])
+@pytest.mark.parametrize(
+    "write, kwargs, message",
+    [
+        (lambda p: p.write_text(""), {}, r"t.csv: empty"),
+        (lambda p: p.write_text("text,label\n"), {}, r"t.csv: no rows"),
+        (
+            lambda p: p.write_text("sentence,label\na,0\n"),
+            {},
+            r"t.csv: no text column 'text' \(columns: sentence, label\); name it with --text-column",
+        ),
+        (
+            lambda p: p.write_text("text,topic\na,0\n"),
+            {},
+            r"t.csv: no label column 'label' \(columns: text, topic\)",
+        ),
+        (
+            lambda p: p.write_text("text,label\na,cat\nb,dog\n"),
+            {"classes": ["cat"]},
+            r"t.csv: column 'label' holds label 'dog', which is not one of the 1 classes",
+        ),
+        (lambda p: p.write_text("text,label\na,0\nb,-1\n"), {}, r"column 'label' holds label -1"),
+        (
+            lambda p: p.write_text("text,label\na,0\nb,3\n"),
+            {"classes": ["x", "y"]},
+            r"column 'label' holds label 3, outside \[0, 2\)",
+        ),
+        (lambda p: p.write_text("text,label\na,0\n,1\n"), {}, r"column 'text' is empty in row 2"),
+        (lambda p: p.write_text("text,label\n1,0\n2,1\n"), {}, r"column 'text' holds int64, not"),
+    ],
+)
 def test_bad_text_input_is_one_line_naming_file_and_column(tmp_path, write, kwargs, message):
     from raysoup.tools.prepare_text import prepare_text
+
     write(tmp_path / "t.csv")
     with pytest.raises(DataError, match=message) as e:
         prepare_text(tmp_path / "t.csv", tmp_path / "out", **kwargs)

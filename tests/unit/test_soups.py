@@ -19,8 +19,9 @@ from ..helpers import MemoryPool
 @pytest.fixture(scope="module")
 def evaluator(tiny_zoo):
     pool = IngredientPool.from_zoo(tiny_zoo)
-    return Evaluator(pool.spec, load_eval_sets(eval_set_sources(tiny_zoo), pool.spec.num_classes),
-                     batch_size=128)
+    return Evaluator(
+        pool.spec, load_eval_sets(eval_set_sources(tiny_zoo), pool.spec.num_classes), batch_size=128
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,8 @@ def test_zoo_manifest_records_what_it_built(tiny_zoo):
         assert (tiny_zoo / ing["file"]).suffix == ".safetensors"
         assert len(ing["sha256"]) == 64 and 0 <= ing["val_acc"] <= 1
         assert {"lr", "weight_decay", "label_smoothing", "epochs", "augment", "seed"} <= set(
-            ing["hyperparameters"])
+            ing["hyperparameters"]
+        )
     lrs = {ing["hyperparameters"]["lr"] for ing in manifest["ingredients"]}
     assert len(lrs) == 4  # drawn at random per ingredient
 
@@ -109,6 +111,7 @@ def test_greedy_tie_rule(tiny_zoo, tmp_path, evaluator):
 
 def test_judgements_are_cached_by_weights_and_set_content(tiny_zoo, tmp_path):
     from raysoup.cache import JudgementCache
+
     pool = IngredientPool.from_zoo(tiny_zoo)
     sets = load_eval_sets(eval_set_sources(tiny_zoo), pool.spec.num_classes)
     assert all(s.sha256 for s in sets)  # the zoo records every set's fingerprint
@@ -138,23 +141,35 @@ def test_judgements_are_cached_by_weights_and_set_content(tiny_zoo, tmp_path):
 
 
 # Hand-worked: weights are one number, val accuracy a table of the soups it may meet.
-GREEDY_POOL = {"a": 0.0, "b": 1.0, "c": 4.0, "d": 10.0}   # pool order a, b, c, d
-GREEDY_VAL = {0.0: 0.5, 1.0: 0.8, 4.0: 0.8, 10.0: 0.6,     # b and c tie on val
-              2.5: 0.7, 5.5: 0.85, round(11 / 3, 6): 0.8,  # b+c, b+d, b+d+a
-              7.0: 0.75, 2.0: 0.8}                         # c+d, c+a
+GREEDY_POOL = {"a": 0.0, "b": 1.0, "c": 4.0, "d": 10.0}  # pool order a, b, c, d
+GREEDY_VAL = {
+    0.0: 0.5,
+    1.0: 0.8,
+    4.0: 0.8,
+    10.0: 0.6,  # b and c tie on val
+    2.5: 0.7,
+    5.5: 0.85,
+    round(11 / 3, 6): 0.8,  # b+c, b+d, b+d+a
+    7.0: 0.75,
+    2.0: 0.8,
+}  # c+d, c+a
 
 
-@pytest.mark.parametrize("config, ingredients, soup", [
-    # ranking b, c, d, a: b+c 0.7 no, b+d 0.85 yes, b+d+a 0.8 no
-    (GreedySoupConfig(), ["b", "d"], 5.5),
-    (GreedySoupConfig(strict=True), ["b", "d"], 5.5),
-    # model soups code's order c, b, d, a: c+b 0.7 no, c+d 0.75 no, c+a 0.8 ties c: >= adds it
-    (GreedySoupConfig(rank_ties="reverse"), ["c", "a"], 2.0),
-    (GreedySoupConfig(rank_ties="reverse", strict=True), ["c"], 4.0),
-])
+@pytest.mark.parametrize(
+    "config, ingredients, soup",
+    [
+        # ranking b, c, d, a: b+c 0.7 no, b+d 0.85 yes, b+d+a 0.8 no
+        (GreedySoupConfig(), ["b", "d"], 5.5),
+        (GreedySoupConfig(strict=True), ["b", "d"], 5.5),
+        # model soups code's order c, b, d, a: c+b 0.7 no, c+d 0.75 no, c+a 0.8 ties c: >= adds it
+        (GreedySoupConfig(rank_ties="reverse"), ["c", "a"], 2.0),
+        (GreedySoupConfig(rank_ties="reverse", strict=True), ["c"], 4.0),
+    ],
+)
 def test_greedy_rank_ties_and_strict_on_a_hand_worked_pool(config, ingredients, soup):
-    pool = MemoryPool({n: {"w": torch.tensor([w], dtype=torch.float64)}
-                       for n, w in GREEDY_POOL.items()})
+    pool = MemoryPool(
+        {n: {"w": torch.tensor([w], dtype=torch.float64)} for n, w in GREEDY_POOL.items()}
+    )
     judge = ValidationJudge(lambda sd: GREEDY_VAL[round(float(sd["w"]), 6)])
     ctx = SoupContext.rank(pool, judge)
     assert [n for n, _ in ctx.ranking] == ["b", "c", "d", "a"]  # the shared ranking

@@ -9,8 +9,8 @@ def pair(n: int, a_only: int, b_only: int, both: int) -> tuple[np.ndarray, np.nd
     """Correctness of two models on n images with the given agreement counts."""
     a, b = np.zeros(n, bool), np.zeros(n, bool)
     a[:both] = b[:both] = True
-    a[both:both + a_only] = True
-    b[both + a_only:both + a_only + b_only] = True
+    a[both : both + a_only] = True
+    b[both + a_only : both + a_only + b_only] = True
     return a, b
 
 
@@ -19,7 +19,7 @@ def test_exact_mcnemar_and_difference_by_hand():
     c = paired([a], [b])
     assert (c["a_only"], c["b_only"]) == (0, 5)
     assert c["diff"] == -0.005
-    assert np.isclose(c["p"], 2 * 0.5 ** 5)  # two-sided binomial: 2 * P(X = 0 | 5, 1/2)
+    assert np.isclose(c["p"], 2 * 0.5**5)  # two-sided binomial: 2 * P(X = 0 | 5, 1/2)
     a, b = pair(1000, a_only=3, b_only=1, both=800)
     # P(X >= 3) + P(X <= 1) for X ~ Bin(4, 1/2) = (4 + 1 + 1 + 4) / 16
     assert np.isclose(paired([a], [b])["p"], 10 / 16)
@@ -38,8 +38,14 @@ def test_interval_excludes_zero_only_for_a_real_difference():
 
 def test_identical_predictions_give_a_zero_interval():
     a, _ = pair(100, 0, 0, 60)
-    assert paired([a], [a]) == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "p": 1.0, "a_only": 0,
-                                "b_only": 0}
+    assert paired([a], [a]) == {
+        "diff": 0.0,
+        "lo": 0.0,
+        "hi": 0.0,
+        "p": 1.0,
+        "a_only": 0,
+        "b_only": 0,
+    }
 
 
 def test_ood_average_is_the_mean_of_set_differences_and_pools_mcnemar():
@@ -55,10 +61,10 @@ def test_ood_average_is_the_mean_of_set_differences_and_pools_mcnemar():
 
 
 def test_format_marks_intervals_that_exclude_zero():
-    assert format_difference({"diff": 0.0062, "lo": 0.0041, "hi": 0.0083}) == \
-        "+0.62 [+0.41, +0.83]*"
-    assert format_difference({"diff": 0.0005, "lo": -0.001, "hi": 0.002}) == \
-        "+0.05 [-0.10, +0.20] "
+    assert (
+        format_difference({"diff": 0.0062, "lo": 0.0041, "hi": 0.0083}) == "+0.62 [+0.41, +0.83]*"
+    )
+    assert format_difference({"diff": 0.0005, "lo": -0.001, "hi": 0.002}) == "+0.05 [-0.10, +0.20] "
     assert format_difference(None) == "-"
 
 
@@ -67,6 +73,7 @@ def test_racings_bound_is_exact_on_the_whole_set_and_covers_at_its_level():
     samples of a known population it falls below the true difference at most about
     2 alpha of the time (one alpha per count), and it tightens as more is seen."""
     from raysoup.distributed.racing import largest_difference
+
     assert largest_difference(7, 19, 500, 500, 0.01) == 7 - 19
     rng = np.random.default_rng(0)
     total, alpha = 1000, 0.05
@@ -76,8 +83,9 @@ def test_racings_bound_is_exact_on_the_whole_set_and_covers_at_its_level():
         order = rng.permutation(population)
         for seen, found in bounds.items():
             drawn = order[:seen]
-            bound = largest_difference(int((drawn == 1).sum()), int((drawn == -1).sum()),
-                                       seen, total, alpha)
+            bound = largest_difference(
+                int((drawn == 1).sum()), int((drawn == -1).sum()), seen, total, alpha
+            )
             found.append(bound)
             misses += bound < -15
     assert misses / 800 <= 2 * alpha

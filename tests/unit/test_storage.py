@@ -31,18 +31,23 @@ def test_a_zoo_behind_a_uri_reads_the_same_as_its_path(tiny_zoo):
 
 def test_config_keeps_a_uri_and_resolves_a_path_against_the_config_file(tmp_path):
     (tmp_path / "sub").mkdir()
-    for zoo, expected in [("s3://bucket/zoo", "s3://bucket/zoo"),
-                          ("../zoo", str(tmp_path / "zoo"))]:
+    for zoo, expected in [
+        ("s3://bucket/zoo", "s3://bucket/zoo"),
+        ("../zoo", str(tmp_path / "zoo")),
+    ]:
         path = tmp_path / "sub" / "run.toml"
         path.write_text(f'out = "out"\n[pool]\nzoo = "{zoo}"\n')
         assert load_config(path).pool.zoo == expected
 
 
-@pytest.mark.parametrize("section, bad", [
-    ("ingredients", "../../outside.safetensors"),
-    ("ingredients", "/etc/passwd"),
-    ("eval_sets", "../val.arrow"),
-])
+@pytest.mark.parametrize(
+    "section, bad",
+    [
+        ("ingredients", "../../outside.safetensors"),
+        ("ingredients", "/etc/passwd"),
+        ("eval_sets", "../val.arrow"),
+    ],
+)
 def test_manifest_paths_cannot_leave_the_zoo(tiny_zoo, tmp_path, section, bad):
     zoo = tmp_path / "zoo"
     shutil.copytree(tiny_zoo, zoo)
@@ -65,6 +70,7 @@ def test_atomic_writes_replace_whole_or_not_at_all(tmp_path):
     """A file or a folder appears whole; a block that fails leaves the old one and no
     temporary beside it."""
     from raysoup.inputs.storage import atomic, write_json
+
     write_json(tmp_path / "a.json", {"v": 1})
     with pytest.raises(RuntimeError), atomic(tmp_path / "a.json") as tmp:
         tmp.write_text('{"v": 2, "half": ')

@@ -39,9 +39,10 @@ def texts(splits):
 
 def test_splits_are_disjoint_stratified_and_fixed(splits):
     seen = [set(s.texts) for s in splits.values()]
-    assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1:])
-    counts = {name: np.bincount(s.labels, minlength=len(fortunes.CLASSES))
-              for name, s in splits.items()}
+    assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1 :])
+    counts = {
+        name: np.bincount(s.labels, minlength=len(fortunes.CLASSES)) for name, s in splits.items()
+    }
     assert (counts["val"] > 0).all() and (counts["id"] > 0).all()
     share = counts["val"] / sum(counts.values())
     assert np.allclose(share, fortunes.VAL_FRACTION, atol=0.01)
@@ -125,13 +126,16 @@ def test_tiny_build_loads_offline_with_transformers(tiny_text_zoo):
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     manifest = json.loads((tiny_text_zoo / "manifest.json").read_text())
     model = manifest["model"]
-    assert model == {"family": "transformers", "task": "sequence-classification",
-                     "path": "pretrained", "num_classes": len(fortunes.CLASSES),
-                     "max_length": TINY_TEXT_ZOO.max_length}
+    assert model == {
+        "family": "transformers",
+        "task": "sequence-classification",
+        "path": "pretrained",
+        "num_classes": len(fortunes.CLASSES),
+        "max_length": TINY_TEXT_ZOO.max_length,
+    }
     assert len(manifest["ingredients"]) == TINY_TEXT_ZOO.ingredients
     tokenizer = AutoTokenizer.from_pretrained(tiny_text_zoo / model["path"])
-    batch = tokenizer(["Hello world", "A second, longer text"], padding=True,
-                      return_tensors="pt")
+    batch = tokenizer(["Hello world", "A second, longer text"], padding=True, return_tensors="pt")
     for entry in [manifest["pretrained"], *manifest["ingredients"]]:
         folder = tiny_text_zoo / entry["file"]
         assert file_sha256(folder / "model.safetensors") == entry["sha256"]
@@ -158,8 +162,9 @@ def test_install_refuses_a_tampered_set(tiny_text_zoo, tmp_path, monkeypatch):
     with pytest.raises(RaysoupError) as err:
         install_shipped_text_zoo(tmp_path / "bad", shipped)
     assert "\n" not in str(err.value)
-    assert re.match(r"text set 'casing' made on this machine differs from the shipped zoo's",
-                    str(err.value))
+    assert re.match(
+        r"text set 'casing' made on this machine differs from the shipped zoo's", str(err.value)
+    )
     assert not (tmp_path / "bad").exists()
 
 
@@ -177,8 +182,9 @@ def test_tampered_set_fails_its_check(tiny_text_zoo, tmp_path):
     assert "\n" not in str(err.value) and "text set 'val'" in str(err.value)
 
 
-@pytest.mark.skipif(not (SHIPPED_TEXT_ZOO / "manifest.json").is_file(),
-                    reason="no shipped text zoo")
+@pytest.mark.skipif(
+    not (SHIPPED_TEXT_ZOO / "manifest.json").is_file(), reason="no shipped text zoo"
+)
 def test_shipped_text_zoo_installs(tmp_path):
     """Its sets, made on this machine from the fortunes package, match its sha256, and its
     pretrained model scores on val what the manifest recorded (to a row: CPU float sums

@@ -37,6 +37,7 @@ def memory_context(pretrained: dict, *ingredients: dict, pool=MemoryPool) -> Sou
 
 # DARE
 
+
 def test_dare_drops_entries_with_probability_p_and_rescales_the_rest():
     tau = torch.full((100, 100), 3.0, dtype=torch.float64)
     out = drop_and_rescale(tau, 0.3, seed=0, ingredient=0, key="w")
@@ -66,7 +67,7 @@ def test_task_arithmetic_with_dare_sums_the_dropped_and_rescaled_task_vectors():
     p, scale = 0.5, 0.8
     expected = w0["w"].double()
     for i, tau in enumerate(taus):
-        u = entry_draws(tau.shape, 4, i, "w")       # the fixed draws: drop where u < p
+        u = entry_draws(tau.shape, 4, i, "w")  # the fixed draws: drop where u < p
         expected = expected + scale * torch.where(u >= p, tau.double() / (1 - p), 0.0)
     merged = task_arithmetic_merge(w0, ingredients, scale, dare=p, dare_seed=4)
     torch.testing.assert_close(merged["w"], expected.float())
@@ -76,35 +77,53 @@ def test_task_arithmetic_with_dare_sums_the_dropped_and_rescaled_task_vectors():
 
 def test_ties_with_dare_drops_and_rescales_before_trimming():
     w0 = {"a": t(0.5, -1.0, 2.0), "b": t(1.0, 1.0)}
-    taus = [{"a": t(3.0, -1.0, 0.5), "b": t(2.0, 0.1)}, {"a": t(-2.0, -2.0, 1.0),
-                                                         "b": t(0.3, -3.0)}]
+    taus = [
+        {"a": t(3.0, -1.0, 0.5), "b": t(2.0, 0.1)},
+        {"a": t(-2.0, -2.0, 1.0), "b": t(0.3, -3.0)},
+    ]
     ingredients = [{k: w0[k] + tau[k] for k in w0} for tau in taus]
-    dared = [{k: w0[k] + drop_and_rescale(tau[k], 0.4, 1, i, k) for k in w0}
-             for i, tau in enumerate(taus)]
+    dared = [
+        {k: w0[k] + drop_and_rescale(tau[k], 0.4, 1, i, k) for k in w0}
+        for i, tau in enumerate(taus)
+    ]
     merged = ties_merge(w0, ingredients, 0.7, 0.6, dare=0.4, dare_seed=1)
     expected = ties_merge(w0, dared, 0.7, 0.6)
     for k in w0:
         torch.testing.assert_close(merged[k], expected[k])
 
 
-@pytest.mark.parametrize("config, message", [
-    (lambda: TaskArithmeticConfig(dare=1.0),
-     r"task_arithmetic.dare = 1.0: expected float, >= 0, < 1"),
-    (lambda: TiesMergingConfig(search_dare=True, dare_bounds=(0.5, 0.2)),
-     (r"ties_merging.dare_bounds = \[0.5, 0.2\]: must be \[lower, upper\] with "
-      r"0 <= lower < upper <= 0.99")),
-    (lambda: TsvMergeConfig(scale_bounds=(1.0, 1.0)),
-     r"tsv_merge.scale_bounds = \[1.0, 1.0\]: must be \[lower, upper\] with lower < upper"),
-    (lambda: IsoCConfig(budget=0), r"iso_c.budget = 0: expected int, >= 1"),
-    (lambda: IsoCtsConfig(common_space_fraction=0.0),
-     r"iso_cts.common_space_fraction = 0.0: expected float, > 0, <= 1"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            lambda: TaskArithmeticConfig(dare=1.0),
+            r"task_arithmetic.dare = 1.0: expected float, >= 0, < 1",
+        ),
+        (
+            lambda: TiesMergingConfig(search_dare=True, dare_bounds=(0.5, 0.2)),
+            (
+                r"ties_merging.dare_bounds = \[0.5, 0.2\]: must be \[lower, upper\] with "
+                r"0 <= lower < upper <= 0.99"
+            ),
+        ),
+        (
+            lambda: TsvMergeConfig(scale_bounds=(1.0, 1.0)),
+            r"tsv_merge.scale_bounds = \[1.0, 1.0\]: must be \[lower, upper\] with lower < upper",
+        ),
+        (lambda: IsoCConfig(budget=0), r"iso_c.budget = 0: expected int, >= 1"),
+        (
+            lambda: IsoCtsConfig(common_space_fraction=0.0),
+            r"iso_cts.common_space_fraction = 0.0: expected float, > 0, <= 1",
+        ),
+    ],
+)
 def test_bad_settings_are_refused_by_name(config, message):
     with pytest.raises(RaysoupError, match=message):
         config()
 
 
 # TSV-M
+
 
 def numpy_tsv(w0: dict, ingredients: list[dict]) -> dict:
     """The authors' compute_and_sum_svd_mem_reduction, in numpy: r-column factors padded
@@ -121,8 +140,8 @@ def numpy_tsv(w0: dict, ingredients: list[dict]) -> dict:
         sum_u, sum_s, sum_v = np.zeros((m, r)), np.zeros(r), np.zeros((r, cols))
         for i, tau in enumerate(taus):
             u, s, v = np.linalg.svd(tau, full_matrices=False)
-            sum_u[:, i * k:(i + 1) * k], sum_s[i * k:(i + 1) * k] = u[:, :k], s[:k]
-            sum_v[i * k:(i + 1) * k] = v[:k]
+            sum_u[:, i * k : (i + 1) * k], sum_s[i * k : (i + 1) * k] = u[:, :k], s[:k]
+            sum_v[i * k : (i + 1) * k] = v[:k]
         u_u, _, v_u = np.linalg.svd(sum_u, full_matrices=False)
         u_v, _, v_v = np.linalg.svd(sum_v, full_matrices=False)
         out[key] = u_u @ v_u @ np.diag(sum_s) @ u_v @ v_v
@@ -134,13 +153,15 @@ def test_tsv_keeps_each_tasks_top_singular_vectors():
     tau_2 = diag(0, 2) keeps 2 e2 e2^T; U = V = [e1 e2] are orthonormal already, so the
     merged matrix is diag(3, 2). The bias is the mean task vector."""
     w0 = {"w": t([1.0, 1.0], [0.0, 2.0]), "b": t(1.0, 1.0), "n": torch.tensor(4)}
-    ctx = memory_context(w0, {"w": w0["w"] + t([3.0, 0.0], [0.0, 1.0]), "b": t(2.0, 0.0),
-                              "n": torch.tensor(0)},
-                         {"w": w0["w"] + t([0.0, 0.0], [0.0, 2.0]), "b": t(4.0, 2.0),
-                          "n": torch.tensor(0)})
+    ctx = memory_context(
+        w0,
+        {"w": w0["w"] + t([3.0, 0.0], [0.0, 1.0]), "b": t(2.0, 0.0), "n": torch.tensor(0)},
+        {"w": w0["w"] + t([0.0, 0.0], [0.0, 2.0]), "b": t(4.0, 2.0), "n": torch.tensor(0)},
+    )
     delta = tsv_delta(ctx)
-    torch.testing.assert_close(delta["w"], torch.tensor([[3.0, 0.0], [0.0, 2.0]],
-                                                        dtype=torch.float64))
+    torch.testing.assert_close(
+        delta["w"], torch.tensor([[3.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    )
     torch.testing.assert_close(delta["b"], torch.tensor([2.0, 0.0], dtype=torch.float64))
     merged = delta_mixer([w0, delta], np.array([0.5]), None)
     torch.testing.assert_close(merged["w"], t([2.5, 1.0], [0.0, 3.0]))
@@ -153,15 +174,17 @@ def test_tsv_orthogonalises_the_tasks_vectors_as_the_authors_code_does():
     gen = torch.Generator().manual_seed(3)
     shapes = {"w": (3, 3), "v": (4, 6), "thin": (2, 5), "b": (3,)}
     w0 = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
-    ingredients = [{k: v + torch.randn(v.shape, generator=gen) for k, v in w0.items()}
-                   for _ in range(3)]
+    ingredients = [
+        {k: v + torch.randn(v.shape, generator=gen) for k, v in w0.items()} for _ in range(3)
+    ]
     delta = tsv_delta(memory_context(w0, *ingredients))
     expected = numpy_tsv(w0, ingredients)
     for key in shapes:
         np.testing.assert_allclose(delta[key].numpy(), expected[key], rtol=1e-10, atol=1e-12)
     # the non-trivial step: U of the kept vectors is not orthonormal, polar() changes it
-    assert not np.allclose(expected["w"], sum(numpy_svd_top1(sd["w"] - w0["w"])
-                                              for sd in ingredients))
+    assert not np.allclose(
+        expected["w"], sum(numpy_svd_top1(sd["w"] - w0["w"]) for sd in ingredients)
+    )
 
 
 def numpy_svd_top1(m: torch.Tensor) -> np.ndarray:
@@ -170,6 +193,7 @@ def numpy_svd_top1(m: torch.Tensor) -> np.ndarray:
 
 
 # Iso-C
+
 
 def numpy_iso_c(w0: dict, ingredients: list[dict]) -> dict:
     """The authors' iso_c, in numpy: the sum of the task matrices with its singular values
@@ -190,11 +214,15 @@ def test_iso_c_flattens_the_spectrum_of_the_summed_task_matrices():
     """tau_1 + tau_2 = [[0, 2], [1, 0]]: singular values 2 and 1 (mean 1.5), U V^T the swap
     [[0, 1], [1, 0]]: the merged matrix is 1.5 times the swap."""
     w0 = {"w": t([1.0, 0.0], [0.0, 1.0]), "b": t(0.0, 1.0)}
-    ctx = memory_context(w0, {"w": w0["w"] + t([0.0, 2.0], [0.0, 0.0]), "b": t(2.0, 1.0)},
-                         {"w": w0["w"] + t([0.0, 0.0], [1.0, 0.0]), "b": t(0.0, 3.0)})
+    ctx = memory_context(
+        w0,
+        {"w": w0["w"] + t([0.0, 2.0], [0.0, 0.0]), "b": t(2.0, 1.0)},
+        {"w": w0["w"] + t([0.0, 0.0], [1.0, 0.0]), "b": t(0.0, 3.0)},
+    )
     delta = iso_c_delta(ctx)
-    torch.testing.assert_close(delta["w"], torch.tensor([[0.0, 1.5], [1.5, 0.0]],
-                                                        dtype=torch.float64))
+    torch.testing.assert_close(
+        delta["w"], torch.tensor([[0.0, 1.5], [1.5, 0.0]], dtype=torch.float64)
+    )
     torch.testing.assert_close(delta["b"], torch.tensor([1.0, 1.0], dtype=torch.float64))
 
 
@@ -202,8 +230,9 @@ def test_iso_c_matches_the_authors_formula_on_random_matrices():
     gen = torch.Generator().manual_seed(5)
     shapes = {"w": (3, 4), "v": (5, 2), "b": (4,)}
     w0 = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
-    ingredients = [{k: v + torch.randn(v.shape, generator=gen) for k, v in w0.items()}
-                   for _ in range(3)]
+    ingredients = [
+        {k: v + torch.randn(v.shape, generator=gen) for k, v in w0.items()} for _ in range(3)
+    ]
     delta, expected = iso_c_delta(memory_context(w0, *ingredients)), numpy_iso_c(w0, ingredients)
     for key in shapes:
         np.testing.assert_allclose(delta[key].numpy(), expected[key], rtol=1e-10, atol=1e-12)
@@ -228,13 +257,15 @@ def numpy_iso_cts(w0: dict, ingredients: list[dict], fraction: float) -> dict:
         per_task = int((r - c) / n)
         cu, cs, cv = np.zeros((base.shape[0], r)), np.zeros(r), np.zeros((r, base.shape[1]))
         for i, tau in enumerate(taus):
-            u_ts, s_ts, v_ts = np.linalg.svd(tau - u[:, :c] @ u[:, :c].T @ tau,
-                                             full_matrices=False)
-            cu[:, i * per_task:(i + 1) * per_task] = u_ts[:, :per_task]
-            cs[i * per_task:(i + 1) * per_task] = s_ts[:per_task]
-            cv[i * per_task:(i + 1) * per_task] = v_ts[:per_task]
-        cu[:, n * per_task:n * per_task + c], cs[n * per_task:n * per_task + c] = u[:, :c], s[:c]
-        cv[n * per_task:n * per_task + c] = v[:c]
+            u_ts, s_ts, v_ts = np.linalg.svd(tau - u[:, :c] @ u[:, :c].T @ tau, full_matrices=False)
+            cu[:, i * per_task : (i + 1) * per_task] = u_ts[:, :per_task]
+            cs[i * per_task : (i + 1) * per_task] = s_ts[:per_task]
+            cv[i * per_task : (i + 1) * per_task] = v_ts[:per_task]
+        cu[:, n * per_task : n * per_task + c], cs[n * per_task : n * per_task + c] = (
+            u[:, :c],
+            s[:c],
+        )
+        cv[n * per_task : n * per_task + c] = v[:c]
         uu, _, vu = np.linalg.svd(cu, full_matrices=False)
         uv, _, vv = np.linalg.svd(cv, full_matrices=False)
         out[key] = (uu @ vu) @ np.diag(np.full(r, cs.mean())) @ (uv @ vv)
@@ -248,8 +279,9 @@ def test_iso_cts_matches_the_authors_formula_on_random_matrices():
     gen = torch.Generator().manual_seed(11)
     shapes = {"w": (6, 5), "v": (4, 7), "b": (5,)}
     w0 = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
-    ingredients = [{k: v + torch.randn(v.shape, generator=gen) for k, v in w0.items()}
-                   for _ in range(3)]
+    ingredients = [
+        {k: v + torch.randn(v.shape, generator=gen) for k, v in w0.items()} for _ in range(3)
+    ]
     delta = iso_cts_delta(memory_context(w0, *ingredients), 0.4)
     expected = numpy_iso_cts(w0, ingredients, 0.4)
     for key in shapes:
@@ -282,8 +314,9 @@ class WatchedPool(MemoryPool):
         return sd
 
 
-@pytest.mark.parametrize("delta, reads", [(tsv_delta, 4), (iso_c_delta, 4),
-                                          (lambda ctx: iso_cts_delta(ctx, 0.5), 8)])
+@pytest.mark.parametrize(
+    "delta, reads", [(tsv_delta, 4), (iso_c_delta, 4), (lambda ctx: iso_cts_delta(ctx, 0.5), 8)]
+)
 def test_the_svd_merges_read_one_ingredient_at_a_time(delta, reads):
     w0 = {"w": torch.zeros(4, 4), "b": torch.zeros(4)}
     ingredients = [{"w": torch.randn(4, 4), "b": torch.randn(4)} for _ in range(4)]
@@ -294,20 +327,30 @@ def test_the_svd_merges_read_one_ingredient_at_a_time(delta, reads):
 
 # Through the registry, on the tiny zoo, knobs searched on val
 
+
 @pytest.fixture(scope="module")
 def context(tiny_zoo):
     return in_process_context(tiny_zoo)
 
 
-@pytest.mark.parametrize("name, config, bounds", [
-    ("tsv_merge", TsvMergeConfig(budget=4), {"alpha": (0.0, 2.0)}),
-    ("iso_c", IsoCConfig(budget=4), {"alpha": (0.0, 2.0)}),
-    ("iso_cts", IsoCtsConfig(budget=4), {"alpha": (0.0, 2.0)}),
-    ("task_arithmetic", TaskArithmeticConfig(budget=4, search_dare=True, dare=0.3),
-     {"lambda": (0.0, 1.0), "dare": (0.0, 0.9)}),
-    ("ties_merging", TiesMergingConfig(budget=4, search_dare=True, dare=0.3),
-     {"lambda": (0.0, 2.0), "density": (0.05, 1.0), "dare": (0.0, 0.9)}),
-])
+@pytest.mark.parametrize(
+    "name, config, bounds",
+    [
+        ("tsv_merge", TsvMergeConfig(budget=4), {"alpha": (0.0, 2.0)}),
+        ("iso_c", IsoCConfig(budget=4), {"alpha": (0.0, 2.0)}),
+        ("iso_cts", IsoCtsConfig(budget=4), {"alpha": (0.0, 2.0)}),
+        (
+            "task_arithmetic",
+            TaskArithmeticConfig(budget=4, search_dare=True, dare=0.3),
+            {"lambda": (0.0, 1.0), "dare": (0.0, 0.9)},
+        ),
+        (
+            "ties_merging",
+            TiesMergingConfig(budget=4, search_dare=True, dare=0.3),
+            {"lambda": (0.0, 2.0), "density": (0.05, 1.0), "dare": (0.0, 0.9)},
+        ),
+    ],
+)
 def test_each_new_method_runs_behind_the_registry(context, name, config, bounds):
     before = context.judge.evaluations
     result = METHODS[name](context, config=config)
@@ -327,26 +370,30 @@ def test_each_new_method_runs_behind_the_registry(context, name, config, bounds)
     expected = {
         "tsv_merge": lambda: delta_mixer([context.pretrained, stored(tsv_delta)], x, None),
         "iso_c": lambda: delta_mixer([context.pretrained, stored(iso_c_delta)], x, None),
-        "iso_cts": lambda: delta_mixer([context.pretrained, stored(
-            lambda ctx: iso_cts_delta(ctx, 0.8))], x, None),
-        "task_arithmetic": lambda: TaskArithmeticMixer()([context.pretrained, *models], x,
-                                                         None),
+        "iso_cts": lambda: delta_mixer(
+            [context.pretrained, stored(lambda ctx: iso_cts_delta(ctx, 0.8))], x, None
+        ),
+        "task_arithmetic": lambda: TaskArithmeticMixer()([context.pretrained, *models], x, None),
         "ties_merging": lambda: TiesMixer()([context.pretrained, *models], x, None),
     }[name]()
     assert all(torch.equal(result.state_dict[k], expected[k]) for k in expected)
-    assert all(torch.isfinite(v).all() for v in result.state_dict.values()
-               if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in result.state_dict.values() if v.is_floating_point())
 
 
 # Fisher merging
+
 
 def test_fisher_merging_weighs_each_parameter_by_the_ingredients_fisher():
     """w = sum_i F_i w_i / sum_i F_i per entry, F floored: (3 * 1 + 1 * 3) / 4 = 1.5; where
     no Fisher reaches the floor, the plain mean 4. A float buffer (no Fisher) is averaged,
     a non-float tensor keeps ingredient 0's value."""
     fishers = {"ft-0": {"w": np.array([3.0, 0.0])}, "ft-1": {"w": np.array([1.0, 0.0])}}
-    pool = MemoryPool({"ft-0": {"w": t(1.0, 2.0), "buf": t(2.0), "n": torch.tensor(5)},
-                       "ft-1": {"w": t(3.0, 6.0), "buf": t(4.0), "n": torch.tensor(9)}})
+    pool = MemoryPool(
+        {
+            "ft-0": {"w": t(1.0, 2.0), "buf": t(2.0), "n": torch.tensor(5)},
+            "ft-1": {"w": t(3.0, 6.0), "buf": t(4.0), "n": torch.tensor(9)},
+        }
+    )
     seen = []
 
     def fisher(fn, sd, config):
@@ -368,11 +415,13 @@ def test_fisher_is_the_mean_squared_per_image_gradient_of_the_sampled_label(tiny
     from raysoup.evaluate import VAL, Evaluator
     from raysoup.inputs.data import EvalSet
     from raysoup.methods.fisher_merging import FisherMergingConfig, fisher_sum
+
     full = val_evaluator(tiny_zoo)
     images, labels, class_map = full.sets[VAL]
     pool = IngredientPool.from_zoo(tiny_zoo)
-    evaluator = Evaluator(pool.spec, [EvalSet(VAL, images[:12].numpy(), labels[:12].numpy(),
-                                              class_map)])
+    evaluator = Evaluator(
+        pool.spec, [EvalSet(VAL, images[:12].numpy(), labels[:12].numpy(), class_map)]
+    )
     sd = pool.load(pool.names[0])
     config = FisherMergingConfig(batch_size=5, seed=2)
     total, rows = fisher_sum(evaluator, VAL, sd, config, stream=1)
@@ -386,7 +435,7 @@ def test_fisher_is_the_mean_squared_per_image_gradient_of_the_sampled_label(tiny
         drawn = torch.multinomial(probs.float(), 1, generator=generator)[:, 0]
         for row, label in zip(batch, drawn):
             model.zero_grad()
-            log_p = torch.log_softmax(evaluator.project(model(x[row:row + 1]), class_map), -1)
+            log_p = torch.log_softmax(evaluator.project(model(x[row : row + 1]), class_map), -1)
             log_p[0, label].backward()
             for k, p in model.named_parameters():
                 expected[k] += p.grad.double().square()
@@ -398,6 +447,7 @@ def test_fisher_is_the_mean_squared_per_image_gradient_of_the_sampled_label(tiny
 def test_fisher_merging_runs_behind_the_registry(context, tiny_zoo):
     from raysoup.evaluate import VAL
     from raysoup.methods.fisher_merging import fisher_sum
+
     evaluator = val_evaluator(tiny_zoo)
 
     def fisher(fn, sd, config):
@@ -409,6 +459,5 @@ def test_fisher_merging_runs_behind_the_registry(context, tiny_zoo):
     result = METHODS["fisher_merging"](ctx)
     assert result.evaluations == len(context.pool) and result.ingredients == context.pool.names
     assert set(result.state_dict) == set(context.pool.load(context.pool.names[0]))
-    assert all(torch.isfinite(v).all() for v in result.state_dict.values()
-               if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in result.state_dict.values() if v.is_floating_point())
     assert 0.0 < context.judge(result.state_dict) <= 1.0

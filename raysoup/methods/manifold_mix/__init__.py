@@ -18,16 +18,18 @@ __all__ = ["ManifoldMixConfig", "MixState", "phase1", "run_manifold_mix", "try_c
 def plan(config: ManifoldMixConfig, n: int, m: int) -> str:
     passes = 3 if config.later_passes else 1
     budget = m * config.evals_per_component
-    most = (n - 1) * (1 + passes * budget) + \
-        (n * m * config.phase2_evals_per_weight if config.phase2 else 0)
-    return (f"{config.optimizer}, {budget} evaluations per pass ({m} components x "
-            f"{config.evals_per_component}); at most {most} evaluations after the ranking "
-            f"(each of {n - 1} candidates: a promise test and up to {passes} pass(es))"
-            + (", phase 2 included" if config.phase2 else ""))
+    most = (n - 1) * (1 + passes * budget) + (
+        n * m * config.phase2_evals_per_weight if config.phase2 else 0
+    )
+    return (
+        f"{config.optimizer}, {budget} evaluations per pass ({m} components x "
+        f"{config.evals_per_component}); at most {most} evaluations after the ranking "
+        f"(each of {n - 1} candidates: a promise test and up to {passes} pass(es))"
+        + (", phase 2 included" if config.phase2 else "")
+    )
 
 
-@register("manifold_mix", config=ManifoldMixConfig, plan=plan, resumable=True,
-          write=write_outputs)
+@register("manifold_mix", config=ManifoldMixConfig, plan=plan, resumable=True, write=write_outputs)
 def run_manifold_mix(ctx: SoupContext, config: ManifoldMixConfig) -> MethodResult:
     """manifold_mix() continued from the context's step checkpoint, if it holds a step,
     saving one after every candidate."""
@@ -36,8 +38,10 @@ def run_manifold_mix(ctx: SoupContext, config: ManifoldMixConfig) -> MethodResul
     if saved is not None:
         summary, accumulator = saved
         state = MixState(accumulator=accumulator, **summary)
-        logger.info(f"[manifold_mix] resuming after step {state.next_candidate - 1}: "
-                    f"{len(state.accepted)} ingredient(s), val {100 * state.accuracy:.2f}")
+        logger.info(
+            f"[manifold_mix] resuming after step {state.next_candidate - 1}: "
+            f"{len(state.accepted)} ingredient(s), val {100 * state.accuracy:.2f}"
+        )
 
     def on_step(state: MixState) -> None:
         if checkpoint is not None:
@@ -45,10 +49,19 @@ def run_manifold_mix(ctx: SoupContext, config: ManifoldMixConfig) -> MethodResul
             checkpoint.save(state.summary(), state.accumulator, version=len(state.accepted))
         if ctx.track is not None:
             step = state.history[-1]
-            ctx.track(state.next_candidate - 1, {
-                "candidate": step["candidate"], "promise_accuracy": step["promise_accuracy"],
-                **{f"pass{i + 1}_accuracy": p["accuracy"] for i, p in enumerate(step["passes"])},
-                "accepted": float(step["accepted"]), "evaluations": state.evaluations,
-                "best_so_far": state.accuracy, "ingredients": len(state.accepted)})
+            ctx.track(
+                state.next_candidate - 1,
+                {
+                    "candidate": step["candidate"],
+                    "promise_accuracy": step["promise_accuracy"],
+                    **{
+                        f"pass{i + 1}_accuracy": p["accuracy"] for i, p in enumerate(step["passes"])
+                    },
+                    "accepted": float(step["accepted"]),
+                    "evaluations": state.evaluations,
+                    "best_so_far": state.accuracy,
+                    "ingredients": len(state.accepted),
+                },
+            )
 
     return manifold_mix(ctx, config, state, on_step)

@@ -14,20 +14,22 @@ from ...inputs.storage import atomic, write_json
 from ...mixing import StateDict
 
 
-def write_betas(out: Path, betas: np.ndarray, ingredients: list[str], components: list[str]
-                ) -> None:
+def write_betas(
+    out: Path, betas: np.ndarray, ingredients: list[str], components: list[str]
+) -> None:
     """beta.parquet (ingredient x component weights) and its heatmap beta.png."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = pa.table({"ingredient": ingredients,
-                      **{c: betas[:, i].tolist() for i, c in enumerate(components)}})
+    table = pa.table(
+        {"ingredient": ingredients, **{c: betas[:, i].tolist() for i, c in enumerate(components)}}
+    )
     with atomic(out / "beta.parquet") as tmp:
         pq.write_table(table, tmp)
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(components), 1.0 + 0.45 * len(ingredients)))
-    im = ax.imshow(betas, cmap="viridis", vmin=0, vmax=max(1e-9, float(betas.max())),
-                   aspect="auto")
+    im = ax.imshow(betas, cmap="viridis", vmin=0, vmax=max(1e-9, float(betas.max())), aspect="auto")
     ax.set_xticks(range(len(components)), components, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(ingredients)), ingredients, fontsize=8)
     for (i, j), v in np.ndenumerate(betas):
