@@ -156,6 +156,7 @@ def execute(
             "report_ingredients": config.report_ingredients,
             "metric": config.metric,
             "pool": str(config.pool.zoo),
+            "search": config.search.to_dict(),
             **{name: c.to_dict() for name, c in config.method_configs().items()},
             "tracking": config.tracking.to_dict(),
             "evaluators": evaluators.count,

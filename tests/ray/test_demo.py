@@ -55,6 +55,7 @@ def test_demo_quick_writes_report_parquet_and_scatter(tiny_zoo, tmp_path, capsys
     assert [b["ingredient"] for b in betas] == mm["ingredients"]
     assert len(mm["history"]) == 3 and all("promise_accuracy" in s for s in mm["history"])
     assert report["config"]["manifold_mix"]["evals_per_component"] == demo.QUICK_EVALS_PER_COMPONENT
+    assert report["config"]["search"]["components"] == "granularity-1"
     assert all(
         p["evaluations"] == demo.QUICK_EVALS_PER_COMPONENT * len(mm["components"])
         for s in mm["history"]
