@@ -16,8 +16,8 @@ from pathlib import Path
 
 from .errors import RaysoupError
 from .inputs import storage
-from .inputs.pool import load_state_dict, save_state_dict
 from .inputs.storage import write_json
+from .inputs.weights import load_state_dict, save_state_dict
 from .mixing import StateDict
 
 STATE_FILE = "state.json"

@@ -113,7 +113,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _zeroshot(args: argparse.Namespace) -> None:
-    from .inputs.pool import save_state_dict
+    from .inputs.weights import save_state_dict
     from .tools.zeroshot import load_clip, read_lines, templates_for, zeroshot_classifier
 
     classes = read_lines(args.classes, "classes")

@@ -11,7 +11,8 @@ from .api import load_report
 from .errors import RaysoupError
 from .families import family_of
 from .inputs import storage
-from .inputs.pool import IngredientPool, load_state_dict
+from .inputs.pool import IngredientPool
+from .inputs.weights import load_state_dict
 from .rundir import RunDir
 
 

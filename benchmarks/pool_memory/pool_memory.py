@@ -38,9 +38,10 @@ from common import append_result, machine, parse_args
 from raysoup.components import partition
 from raysoup.config import SearchConfig
 from raysoup.evaluate import VAL, Evaluator, load_eval_sets
-from raysoup.inputs.pool import IngredientPool, load_state_dict, read_manifest, save_state_dict
+from raysoup.inputs.pool import IngredientPool, read_manifest
 from raysoup.inputs.storage import write_json
 from raysoup.inputs.tasks import eval_set_sources
+from raysoup.inputs.weights import load_state_dict, save_state_dict
 from raysoup.methods import METHODS, SoupContext, ValidationJudge
 from raysoup.methods.manifold_mix import ManifoldMixConfig
 from raysoup.search import LocalSearch

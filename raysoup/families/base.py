@@ -185,7 +185,7 @@ def export_state_dict_like(fused: StateDict, like: str, out: Path) -> Path:
     from safetensors.torch import save_file
 
     from ..inputs.model import DATA_PARALLEL_PREFIX
-    from ..inputs.pool import load_state_dict
+    from ..inputs.weights import load_state_dict
 
     original = load_state_dict(like)
     prefix = (

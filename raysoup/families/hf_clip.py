@@ -7,13 +7,10 @@ class-name prompts) makes the pretrained ingredient."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
 from ..errors import RaysoupError
-from .base import StateDict
 
 
 def vision_config(config):
@@ -44,37 +41,3 @@ class ClipClassifier(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         embeds = self.visual_projection(self.vision_model(pixel_values=pixel_values).pooler_output)
         return self.head(embeds / embeds.norm(dim=-1, keepdim=True))
-
-
-@torch.no_grad()
-def zeroshot_classifier(folder: str, classnames: Sequence[str], templates: Sequence) -> StateDict:
-    """The ClipClassifier state dict of the CLIPModel saved in `folder` (with its tokenizer)
-    and a zero-shot head: per class, its prompts through the text tower, each embedding
-    L2-normalised, averaged, normalised again; scaled by the logit scale, zero bias (as
-    raysoup.tools.zeroshot builds it for open_clip)."""
-    from .transformers import _hf, tokenizer
-
-    if len(set(classnames)) != len(classnames):
-        raise RaysoupError("class names must be distinct")
-    try:
-        clip = _hf().CLIPModel.from_pretrained(folder).eval()
-    except (OSError, ValueError) as e:
-        raise RaysoupError(f"{folder}: not a saved CLIPModel ({str(e).splitlines()[0]})") from None
-    tok = tokenizer(folder)
-    rows = []
-    for name in classnames:
-        prompts = [t(name) if callable(t) else t.format(name) for t in templates]
-        tokens = tok(prompts, padding=True, return_tensors="pt")
-        embeds = clip.get_text_features(**tokens)
-        embeds = getattr(embeds, "pooler_output", embeds)  # a tensor, or an output object
-        embeds = embeds / embeds.norm(dim=-1, keepdim=True)
-        mean = embeds.mean(dim=0)
-        rows.append(mean / mean.norm())
-    state = {
-        k: v
-        for k, v in clip.state_dict().items()
-        if k.startswith(("vision_model.", "visual_projection."))
-    }
-    state["head.weight"] = (torch.stack(rows) * clip.logit_scale.exp()).contiguous()
-    state["head.bias"] = torch.zeros(len(classnames))
-    return state

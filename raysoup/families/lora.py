@@ -10,7 +10,7 @@ import math
 import os
 from pathlib import Path
 
-from ..inputs.pool import CheckpointError, load_state_dict
+from ..inputs.weights import CheckpointError, load_state_dict
 from .base import StateDict
 
 PEFT_PREFIX = "base_model.model."

@@ -28,7 +28,7 @@ class ImageClassifierFamily(Family):
 
     def load_ingredient(self, spec, path: str) -> StateDict:
         from ..inputs.model import to_classifier_layout
-        from ..inputs.pool import load_state_dict
+        from ..inputs.weights import load_state_dict
 
         return to_classifier_layout(load_state_dict(path))
 

@@ -182,7 +182,7 @@ class Timm(Family):
 
     def load_ingredient(self, spec: TimmSpec, path: str) -> StateDict:
         from ..inputs.model import DATA_PARALLEL_PREFIX
-        from ..inputs.pool import load_state_dict
+        from ..inputs.weights import load_state_dict
 
         state = load_state_dict(path)
         if state and all(k.startswith(DATA_PARALLEL_PREFIX) for k in state):

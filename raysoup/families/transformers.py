@@ -129,7 +129,7 @@ def _from_pretrained(spec: TransformersSpec, folder: Path, dtype=torch.float32):
     """A save_pretrained folder (one safetensors file or shards) through transformers' own
     loading, which maps the names on disk to the model's (they differ for some models in
     transformers 5); a folder that does not fill the model exactly is refused."""
-    from ..inputs.pool import CheckpointError
+    from ..inputs.weights import CheckpointError
 
     auto = getattr(_hf(), TASKS[spec.task])
     try:
@@ -247,7 +247,7 @@ class Transformers(Family):
     def load_ingredient(self, spec: TransformersSpec, path: str) -> StateDict:
         folder = Path(path)
         if spec.task == CLIP and folder.is_dir():
-            from ..inputs.pool import CheckpointError
+            from ..inputs.weights import CheckpointError
 
             raise CheckpointError(
                 f"{folder}: a clip-classification ingredient is one "
@@ -260,7 +260,7 @@ class Transformers(Family):
             return merged_adapter(spec, folder, self.base_weights(spec))
         if folder.is_dir():
             return as_float32(_from_pretrained(spec, folder).state_dict())
-        from ..inputs.pool import load_state_dict
+        from ..inputs.weights import load_state_dict
 
         return as_float32(load_state_dict(path))
 

@@ -26,8 +26,8 @@ from ..errors import RaysoupError
 from ..evaluate import VAL, Evaluator
 from ..inputs.data import content_sha256, read_eval_set, write_eval_set
 from ..inputs.model import ModelSpec, build_classifier
-from ..inputs.pool import file_sha256, load_state_dict, save_state_dict
 from ..inputs.storage import atomic, write_json
+from ..inputs.weights import file_sha256, load_state_dict, save_state_dict
 from . import fashion_mnist
 
 logger = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from .. import stats
 from ..errors import RaysoupError
-from ..inputs.pool import file_sha256
 from ..inputs.storage import atomic, write_json
+from ..inputs.weights import file_sha256
 from . import fortunes
 
 logger = logging.getLogger(__name__)

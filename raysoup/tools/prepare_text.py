@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..inputs.data import DataError, EvalSet, write_eval_set
-from ..inputs.pool import file_sha256
 from ..inputs.storage import atomic, write_json
+from ..inputs.weights import file_sha256
 
 logger = logging.getLogger(__name__)
 

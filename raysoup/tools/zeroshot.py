@@ -21,8 +21,10 @@ import torch
 from open_clip import zero_shot_metadata
 
 from ..errors import RaysoupError
+from ..families.transformers import _hf, tokenizer
 from ..inputs.model import arch_config, clip_model, to_classifier_layout
-from ..inputs.pool import StateDict, load_state_dict
+from ..inputs.pool import StateDict
+from ..inputs.weights import load_state_dict
 
 TEMPLATES = {
     "openai": zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES,
@@ -119,4 +121,38 @@ def zeroshot_classifier(
     state = to_classifier_layout({f"model.{k}": v for k, v in clip.state_dict().items()})
     state["classification_head.weight"] = head
     state["classification_head.bias"] = torch.zeros(len(classnames))
+    return state
+
+
+@torch.no_grad()
+def hf_zeroshot_classifier(
+    folder: str, classnames: Sequence[str], templates: Sequence
+) -> StateDict:
+    """The ClipClassifier state dict of the CLIPModel saved in `folder` (with its tokenizer)
+    and a zero-shot head: per class, its prompts through the text tower, each embedding
+    L2-normalised, averaged, normalised again; scaled by the logit scale, zero bias (as
+    zeroshot_classifier builds it for open_clip)."""
+    if len(set(classnames)) != len(classnames):
+        raise RaysoupError("class names must be distinct")
+    try:
+        clip = _hf().CLIPModel.from_pretrained(folder).eval()
+    except (OSError, ValueError) as e:
+        raise RaysoupError(f"{folder}: not a saved CLIPModel ({str(e).splitlines()[0]})") from None
+    tok = tokenizer(folder)
+    rows = []
+    for name in classnames:
+        prompts = [t(name) if callable(t) else t.format(name) for t in templates]
+        tokens = tok(prompts, padding=True, return_tensors="pt")
+        embeds = clip.get_text_features(**tokens)
+        embeds = getattr(embeds, "pooler_output", embeds)  # a tensor, or an output object
+        embeds = embeds / embeds.norm(dim=-1, keepdim=True)
+        mean = embeds.mean(dim=0)
+        rows.append(mean / mean.norm())
+    state = {
+        k: v
+        for k, v in clip.state_dict().items()
+        if k.startswith(("vision_model.", "visual_projection."))
+    }
+    state["head.weight"] = (torch.stack(rows) * clip.logit_scale.exp()).contiguous()
+    state["head.bias"] = torch.zeros(len(classnames))
     return state

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import raysoup
 from raysoup.cli import build_parser, main
 from raysoup.console import console_logging
-from raysoup.inputs.pool import load_state_dict
+from raysoup.inputs.weights import load_state_dict
 
 from ..helpers import write_config
 

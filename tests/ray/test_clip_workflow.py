@@ -23,7 +23,8 @@ from raysoup.evaluate import Evaluator
 from raysoup.families import state_dict_template
 from raysoup.inputs.data import EvalSetSource, read_eval_set
 from raysoup.inputs.model import ModelSpec, build_classifier, clip_model
-from raysoup.inputs.pool import CheckpointError, IngredientPool, check_state_dict, load_state_dict
+from raysoup.inputs.pool import IngredientPool, check_state_dict
+from raysoup.inputs.weights import CheckpointError, load_state_dict
 from raysoup.testbed.fashion_mnist import load_fashion_mnist
 from raysoup.tools.zeroshot import resolve_pretrained, zeroshot_classifier
 

@@ -135,7 +135,7 @@ def test_zoo_build_quick_through_the_cli(tiny_zoo, tmp_path, monkeypatch, capsys
     """`raysoup zoo build --quick` with the quick zoo shrunk to the tests' tiny config (the
     real quick zoo trains for minutes on 2 cores): the CLI builds the API's zoo file for
     file."""
-    from raysoup.inputs.pool import file_sha256
+    from raysoup.inputs.weights import file_sha256
     from raysoup.testbed import image
 
     monkeypatch.setattr(image, "QUICK_ZOO", TINY_ZOO)
@@ -166,7 +166,8 @@ def test_the_shipped_zoo_installs_with_the_same_evaluation_sets_here(tmp_path):
     package's Fashion-MNIST and must match the sha256 the shipped manifest records (the
     check that the README's figures hold on this machine), and a changed weight file is
     refused by name."""
-    from raysoup.inputs.pool import CheckpointError, IngredientPool
+    from raysoup.inputs.pool import IngredientPool
+    from raysoup.inputs.weights import CheckpointError
     from raysoup.testbed.image import SHIPPED_ZOO, install_shipped_zoo
 
     zoo = install_shipped_zoo(tmp_path / "zoo")

@@ -577,7 +577,7 @@ def clip_zoo(tmp_path_factory):
     zero-shot classifier, the fine-tunes perturbations of it, as safetensors files."""
     from safetensors.torch import save_file
 
-    from raysoup.families.hf_clip import zeroshot_classifier
+    from raysoup.tools.zeroshot import hf_zeroshot_classifier
 
     zoo = tmp_path_factory.mktemp("clipzoo")
     torch.manual_seed(0)
@@ -605,7 +605,9 @@ def clip_zoo(tmp_path_factory):
     )
     transformers.CLIPModel(config).save_pretrained(zoo / "clip")
     tokenizer.save_pretrained(zoo / "clip")
-    pretrained = zeroshot_classifier(str(zoo / "clip"), ["cat", "car", "red"], ["a {} .", "the {}"])
+    pretrained = hf_zeroshot_classifier(
+        str(zoo / "clip"), ["cat", "car", "red"], ["a {} .", "the {}"]
+    )
     save_file(pretrained, zoo / "pretrained.safetensors")
     (zoo / "ingredients").mkdir()
     for i in range(3):
@@ -646,7 +648,7 @@ def test_clip_zero_shot_head_is_the_text_towers_class_embeddings(clip_zoo):
     clip = transformers.CLIPModel.from_pretrained(zoo / "clip").eval()
     pool = IngredientPool.from_zoo(zoo)
     pool.validate()
-    from raysoup.inputs.pool import load_state_dict
+    from raysoup.inputs.weights import load_state_dict
 
     state = load_state_dict(zoo / "pretrained.safetensors")
     with torch.no_grad():

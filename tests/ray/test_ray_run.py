@@ -542,7 +542,7 @@ def test_a_run_the_cluster_cannot_serve_fails_with_one_line(soup_zoo, tmp_path, 
     its ranking is not in the judgement cache."""
     import shutil
 
-    from raysoup.inputs.pool import load_state_dict, save_state_dict
+    from raysoup.inputs.weights import load_state_dict, save_state_dict
 
     zoo = tmp_path / "zoo"
     shutil.copytree(soup_zoo, zoo)

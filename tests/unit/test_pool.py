@@ -5,13 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from raysoup.inputs.model import build_classifier
-from raysoup.inputs.pool import (
-    CheckpointError,
-    Ingredient,
-    IngredientPool,
-    load_state_dict,
-    save_state_dict,
-)
+from raysoup.inputs.pool import Ingredient, IngredientPool
+from raysoup.inputs.weights import CheckpointError, load_state_dict, save_state_dict
 
 from ..conftest import TINY_SPEC
 

@@ -12,7 +12,7 @@ from raysoup.cli import main
 from raysoup.config import load_config
 from raysoup.errors import RaysoupError
 from raysoup.inputs.data import EvalSet, write_eval_set
-from raysoup.inputs.pool import load_state_dict, save_state_dict
+from raysoup.inputs.weights import load_state_dict, save_state_dict
 from raysoup.preflight import validate_run
 
 DOMAIN = "a numeric domain"  # what the evaluators of the saved run computed in

@@ -121,7 +121,7 @@ def tiny_text_zoo(tmp_path_factory):
 def test_tiny_build_loads_offline_with_transformers(tiny_text_zoo):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from raysoup.inputs.pool import file_sha256
+    from raysoup.inputs.weights import file_sha256
 
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     manifest = json.loads((tiny_text_zoo / "manifest.json").read_text())
@@ -191,7 +191,7 @@ def test_shipped_text_zoo_installs(tmp_path):
     may differ across machines)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from raysoup.inputs.pool import file_sha256
+    from raysoup.inputs.weights import file_sha256
     from raysoup.testbed.text import correct, encode
 
     zoo = install_shipped_text_zoo(tmp_path / "zoo")

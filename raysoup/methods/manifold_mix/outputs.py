@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ...inputs.pool import save_state_dict
 from ...inputs.storage import atomic, write_json
+from ...inputs.weights import save_state_dict
 from ...mixing import StateDict
 
 
