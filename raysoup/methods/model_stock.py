@@ -21,7 +21,7 @@ from .base import MethodResult, SoupContext, register
 @section_config
 class ModelStockConfig:
     """The defaults: mergekit's reading of the paper for N > 2, with t clipped (the demo's
-    table comes from them); docs/merge_methods.md compares the peers."""
+    table comes from them); docs/methods/task_vectors.md compares the peers."""
 
     SECTION: ClassVar[str] = "model_stock"
     SUMMARY: ClassVar[str] = ""

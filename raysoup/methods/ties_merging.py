@@ -8,9 +8,9 @@ The paper, per parameter p, with task vectors tau_i = w_i - w_0:
     elect: gamma^p = sgn(sum_i tau^_i^p)
     merge: A^p = {i : sgn(tau^_i^p) = gamma^p},  tau_m^p = (1 / |A^p|) sum_{i in A^p} tau^_i^p
     w = w_0 + lambda tau_m
-It leaves three conventions open, each an option here (docs/merge_methods.md compares them
-with mergekit's, FusionBench's and the authors' code): where to trim (`trim`), how many
-entries top-k% is (`topk`), and what an exact zero sign sum elects (`zero_sign`).
+It leaves three conventions open, each an option here (docs/methods/task_vectors.md
+compares them with mergekit's, FusionBench's and the authors' code): where to trim (`trim`),
+how many entries top-k% is (`topk`), and what an exact zero sign sum elects (`zero_sign`).
 
 With `dare` > 0 each task vector is dropped and rescaled first (DARE, raysoup/methods/
 dare.py) and TIES then trims, elects and merges the result, as the DARE paper plugs DARE

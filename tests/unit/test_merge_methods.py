@@ -202,7 +202,7 @@ def test_bad_method_settings_are_refused_by_name(config, message):
 
 
 # The conventions where mergekit, FusionBench and the authors' code differ
-# (docs/merge_methods.md): each option on a hand-worked example.
+# (docs/methods/): each option on a hand-worked example.
 
 
 def one_task_vector(tau, **conventions):
