@@ -33,7 +33,7 @@ ALL_METHODS = (
     "adamerging",
     "manifold_mix",
 )
-# The image demo's default, so that a fresh clone finishes within 15 minutes on 2 cores:
+# The image demo's default, to keep a fresh clone's run near 20 minutes on 2 cores:
 # every method but the slowest data passes (per-image Fisher gradients, RegMean's Grams,
 # AdaMerging's training) and Iso-CTS, and no judging of every ingredient on every set (their
 # rows and scatter.png). `--all` (and --quick, --text) run ALL_METHODS and judge them.
