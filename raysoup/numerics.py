@@ -33,9 +33,16 @@ logger = logging.getLogger(__name__)
 
 Numerics = Literal["portable", "native"]
 PORTABLE_CAPABILITY = "AVX2"
-# Read by ATen and MKL when they first load, so they are set in the process's environment
-# (a Ray runtime_env), never changed after torch has started.
-PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": PORTABLE_CAPABILITY.lower(), "MKL_CBWR": PORTABLE_CAPABILITY}
+# Read by ATen, MKL, OpenBLAS and numpy when they first load, so they are set in the
+# process's environment (a Ray runtime_env), never changed after they have started. numpy's
+# OpenBLAS picks its kernels by CPU and numpy dispatches loops up to AVX-512: both change the
+# last bits of the points nevergrad proposes in the driver, so both are held at AVX2 too.
+PORTABLE_ENV = {
+    "ATEN_CPU_CAPABILITY": PORTABLE_CAPABILITY.lower(),
+    "MKL_CBWR": PORTABLE_CAPABILITY,
+    "OPENBLAS_CORETYPE": "Haswell",
+    "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",
+}
 
 
 def runtime_env(numerics: Numerics) -> dict | None:

@@ -8,9 +8,14 @@ import sys
 from raysoup.numerics import runtime_env
 
 zoo, numerics, out = sys.argv[1], sys.argv[2], sys.argv[3]
-os.environ.update((runtime_env(numerics) or {}).get("env_vars", {}))  # as Ray does for the actor
+env = (runtime_env(numerics) or {}).get("env_vars", {})
+if any(os.environ.get(k) != v for k, v in env.items()):
+    # Start again with them set, as Ray starts the actor: importing raysoup has loaded
+    # numpy, whose OpenBLAS reads its variables once.
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
 
 import numpy as np
+import threadpoolctl
 import torch
 
 from raysoup.components import partition
@@ -44,4 +49,9 @@ np.savez(
     hits=evaluator.hits(VAL).numpy(),
     capability=torch.backends.cpu.get_cpu_capability(),
     domain=domain,
+    openblas=next(
+        i["architecture"]
+        for i in threadpoolctl.threadpool_info()
+        if i["internal_api"] == "openblas"
+    ),
 )

@@ -15,17 +15,21 @@ from raysoup.inputs.pool import IngredientPool
 
 PROBE = Path(__file__).parents[1] / "numerics_probe.py"
 # Another machine's kernel choices, as far as one machine can show them: ATen's scalar
-# kernels (no FMA, other reduction widths), MKL and oneDNN held to AVX2.
+# kernels (no FMA, other reduction widths), MKL and oneDNN held to AVX2, OpenBLAS's generic
+# kernels (numpy's, where nevergrad computes its points).
 OTHER_CPU = {
     "ATEN_CPU_CAPABILITY": "default",
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "OPENBLAS_CORETYPE": "Prescott",
 }
 KERNEL_VARIABLES = (
     "ATEN_CPU_CAPABILITY",
     "MKL_CBWR",
     "MKL_ENABLE_INSTRUCTIONS",
     "ONEDNN_MAX_CPU_ISA",
+    "OPENBLAS_CORETYPE",
+    "NPY_DISABLE_CPU_FEATURES",
 )
 
 
@@ -60,6 +64,9 @@ def test_portable_evaluation_is_the_same_bits_under_another_cpus_kernels(tiny_zo
             results["portable", "this"][key], results["portable", "other"][key]
         ), key
     assert "portable AVX2" in str(results["portable", "this"]["domain"])
+    # numpy's OpenBLAS: the other machine's generic kernels natively, AVX2's under portable.
+    assert str(results["native", "other"]["openblas"]) != "Haswell"
+    assert {str(results["portable", m]["openblas"]) for m in ("this", "other")} == {"Haswell"}
 
 
 def test_a_portable_evaluator_without_the_pinned_kernels_is_refused(tiny_zoo, tmp_path):
